@@ -1,0 +1,3 @@
+from dml_cluster.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""The one interface the trainer talks to."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+EVAL_ROUND = 0xFFFF
+"""The round number of an evaluation exchange (test-set predictions)."""
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """What an exchange is about: a step, a round within it, and the batch it was computed on."""
+
+    step: int
+    round: int
+    fingerprint: int
+
+
+@dataclass
+class BusStats:
+    """Counters a bus keeps; read by metrics and benchmarks."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    messages_rejected: int = 0
+    wait_seconds: float = 0.0
+
+
+class Bus(ABC):
+    """Exchanges per-sample log-probabilities [B, C] among the peers of a cohort.
+
+    `exchange(key, local, senders)` publishes the tensors of the peers this process hosts
+    (`local`, keyed by peer index; only those in `senders` are sent) and returns the tensors of
+    every peer in `senders`, own ones included, all for the same `key`.
+    """
+
+    stats: BusStats
+
+    @abstractmethod
+    def exchange(
+        self, key: StepKey, local: Mapping[int, Tensor], senders: Sequence[int]
+    ) -> dict[int, Tensor]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional for transports holding nothing
+        """Release sockets; safe to call twice."""
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

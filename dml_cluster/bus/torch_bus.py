@@ -1,0 +1,96 @@
+"""The torch transport: collectives over the default process group (NCCL on GPUs, gloo on CPU).
+
+Each message is one flat byte tensor: a 5 x int64 header (step, round, fingerprint, rows, cols)
+followed by the encoded payload, so an exchange is a single all_gather (or, for a sequential
+round with one sender, a broadcast of the header then of the payload).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dml_cluster.bus.base import Bus, BusStats, StepKey
+from dml_cluster.bus.wire import ENCODING_IDS, ENCODINGS
+from dml_cluster.errors import PeerError
+
+_HEADER_BYTES = 5 * 8
+
+
+def _signed(fp: int) -> int:
+    return fp - (1 << 64) if fp >= 1 << 63 else fp
+
+
+class TorchBus(Bus):
+    def __init__(
+        self, *, rank: int, world: int, names: Sequence[str], device: torch.device,
+        encoding: str = "float32",
+    ) -> None:  # fmt: skip
+        self.rank, self.world, self.names, self.device = rank, world, list(names), device
+        self.dtype = ENCODINGS[ENCODING_IDS[encoding]]
+        self.stats = BusStats()
+
+    def _pack(self, key: StepKey, tensor: Tensor) -> Tensor:
+        rows, cols = tensor.shape
+        head = torch.tensor([key.step, key.round, _signed(key.fingerprint), rows, cols])
+        body = tensor.detach().to(self.device, self.dtype).contiguous().view(-1).view(torch.uint8)
+        return torch.cat([head.to(self.device).view(torch.uint8), body])
+
+    def _unpack(self, key: StepKey, sender: int, buf: Tensor) -> Tensor:
+        step, rnd, fp, rows, cols = buf[:_HEADER_BYTES].cpu().view(torch.int64).tolist()
+        if (step, rnd) != (key.step, key.round) or fp != _signed(key.fingerprint):
+            raise PeerError(
+                f"peers out of sync at step {key.step}: peer {sender} ({self.names[sender]}) "
+                f"sent step {step} round {rnd} batch {fp & (2**64 - 1):016x}, this peer expected "
+                f"batch {key.fingerprint:016x}"
+            )
+        return buf[_HEADER_BYTES:].view(self.dtype).view(rows, cols).float()
+
+    def _lost(self, key: StepKey, err: Exception) -> PeerError:
+        others = ", ".join(f"peer {r} ({self.names[r]})" for r in range(self.world) if r != self.rank)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return PeerError(
+            f"lost contact with the cohort at step {key.step} round {key.round} "
+            f"(one of: {others}): {first}"
+        )
+
+    def exchange(
+        self, key: StepKey, local: Mapping[int, Tensor], senders: Sequence[int]
+    ) -> dict[int, Tensor]:
+        senders = list(senders)
+        try:
+            if len(senders) == self.world:
+                buf = self._pack(key, local[self.rank])
+                bufs = [torch.empty_like(buf) for _ in range(self.world)]
+                dist.all_gather(bufs, buf)
+            elif len(senders) == 1:
+                bufs = {senders[0]: self._broadcast(key, local, senders[0])}
+            else:
+                raise ValueError("the torch transport exchanges with everyone or one sender")
+        except (RuntimeError, dist.DistBackendError) as err:
+            raise self._lost(key, err) from None
+        out = {}
+        for s in senders:
+            if s == self.rank:
+                out[s] = local[s]
+                continue
+            out[s] = self._unpack(key, s, bufs[s])
+            self.stats.bytes_received += bufs[s].numel()
+        self.stats.bytes_sent += (len(senders) - 1) * bufs[senders[0]].numel() if (
+            self.rank in senders) else 0  # fmt: skip
+        return out
+
+    def _broadcast(self, key: StepKey, local: Mapping[int, Tensor], src: int) -> Tensor:
+        if src == self.rank:
+            buf = self._pack(key, local[src])
+            size = torch.tensor([buf.numel()], device=self.device)
+        else:
+            size = torch.zeros(1, dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src)
+        if src != self.rank:
+            buf = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+        dist.broadcast(buf, src)
+        return buf

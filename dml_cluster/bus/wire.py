@@ -1,0 +1,98 @@
+"""The zmq wire format: a fixed binary header, then the raw payload bytes. No pickle, ever.
+
+Header (little-endian, 56 bytes):
+
+    magic 4s | version B | kind B | encoding B | reserved B | run_id 8s | step Q | round I |
+    sender_rank I | sender_peer I | reserved I | fingerprint Q | rows I | cols I
+
+Every field is checked before the payload is used; anything wrong raises `WireError` with a
+reason, which the bus counts and drops (or, for a wrong fingerprint at the current step,
+turns into a "peers out of sync" error).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+MAGIC = b"DMLC"
+VERSION = 1
+HEADER = struct.Struct("<4sBBBB8sQIIIIQII")
+
+
+class Kind(IntEnum):
+    HELLO = 1
+    DATA = 2
+
+
+ENCODINGS: dict[int, torch.dtype] = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16}
+ENCODING_IDS = {"float32": 1, "float16": 2, "bfloat16": 3}
+
+
+class WireError(ValueError):
+    """A message that cannot be used; the reason is in the message."""
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: Kind
+    encoding: int
+    run_id: bytes
+    step: int
+    round: int
+    sender_rank: int
+    sender_peer: int
+    fingerprint: int
+    rows: int
+    cols: int
+
+    def pack(self) -> bytes:
+        return HEADER.pack(
+            MAGIC, VERSION, self.kind, self.encoding, 0, self.run_id, self.step, self.round,
+            self.sender_rank, self.sender_peer, 0, self.fingerprint, self.rows, self.cols,
+        )  # fmt: skip
+
+    @property
+    def payload_bytes(self) -> int:
+        itemsize = torch.empty((), dtype=ENCODINGS[self.encoding]).element_size()
+        return self.rows * self.cols * itemsize
+
+
+def unpack_header(raw: bytes | memoryview) -> Header:
+    if len(raw) != HEADER.size:
+        raise WireError(f"header of {len(raw)} bytes, expected {HEADER.size}")
+    (magic, version, kind, encoding, _, run_id, step, rnd, rank, peer, _, fp, rows, cols) = (
+        HEADER.unpack(raw)
+    )
+    if magic != MAGIC:
+        raise WireError("bad magic (not a dml-cluster message)")
+    if version != VERSION:
+        raise WireError(f"wire format version {version}, this peer speaks {VERSION}")
+    if kind not in (Kind.HELLO, Kind.DATA):
+        raise WireError(f"unknown message kind {kind}")
+    if encoding not in ENCODINGS:
+        raise WireError(f"unknown encoding {encoding}")
+    return Header(Kind(kind), encoding, run_id, step, rnd, rank, peer, fp, rows, cols)
+
+
+def encode(tensor: Tensor, encoding: str) -> tuple[int, Tensor]:
+    """The payload tensor to send (contiguous, on the CPU) and its encoding id."""
+    eid = ENCODING_IDS[encoding]
+    return eid, tensor.detach().to("cpu", ENCODINGS[eid]).contiguous()
+
+
+def decode(header: Header, payload: memoryview | bytes) -> Tensor:
+    """The float32 [rows, cols] tensor a validated message carries (a copy, safe to keep)."""
+    if len(payload) != header.payload_bytes:
+        raise WireError(
+            f"payload of {len(payload)} bytes, header says {header.rows}x{header.cols} "
+            f"({header.payload_bytes} bytes)"
+        )
+    if header.payload_bytes == 0:
+        return torch.empty(header.rows, header.cols)
+    flat = torch.frombuffer(bytearray(payload), dtype=ENCODINGS[header.encoding])
+    return flat.view(header.rows, header.cols).float()

@@ -1,0 +1,233 @@
+"""The zmq transport: one PULL inbox per peer, one PUSH outbox to every other peer.
+
+PUSH queues messages for a connected endpoint instead of dropping them (unlike PUB, which loses
+what it sends before a subscription settles), so no first message is lost. Each peer binds its
+inbox on its own address, publishes the endpoint in the torch.distributed store that torchrun
+already runs, connects to everyone else's, then the cohort handshakes (config hash in the hello)
+before step 0. Messages for a later step or round are buffered; anything malformed, foreign or
+stale is dropped and counted, never unpickled, never crashes the peer.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+
+import torch
+import zmq
+from torch import Tensor
+
+from dml_cluster.bus.base import Bus, BusStats, StepKey
+from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode, unpack_header
+from dml_cluster.errors import ConfigError, PeerError
+
+
+def bind_address(master_addr: str, master_port: int) -> str:
+    """This host's address on the route to the rendezvous master; loopback on one node.
+
+    Binding that one address (never 0.0.0.0) keeps the bus off interfaces it does not need.
+    """
+    try:
+        infos = socket.getaddrinfo(master_addr, master_port, socket.AF_INET, socket.SOCK_DGRAM)
+        target = infos[0][4][0]
+    except OSError:
+        return "127.0.0.1"
+    if ipaddress.ip_address(target).is_loopback:
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((target, master_port))  # UDP connect: picks the route, sends nothing
+        return probe.getsockname()[0]
+
+
+class ZmqBus(Bus):
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world: int,
+        names: Sequence[str],
+        run_id: bytes,
+        config_hash: str,
+        store: torch.distributed.Store,
+        address: str,
+        timeout_s: float,
+        encoding: str = "float32",
+        ipc: bool = False,
+    ) -> None:
+        self.rank, self.world, self.names = rank, world, list(names)
+        self.run_id, self.encoding, self.timeout_s = run_id, encoding, timeout_s
+        self.config_hash = int(config_hash, 16)
+        self.stats = BusStats()
+        self._pending: dict[tuple[int, int, int], tuple[int, Tensor]] = {}
+        self._current: tuple[int, int] = (0, 0)
+        self._last_step = {r: -1 for r in range(world)}
+        self._hellos: dict[int, int] = {}
+        self._warned: set[str] = set()
+        self._closed = False
+        self.ctx = zmq.Context()
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.setsockopt(zmq.LINGER, 0)
+        self.inbox.setsockopt(zmq.RCVHWM, 0)
+        try:
+            self.endpoint = self._bind(address, ipc)
+        except zmq.ZMQError as err:
+            self.close()
+            raise ConfigError(f"bus: cannot bind an inbox on {address}: {err}") from None
+        prefix = f"dml-bus/{run_id.hex()}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        store.set(f"{prefix}/endpoint/{rank}", self.endpoint)
+        self.outboxes: dict[int, zmq.Socket] = {}
+        for other in range(world):
+            if other == rank:
+                continue
+            endpoint = self._lookup(store, f"{prefix}/endpoint/{other}", other)
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+            sock.connect(endpoint)
+            self.outboxes[other] = sock
+        self._handshake()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _bind(self, address: str, ipc: bool) -> str:
+        if ipc:
+            path = os.path.join(tempfile.gettempdir(), f"dml-{self.run_id.hex()}-{self.rank}.sock")
+            endpoint = f"ipc://{path}"
+            self.inbox.bind(endpoint)
+            return endpoint
+        port = self.inbox.bind_to_random_port(f"tcp://{address}")
+        return f"tcp://{address}:{port}"
+
+    def _who(self, rank: int) -> str:
+        return f"peer {rank} ({self.names[rank]}, rank {rank})"
+
+    def _lookup(self, store: torch.distributed.Store, key: str, other: int) -> str:
+        store.set_timeout(timedelta(seconds=self.timeout_s))
+        try:
+            return store.get(key).decode()
+        except RuntimeError:
+            raise PeerError(
+                f"{self._who(other)} never published its bus endpoint within {self.timeout_s:g} s"
+            ) from None
+
+    def _handshake(self) -> None:
+        hello = Header(Kind.HELLO, 1, self.run_id, 0, 0, self.rank, self.rank, self.config_hash, 0, 0)
+        for sock in self.outboxes.values():
+            sock.send_multipart([hello.pack(), b""])
+        deadline = time.monotonic() + self.timeout_s
+        while len(self._hellos) < self.world - 1:
+            self._receive_one(deadline, lambda: [r for r in self.outboxes if r not in self._hellos])
+        for other, their_hash in self._hellos.items():
+            if their_hash != self.config_hash:
+                raise ConfigError(
+                    f"{self._who(other)} runs a different config (hash {their_hash:016x}, "
+                    f"mine {self.config_hash:016x}): every peer must be given the same config"
+                )
+
+    # -- exchange ---------------------------------------------------------------------------
+
+    def exchange(
+        self, key: StepKey, local: Mapping[int, Tensor], senders: Sequence[int]
+    ) -> dict[int, Tensor]:
+        self._current = (key.step, key.round)
+        out: dict[int, Tensor] = {}
+        if self.rank in senders:
+            out[self.rank] = local[self.rank]
+            self._publish(key, local[self.rank])
+        wanted = [s for s in senders if s != self.rank]
+        deadline = time.monotonic() + self.timeout_s
+        t0 = time.perf_counter()
+
+        def missing() -> list[int]:
+            return [s for s in wanted if (key.step, key.round, s) not in self._pending]
+
+        while missing():
+            self._receive_one(deadline, missing)
+        self.stats.wait_seconds += time.perf_counter() - t0
+        for s in wanted:
+            fp, tensor = self._pending.pop((key.step, key.round, s))
+            if fp != key.fingerprint:
+                raise PeerError(
+                    f"peers out of sync at step {key.step}: {self._who(s)} computed on batch "
+                    f"{fp:016x}, this peer on {key.fingerprint:016x}"
+                )
+            out[s] = tensor.to(local[self.rank].device if self.rank in local else "cpu")
+        return out
+
+    def _publish(self, key: StepKey, tensor: Tensor) -> None:
+        eid, payload = encode(tensor, self.encoding)
+        rows, cols = payload.shape
+        header = Header(
+            Kind.DATA, eid, self.run_id, key.step, key.round, self.rank, self.rank,
+            key.fingerprint, rows, cols,
+        ).pack()  # fmt: skip
+        body = payload.view(torch.uint8).numpy()
+        for other, sock in self.outboxes.items():
+            try:
+                sock.send_multipart([header, body], copy=False)
+            except zmq.Again:
+                raise PeerError(
+                    f"{self._who(other)} stopped taking messages at step {key.step} "
+                    f"(last step seen from it: {self._last_step[other]})"
+                ) from None
+            self.stats.bytes_sent += len(header) + body.nbytes
+
+    def _receive_one(self, deadline: float, missing: callable) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self.inbox.poll(int(remaining * 1000) + 1):
+            if time.monotonic() < deadline:
+                return
+            lost = ", ".join(
+                f"{self._who(r)}, last step seen {self._last_step[r]}" for r in missing()
+            )
+            step, rnd = self._current
+            raise PeerError(
+                f"no answer within {self.timeout_s:g} s at step {step} round {rnd} from {lost}"
+            )
+        frames = self.inbox.recv_multipart(copy=False)
+        self.stats.bytes_received += sum(len(f.buffer) for f in frames)
+        try:
+            self._accept(frames)
+        except WireError as err:
+            self.stats.messages_rejected += 1
+            reason = str(err)
+            if reason not in self._warned:
+                self._warned.add(reason)
+                print(f"dml-cluster: {self._who(self.rank)} dropped a message: {reason}",
+                      file=sys.stderr, flush=True)
+
+    def _accept(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 2:
+            raise WireError(f"{len(frames)} frames, expected 2 (header, payload)")
+        header = unpack_header(frames[0].buffer)
+        if header.run_id != self.run_id:
+            raise WireError(f"message from another run (run id {header.run_id.hex()})")
+        sender = header.sender_rank
+        if not 0 <= sender < self.world or sender == self.rank:
+            raise WireError(f"message claims to come from rank {sender}")
+        if header.kind == Kind.HELLO:
+            self._hellos[sender] = header.fingerprint
+            return
+        if (header.step, header.round) < self._current:
+            raise WireError(f"stale message for step {header.step} round {header.round}")
+        tensor = decode(header, frames[1].buffer)
+        slot = (header.step, header.round, sender)
+        if slot in self._pending:
+            raise WireError(f"duplicate message for step {header.step} from rank {sender}")
+        self._pending[slot] = (header.fingerprint, tensor)
+        self._last_step[sender] = max(self._last_step[sender], header.step)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sock in [self.inbox, *getattr(self, "outboxes", {}).values()]:
+            sock.close(linger=0)
+        self.ctx.term()

@@ -1,0 +1,69 @@
+"""Data layer: in-memory datasets, the shared batch order, seeded augmentation, label splits."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from dml_cluster.data.augment import augment_batch
+from dml_cluster.data.cifar import load_cifar10, load_cifar100
+from dml_cluster.data.dataset import Dataset
+from dml_cluster.data.digits import load_digits
+from dml_cluster.data.idx import load_fashion_mnist, load_mnist
+from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, steps_per_epoch
+from dml_cluster.data.split import labelled_mask, mask_labels
+from dml_cluster.data.synthetic import load_synthetic
+from dml_cluster.errors import DataError
+
+__all__ = [
+    "Dataset",
+    "augment_batch",
+    "batch_indices",
+    "dataset_names",
+    "epoch_order",
+    "fingerprint",
+    "labelled_mask",
+    "load_dataset",
+    "mask_labels",
+    "steps_per_epoch",
+]
+
+# name -> loader(root, **options); each loader declares its options as keyword parameters.
+_LOADERS: dict[str, Callable[..., Dataset]] = {
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "digits": load_digits,
+    "fashion-mnist": load_fashion_mnist,
+    "mnist": load_mnist,
+    "synthetic": load_synthetic,
+}
+
+
+def dataset_names() -> tuple[str, ...]:
+    """Names accepted by `load_dataset`, sorted."""
+    return tuple(sorted(_LOADERS))
+
+
+def dataset_options(name: str) -> tuple[str, ...]:
+    """The options (keyword arguments besides `root`) that dataset `name` accepts."""
+    params = inspect.signature(_loader(name)).parameters
+    return tuple(p for p in params if p != "root")
+
+
+def _loader(name: str) -> Callable[..., Dataset]:
+    key = name.strip().lower().replace("_", "-")
+    if key not in _LOADERS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    return _LOADERS[key]
+
+
+def load_dataset(name: str, root: str | None = None, **options: Any) -> Dataset:
+    """Load dataset `name` from `root` (or its default place) with loader-specific options."""
+    loader = _loader(name)
+    allowed = dataset_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) or "none"
+        raise DataError(f"dataset {name!r} has no option {', '.join(unknown)}; known: {known}")
+    return loader(root, **options)

@@ -1,0 +1,46 @@
+"""Seeded, batched augmentation: identical on every peer for the same (seed, epoch, step)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dml_cluster.data.seeding import seeded_generator
+
+
+def augment_batch(
+    x: Tensor,
+    *,
+    seed: int,
+    epoch: int,
+    step: int,
+    crop_padding: int = 0,
+    flip: bool = False,
+) -> Tensor:
+    """Random zero-padded crop and horizontal flip, chosen per sample, of a [B, C, H, W] batch.
+
+    All random draws come from a CPU generator seeded from (seed, epoch, step), so the result
+    does not depend on the device or on the process. Returns `x` itself when nothing applies.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"augment_batch expects [B, C, H, W], got shape {tuple(x.shape)}")
+    if crop_padding < 0:
+        raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
+    if crop_padding == 0 and not flip:
+        return x
+    b, c, h, w = x.shape
+    p = crop_padding
+    g = seeded_generator("augment", seed, epoch, step)
+    off_y = torch.randint(0, 2 * p + 1, (b,), generator=g)
+    off_x = torch.randint(0, 2 * p + 1, (b,), generator=g)
+    flipped = torch.rand(b, generator=g) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
+
+    rows = off_y[:, None] + torch.arange(h)  # [B, H] rows of the padded image
+    cols = off_x[:, None] + torch.arange(w)  # [B, W] columns of the padded image
+    cols = torch.where(flipped[:, None], cols.flip(1), cols)
+
+    padded = F.pad(x, (p, p, p, p)) if p else x
+    rows = rows.to(x.device)[:, None, :, None].expand(b, c, h, w + 2 * p)
+    cols = cols.to(x.device)[:, None, None, :].expand(b, c, h, w)
+    return padded.gather(2, rows).gather(3, cols)

@@ -1,0 +1,31 @@
+"""Errors a user can act on: printed as one line by the CLI, never as a traceback."""
+
+from __future__ import annotations
+
+
+class DmlError(Exception):
+    """Base class: the message is the whole story; `exit_code` is what the process returns."""
+
+    exit_code: int = 1
+
+
+class ConfigError(DmlError):
+    """The experiment config is invalid (unknown key, wrong type, impossible value)."""
+
+    exit_code = 2
+
+
+class DataError(DmlError):
+    """A dataset is missing, truncated or malformed."""
+
+    exit_code = 2
+
+
+class PeerError(DmlError):
+    """Another peer of the cohort stopped answering, or sent something unusable.
+
+    Exit codes 128-255 are retried by Kubeflow's `restartPolicy: ExitCode` and a lost peer is
+    worth retrying, so this one is in that range.
+    """
+
+    exit_code = 200

@@ -1,0 +1,77 @@
+"""Accuracy, per-class accuracy, cohort ensemble accuracy, posterior entropy, peer divergence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dml_cluster import losses
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
+    """Log-probabilities of `model` on `x`, in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    out = [F.log_softmax(model(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def per_class_accuracy(log_p: Tensor, y: Tensor, num_classes: int) -> list[float]:
+    correct = (log_p.argmax(1) == y).float()
+    total = torch.bincount(y, minlength=num_classes).float()
+    hits = torch.bincount(y, weights=correct, minlength=num_classes)
+    return (hits / total.clamp(min=1)).tolist()
+
+
+def accuracy(log_p: Tensor, y: Tensor) -> float:
+    return (log_p.argmax(1) == y).float().mean().item()
+
+
+def evaluate_cohort(log_ps: dict[str, Tensor], y: Tensor, num_classes: int) -> dict[str, Any]:
+    """Every peer's and the ensemble's accuracy, entropy, and pairwise KL / agreement."""
+    y = y.to(next(iter(log_ps.values())).device)
+    report: dict[str, Any] = {"peers": {}, "pairs": {}}
+    for name, log_p in log_ps.items():
+        report["peers"][name] = {
+            "accuracy": accuracy(log_p, y),
+            "per_class": per_class_accuracy(log_p, y, num_classes),
+            "entropy": losses.entropy(log_p).item(),
+        }
+    ens = losses.ensemble_log_probs(list(log_ps.values()))
+    report["ensemble"] = {
+        "accuracy": accuracy(ens, y),
+        "per_class": per_class_accuracy(ens, y, num_classes),
+        "entropy": losses.entropy(ens).item(),
+    }
+    for a, log_a in log_ps.items():
+        for b, log_b in log_ps.items():
+            if a != b:
+                report["pairs"][f"{a}|{b}"] = {
+                    "kl": losses.kl_div(log_b, log_a).item(),  # KL(p_other || p_peer)
+                    "js": losses.js_div(log_b, log_a).item(),
+                    "agreement": (log_a.argmax(1) == log_b.argmax(1)).float().mean().item(),
+                }
+    return report
+
+
+def per_class_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
+    """A Markdown table: one row per class, one column per peer and the ensemble."""
+    columns = {**{n: r["per_class"] for n, r in report["peers"].items()}}
+    if len(report["peers"]) > 1:
+        columns["ensemble"] = report["ensemble"]["per_class"]
+    head = "| class | " + " | ".join(columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    rows = [
+        f"| {cls} | " + " | ".join(f"{100 * acc[i]:.2f}" for acc in columns.values()) + " |"
+        for i, cls in enumerate(class_names)
+    ]
+    overall = [report["peers"][n]["accuracy"] for n in report["peers"]]
+    if len(report["peers"]) > 1:
+        overall.append(report["ensemble"]["accuracy"])
+    rows.append("| **overall** | " + " | ".join(f"**{100 * a:.2f}**" for a in overall) + " |")
+    return "\n".join([head, rule, *rows])

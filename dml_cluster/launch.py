@@ -1,0 +1,143 @@
+"""Where a cohort runs: all peers in this process, or this process as one peer under torchrun.
+
+`run_cohort` picks by the environment: torchrun (or any launcher that sets RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT) makes this process peer RANK; otherwise every peer runs here on a
+`LocalBus`. `launch_elastic` starts torch's own elastic launcher for `--nproc K`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dml_cluster.bus import Bus
+from dml_cluster.bus.local import LocalBus
+from dml_cluster.cohort import set_determinism
+from dml_cluster.config import Config
+from dml_cluster.errors import ConfigError, PeerError
+from dml_cluster.trainer import CohortTrainer, Placement
+
+
+def under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_id(cfg: Config) -> bytes:
+    """8 bytes naming this run on the wire: same config, same name and same launch -> same id."""
+    launch = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return hashlib.sha256(f"{cfg.run.name}/{cfg.hash()}/{launch}".encode()).digest()[:8]
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _zmq_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
+    from dml_cluster.bus.zmq_bus import ZmqBus, bind_address
+
+    address = cfg.bus.address or bind_address(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    )
+    return ZmqBus(
+        rank=rank, world=world, names=[p.name for p in cfg.peers], run_id=run_id(cfg),
+        config_hash=cfg.hash(), store=dist.distributed_c10d._get_default_store(),
+        address=address, timeout_s=cfg.bus.timeout_s, encoding=cfg.bus.encoding,
+        ipc=cfg.bus.ipc,
+    )  # fmt: skip
+
+
+def _torch_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
+    from dml_cluster.bus.torch_bus import TorchBus
+
+    names = [p.name for p in cfg.peers]
+    return TorchBus(rank=rank, world=world, names=names, device=device, encoding=cfg.bus.encoding)
+
+
+TRANSPORTS = {"zmq": _zmq_bus, "torch": _torch_bus}
+
+
+def run_peer(cfg: Config) -> dict[str, Any]:
+    """This process is one peer of a cohort started by torchrun (or a compatible launcher)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    size = len(cfg.peers)
+    if cfg.bus.transport == "local":
+        raise ConfigError(
+            "config error: bus.transport: 'local' keeps every peer in one process; "
+            "choose zmq or torch to run one peer per process"
+        )
+    if world != size:
+        raise ConfigError(
+            f"config error: the cohort has {size} peers but WORLD_SIZE is {world}: "
+            f"start {size} processes (torchrun --nproc-per-node {size})"
+        )
+    set_determinism(cfg)
+    device = _device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.timeout_s))
+    bus: Bus | None = None
+    try:
+        bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
+        trainer = CohortTrainer(cfg, bus, Placement((rank,), device, reporter=rank == 0))
+        return trainer.run()
+    finally:
+        if bus is not None:
+            bus.close()
+        _leave_group()
+
+
+def _leave_group() -> None:
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - a dead peer can make teardown fail; nothing to save
+        pass
+
+
+def run_local(cfg: Config) -> dict[str, Any]:
+    """Every peer in this process: the one-device mode, and the oracle for the others."""
+    set_determinism(cfg)
+    device = _device(0)
+    hosted = tuple(range(len(cfg.peers)))
+    return CohortTrainer(cfg, LocalBus(), Placement(hosted, device, reporter=True)).run()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: int = 0) -> int:
+    """Start `nproc` peer processes with torch.distributed.run (torchrun), one node, c10d store.
+
+    An explicit c10d endpoint (not --standalone) keeps restarts working with gloo
+    (pytorch/pytorch#135712). Returns the exit code to use.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    argv = [
+        f"--nproc-per-node={nproc}", "--nnodes=1", "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{_free_port()}", f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.2", "-m", "dml_cluster", "train", config,
+    ]  # fmt: skip
+    for item in overrides:
+        argv += ["--set", item]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        run(get_args_parser().parse_args(argv))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        error = PeerError(f"peer process rank {rank} failed with exit code {code}")
+        error.exit_code = code
+        raise error from None
+    return 0

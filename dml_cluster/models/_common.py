@@ -1,0 +1,44 @@
+"""Pieces shared by the model families: weight init and option checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from dml_cluster.errors import ConfigError
+
+
+def init_weights(model: nn.Module) -> None:
+    """Standard, seed-deterministic init.
+
+    Convs: Kaiming-normal (fan_out, ReLU), bias 0. BatchNorm: weight 1, bias 0.
+    Linear layers keep PyTorch's default init (also deterministic under torch.manual_seed).
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def positive_int(model: str, option: str, value: Any) -> int:
+    """`value` as an int >= 1, else ConfigError naming the model and option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"model '{model}': {option} must be a positive int, got {value!r}")
+    return value
+
+
+def positive_float(model: str, option: str, value: Any) -> float:
+    """`value` as a float > 0, else ConfigError naming the model and option."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"model '{model}': {option} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def conv_out(size: int, stride: int) -> int:
+    """Output size of a 3x3 conv with padding 1 (or 1x1, padding 0): never below 1."""
+    return (size - 1) // stride + 1

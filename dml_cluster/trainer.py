@@ -1,0 +1,224 @@
+"""The cohort training loop, written once for every layout.
+
+A process hosts some peers of the cohort (all K in the one-process engine, one per process under
+torchrun) and talks to the others through a `Bus`. Per step: the shared batch -> forward ->
+exchange log-probabilities -> each hosted peer's loss -> step. The loop never asks which
+transport it runs on; the one-process engine is this loop with a `LocalBus`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dml_cluster.bus import EVAL_ROUND, Bus, StepKey
+from dml_cluster.cohort import Peer, build_peer, refresh_predictions
+from dml_cluster.config import Config
+from dml_cluster.data import load_dataset
+from dml_cluster.data.augment import augment_batch
+from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, steps_per_epoch
+from dml_cluster.data.split import labelled_mask, mask_labels
+from dml_cluster.errors import ConfigError
+from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
+from dml_cluster.methods import LossParts, build_method
+from dml_cluster.runlog import JsonlLog, write_json_atomic
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which peers this process hosts, on which device, and whether it reports for the cohort."""
+
+    hosted: tuple[int, ...]
+    device: torch.device
+    reporter: bool
+
+
+class CohortTrainer:
+    def __init__(self, cfg: Config, bus: Bus, placement: Placement) -> None:
+        self.cfg, self.bus, self.placement = cfg, bus, placement
+        self.size = len(cfg.peers)
+        self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
+        device = placement.device
+        data = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
+        self.data = data
+        train_y = data.train_y
+        if cfg.data.label_fraction < 1.0:
+            train_y = mask_labels(train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed))
+        self.train_x, self.train_y = data.train_x.to(device), train_y.to(device)
+        self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
+        self.test_fingerprint = fingerprint(torch.arange(len(data.test_y)))
+        self.flip = data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip
+        self.peers: dict[int, Peer] = {
+            i: build_peer(cfg, i, data.input_shape, data.num_classes, device)
+            for i in placement.hosted
+        }
+        self.method = build_method(cfg.method)
+        self.run_dir = cfg.run.dir
+        self.peer_logs = {
+            i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
+        }
+        self.cohort_log = JsonlLog(self.run_dir / "cohort.jsonl") if placement.reporter else None
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _update(self, peer: Peer, logits: Tensor, y: Tensor, others: list[Tensor]) -> LossParts:
+        parts = self.method(logits, y, others)
+        peer.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        peer.optimizer.step()
+        return parts
+
+    def _others(self, index: int, log_ps: dict[int, Tensor]) -> list[Tensor]:
+        return [log_ps[j] for j in range(self.size) if j != index]
+
+    def train_step(self, x: Tensor, y: Tensor, step: int, fp: int) -> dict[int, LossParts]:
+        """One lockstep step of every hosted peer; returns each hosted peer's loss parts."""
+        everyone = range(self.size)
+        logits = {i: p.model(x) for i, p in self.peers.items()}
+        local = {i: F.log_softmax(z.detach(), dim=1) for i, z in logits.items()}
+        log_ps = self.bus.exchange(StepKey(step, 0, fp), local, everyone)
+        parts: dict[int, LossParts] = {}
+        if self.cfg.cohort.update == "simultaneous":
+            for i, peer in self.peers.items():
+                parts[i] = self._update(peer, logits[i], y, self._others(i, log_ps))
+            return parts
+        # sequential (the paper's Algorithm 1): peer r updates in round r, after peer r-1 has
+        # re-published its predictions on the same batch with its freshly updated weights.
+        for r in everyone:
+            if r > 0:
+                prev = self.peers.get(r - 1)
+                fresh = {} if prev is None else {
+                    r - 1: F.log_softmax(refresh_predictions(prev.model, x), dim=1)
+                }
+                log_ps.update(self.bus.exchange(StepKey(step, r, fp), fresh, [r - 1]))
+            if r in self.peers:
+                parts[r] = self._update(self.peers[r], logits[r], y, self._others(r, log_ps))
+        return parts
+
+    # -- evaluation -------------------------------------------------------------------------
+
+    def evaluate(self, after_step: int) -> dict[str, Any]:
+        """Every hosted peer predicts the test set; the bus brings the others' predictions."""
+        bs = self.cfg.data.eval_batch_size
+        local = {i: predict(p.model, self.test_x, bs) for i, p in self.peers.items()}
+        key = StepKey(after_step, EVAL_ROUND, self.test_fingerprint)
+        log_ps = self.bus.exchange(key, local, range(self.size))
+        named = {self.names[i]: log_ps[i] for i in range(self.size)}
+        return evaluate_cohort(named, self.test_y, self.data.num_classes)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        bs, n = cfg.data.batch_size, len(self.train_y)
+        per_epoch = steps_per_epoch(n, bs)
+        if per_epoch == 0:
+            raise ConfigError(f"config error: data.batch_size: {bs} exceeds the {n} training samples")
+        max_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
+        start = time.perf_counter()
+        history: list[dict[str, Any]] = []
+        step = 0
+        for epoch in range(cfg.train.epochs):
+            if step >= max_steps:
+                break
+            order = epoch_order(n, cfg.run.seed, epoch)
+            for s in range(min(per_epoch, max_steps - step)):
+                idx = batch_indices(order, s, bs)
+                x = augment_batch(
+                    self.train_x[idx.to(self.train_x.device)],
+                    seed=cfg.run.seed,
+                    epoch=epoch,
+                    step=s,
+                    crop_padding=cfg.data.augment.crop_padding,
+                    flip=self.flip,
+                )
+                y = self.train_y[idx.to(self.train_y.device)]
+                t0 = time.perf_counter()
+                parts = self.train_step(x, y, step, fingerprint(idx))
+                if step % cfg.run.log_every == 0:
+                    self._log_step(step, epoch, y, parts, time.perf_counter() - t0)
+                step += 1
+            for peer in self.peers.values():
+                peer.scheduler.step()
+            last = epoch == cfg.train.epochs - 1 or step >= max_steps
+            if (epoch + 1) % cfg.train.eval_every == 0 or last:
+                report = self.evaluate(step - 1)
+                history.append({"epoch": epoch + 1, "step": step, **report})
+                self._report_epoch(epoch + 1, step, report, time.perf_counter() - start)
+        summary = self._finish(history, step, time.perf_counter() - start)
+        return summary
+
+    # -- output -----------------------------------------------------------------------------
+
+    def _log_step(
+        self, step: int, epoch: int, y: Tensor, parts: dict[int, LossParts], seconds: float
+    ) -> None:
+        for i, p in parts.items():
+            self.peer_logs[i].write(
+                "train",
+                step=step,
+                epoch=epoch,
+                peer=self.names[i],
+                loss=p.total.item(),
+                ce=p.ce.item(),
+                mimicry=p.mimicry.item(),
+                lr=self.peers[i].optimizer.param_groups[0]["lr"],
+                step_seconds=seconds,
+                bytes_sent=self.bus.stats.bytes_sent,
+                wait_seconds=self.bus.stats.wait_seconds,
+            )
+
+    def _report_epoch(self, epoch: int, step: int, report: dict[str, Any], elapsed: float) -> None:
+        if self.cohort_log is None:
+            return
+        self.cohort_log.write("eval", epoch=epoch, step=step, elapsed_seconds=elapsed, **report)
+        accs = "  ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in report["peers"].items())
+        ens = f"  ensemble {100 * report['ensemble']['accuracy']:.2f}%" if self.size > 1 else ""
+        print(f"epoch {epoch}/{self.cfg.train.epochs}  step {step}  {accs}{ens}  ({elapsed:.1f} s)",
+              flush=True)
+
+    def _finish(self, history: list[dict[str, Any]], steps: int, wall: float) -> dict[str, Any]:
+        final_dir = self.run_dir / "final"
+        final_dir.mkdir(parents=True, exist_ok=True)
+        for peer in self.peers.values():
+            torch.save(peer.model.state_dict(), final_dir / f"{peer.name}.pt")
+        for log in self.peer_logs.values():
+            log.close()
+        last = history[-1]
+        summary: dict[str, Any] = {
+            "run": self.cfg.run.name,
+            "config_hash": self.cfg.hash(),
+            "method": self.cfg.method.name,
+            "update": self.cfg.cohort.update,
+            "transport": self.cfg.bus.transport,
+            "cohort_size": self.size,
+            "steps": steps,
+            "epochs": last["epoch"],
+            "wall_seconds": round(wall, 3),
+            "peers": {},
+            "class_names": list(self.data.class_names),
+        }
+        for i, name in enumerate(self.names):
+            accs = [h["peers"][name]["accuracy"] for h in history]
+            best = max(range(len(accs)), key=accs.__getitem__)
+            summary["peers"][name] = {
+                "model": self.cfg.peers[i].model,
+                "final_accuracy": accs[-1],
+                "best_accuracy": accs[best],
+                "best_epoch": history[best]["epoch"],
+                "final_entropy": last["peers"][name]["entropy"],
+                "per_class": last["peers"][name]["per_class"],
+            }
+        ens = [h["ensemble"]["accuracy"] for h in history]
+        summary["ensemble"] = {"final_accuracy": ens[-1], "best_accuracy": max(ens)}
+        if self.cohort_log is not None:
+            self.cohort_log.close()
+            write_json_atomic(self.run_dir / "summary.json", summary)
+            print(per_class_table(last, self.data.class_names), flush=True)
+            print(f"summary: {self.run_dir / 'summary.json'}", flush=True)
+        return summary
