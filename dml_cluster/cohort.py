@@ -40,7 +40,9 @@ def set_determinism(cfg: Config) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[nn.Parameter], cfg: OptimConfig, lr: float
+) -> torch.optim.Optimizer:
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(

@@ -80,7 +80,9 @@ class CohortConfig(_Strict):
             if len(self.peers) < 1:
                 raise ValueError("cohort.peers must name at least one peer")
             if self.size is not None and self.size != len(self.peers):
-                raise ValueError(f"cohort.size is {self.size} but {len(self.peers)} peers are listed")
+                raise ValueError(
+                    f"cohort.size is {self.size} but {len(self.peers)} peers are listed"
+                )
         return self
 
     def resolved_peers(self) -> list[PeerConfig]:

@@ -48,7 +48,9 @@ class CohortTrainer:
         self.data = data
         train_y = data.train_y
         if cfg.data.label_fraction < 1.0:
-            train_y = mask_labels(train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed))
+            train_y = mask_labels(
+                train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed)
+            )
         self.train_x, self.train_y = data.train_x.to(device), train_y.to(device)
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         self.test_fingerprint = fingerprint(torch.arange(len(data.test_y)))
@@ -92,9 +94,11 @@ class CohortTrainer:
         for r in everyone:
             if r > 0:
                 prev = self.peers.get(r - 1)
-                fresh = {} if prev is None else {
-                    r - 1: F.log_softmax(refresh_predictions(prev.model, x), dim=1)
-                }
+                fresh = (
+                    {}
+                    if prev is None
+                    else {r - 1: F.log_softmax(refresh_predictions(prev.model, x), dim=1)}
+                )
                 log_ps.update(self.bus.exchange(StepKey(step, r, fp), fresh, [r - 1]))
             if r in self.peers:
                 parts[r] = self._update(self.peers[r], logits[r], y, self._others(r, log_ps))
@@ -118,7 +122,9 @@ class CohortTrainer:
         bs, n = cfg.data.batch_size, len(self.train_y)
         per_epoch = steps_per_epoch(n, bs)
         if per_epoch == 0:
-            raise ConfigError(f"config error: data.batch_size: {bs} exceeds the {n} training samples")
+            raise ConfigError(
+                f"config error: data.batch_size: {bs} exceeds the {n} training samples"
+            )
         max_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
         start = time.perf_counter()
         history: list[dict[str, Any]] = []
@@ -179,8 +185,10 @@ class CohortTrainer:
         self.cohort_log.write("eval", epoch=epoch, step=step, elapsed_seconds=elapsed, **report)
         accs = "  ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in report["peers"].items())
         ens = f"  ensemble {100 * report['ensemble']['accuracy']:.2f}%" if self.size > 1 else ""
-        print(f"epoch {epoch}/{self.cfg.train.epochs}  step {step}  {accs}{ens}  ({elapsed:.1f} s)",
-              flush=True)
+        print(
+            f"epoch {epoch}/{self.cfg.train.epochs}  step {step}  {accs}{ens}  ({elapsed:.1f} s)",
+            flush=True,
+        )
 
     def _finish(self, history: list[dict[str, Any]], steps: int, wall: float) -> dict[str, Any]:
         final_dir = self.run_dir / "final"

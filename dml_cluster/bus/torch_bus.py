@@ -50,7 +50,9 @@ class TorchBus(Bus):
         return buf[_HEADER_BYTES:].view(self.dtype).view(rows, cols).float()
 
     def _lost(self, key: StepKey, err: Exception) -> PeerError:
-        others = ", ".join(f"peer {r} ({self.names[r]})" for r in range(self.world) if r != self.rank)
+        others = ", ".join(
+            f"peer {r} ({self.names[r]})" for r in range(self.world) if r != self.rank
+        )
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return PeerError(
             f"lost contact with the cohort at step {key.step} round {key.round} "

@@ -118,7 +118,9 @@ class ZmqBus(Bus):
             ) from None
 
     def _handshake(self) -> None:
-        hello = Header(Kind.HELLO, 1, self.run_id, 0, 0, self.rank, self.rank, self.config_hash, 0, 0)
+        hello = Header(
+            Kind.HELLO, 1, self.run_id, 0, 0, self.rank, self.rank, self.config_hash, 0, 0
+        )
         for sock in self.outboxes.values():
             sock.send_multipart([hello.pack(), b""])
         deadline = time.monotonic() + self.timeout_s
@@ -200,8 +202,11 @@ class ZmqBus(Bus):
             reason = str(err)
             if reason not in self._warned:
                 self._warned.add(reason)
-                print(f"dml-cluster: {self._who(self.rank)} dropped a message: {reason}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"dml-cluster: {self._who(self.rank)} dropped a message: {reason}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def _accept(self, frames: list[zmq.Frame]) -> None:
         if len(frames) != 2:

@@ -1,4 +1,4 @@
-"""Learning methods: what a peer minimises given its logits, labels and the other peers' predictions.
+"""Learning methods: what a peer minimises given its logits, labels and the others' predictions.
 
 One small file per family; each method registers itself under a name used as `method.name` in
 the config. A method is a callable `(logits, target, others) -> LossParts`.
