@@ -9,8 +9,9 @@ transport it runs on; the one-process engine is this loop with a `LocalBus`.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,38 @@ from dml_cluster.runlog import JsonlLog, write_json_atomic
 
 
 @dataclass(frozen=True)
+class StepResult:
+    """What one step produced: hosted peers' losses, every peer's predictions on the batch."""
+
+    parts: dict[int, LossParts]
+    log_ps: dict[int, Tensor]
+    exchange_seconds: float
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """Handed to observers after every step."""
+
+    step: int
+    epoch: int
+    target: Tensor
+    result: StepResult
+    step_seconds: float
+
+
+class Observer(Protocol):
+    """Watches training (JSONL logs, Prometheus metrics) without taking part in it."""
+
+    def on_step(self, trainer: CohortTrainer, event: StepEvent) -> None: ...
+
+    def on_eval(
+        self, trainer: CohortTrainer, epoch: int, step: int, report: dict[str, Any]
+    ) -> None: ...
+
+    def on_end(self, trainer: CohortTrainer, summary: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
 class Placement:
     """Which peers this process hosts, on which device, and whether it reports for the cohort."""
 
@@ -39,8 +72,16 @@ class Placement:
 
 
 class CohortTrainer:
-    def __init__(self, cfg: Config, bus: Bus, placement: Placement) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        bus: Bus,
+        placement: Placement,
+        observers: Sequence[Observer] = (),
+    ) -> None:
         self.cfg, self.bus, self.placement = cfg, bus, placement
+        self.observers = list(observers)
+        self._exchange_seconds = 0.0
         self.size = len(cfg.peers)
         self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
         device = placement.device
@@ -78,31 +119,39 @@ class CohortTrainer:
     def _others(self, index: int, log_ps: dict[int, Tensor]) -> list[Tensor]:
         return [log_ps[j] for j in range(self.size) if j != index]
 
-    def train_step(self, x: Tensor, y: Tensor, step: int, fp: int) -> dict[int, LossParts]:
-        """One lockstep step of every hosted peer; returns each hosted peer's loss parts."""
+    def _exchange(
+        self, key: StepKey, local: dict[int, Tensor], senders: Sequence[int]
+    ) -> dict[int, Tensor]:
+        t0 = time.perf_counter()
+        out = self.bus.exchange(key, local, senders)
+        self._exchange_seconds += time.perf_counter() - t0
+        return out
+
+    def train_step(self, x: Tensor, y: Tensor, step: int, fp: int) -> StepResult:
+        """One lockstep step of every hosted peer."""
+        self._exchange_seconds = 0.0
         everyone = range(self.size)
         logits = {i: p.model(x) for i, p in self.peers.items()}
         local = {i: F.log_softmax(z.detach(), dim=1) for i, z in logits.items()}
-        log_ps = self.bus.exchange(StepKey(step, 0, fp), local, everyone)
+        log_ps = self._exchange(StepKey(step, 0, fp), local, everyone)
+        batch_log_ps = dict(log_ps)
         parts: dict[int, LossParts] = {}
         if self.cfg.cohort.update == "simultaneous":
             for i, peer in self.peers.items():
                 parts[i] = self._update(peer, logits[i], y, self._others(i, log_ps))
-            return parts
-        # sequential (the paper's Algorithm 1): peer r updates in round r, after peer r-1 has
-        # re-published its predictions on the same batch with its freshly updated weights.
-        for r in everyone:
-            if r > 0:
-                prev = self.peers.get(r - 1)
-                fresh = (
-                    {}
-                    if prev is None
-                    else {r - 1: F.log_softmax(refresh_predictions(prev.model, x), dim=1)}
-                )
-                log_ps.update(self.bus.exchange(StepKey(step, r, fp), fresh, [r - 1]))
-            if r in self.peers:
-                parts[r] = self._update(self.peers[r], logits[r], y, self._others(r, log_ps))
-        return parts
+        else:
+            # sequential (the paper's Algorithm 1): peer r updates in round r, after peer r-1 has
+            # re-published its predictions on the same batch with its freshly updated weights.
+            for r in everyone:
+                if r > 0:
+                    prev = self.peers.get(r - 1)
+                    fresh = {}
+                    if prev is not None:
+                        fresh = {r - 1: F.log_softmax(refresh_predictions(prev.model, x), dim=1)}
+                    log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [r - 1]))
+                if r in self.peers:
+                    parts[r] = self._update(self.peers[r], logits[r], y, self._others(r, log_ps))
+        return StepResult(parts, batch_log_ps, self._exchange_seconds)
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -145,9 +194,12 @@ class CohortTrainer:
                 )
                 y = self.train_y[idx.to(self.train_y.device)]
                 t0 = time.perf_counter()
-                parts = self.train_step(x, y, step, fingerprint(idx))
+                result = self.train_step(x, y, step, fingerprint(idx))
+                event = StepEvent(step, epoch, y, result, time.perf_counter() - t0)
                 if step % cfg.run.log_every == 0:
-                    self._log_step(step, epoch, y, parts, time.perf_counter() - t0)
+                    self._log_step(event)
+                for observer in self.observers:
+                    observer.on_step(self, event)
                 step += 1
             for peer in self.peers.values():
                 peer.scheduler.step()
@@ -156,25 +208,28 @@ class CohortTrainer:
                 report = self.evaluate(step - 1)
                 history.append({"epoch": epoch + 1, "step": step, **report})
                 self._report_epoch(epoch + 1, step, report, time.perf_counter() - start)
+                for observer in self.observers:
+                    observer.on_eval(self, epoch + 1, step, report)
         summary = self._finish(history, step, time.perf_counter() - start)
+        for observer in self.observers:
+            observer.on_end(self, summary)
         return summary
 
     # -- output -----------------------------------------------------------------------------
 
-    def _log_step(
-        self, step: int, epoch: int, y: Tensor, parts: dict[int, LossParts], seconds: float
-    ) -> None:
-        for i, p in parts.items():
+    def _log_step(self, event: StepEvent) -> None:
+        for i, p in event.result.parts.items():
             self.peer_logs[i].write(
                 "train",
-                step=step,
-                epoch=epoch,
+                step=event.step,
+                epoch=event.epoch,
                 peer=self.names[i],
                 loss=p.total.item(),
                 ce=p.ce.item(),
                 mimicry=p.mimicry.item(),
                 lr=self.peers[i].optimizer.param_groups[0]["lr"],
-                step_seconds=seconds,
+                step_seconds=event.step_seconds,
+                exchange_seconds=event.result.exchange_seconds,
                 bytes_sent=self.bus.stats.bytes_sent,
                 wait_seconds=self.bus.stats.wait_seconds,
             )
