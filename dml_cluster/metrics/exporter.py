@@ -1,0 +1,327 @@
+"""The Prometheus endpoint of a peer process: a trainer `Observer` serving /metrics over HTTP.
+
+One endpoint per process. Under torchrun a process hosts one peer; the one-process engine hosts
+the whole cohort and labels every series by peer. Labels are kept to `peer`, `other_peer` and
+`split` (train / test), so a cohort of K peers has K * (K - 1) divergence series per split.
+
+A scrape is a consistent snapshot: the trainer updates every value of a step under one lock and
+the endpoint renders under the same lock, so `dml_step` and the divergence read in one scrape
+belong to the same batch.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from prometheus_client import Counter, Gauge, Histogram, Info
+from prometheus_client.core import CollectorRegistry, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from dml_cluster.config import Config
+from dml_cluster.errors import ConfigError
+from dml_cluster.metrics.batch import peer_batch_stats
+
+if TYPE_CHECKING:
+    from dml_cluster.trainer import CohortTrainer, StepEvent
+
+# from a 0.5 ms MLP step to a 30 s large-model step
+TIME_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+PEER, PAIR = ("peer",), ("peer", "other_peer", "split")
+
+
+class _Snapshot:
+    """A collector rendering a group of metrics under the lock their writer holds."""
+
+    def __init__(self, lock: threading.Lock, metrics: list[Any]) -> None:
+        self._lock, self._metrics = lock, metrics
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            return [family for m in self._metrics for family in m.collect()]
+
+
+class PrometheusExporter:
+    """Serves the cohort's health for the peers this process hosts; see the module docstring."""
+
+    def __init__(self, cfg: Config, hosted: tuple[int, ...], run_id: str, local_rank: int) -> None:
+        self.cfg, self.hosted = cfg, hosted
+        self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
+        self.smoothing = cfg.metrics.smoothing
+        self._lock = threading.Lock()
+        self._ema: dict[tuple[str, ...], float] = {}
+        self._bus_seen = {"sent": 0, "received": 0, "rejected": 0, "wait": 0.0}
+        self._define()
+        self._run.info(
+            {
+                "run_id": run_id,
+                "run_name": cfg.run.name,
+                "config_hash": cfg.hash(),
+                "transport": cfg.bus.transport,
+                "cohort_size": str(len(cfg.peers)),
+                "method": cfg.method.name,
+                "update": cfg.cohort.update,
+            }
+        )
+        for i in hosted:
+            peer = cfg.peers[i]
+            self._peer.labels(self.names[i]).info({"model": peer.model, "index": str(i)})
+        self.registry = CollectorRegistry()
+        self.registry.register(_Snapshot(self._lock, self._all))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self._server, self._thread = self._serve(cfg.metrics.address, cfg.metrics.port, local_rank)
+        self.port = self._server.server_port
+        self.url = f"http://{_url_host(cfg.metrics.address)}:{self.port}/metrics"
+        self._announce()
+
+    # -- the metrics ------------------------------------------------------------------------
+
+    def _define(self) -> None:
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = PEER) -> Gauge:
+            return Gauge(name, doc, labels, registry=None)
+
+        self._run = Info("dml_run", "The run this process belongs to.", registry=None)
+        self._peer = Info("dml_peer", "A peer hosted by this process.", PEER, registry=None)
+        self._step = gauge("dml_step", "Index of the last completed training step.")
+        self._epoch = gauge("dml_epoch", "Epoch of the last completed step (0-based).")
+        self._last = gauge(
+            "dml_last_step_timestamp_seconds", "Unix time at which the last step completed."
+        )
+        self._lr = gauge("dml_learning_rate", "Current learning rate of the peer's optimizer.")
+        self._kl = gauge(
+            "dml_kl_divergence",
+            "KL(p_other || p_peer) in nats, mean over samples: what the peer's mimicry pulls "
+            "down. split=train: moving average over training batches; test: last evaluation.",
+            PAIR,
+        )
+        self._js = gauge(
+            "dml_js_divergence", "Jensen-Shannon divergence of the two peers, nats.", PAIR
+        )
+        self._agree = gauge(
+            "dml_agreement_ratio", "Fraction of samples where both peers predict one class.", PAIR
+        )
+        self._ce = gauge(
+            "dml_cross_entropy_loss", "Cross-entropy on training batches (moving average)."
+        )
+        self._mimicry = gauge(
+            "dml_mimicry_loss", "Mimicry (peer-learning) loss on training batches (moving average)."
+        )
+        self._loss = gauge("dml_loss", "Total loss on training batches (moving average).")
+        self._acc = gauge(
+            "dml_accuracy_ratio",
+            "Top-1 accuracy. split=train: moving average over batches; test: last evaluation.",
+            ("peer", "split"),
+        )
+        self._entropy = gauge(
+            "dml_posterior_entropy_nats", "Mean posterior entropy of the peer.", ("peer", "split")
+        )
+        self._ens_acc = Gauge(
+            "dml_ensemble_accuracy_ratio",
+            "Top-1 accuracy of the cohort ensemble (mean of probabilities).",
+            ("split",),
+            registry=None,
+        )
+        self._ens_entropy = Gauge(
+            "dml_ensemble_posterior_entropy_nats",
+            "Mean posterior entropy of the cohort ensemble.",
+            ("split",),
+            registry=None,
+        )
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, PEER, registry=None)
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, PEER, buckets=TIME_BUCKETS, registry=None)
+
+        self._samples = counter("dml_train_samples", "Training samples processed.")
+        self._sent = counter("dml_bus_sent_bytes", "Bytes this process sent on the bus.")
+        self._received = counter("dml_bus_received_bytes", "Bytes this process received.")
+        self._rejected = counter(
+            "dml_bus_rejected_messages", "Bus messages dropped as malformed, foreign or stale."
+        )
+        self._wait = counter(
+            "dml_bus_wait_seconds",
+            "Time spent waiting for the other peers' predictions (the slowest peer).",
+        )
+        self._step_time = histogram(
+            "dml_step_duration_seconds",
+            "Wall time of a training step: forward, exchange, backward, update.",
+        )
+        self._exchange_time = histogram(
+            "dml_exchange_duration_seconds",
+            "Wall time of a step's exchanges on the bus, waiting included.",
+        )
+        self._all = [
+            self._run, self._peer, self._step, self._epoch, self._last, self._lr, self._kl,
+            self._js, self._agree, self._ce, self._mimicry, self._loss, self._acc, self._entropy,
+            self._ens_acc, self._ens_entropy, self._samples, self._sent, self._received,
+            self._rejected, self._wait, self._step_time, self._exchange_time,
+        ]  # fmt: skip
+
+    # -- serving ----------------------------------------------------------------------------
+
+    def _serve(self, address: str, base: int, local_rank: int) -> tuple[Any, threading.Thread]:
+        port = base + local_rank if base else 0
+        try:
+            return start_http_server(port, address, registry=self.registry)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE or port == 0:
+                raise ConfigError(
+                    f"config error: metrics: cannot serve on {address}:{port}: {err.strerror}"
+                ) from None
+        print(
+            f"dml-cluster: metrics port {port} is in use; serving on a free port instead "
+            f"(see {self._endpoint_dir()})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return start_http_server(0, address, registry=self.registry)
+
+    def _endpoint_dir(self) -> Path:
+        return self.cfg.run.dir / "metrics"
+
+    def _announce(self) -> None:
+        """Write where each hosted peer is served, for scrape configs, tests and people."""
+        folder = self._endpoint_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in self.hosted:
+            record = {
+                "peer": self.names[i],
+                "url": self.url,
+                "address": self.cfg.metrics.address,
+                "port": self.port,
+                "pid": os.getpid(),
+            }
+            tmp = folder / f".{self.names[i]}.json.tmp"
+            tmp.write_text(json.dumps(record) + "\n")
+            tmp.replace(folder / f"{self.names[i]}.json")
+        hosted = ", ".join(self.names[i] for i in self.hosted)
+        print(f"metrics: {self.url} ({hosted})", flush=True)
+
+    def close(self) -> None:
+        """Stop serving and release the port; safe to call twice."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    # -- updates ----------------------------------------------------------------------------
+
+    def _smooth(self, key: tuple[str, ...], value: float) -> float:
+        old = self._ema.get(key)
+        new = value if old is None else self.smoothing * old + (1.0 - self.smoothing) * value
+        self._ema[key] = new
+        return new
+
+    def _bus_counters(self, trainer: CohortTrainer) -> None:
+        """Bring the bus counters up to the bus's own (per process, under each hosted peer)."""
+        stats = trainer.bus.stats
+        now = {
+            "sent": stats.bytes_sent,
+            "received": stats.bytes_received,
+            "rejected": stats.messages_rejected,
+            "wait": stats.wait_seconds,
+        }
+        counters = {
+            "sent": self._sent,
+            "received": self._received,
+            "rejected": self._rejected,
+            "wait": self._wait,
+        }
+        for key, counter in counters.items():
+            delta = now[key] - self._bus_seen[key]
+            for i in self.hosted:
+                counter.labels(self.names[i]).inc(max(delta, 0))
+        self._bus_seen = now
+
+    def on_step(self, trainer: CohortTrainer, event: StepEvent) -> None:
+        result = event.result
+        stats = {i: peer_batch_stats(result.log_ps, event.target, i) for i in self.hosted}
+        losses = {
+            i: torch.stack([p.ce, p.mimicry, p.total]).detach().float().tolist()
+            for i, p in result.parts.items()
+        }
+        now = time.time()
+        with self._lock:
+            for i in self.hosted:
+                name, s = self.names[i], stats[i]
+                self._step.labels(name).set(event.step)
+                self._epoch.labels(name).set(event.epoch)
+                self._last.labels(name).set(now)
+                self._lr.labels(name).set(trainer.peers[i].optimizer.param_groups[0]["lr"])
+                self._samples.labels(name).inc(len(event.target))
+                self._step_time.labels(name).observe(event.step_seconds)
+                self._exchange_time.labels(name).observe(result.exchange_seconds)
+                if s.accuracy is not None:
+                    self._acc.labels(name, "train").set(self._smooth(("acc", name), s.accuracy))
+                self._entropy.labels(name, "train").set(self._smooth(("ent", name), s.entropy))
+                if i in losses:
+                    ce, mimicry, total = losses[i]
+                    self._ce.labels(name).set(self._smooth(("ce", name), ce))
+                    self._mimicry.labels(name).set(self._smooth(("mim", name), mimicry))
+                    self._loss.labels(name).set(self._smooth(("loss", name), total))
+                for j, pair in s.pairs.items():
+                    other = self.names[j]
+                    self._kl.labels(name, other, "train").set(
+                        self._smooth(("kl", name, other), pair.kl)
+                    )
+                    self._js.labels(name, other, "train").set(
+                        self._smooth(("js", name, other), pair.js)
+                    )
+                    self._agree.labels(name, other, "train").set(
+                        self._smooth(("agree", name, other), pair.agreement)
+                    )
+            self._bus_counters(trainer)
+
+    def on_eval(
+        self, trainer: CohortTrainer, epoch: int, step: int, report: dict[str, Any]
+    ) -> None:
+        with self._lock:
+            for i in self.hosted:
+                name = self.names[i]
+                peer = report["peers"][name]
+                self._acc.labels(name, "test").set(peer["accuracy"])
+                self._entropy.labels(name, "test").set(peer["entropy"])
+                for j, other in enumerate(self.names):
+                    pair = report["pairs"].get(f"{name}|{other}")
+                    if j == i or pair is None:
+                        continue
+                    self._kl.labels(name, other, "test").set(pair["kl"])
+                    self._js.labels(name, other, "test").set(pair["js"])
+                    self._agree.labels(name, other, "test").set(pair["agreement"])
+            self._ens_acc.labels("test").set(report["ensemble"]["accuracy"])
+            self._ens_entropy.labels("test").set(report["ensemble"]["entropy"])
+            self._bus_counters(trainer)
+
+    def on_end(self, trainer: CohortTrainer, summary: dict[str, Any]) -> None:
+        with self._lock:
+            self._bus_counters(trainer)
+        if self.cfg.metrics.linger_s > 0:
+            time.sleep(self.cfg.metrics.linger_s)
+
+
+def _url_host(address: str) -> str:
+    """A host part that reaches an endpoint bound to `address` (the wildcard means here)."""
+    if address in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if address == "::":
+        return "[::1]"
+    return f"[{address}]" if ":" in address else address

@@ -1,0 +1,215 @@
+"""`dml-cluster report RUN_DIR`: a finished (or running) run's logs turned into plots and a page.
+
+Reads the run folder the trainer writes (cohort.jsonl evaluations, peers/<name>.jsonl training
+records, summary.json when the run finished) and writes, into RUN_DIR/report/ by default,
+PNG plots (see `plots`) and report.md: the run at a glance, final accuracies, divergence between
+peers, where a step's time goes, and the per-class accuracy table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dml_cluster.errors import DmlError
+from dml_cluster.evaluation import per_class_table
+
+
+@dataclass
+class RunLogs:
+    """Everything the report reads from a run folder."""
+
+    run_dir: Path
+    evals: list[dict[str, Any]]
+    train: dict[str, list[dict[str, Any]]]  # training records by peer name
+    summary: dict[str, Any] | None = None
+    peers: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return (self.summary or {}).get("run", self.run_dir.name)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        names = (self.summary or {}).get("class_names")
+        if names:
+            return tuple(str(n) for n in names)
+        per_class = self.evals[-1]["peers"][self.peers[0]]["per_class"] if self.evals else []
+        return tuple(str(i) for i in range(len(per_class)))
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Mean seconds per step of one peer: compute, moving bytes, and waiting for others."""
+
+    step: float
+    compute: float
+    transfer: float
+    wait: float
+    steps_logged: int
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise DmlError(f"{path}:{number}: not a JSON record") from None
+                # the last line of a log still being written: ignore it
+    return records
+
+
+def load_run(run_dir: str | Path) -> RunLogs:
+    """Read a run folder; a folder that is not a run is one clear error."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DmlError(f"report: {run_dir}: no such run folder")
+    cohort = run_dir / "cohort.jsonl"
+    peer_files = sorted((run_dir / "peers").glob("*.jsonl"))
+    if not cohort.exists() and not peer_files:
+        raise DmlError(
+            f"report: {run_dir}: not a run folder (no cohort.jsonl, no peers/*.jsonl logs)"
+        )
+    evals = [r for r in _read_jsonl(cohort) if r.get("event") == "eval"] if cohort.exists() else []
+    train = {p.stem: [r for r in _read_jsonl(p) if r.get("event") == "train"] for p in peer_files}
+    summary = None
+    if (run_dir / "summary.json").exists():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except json.JSONDecodeError:
+            raise DmlError(f"report: {run_dir / 'summary.json'}: not valid JSON") from None
+    peers = list(evals[-1]["peers"]) if evals else sorted(train)
+    return RunLogs(run_dir, evals, train, summary, peers)
+
+
+def time_split(records: list[dict[str, Any]]) -> TimeSplit | None:
+    """Mean per-step time split of one peer's logged steps (None without timing records)."""
+    rows = [r for r in records if "step_seconds" in r]
+    if not rows:
+        return None
+    step = statistics.fmean(r["step_seconds"] for r in rows)
+    exchange = statistics.fmean(r.get("exchange_seconds", 0.0) for r in rows)
+    wait = statistics.fmean(r.get("step_wait_seconds", 0.0) for r in rows)
+    wait = min(wait, exchange)
+    return TimeSplit(step, max(step - exchange, 0.0), exchange - wait, wait, len(rows))
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _table(head: list[str], rows: list[list[str]], align: str = "---:") -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|---|" + f"{align}|" * (len(head) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def summary_markdown(logs: RunLogs, images: dict[str, str]) -> str:
+    """The report page: Markdown with the plots embedded by relative path."""
+    s = logs.summary or {}
+    last = logs.evals[-1] if logs.evals else None
+    out = [f"# Run report: {logs.name}", ""]
+    facts = [
+        ("method", s.get("method")),
+        ("update", s.get("update")),
+        ("transport", s.get("transport")),
+        ("cohort size", s.get("cohort_size", len(logs.peers))),
+        ("steps", s.get("steps", last["step"] if last else None)),
+        ("epochs", s.get("epochs", last["epoch"] if last else None)),
+        ("wall time", f"{s['wall_seconds']:.1f} s" if "wall_seconds" in s else None),
+        ("config hash", f"`{s['config_hash']}`" if "config_hash" in s else None),
+    ]
+    out += [f"- **{k}**: {v}" for k, v in facts if v is not None]
+    if logs.summary is None:
+        out.append("- **status**: no summary.json: the run is unfinished or was stopped")
+    out.append("")
+
+    if last is not None:
+        out += ["## Test accuracy", ""]
+        rows = []
+        for name in logs.peers:
+            model = s.get("peers", {}).get(name, {}).get("model", "")
+            accs = [e["peers"][name]["accuracy"] for e in logs.evals]
+            rows.append(
+                [name, model, *_final_best(logs, accs), f"{last['peers'][name]['entropy']:.4f}"]
+            )
+        if len(logs.peers) > 1:
+            accs = [e["ensemble"]["accuracy"] for e in logs.evals]
+            entropy = f"{last['ensemble']['entropy']:.4f}"
+            rows.append(["**ensemble**", "", *_final_best(logs, accs), entropy])
+        head = ["peer", "model", "final", "best", "entropy (nats)"]
+        out += _table(head, rows) + [""]
+    out += _image(images, "accuracy", "Test accuracy per peer and of the ensemble")
+
+    if last is not None and last.get("pairs"):
+        out += ["## Divergence between peers (final evaluation, test set)", ""]
+        rows = []
+        for key, pair in last["pairs"].items():
+            peer, other = key.split("|", 1)
+            kl, js, agree = f"{pair['kl']:.4f}", f"{pair['js']:.4f}", _pct(pair["agreement"])
+            rows.append([peer, other, kl, js, agree])
+        head = ["peer", "other peer", "KL(p_other ‖ p_peer)", "JS", "top-1 agreement"]
+        out += _table(head, rows) + [""]
+    out += _image(images, "divergence", "Divergence between peers over training")
+    out += _image(images, "entropy", "Mean posterior entropy")
+    out += _image(images, "loss", "Training losses")
+
+    splits = {name: time_split(logs.train.get(name, [])) for name in logs.peers}
+    splits = {n: t for n, t in splits.items() if t is not None}
+    if splits:
+        out += ["## Time per step", ""]
+        rows = []
+        for name, t in splits.items():
+            parts = (t.compute, t.transfer, t.wait)
+            share = [f"{1000 * v:.2f} ({100 * v / t.step:.0f}%)" if t.step else "–" for v in parts]
+            rate = f"{1 / t.step:.1f}" if t.step else "–"
+            rows.append([name, f"{1000 * t.step:.2f}", *share, rate])
+        head = ["peer", "step ms", "compute ms", "exchange ms", "wait ms", "steps/s"]
+        out += _table(head, rows)
+        out += [
+            "",
+            f"Means over the {next(iter(splits.values())).steps_logged} logged steps per peer. "
+            "*exchange* is the time on the bus minus *wait*, the time spent waiting for the "
+            "slowest peer (measured by the zmq transport; collectives do not tell the two apart).",
+            "",
+        ]
+    out += _image(images, "timing", "Where a step's time goes")
+
+    if last is not None:
+        out += [f"## Per-class test accuracy (epoch {last['epoch']}, %)", ""]
+        out += [per_class_table(last, logs.class_names), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _final_best(logs: RunLogs, accs: list[float]) -> list[str]:
+    best = max(range(len(accs)), key=accs.__getitem__)
+    return [_pct(accs[-1]), f"{_pct(accs[best])} (epoch {logs.evals[best]['epoch']})"]
+
+
+def _image(images: dict[str, str], key: str, title: str) -> list[str]:
+    return [f"![{title}]({images[key]})", ""] if key in images else []
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write the plots and report.md; returns the files written, report.md first."""
+    from dml_cluster import plots
+
+    logs = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else logs.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    images = {}
+    for key, figure in plots.all_figures(logs).items():
+        path = out / f"{key}.png"
+        plots.save(figure, path)
+        images[key] = path.name
+    page = out / "report.md"
+    page.write_text(summary_markdown(logs, images))
+    return [page, *(out / name for name in images.values())]
