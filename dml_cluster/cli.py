@@ -45,6 +45,20 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
         sys.exit(launch_elastic(config, list(overrides), nproc or len(cfg.peers), max_restarts))
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where to write the report (default: RUN_DIR/report).")  # fmt: skip
+def report(run_dir: str, out_dir: str | None) -> None:
+    """Plots and a Markdown summary of the run in RUN_DIR (from its JSONL logs)."""
+    from dml_cluster.report import write_report
+
+    files = write_report(run_dir, out_dir)
+    click.echo(f"report: {files[0]}")
+    for path in files[1:]:
+        click.echo(f"  {path}")
+
+
 @cli.group()
 def config() -> None:
     """Inspect experiment configs."""

@@ -140,6 +140,27 @@ class BusConfig(_Strict):
     ipc: bool = Field(False, description="zmq over ipc:// sockets (one node only)")
 
 
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint each peer process serves while it trains (dml_cluster.metrics)."""
+
+    enabled: bool = Field(True, description="false: no endpoint, no exporter, no cost")
+    port: int = Field(
+        9400, ge=0, le=65535,
+        description="base port: a process serves port + its local rank; 0: any free port "
+        "(a busy port also falls back to a free one; the bound URL is written to "
+        "<run dir>/metrics/<peer>.json)",
+    )  # fmt: skip
+    address: str = Field("0.0.0.0", description="address the endpoint binds")
+    smoothing: float = Field(
+        0.9, ge=0.0, lt=1.0,
+        description="training-batch values are an exponential moving average "
+        "(new = s * old + (1 - s) * batch); 0: the last batch only",
+    )  # fmt: skip
+    linger_s: float = Field(
+        0.0, ge=0.0, description="keep serving this long after training ends (a final scrape)"
+    )
+
+
 class Config(_Strict):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -148,6 +169,7 @@ class Config(_Strict):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     bus: BusConfig = BusConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def peers(self) -> list[PeerConfig]:
@@ -160,6 +182,7 @@ class Config(_Strict):
         """A short hash of everything that decides the numbers (not where results go)."""
         d = self.to_dict()
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "name", "log_every")}
+        del d["metrics"]  # watching a run does not change its numbers
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -22,6 +22,7 @@ from dml_cluster.bus.local import LocalBus
 from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
 from dml_cluster.errors import ConfigError, PeerError
+from dml_cluster.metrics import metrics_observers
 from dml_cluster.trainer import CohortTrainer, Placement
 
 
@@ -85,10 +86,12 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.timeout_s))
     bus: Bus | None = None
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
-        trainer = CohortTrainer(cfg, bus, Placement((rank,), device, reporter=rank == 0))
-        return trainer.run()
+        with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
+            bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
+            placement = Placement((rank,), device, reporter=rank == 0)
+            return CohortTrainer(cfg, bus, placement, observers).run()
     finally:
         if bus is not None:
             bus.close()
@@ -106,7 +109,9 @@ def run_local(cfg: Config) -> dict[str, Any]:
     set_determinism(cfg)
     device = _device(0)
     hosted = tuple(range(len(cfg.peers)))
-    return CohortTrainer(cfg, LocalBus(), Placement(hosted, device, reporter=True)).run()
+    with metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers:
+        placement = Placement(hosted, device, reporter=True)
+        return CohortTrainer(cfg, LocalBus(), placement, observers).run()
 
 
 def _free_port() -> int:

@@ -26,6 +26,7 @@ from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, st
 from dml_cluster.data.split import labelled_mask, mask_labels
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
+from dml_cluster.metrics.batch import peer_batch_stats
 from dml_cluster.methods import LossParts, build_method
 from dml_cluster.runlog import JsonlLog, write_json_atomic
 
@@ -37,6 +38,7 @@ class StepResult:
     parts: dict[int, LossParts]
     log_ps: dict[int, Tensor]
     exchange_seconds: float
+    wait_seconds: float = 0.0  # the part of exchange_seconds spent waiting for other peers
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class CohortTrainer:
     ) -> None:
         self.cfg, self.bus, self.placement = cfg, bus, placement
         self.observers = list(observers)
-        self._exchange_seconds = 0.0
+        self._exchange_seconds = self._wait_seconds = 0.0
         self.size = len(cfg.peers)
         self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
         device = placement.device
@@ -122,14 +124,15 @@ class CohortTrainer:
     def _exchange(
         self, key: StepKey, local: dict[int, Tensor], senders: Sequence[int]
     ) -> dict[int, Tensor]:
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), self.bus.stats.wait_seconds
         out = self.bus.exchange(key, local, senders)
         self._exchange_seconds += time.perf_counter() - t0
+        self._wait_seconds += self.bus.stats.wait_seconds - waited
         return out
 
     def train_step(self, x: Tensor, y: Tensor, step: int, fp: int) -> StepResult:
         """One lockstep step of every hosted peer."""
-        self._exchange_seconds = 0.0
+        self._exchange_seconds = self._wait_seconds = 0.0
         everyone = range(self.size)
         logits = {i: p.model(x) for i, p in self.peers.items()}
         local = {i: F.log_softmax(z.detach(), dim=1) for i, z in logits.items()}
@@ -151,7 +154,7 @@ class CohortTrainer:
                     log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [r - 1]))
                 if r in self.peers:
                     parts[r] = self._update(self.peers[r], logits[r], y, self._others(r, log_ps))
-        return StepResult(parts, batch_log_ps, self._exchange_seconds)
+        return StepResult(parts, batch_log_ps, self._exchange_seconds, self._wait_seconds)
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -219,6 +222,7 @@ class CohortTrainer:
 
     def _log_step(self, event: StepEvent) -> None:
         for i, p in event.result.parts.items():
+            batch = peer_batch_stats(event.result.log_ps, event.target, i)
             self.peer_logs[i].write(
                 "train",
                 step=event.step,
@@ -232,6 +236,10 @@ class CohortTrainer:
                 exchange_seconds=event.result.exchange_seconds,
                 bytes_sent=self.bus.stats.bytes_sent,
                 wait_seconds=self.bus.stats.wait_seconds,
+                step_wait_seconds=event.result.wait_seconds,
+                train_accuracy=batch.accuracy,
+                entropy=batch.entropy,
+                pairs=batch.pairs_by_name(self.names),  # KL(p_other || p_peer), JS, agreement
             )
 
     def _report_epoch(self, epoch: int, step: int, report: dict[str, Any], elapsed: float) -> None:
