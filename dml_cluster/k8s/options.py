@@ -1,0 +1,106 @@
+"""What a deployment adds to an experiment config: image, namespace, GPUs, engine, monitoring.
+
+The experiment config says what to train (cohort size, models, data); `RenderOptions` says where
+and how it runs on Kubernetes. Names are checked here so that a bad one is one clear error, not a
+manifest the API server rejects later.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dml_cluster.errors import ConfigError
+
+Engine = Literal["pytorchjob", "indexed-job"]
+Monitor = Literal["pod", "service", "none"]
+
+ENGINES: tuple[str, ...] = ("pytorchjob", "indexed-job")
+MONITORS: tuple[str, ...] = ("pod", "service", "none")
+
+# room for the longest suffix a name gets ("-worker-NNN", "-metrics") within 63 characters
+MAX_NAME = 45
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+)
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """Deployment settings for `dml-cluster k8s render` (see k8s/README.md)."""
+
+    image: str
+    engine: Engine = "pytorchjob"
+    namespace: str = "default"
+    name: str | None = None
+    gpus_per_peer: int = 1
+    cpu: str | None = None
+    memory: str = "4Gi"
+    pvc: str | None = None
+    monitor: Monitor = "pod"
+    monitor_labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    dashboard: str | None = None
+    backoff_limit: int = 3
+    max_restarts: int = 3
+    master_port: int = 23456
+    rdzv_port: int = 29400
+    cluster_domain: str = "cluster.local"
+
+    def check(self) -> None:
+        if not self.image or any(c.isspace() for c in self.image):
+            raise ConfigError(f"k8s render: --image {self.image!r} is not an image reference")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"k8s render: --engine must be one of {', '.join(ENGINES)}")
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"k8s render: --monitor must be one of {', '.join(MONITORS)}")
+        if not _DNS_LABEL.match(self.namespace) or len(self.namespace) > 63:
+            raise ConfigError(
+                f"k8s render: --namespace {self.namespace!r} is not a valid namespace "
+                "(lower-case letters, digits and '-', starting with a letter)"
+            )
+        if self.name is not None:
+            check_name(self.name, "--name")
+        for what, value in (("--gpus-per-peer", self.gpus_per_peer),
+                            ("--backoff-limit", self.backoff_limit),
+                            ("--max-restarts", self.max_restarts)):  # fmt: skip
+            if value < 0:
+                raise ConfigError(f"k8s render: {what} must be 0 or more (got {value})")
+        for what, port in (("--master-port", self.master_port), ("--rdzv-port", self.rdzv_port)):
+            if not 1 <= port <= 65535:
+                raise ConfigError(f"k8s render: {what} must be a port 1-65535 (got {port})")
+        for what, labels in (("--label", self.labels), ("--monitor-label", self.monitor_labels)):
+            for key, value in labels.items():
+                if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value) or len(value) > 63:
+                    raise ConfigError(f"k8s render: {what} {key}={value}: not a valid label")
+
+
+def check_name(name: str, what: str) -> str:
+    if len(name) > MAX_NAME or not _DNS_LABEL.match(name):
+        raise ConfigError(
+            f"k8s render: {what} {name!r} is not a valid job name (lower-case letters, digits "
+            f"and '-', starting with a letter, at most {MAX_NAME} characters)"
+        )
+    return name
+
+
+def job_name(run_name: str) -> str:
+    """A DNS-1035 label from the config's run.name: `digits_DML.v2` -> `digits-dml-v2`."""
+    name = re.sub(r"[^a-z0-9-]+", "-", run_name.lower()).strip("-")
+    if not name or not name[0].isalpha():
+        name = f"dml-{name}".rstrip("-")
+    return name[:MAX_NAME].rstrip("-")
+
+
+def parse_labels(items: tuple[str, ...] | list[str], what: str) -> dict[str, str]:
+    """`KEY=VALUE` strings (from repeated CLI options) as a dict."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"k8s render: {what} {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One node, K peers: one torchrun agent starts one process per peer of the cohort in CONFIG.
+#
+#   launch/local.sh CONFIG [--set KEY=VALUE ...]
+#
+# K is the cohort size of CONFIG after the overrides (NPROC overrides it). The rendezvous is c10d
+# on 127.0.0.1, not --standalone: restarts with gloo need it (DESIGN.md section 8).
+# Environment: PYTHON (default python3; e.g. .venv/bin/python), NPROC, RDZV_PORT (default: a
+# free port), MAX_RESTARTS (default 0), OMP_NUM_THREADS (default 1).
+set -euo pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 CONFIG [--set KEY=VALUE ...]" >&2
+    exit 2
+fi
+here=$(cd "$(dirname "$0")" && pwd)
+PYTHON=${PYTHON:-python3}
+CONFIG=$1
+shift
+
+NPROC=${NPROC:-$("$PYTHON" "$here/cohort_size.py" "$CONFIG" "$@")}
+RDZV_PORT=${RDZV_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+exec "$PYTHON" -m torch.distributed.run \
+    --nnodes 1 \
+    --nproc-per-node "$NPROC" \
+    --rdzv-backend c10d \
+    --rdzv-endpoint "127.0.0.1:$RDZV_PORT" \
+    --max-restarts "${MAX_RESTARTS:-0}" \
+    -m dml_cluster train "$CONFIG" "$@"
