@@ -76,6 +76,59 @@ def config_show(path: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"# config hash: {cfg.hash()}")
 
 
+@cli.group()
+def k8s() -> None:
+    """Kubernetes manifests for a cohort (see k8s/README.md)."""
+
+
+@k8s.command("render")
+@click.argument("config", type=click.Path(dir_okay=False))
+@_SET
+@click.option("--image", required=True, help="The container image (built from the Dockerfile).")
+@click.option("--engine", type=click.Choice(["pytorchjob", "indexed-job"]), default="pytorchjob",
+              show_default=True, help="Kubeflow PyTorchJob, or Indexed Job + Service.")  # fmt: skip
+@click.option("--namespace", default="default", show_default=True)
+@click.option("--name", default=None, help="Job name (default: from run.name).")
+@click.option("--gpus-per-peer", type=int, default=1, show_default=True,
+              help="nvidia.com/gpu per peer pod (0: CPU only).")  # fmt: skip
+@click.option("--cpu", default=None, help="CPU request per peer (default: run.threads).")
+@click.option("--memory", default="4Gi", show_default=True, help="Memory per peer.")
+@click.option("--pvc", default=None,
+              help="PersistentVolumeClaim (ReadWriteMany) for run folders and checkpoints; "
+              "default: an emptyDir that goes with the pod.")  # fmt: skip
+@click.option("--monitor", type=click.Choice(["pod", "service", "none"]), default="pod",
+              show_default=True, help="PodMonitor, ServiceMonitor, or none.")  # fmt: skip
+@click.option("--monitor-label", multiple=True, metavar="KEY=VALUE",
+              help="Label for Prometheus to select, e.g. release=prometheus.")  # fmt: skip
+@click.option("--label", multiple=True, metavar="KEY=VALUE",
+              help="Label on every resource, e.g. kueue.x-k8s.io/queue-name=q.")  # fmt: skip
+@click.option("--dashboard", type=click.Path(dir_okay=False), default=None,
+              help="A Grafana dashboard JSON to ship as a sidecar-loaded ConfigMap.")  # fmt: skip
+@click.option("--backoff-limit", type=int, default=3, show_default=True,
+              help="Retries of the cohort (Indexed Job: times the cohort size).")  # fmt: skip
+@click.option("--max-restarts", type=int, default=3, show_default=True,
+              help="Indexed Job: torchrun restarts of the peer group inside the pods.")  # fmt: skip
+@click.option("--master-port", type=int, default=23456, show_default=True)
+@click.option("--rdzv-port", type=int, default=29400, show_default=True)
+@click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Write one file per resource and a kustomization.yaml here (default: one "
+              "YAML stream on stdout).")  # fmt: skip
+def k8s_render(config: str, overrides: tuple[str, ...], out_dir: str | None, **options) -> None:
+    """Render the manifests that run CONFIG on Kubernetes, one pod per peer."""
+    from dml_cluster.k8s import RenderOptions, parse_labels, pod_config, render, stream, write
+
+    options["labels"] = parse_labels(options.pop("label"), "--label")
+    options["monitor_labels"] = parse_labels(options.pop("monitor_label"), "--monitor-label")
+    cfg, raw = pod_config(config, list(overrides))
+    files = render(cfg, raw, RenderOptions(**options))
+    if out_dir is None:
+        click.echo(stream(files), nl=False)
+        return
+    for path in write(files, out_dir):
+        click.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and an exit status, never a traceback."""
     try:
