@@ -1,0 +1,546 @@
+"""Cohort checkpoints: every peer's whole training state, saved atomically, and a manifest that
+marks a step complete only once every peer of the cohort has its file in place.
+
+Layout under the run folder (files are keyed by the peer's name, never by RANK)::
+
+    checkpoints/step-000000120/<peer>.pt          torch.save of one peer's state
+    checkpoints/step-000000120/<peer>.pt.sha256   its digest (`sha256sum -c` reads it)
+    checkpoints/step-000000120/manifest.json      the cohort's: position, every peer's digest
+
+Saving: each process writes its peers' files (temporary file, fsync, rename), the cohort confirms
+over the bus that every file is in place (the digests travel with the confirmation), then every
+process writes the same manifest and prunes to the newest `keep` complete steps. A step without a
+manifest is torn (a peer died while saving) and is never loaded.
+
+Resuming: every process lists the steps it has its peers' files for and the steps it sees a
+manifest for; the cohort agrees on the newest step that every process has files for and some
+process has a manifest for (on a shared folder all see the same manifests; on per-node disks a
+process killed between the confirmation and its own manifest still has its file). Newer steps are
+deleted, then every peer loads its own file, checked against its digest. These are our own files
+on local disk, read with `torch.load(weights_only=True)`: tensors and plain types only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dml_cluster.cohort import Peer
+from dml_cluster.config import Config
+from dml_cluster.errors import CheckpointError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+Gather = Callable[[Sequence[int]], list[list[int]]]
+"""Every process's list of integers, in process order (for one process: `[values]`)."""
+
+Confirm = Callable[[dict[int, Tensor]], dict[int, Tensor]]
+"""Exchange one small tensor per hosted peer for every peer's (the bus, at a save round)."""
+
+
+def gather_here(values: Sequence[int]) -> list[list[int]]:
+    """The `Gather` of a process that hosts the whole cohort."""
+    return [list(values)]
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: `step` steps done; the next is `step_in_epoch` of `epoch`."""
+
+    epoch: int
+    step_in_epoch: int
+    step: int
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What a resume hands back to the loop (the peers' states are already loaded)."""
+
+    folder: Path
+    position: Position
+    history: list[dict[str, Any]]
+
+
+def compatibility_hash(cfg: Config) -> str:
+    """A hash of what a checkpoint's numbers depend on: the config minus where the run goes, how
+    it is watched and checkpointed, and how peers are wired (a cohort trained in one process
+    resumes under torchrun and the other way round; results are bitwise the same)."""
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "name", "log_every")}
+    d["bus"] = {"encoding": d["bus"]["encoding"]}
+    for section in ("metrics", "checkpoint"):
+        d.pop(section, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- random number generators -------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python's, numpy's, torch's and CUDA's global RNG states, as tensors and plain types."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {
+            "version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss,
+        },
+        "numpy": {
+            "kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    keys = npy["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = [s.cpu() for s in state["cuda"]][: torch.cuda.device_count()]
+        for device, s in enumerate(cuda):
+            torch.cuda.set_rng_state(s, device)
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing.
+
+    The temporary name is unique, so processes sharing a folder may write the same file at once.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _remove_step(folder: Path) -> None:
+    """Manifest first: a step half deleted is torn, never 'complete with files missing'."""
+    with contextlib.suppress(OSError):
+        (folder / MANIFEST).unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- the cohort's checkpoints --------------------------------------------------------------------
+
+
+class CohortCheckpoints:
+    """Saves and restores the peers one process hosts, in step with the rest of the cohort."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.settings = cfg.checkpoint
+        self.root = run_dir / "checkpoints"
+        self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
+        self.size = len(self.names)
+        self.config_hash = compatibility_hash(cfg)
+        for name in self.names:
+            if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
+                raise CheckpointError(
+                    f"config error: peer name {name!r} cannot name a checkpoint file"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled
+
+    def due(self, steps_done: int) -> bool:
+        """Whether a mid-epoch checkpoint is due after `steps_done` steps."""
+        every = self.settings.every_steps
+        return self.enabled and every is not None and steps_done % every == 0
+
+    def folder(self, step: int) -> Path:
+        return self.root / f"step-{step:09d}"
+
+    # -- save -------------------------------------------------------------------------------
+
+    def save(
+        self,
+        position: Position,
+        peers: Mapping[int, Peer],
+        history: list[dict[str, Any]],
+        confirm: Confirm,
+        extra: Mapping[int, Mapping[str, nn.Module]] | None = None,
+    ) -> Path:
+        """Write the hosted peers' files, confirm with the cohort, write the manifest, prune.
+
+        `extra` holds modules a method keeps outside a peer's model (a FitNets regressor).
+        A peer that cannot write (disk full) tells the others through the confirmation: every
+        process removes its files of this step and raises, the complete checkpoints stay.
+        """
+        folder = self.folder(position.step)
+        rng = capture_rng()
+        digests: dict[int, bytes] = {}
+        problem: str | None = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(exist_ok=True)
+            for i, peer in peers.items():
+                state = self._state(peer, position, history, rng, (extra or {}).get(i, {}))
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                data = buf.getbuffer()
+                digest = hashlib.sha256(data).digest()
+                path = folder / f"{peer.name}.pt"
+                write_atomic(path, data)
+                write_atomic(_digest_path(path), f"{digest.hex()}  {path.name}\n".encode())
+                digests[i] = digest
+        except OSError as err:
+            problem = err.strerror or str(err)
+        confirmations = confirm({i: _confirmation(digests.get(i)) for i in peers})
+        everyone = {i: _read_confirmation(t) for i, t in confirmations.items()}
+        failed = [self.names[i] for i, d in sorted(everyone.items()) if d is None]
+        if failed:
+            self._withdraw(folder, peers)
+            kept = self._newest_complete()
+            keeps = f"step {kept}" if kept is not None else "no complete checkpoint yet"
+            if problem is not None:
+                hosted = ", ".join(self.names[i] for i in peers)
+                raise CheckpointError(
+                    f"cannot save the checkpoint of step {position.step} for {hosted} in "
+                    f"{folder}: {problem}; the run folder keeps {keeps}"
+                )
+            raise CheckpointError(
+                f"peer {', '.join(failed)} could not save the checkpoint of step "
+                f"{position.step} (see its error); the run folder keeps {keeps}"
+            )
+        manifest = {
+            "format": FORMAT,
+            "step": position.step,
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "config_hash": self.config_hash,
+            "cohort_size": self.size,
+            "peers": {self.names[i]: everyone[i].hex() for i in range(self.size)},
+        }
+        try:
+            write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+        except OSError as err:
+            raise CheckpointError(
+                f"cannot write the manifest of step {position.step} in {folder}: "
+                f"{err.strerror or err}"
+            ) from None
+        self._prune(position.step)
+        return folder
+
+    def _state(
+        self,
+        peer: Peer,
+        position: Position,
+        history: list[dict[str, Any]],
+        rng: dict[str, Any],
+        extra: Mapping[str, nn.Module],
+    ) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": FORMAT,
+            "config_hash": self.config_hash,
+            "cohort_size": self.size,
+            "peer": peer.name,
+            "position": [position.epoch, position.step_in_epoch, position.step],
+            "model": peer.model.state_dict(),
+            "optimizer": peer.optimizer.state_dict(),
+            "scheduler": peer.scheduler.state_dict(),
+            "extra": {name: module.state_dict() for name, module in extra.items()},
+            "rng": rng,
+            "history": json.dumps(history),
+        }
+        scaler = getattr(peer, "scaler", None)  # AMP, if a peer trains with one
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    def _withdraw(self, folder: Path, peers: Mapping[int, Peer]) -> None:
+        """Remove this process's files of a step the cohort could not complete."""
+        for peer in peers.values():
+            path = folder / f"{peer.name}.pt"
+            for p in (path, _digest_path(path)):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty: other processes may share the folder
+
+    def _prune(self, newest: int) -> None:
+        """Keep the newest `keep` complete steps; drop older ones and older torn ones."""
+        steps = self._step_folders()
+        complete = sorted(s for s, f in steps.items() if (f / MANIFEST).is_file())
+        keep = set(complete[-self.settings.keep :])
+        for step, folder in steps.items():
+            if step < newest and step not in keep:
+                _remove_step(folder)
+
+    # -- resume -----------------------------------------------------------------------------
+
+    def restore(
+        self,
+        peers: Mapping[int, Peer],
+        gather: Gather = gather_here,
+        extra: Mapping[int, Mapping[str, nn.Module]] | None = None,
+    ) -> Restored | None:
+        """Agree with the cohort on the newest complete step and load it into `peers`.
+
+        Returns None when training starts at step 0. Every process calls this at the same point;
+        an error in one process becomes an error in every process, each with its own message.
+        """
+        first = min(peers)
+        error: CheckpointError | None = None
+        files: list[int] = []
+        manifests: dict[int, dict[str, Any]] = {}
+        try:
+            files, manifests = self._scan(peers)
+        except CheckpointError as err:
+            error = err
+        reports = gather([0 if error is None else 1, first, len(files), *files, *manifests])
+        self._raise_if_any_failed(reports, error, "read its checkpoints")
+        have_files = [set(r[3 : 3 + r[2]]) for r in reports]
+        with_manifest = set().union(*(r[3 + r[2] :] for r in reports))
+        if not with_manifest:
+            return None
+        newest = max(with_manifest)
+        if self.settings.resume == "never":
+            raise CheckpointError(
+                f"{self.root} already holds checkpoints (newest: step {newest}) and "
+                f"checkpoint.resume is 'never': choose another run.name, or remove {self.root}"
+            )
+        usable = set.intersection(*have_files) & with_manifest
+        for step in sorted(with_manifest - usable, reverse=True):
+            if usable and step < max(usable):
+                break
+            lacking = [
+                self.names[r[1]] for r, f in zip(reports, have_files, strict=True) if step not in f
+            ]
+            print(
+                f"dml-cluster: checkpoint step {step} skipped: no file for "
+                f"{', '.join(lacking)} (the process hosting it)",
+                file=sys.stderr,
+                flush=True,
+            )
+        if not usable:
+            raise CheckpointError(
+                f"{self.root} holds checkpoints up to step {newest}, but no step has every "
+                f"peer's file: restore the missing files, or remove {self.root} to start over"
+            )
+        step = max(usable)
+        restored: Restored | None = None
+        try:
+            restored = self._load(step, peers, manifests.get(step), extra or {})
+        except CheckpointError as err:
+            error = err
+        reports = gather([0 if error is None else 1, first])
+        self._raise_if_any_failed(reports, error, f"load the checkpoint of step {step}")
+        for later, folder in self._step_folders().items():
+            if later > step:
+                _remove_step(folder)
+        return restored
+
+    def _raise_if_any_failed(
+        self, reports: list[list[int]], mine: CheckpointError | None, what: str
+    ) -> None:
+        if mine is not None:
+            raise mine
+        failed = [self.names[r[1]] for r in reports if r[0] != 0]
+        if failed:
+            raise CheckpointError(
+                f"peer {', '.join(failed)} could not {what} (see its error); nothing was changed"
+            )
+
+    def _step_folders(self) -> dict[int, Path]:
+        if not self.root.is_dir():
+            return {}
+        found = {}
+        for entry in self.root.iterdir():
+            m = _STEP_DIR.match(entry.name)
+            if m and entry.is_dir():
+                found[int(m.group(1))] = entry
+        return found
+
+    def _newest_complete(self) -> int | None:
+        complete = [s for s, f in self._step_folders().items() if (f / MANIFEST).is_file()]
+        return max(complete, default=None)
+
+    def _scan(self, peers: Mapping[int, Peer]) -> tuple[list[int], dict[int, dict[str, Any]]]:
+        """Steps this process has every hosted peer's file for; manifests it sees, checked."""
+        files, manifests = [], {}
+        for step, folder in sorted(self._step_folders().items()):
+            if (folder / MANIFEST).is_file():
+                manifests[step] = self._read_manifest(folder / MANIFEST, step)
+            paths = [folder / f"{p.name}.pt" for p in peers.values()]
+            if all(p.is_file() and _digest_path(p).is_file() for p in paths):
+                files.append(step)
+        return files, manifests
+
+    def _read_manifest(self, path: Path, step: int) -> dict[str, Any]:
+        try:
+            manifest = json.loads(path.read_text())
+            fields = (manifest["format"], manifest["step"], manifest["config_hash"])
+            size, peers = manifest["cohort_size"], manifest["peers"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CheckpointError(
+                f"{path} is corrupt (not a checkpoint manifest): remove {path.parent} to resume "
+                f"from the checkpoint before it"
+            ) from None
+        if fields[0] != FORMAT or fields[1] != step:
+            raise CheckpointError(
+                f"{path} is not a format-{FORMAT} manifest of step {step}: remove {path.parent}"
+            )
+        if size != self.size or sorted(peers) != sorted(self.names):
+            raise CheckpointError(
+                f"{self.root} holds checkpoints of a cohort of {size} peers "
+                f"({', '.join(sorted(peers))}), this config has {self.size} "
+                f"({', '.join(self.names)}): choose another run.name, or the config that wrote them"
+            )
+        if fields[2] != self.config_hash:
+            raise CheckpointError(
+                f"{self.root} holds checkpoints of another config (hash {fields[2]}, this "
+                f"config {self.config_hash}): choose another run.name, or the config that wrote "
+                f"them (`dml-cluster config show` prints a config's hash)"
+            )
+        return manifest
+
+    def _load(
+        self,
+        step: int,
+        peers: Mapping[int, Peer],
+        manifest: dict[str, Any] | None,
+        extra: Mapping[int, Mapping[str, nn.Module]],
+    ) -> Restored:
+        folder = self.folder(step)
+        states = {i: self._read_peer_file(folder, p.name, manifest) for i, p in peers.items()}
+        positions = {tuple(s["position"]) for s in states.values()}
+        if len(positions) != 1 or (
+            manifest is not None
+            and positions != {(manifest["epoch"], manifest["step_in_epoch"], manifest["step"])}
+        ):
+            raise CheckpointError(f"{folder} is corrupt: its files disagree on the position")
+        for i, peer in peers.items():
+            _apply(peer, states[i], folder, extra.get(i, {}))
+        first = states[min(states)]
+        restore_rng(first["rng"])
+        epoch, in_epoch, done = first["position"]
+        return Restored(folder, Position(epoch, in_epoch, done), json.loads(first["history"]))
+
+    def _read_peer_file(
+        self, folder: Path, name: str, manifest: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        path = folder / f"{name}.pt"
+        advice = f"remove {folder} to resume from the checkpoint before it"
+        try:
+            data = path.read_bytes()
+            recorded = _digest_path(path).read_text().split()[0]
+        except (OSError, IndexError) as err:
+            raise CheckpointError(f"cannot read {path}: {err}; {advice}") from None
+        actual = hashlib.sha256(data).hexdigest()
+        expected = {recorded} | ({manifest["peers"].get(name)} if manifest else set())
+        if expected != {actual}:
+            raise CheckpointError(
+                f"{path} is corrupt or truncated ({len(data)} bytes, sha256 {actual[:12]}... does "
+                f"not match the recorded digest): {advice}"
+            )
+        try:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            checks = (state["format"], state["config_hash"], state["cohort_size"], state["peer"])
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(
+                f"{path} is not a readable checkpoint ({first}): {advice}"
+            ) from None
+        if checks != (FORMAT, self.config_hash, self.size, name):
+            raise CheckpointError(
+                f"{path} belongs to another run (format {checks[0]}, config {checks[1]}, cohort "
+                f"of {checks[2]}, peer {checks[3]!r}): choose another run.name"
+            )
+        return state
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _confirmation(digest: bytes | None) -> Tensor:
+    """[1, 33]: 1 and the 32 digest bytes when saved, zeros when not. Integers up to 255 survive
+    every bus encoding (float16, bfloat16) exactly."""
+    out = torch.zeros(1, 33)
+    if digest is not None:
+        out[0, 0] = 1.0
+        out[0, 1:] = torch.tensor(list(digest), dtype=torch.float32)
+    return out
+
+
+def _read_confirmation(t: Tensor) -> bytes | None:
+    values = t.detach().float().cpu().view(-1).tolist()
+    if len(values) != 33 or values[0] != 1.0:
+        return None
+    return bytes(int(v) for v in values[1:])
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _apply(peer: Peer, state: dict[str, Any], folder: Path, extra: Mapping[str, nn.Module]) -> None:
+    device = _device_of(peer.model)
+
+    def to_device(tree: Any) -> Any:
+        if isinstance(tree, Tensor):
+            return tree.to(device)
+        if isinstance(tree, dict):
+            return {k: to_device(v) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [to_device(v) for v in tree]
+        return tree
+
+    try:
+        peer.model.load_state_dict(to_device(state["model"]))
+        peer.optimizer.load_state_dict(state["optimizer"])  # moves its state to the params
+        peer.scheduler.load_state_dict(state["scheduler"])
+        for name, module in extra.items():
+            module.load_state_dict(to_device(state["extra"][name]))
+        scaler = getattr(peer, "scaler", None)
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"{folder / (peer.name + '.pt')} does not fit peer {peer.name}: {first}"
+        ) from None
