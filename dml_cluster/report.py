@@ -62,7 +62,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if line.endswith("\n"):
-                    raise DmlError(f"{path}:{number}: not a JSON record") from None
+                    raise DmlError(f"report: {path}:{number}: not a JSON record") from None
                 # the last line of a log still being written: ignore it
     return records
 
