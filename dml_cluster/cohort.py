@@ -1,7 +1,10 @@
 """The peers of a cohort: each a model with its own optimizer and LR schedule.
 
 A peer's initial weights depend only on (seed, peer index), never on which process builds it,
-so the one-process engine and the multi-process trainer start from the same cohort.
+so the one-process engine and the multi-process trainer start from the same cohort. A teacher
+(role: teacher) is loaded from its checkpoint, frozen and kept in eval mode; it still gets an
+optimizer and a schedule (over frozen parameters, so stepping them changes nothing) so that every
+peer can be handled alike by the loop and by checkpoints.
 """
 
 from __future__ import annotations
@@ -9,12 +12,15 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dml_cluster.config import Config, OptimConfig, PeerConfig, ScheduleConfig
+from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model
 
 
@@ -26,6 +32,10 @@ class Peer:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.config.role == "teacher"
 
 
 def set_determinism(cfg: Config) -> None:
@@ -77,8 +87,12 @@ def build_peer(
     peer_cfg = cfg.peers[index]
     torch.manual_seed(cfg.run.seed * 1009 + index)
     model = build_model(peer_cfg.model, input_shape, num_classes, **peer_cfg.args).to(device)
+    if peer_cfg.role == "teacher":
+        load_teacher(model, peer_cfg)
     optimizer = build_optimizer(list(model.parameters()), cfg.optim, peer_cfg.lr or cfg.optim.lr)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.epochs)
+    if peer_cfg.role == "teacher":
+        optimizer.step()  # no parameter has a gradient: changes nothing, marks the optimizer used
     return Peer(index, peer_cfg.name or str(index), peer_cfg, model, optimizer, scheduler)
 
 
@@ -95,3 +109,59 @@ def refresh_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         for buf, old in zip(model.buffers(), saved, strict=True):
             buf.copy_(old)
     return logits
+
+
+def read_weights(path: str | Path, peer_name: str | None = None) -> dict[str, torch.Tensor]:
+    """A model state_dict from a file: a plain state_dict (final/<peer>.pt), a {"model": ...}
+    dict, or a cohort checkpoint {"peers": {name: ...}} (the peer called `peer_name`, or the only
+    one). Loaded with weights_only=True: tensors and plain containers, no arbitrary objects."""
+    path = Path(path)
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"config error: checkpoint {path}: no such file") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"config error: checkpoint {path}: not a readable torch file ({first})"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("peers"), dict):
+        peers = obj["peers"]
+        if peer_name in peers:
+            obj = peers[peer_name]
+        elif len(peers) == 1:
+            obj = next(iter(peers.values()))
+        else:
+            raise ConfigError(
+                f"config error: checkpoint {path} holds peers {sorted(peers)}; "
+                f"name the teacher after one of them"
+            )
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"config error: checkpoint {path}: no model state_dict in it")
+    return obj
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: the model can only predict."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def load_teacher(model: nn.Module, peer_cfg: PeerConfig) -> nn.Module:
+    """Load a teacher's weights into `model` (strictly) and freeze it."""
+    state = read_weights(peer_cfg.checkpoint or "", peer_cfg.name)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).strip().splitlines()]
+        first = lines[1] if len(lines) > 1 else lines[0]
+        raise ConfigError(
+            f"config error: checkpoint {peer_cfg.checkpoint} does not fit model "
+            f"{peer_cfg.model!r} {peer_cfg.args or ''}: {first}"
+        ) from None
+    return freeze(model)

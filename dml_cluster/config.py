@@ -59,6 +59,20 @@ class PeerConfig(_Strict):
     model: str
     args: dict[str, Any] = Field(default_factory=dict)
     lr: float | None = Field(None, gt=0.0, description="overrides optim.lr for this peer")
+    role: Literal["student", "teacher"] = Field(
+        "student", description="a teacher is frozen: it publishes its predictions and never learns"
+    )
+    checkpoint: str | None = Field(
+        None, description="teachers: the weights to load (a final/<peer>.pt or a checkpoint)"
+    )
+
+    @model_validator(mode="after")
+    def _teacher_weights(self) -> PeerConfig:
+        if self.role == "teacher" and not self.checkpoint:
+            raise ValueError("a teacher needs a checkpoint (the trained weights to load)")
+        if self.role == "student" and self.checkpoint:
+            raise ValueError("checkpoint is for teachers (role: teacher); students start fresh")
+        return self
 
 
 class CohortConfig(_Strict):
@@ -103,9 +117,25 @@ class MethodConfig(_Strict):
 
     name: str = "dml"
     weight: float = Field(1.0, ge=0.0, description="weight of the mimicry term")
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float | None = Field(
+        None, gt=0.0, description="None: the method's default (DML 1; KD, DKD, FitNets 4)"
+    )
     unlabelled_mimicry: bool = Field(
         True, description="semi-supervised: mimicry on unlabelled samples too"
+    )
+    # distillation from teachers (methods kd, dkd, fitnets); formulas in methods/
+    kd_weight: float = Field(0.9, ge=0.0, le=1.0, description="a in (1 - a) CE + a T^2 KL")
+    peer_weight: float = Field(
+        0.0, ge=0.0, description="kd/dkd: weight of DML links to fellow students (teacher + DML)"
+    )
+    alpha: float = Field(1.0, ge=0.0, description="dkd: weight of TCKD")
+    beta: float = Field(8.0, ge=0.0, description="dkd: weight of NCKD")
+    warmup_epochs: int = Field(20, ge=0, description="dkd: epochs of linear warm-up of DKD")
+    hint_epochs: int = Field(1, ge=0, description="fitnets: epochs of stage 1 (hints only)")
+    guided_layer: str | None = Field(None, description="fitnets: student module, e.g. blocks.1")
+    hint_layer: str | None = Field(None, description="fitnets: teacher module, e.g. blocks.1")
+    teacher: PeerConfig | None = Field(
+        None, description="fitnets: the teacher run inside each student's process"
     )
 
 
@@ -282,3 +312,6 @@ def check_names(cfg: Config) -> None:
             f"config error: method.name: unknown method {cfg.method.name!r} "
             f"(known: {', '.join(method_names())})"
         )
+    from dml_cluster.methods import check_method
+
+    check_method(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,8 +33,17 @@ def accuracy(log_p: Tensor, y: Tensor) -> float:
     return (log_p.argmax(1) == y).float().mean().item()
 
 
-def evaluate_cohort(log_ps: dict[str, Tensor], y: Tensor, num_classes: int) -> dict[str, Any]:
-    """Every peer's and the ensemble's accuracy, entropy, and pairwise KL / agreement."""
+def evaluate_cohort(
+    log_ps: dict[str, Tensor],
+    y: Tensor,
+    num_classes: int,
+    ensemble_of: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Every peer's and the ensemble's accuracy, entropy, and pairwise KL / agreement.
+
+    The ensemble averages the probabilities of `ensemble_of` (default: every peer; the trainer
+    passes the students, so a teacher's accuracy is reported but not mixed into the ensemble).
+    """
     y = y.to(next(iter(log_ps.values())).device)
     report: dict[str, Any] = {"peers": {}, "pairs": {}}
     for name, log_p in log_ps.items():
@@ -42,8 +52,10 @@ def evaluate_cohort(log_ps: dict[str, Tensor], y: Tensor, num_classes: int) -> d
             "per_class": per_class_accuracy(log_p, y, num_classes),
             "entropy": losses.entropy(log_p).item(),
         }
-    ens = losses.ensemble_log_probs(list(log_ps.values()))
+    members = list(log_ps) if ensemble_of is None else list(ensemble_of)
+    ens = losses.ensemble_log_probs([log_ps[n] for n in members])
     report["ensemble"] = {
+        "members": members,
         "accuracy": accuracy(ens, y),
         "per_class": per_class_accuracy(ens, y, num_classes),
         "entropy": losses.entropy(ens).item(),

@@ -70,3 +70,66 @@ def ensemble_kl(logits: Tensor, others: Sequence[Tensor], temperature: float = 1
     """DML_e mimicry: KL(p_bar || p_k), p_bar the mean of the other peers' probabilities."""
     target = ensemble_log_probs([tempered(o.detach(), temperature) for o in others])
     return kl_div(target, tempered(logits, temperature)) * temperature**2
+
+
+# -- distillation from a teacher ------------------------------------------------------------------
+# Teachers' predictions may be logits or log-probabilities at T = 1: every function below only
+# uses them through softmax / log_softmax, which ignore a per-row shift.
+
+
+def _reduce(per_sample: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+
+
+def _kl_rows(target_log_p: Tensor, log_p: Tensor) -> Tensor:
+    """Per-sample KL(target || p), summed over classes."""
+    return (target_log_p.exp() * (target_log_p - log_p)).sum(dim=1)
+
+
+def kd_loss(logits: Tensor, teacher: Tensor, temperature: float, reduction: str = "mean") -> Tensor:
+    """Hinton KD, T^2 KL(p_t^T || p_s^T); per sample, d/dz_s = T (p_s^T - p_t^T)."""
+    t = temperature
+    per_sample = _kl_rows(tempered(teacher.detach(), t), tempered(logits, t)) * t**2
+    return _reduce(per_sample, reduction)
+
+
+def _target_split(scores: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From scores z/T: log b = log [p_t, 1 - p_t], log p_hat (non-target classes) and the mask."""
+    mask = F.one_hot(target, scores.shape[1]).bool()
+    log_p = F.log_softmax(scores, dim=1)
+    log_pt = log_p.gather(1, target[:, None])
+    log_rest = torch.logsumexp(log_p.masked_fill(mask, float("-inf")), dim=1, keepdim=True)
+    log_hat = F.log_softmax(scores.masked_fill(mask, float("-inf")), dim=1)
+    return torch.cat([log_pt, log_rest], dim=1), log_hat, mask
+
+
+def dkd_parts(
+    logits: Tensor,
+    teacher: Tensor,
+    target: Tensor,
+    temperature: float,
+    reduction: str = "mean",
+) -> tuple[Tensor, Tensor]:
+    """Decoupled KD (Zhao et al. 2022): (TCKD, NCKD), both scaled by T^2.
+
+    TCKD = T^2 KL(b_t || b_s) on the binary split b = [p_target, 1 - p_target]; NCKD = T^2
+    KL(p_hat_t || p_hat_s) among the non-target classes. KD = TCKD + (1 - p_target^teacher) NCKD.
+    Every sample must be labelled.
+    """
+    t = temperature
+    b_s, hat_s, mask = _target_split(logits / t, target)
+    b_t, hat_t, _ = _target_split(teacher.detach() / t, target)
+    tckd = _kl_rows(b_t, b_s) * t**2
+    # the target column is -inf in both p_hat: leave it out of the sum (0 * (-inf) would be nan)
+    hat_t0, hat_s0 = hat_t.masked_fill(mask, 0.0), hat_s.masked_fill(mask, 0.0)
+    nckd = (hat_t.exp() * (hat_t0 - hat_s0)).sum(dim=1) * t**2
+    return _reduce(tckd, reduction), _reduce(nckd, reduction)
+
+
+def hint_loss(regressed: Tensor, hint: Tensor) -> Tensor:
+    """FitNets hint loss: mean squared error between the regressed guided layer and the hint."""
+    return F.mse_loss(regressed, hint.detach())

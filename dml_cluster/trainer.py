@@ -27,13 +27,15 @@ from dml_cluster.data.split import labelled_mask, mask_labels
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.metrics.batch import peer_batch_stats
-from dml_cluster.methods import LossParts, build_method
+from dml_cluster.methods import LossParts, Progress, StepView, build_method
 from dml_cluster.runlog import JsonlLog, write_json_atomic
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """What one step produced: hosted peers' losses, every peer's predictions on the batch."""
+    """What one step produced: hosted students' losses (teachers have none), and the predictions
+    on the batch that this process received (every peer's, except in a teacher's process under
+    zmq: teachers receive nothing during training)."""
 
     parts: dict[int, LossParts]
     log_ps: dict[int, Tensor]
@@ -102,7 +104,13 @@ class CohortTrainer:
             i: build_peer(cfg, i, data.input_shape, data.num_classes, device)
             for i in placement.hosted
         }
+        self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
+        self.teachers = [i for i, p in enumerate(cfg.peers) if p.role == "teacher"]
+        self.per_epoch = max(steps_per_epoch(len(self.train_y), cfg.data.batch_size), 1)
         self.method = build_method(cfg.method)
+        for peer in self.peers.values():
+            if not peer.is_teacher:
+                self.method.attach(peer, cfg, data.input_shape, data.num_classes)
         self.run_dir = cfg.run.dir
         self.peer_logs = {
             i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
@@ -111,49 +119,66 @@ class CohortTrainer:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _update(self, peer: Peer, logits: Tensor, y: Tensor, others: list[Tensor]) -> LossParts:
-        parts = self.method(logits, y, others)
+    def _update(
+        self, i: int, logits: Tensor, x: Tensor, y: Tensor, log_ps: dict[int, Tensor], step: int
+    ) -> LossParts:
+        """Student i's loss on the step, backward, optimizer step."""
+        progress = Progress(step // self.per_epoch, step, self.per_epoch)
+        peers = [log_ps[j] for j in self.students if j != i]
+        view = StepView(i, peers, [log_ps[j] for j in self.teachers], progress, x)
+        parts = self.method(logits, y, view)
+        peer = self.peers[i]
         peer.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         peer.optimizer.step()
         return parts
 
-    def _others(self, index: int, log_ps: dict[int, Tensor]) -> list[Tensor]:
-        return [log_ps[j] for j in range(self.size) if j != index]
+    def _forward(self, peer: Peer, x: Tensor) -> Tensor:
+        """A student's training forward; a teacher's in eval mode without a graph."""
+        if not peer.is_teacher:
+            return peer.model(x)
+        with torch.no_grad():
+            return peer.model(x)
 
     def _exchange(
         self, key: StepKey, local: dict[int, Tensor], senders: Sequence[int]
     ) -> dict[int, Tensor]:
         t0, waited = time.perf_counter(), self.bus.stats.wait_seconds
-        out = self.bus.exchange(key, local, senders)
+        out = self.bus.exchange(key, local, senders, receivers=self.students)
         self._exchange_seconds += time.perf_counter() - t0
         self._wait_seconds += self.bus.stats.wait_seconds - waited
         return out
 
     def train_step(self, x: Tensor, y: Tensor, step: int, fp: int) -> StepResult:
-        """One lockstep step of every hosted peer."""
+        """One lockstep step: every hosted peer predicts, students learn, teachers only publish.
+
+        Only students receive: a teacher publishes its predictions and never waits for anyone's
+        during training (under zmq it may run ahead, up to the next evaluation exchange).
+        """
         self._exchange_seconds = self._wait_seconds = 0.0
-        everyone = range(self.size)
-        logits = {i: p.model(x) for i, p in self.peers.items()}
+        logits = {i: self._forward(p, x) for i, p in self.peers.items()}
         local = {i: F.log_softmax(z.detach(), dim=1) for i, z in logits.items()}
-        log_ps = self._exchange(StepKey(step, 0, fp), local, everyone)
+        log_ps = self._exchange(StepKey(step, 0, fp), local, range(self.size))
         batch_log_ps = dict(log_ps)
+        learners = [i for i in self.students if i in self.peers]
         parts: dict[int, LossParts] = {}
         if self.cfg.cohort.update == "simultaneous":
-            for i, peer in self.peers.items():
-                parts[i] = self._update(peer, logits[i], y, self._others(i, log_ps))
+            for i in learners:
+                parts[i] = self._update(i, logits[i], x, y, log_ps, step)
         else:
-            # sequential (the paper's Algorithm 1): peer r updates in round r, after peer r-1 has
-            # re-published its predictions on the same batch with its freshly updated weights.
-            for r in everyone:
+            # sequential (the paper's Algorithm 1): the r-th student updates in round r, after the
+            # previous one has re-published its predictions on the same batch with its freshly
+            # updated weights. Teachers do not change, so they take no round.
+            for r, i in enumerate(self.students):
                 if r > 0:
-                    prev = self.peers.get(r - 1)
+                    prev = self.students[r - 1]
                     fresh = {}
-                    if prev is not None:
-                        fresh = {r - 1: F.log_softmax(refresh_predictions(prev.model, x), dim=1)}
-                    log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [r - 1]))
-                if r in self.peers:
-                    parts[r] = self._update(self.peers[r], logits[r], y, self._others(r, log_ps))
+                    if prev in self.peers:
+                        model = self.peers[prev].model
+                        fresh = {prev: F.log_softmax(refresh_predictions(model, x), dim=1)}
+                    log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [prev]))
+                if i in self.peers:
+                    parts[i] = self._update(i, logits[i], x, y, log_ps, step)
         return StepResult(parts, batch_log_ps, self._exchange_seconds, self._wait_seconds)
 
     # -- evaluation -------------------------------------------------------------------------
@@ -165,7 +190,8 @@ class CohortTrainer:
         key = StepKey(after_step, EVAL_ROUND, self.test_fingerprint)
         log_ps = self.bus.exchange(key, local, range(self.size))
         named = {self.names[i]: log_ps[i] for i in range(self.size)}
-        return evaluate_cohort(named, self.test_y, self.data.num_classes)
+        students = [self.names[i] for i in self.students]
+        return evaluate_cohort(named, self.test_y, self.data.num_classes, ensemble_of=students)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -279,6 +305,7 @@ class CohortTrainer:
             best = max(range(len(accs)), key=accs.__getitem__)
             summary["peers"][name] = {
                 "model": self.cfg.peers[i].model,
+                "role": self.cfg.peers[i].role,
                 "final_accuracy": accs[-1],
                 "best_accuracy": accs[best],
                 "best_epoch": history[best]["epoch"],

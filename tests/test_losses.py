@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dml_cluster import losses
 from dml_cluster.config import MethodConfig
-from dml_cluster.methods import build_method
+from dml_cluster.methods import StepView, build_method
 
 
 def _log(p: list[list[float]]) -> torch.Tensor:
@@ -95,8 +95,9 @@ def test_semi_supervised_masking_ce_on_labelled_mimicry_on_all() -> None:
     z = torch.randn(6, 4, dtype=torch.float64)
     other = F.log_softmax(torch.randn(6, 4, dtype=torch.float64), 1)
     y = torch.tensor([0, 1, -1, -1, 2, -1])
-    on_all = build_method(MethodConfig(name="dml", unlabelled_mimicry=True))(z, y, [other])
-    labelled = build_method(MethodConfig(name="dml", unlabelled_mimicry=False))(z, y, [other])
+    view = StepView.of([other])
+    on_all = build_method(MethodConfig(name="dml", unlabelled_mimicry=True))(z, y, view)
+    labelled = build_method(MethodConfig(name="dml", unlabelled_mimicry=False))(z, y, view)
     rows = y != -1
     assert torch.isclose(on_all.ce, F.cross_entropy(z[rows], y[rows]))
     assert torch.isclose(on_all.mimicry, losses.kl_div(other, F.log_softmax(z, 1)))
@@ -108,9 +109,9 @@ def test_independent_has_no_mimicry_and_weight_scales_it() -> None:
     torch.manual_seed(3)
     z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     other = F.log_softmax(torch.randn(4, 3), 1)
-    ind = build_method(MethodConfig(name="independent"))(z, y, [other])
+    ind = build_method(MethodConfig(name="independent"))(z, y, StepView.of([other]))
     assert ind.mimicry.item() == 0.0 and torch.isclose(ind.total, ind.ce)
-    half = build_method(MethodConfig(name="dml", weight=0.5))(z, y, [other])
+    half = build_method(MethodConfig(name="dml", weight=0.5))(z, y, StepView.of([other]))
     assert torch.isclose(half.total, half.ce + 0.5 * half.mimicry)
 
 

@@ -34,16 +34,23 @@ class BusStats:
 class Bus(ABC):
     """Exchanges per-sample log-probabilities [B, C] among the peers of a cohort.
 
-    `exchange(key, local, senders)` publishes the tensors of the peers this process hosts
-    (`local`, keyed by peer index; only those in `senders` are sent) and returns the tensors of
-    every peer in `senders`, own ones included, all for the same `key`.
+    `exchange(key, local, senders, receivers)` publishes the tensors of the peers this process
+    hosts (`local`, keyed by peer index; only those in `senders` are sent) to the peers in
+    `receivers` (default: everyone) and, if this process hosts a receiver, returns the tensors of
+    every peer in `senders`, own ones included, all for the same `key`. A process hosting no
+    receiver does not wait: it gets back only its own tensors (teachers publish, never listen).
+    A transport built on collectives may still involve every process (torch's all_gather does).
     """
 
     stats: BusStats
 
     @abstractmethod
     def exchange(
-        self, key: StepKey, local: Mapping[int, Tensor], senders: Sequence[int]
+        self,
+        key: StepKey,
+        local: Mapping[int, Tensor],
+        senders: Sequence[int],
+        receivers: Sequence[int] | None = None,
     ) -> dict[int, Tensor]: ...
 
     def close(self) -> None:  # noqa: B027 - optional for transports holding nothing

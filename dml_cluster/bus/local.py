@@ -14,7 +14,11 @@ class LocalBus(Bus):
         self.stats = BusStats()
 
     def exchange(
-        self, key: StepKey, local: Mapping[int, Tensor], senders: Sequence[int]
+        self,
+        key: StepKey,
+        local: Mapping[int, Tensor],
+        senders: Sequence[int],
+        receivers: Sequence[int] | None = None,
     ) -> dict[int, Tensor]:
         missing = [s for s in senders if s not in local]
         if missing:

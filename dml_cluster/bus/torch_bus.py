@@ -2,7 +2,9 @@
 
 Each message is one flat byte tensor: a 5 x int64 header (step, round, fingerprint, rows, cols)
 followed by the encoded payload, so an exchange is a single all_gather (or, for a sequential
-round with one sender, a broadcast of the header then of the payload).
+round with one sender, a broadcast of the header then of the payload). Collectives involve every
+rank, so `receivers` changes nothing here: a teacher's process takes part in every exchange (and
+so stays in lockstep with the students), it just does not use what it receives.
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ class TorchBus(Bus):
         )
 
     def exchange(
-        self, key: StepKey, local: Mapping[int, Tensor], senders: Sequence[int]
+        self,
+        key: StepKey,
+        local: Mapping[int, Tensor],
+        senders: Sequence[int],
+        receivers: Sequence[int] | None = None,
     ) -> dict[int, Tensor]:
         senders = list(senders)
         try:

@@ -136,13 +136,22 @@ class ZmqBus(Bus):
     # -- exchange ---------------------------------------------------------------------------
 
     def exchange(
-        self, key: StepKey, local: Mapping[int, Tensor], senders: Sequence[int]
+        self,
+        key: StepKey,
+        local: Mapping[int, Tensor],
+        senders: Sequence[int],
+        receivers: Sequence[int] | None = None,
     ) -> dict[int, Tensor]:
+        # only receivers are sent to (a teacher's inbox would otherwise fill with messages it
+        # never reads) and only a receiver waits (a teacher publishes and moves on)
+        listeners = range(self.world) if receivers is None else receivers
         self._current = (key.step, key.round)
         out: dict[int, Tensor] = {}
         if self.rank in senders:
             out[self.rank] = local[self.rank]
-            self._publish(key, local[self.rank])
+            self._publish(key, local[self.rank], [r for r in listeners if r != self.rank])
+        if self.rank not in listeners:
+            return out
         wanted = [s for s in senders if s != self.rank]
         deadline = time.monotonic() + self.timeout_s
         t0 = time.perf_counter()
@@ -163,7 +172,7 @@ class ZmqBus(Bus):
             out[s] = tensor.to(local[self.rank].device if self.rank in local else "cpu")
         return out
 
-    def _publish(self, key: StepKey, tensor: Tensor) -> None:
+    def _publish(self, key: StepKey, tensor: Tensor, to: Sequence[int]) -> None:
         eid, payload = encode(tensor, self.encoding)
         rows, cols = payload.shape
         header = Header(
@@ -171,7 +180,8 @@ class ZmqBus(Bus):
             key.fingerprint, rows, cols,
         ).pack()  # fmt: skip
         body = payload.view(torch.uint8).numpy()
-        for other, sock in self.outboxes.items():
+        for other in to:
+            sock = self.outboxes[other]
             try:
                 sock.send_multipart([header, body], copy=False)
             except zmq.Again:

@@ -1,43 +1,60 @@
-"""Deep Mutual Learning (Zhang et al. 2018): CE + the mean of detached KL links to the other peers.
+"""Deep Mutual Learning (Zhang et al. 2018): CE + the mean of detached KL links to fellow students.
 
 Variants: `dml` (KL), `dml_js` (Jensen-Shannon, symmetric), `dml_e` (KL to the mean of the other
-peers' probabilities), `independent` (CE only: the baseline; peers still exchange predictions,
+students' probabilities), `independent` (CE only: the baseline; peers still exchange predictions,
 so the cohort's ensemble accuracy and divergence are still measured).
 Semi-supervised: CE on labelled samples only; mimicry on every sample unless
-`unlabelled_mimicry` is off.
+`unlabelled_mimicry` is off. These methods learn from students only: a cohort with teachers is
+refused at config time (use `kd` / `dkd` with `peer_weight` for teacher + DML).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
 from dml_cluster import losses
 from dml_cluster.config import MethodConfig
-from dml_cluster.methods import LossParts, register
+from dml_cluster.methods import LossParts, Method, StepView, register
+
+Mimicry = Callable[[Tensor, Sequence[Tensor], float], Tensor]
+
+
+def mutual_term(
+    divergence: Mimicry, logits: Tensor, target: Tensor, peers: Sequence[Tensor],
+    temperature: float, unlabelled: bool,
+) -> Tensor | None:  # fmt: skip
+    """The DML mimicry of one student towards `peers`; None when there is nothing to mimic."""
+    if not unlabelled:
+        rows = target != losses.UNLABELLED
+        logits, peers = logits[rows], [o[rows] for o in peers]
+    if not peers or logits.shape[0] == 0:
+        return None
+    return divergence(logits, peers, temperature)
 
 
 @register("dml")
-class MutualLearning:
+class MutualLearning(Method):
     """L_k = CE(y, p_k) + weight * 1/(K-1) sum_{l != k} KL(p_l || p_k)."""
 
     divergence = staticmethod(losses.mutual_kl)
 
     def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__(cfg)
         self.weight = cfg.weight
-        self.temperature = cfg.temperature
         self.unlabelled_mimicry = cfg.unlabelled_mimicry
 
-    def __call__(self, logits: Tensor, target: Tensor, others: Sequence[Tensor]) -> LossParts:
+    def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
         ce = losses.cross_entropy(logits, target)
-        if not self.unlabelled_mimicry:
-            rows = target != losses.UNLABELLED
-            logits, others = logits[rows], [o[rows] for o in others]
-        if self.weight == 0.0 or not others or logits.shape[0] == 0:
-            mimicry = ce.detach() * 0.0
-            return LossParts(ce, ce, mimicry)
-        mimicry = self.divergence(logits, others, self.temperature)
+        mimicry = None
+        if self.weight != 0.0:
+            mimicry = mutual_term(
+                self.divergence, logits, target, view.peers, self.temperature,
+                self.unlabelled_mimicry,
+            )  # fmt: skip
+        if mimicry is None:
+            return LossParts(ce, ce, ce.detach() * 0.0)
         return LossParts(ce + self.weight * mimicry, ce, mimicry)
 
 
@@ -50,14 +67,14 @@ class SymmetricMutualLearning(MutualLearning):
 
 @register("dml_e")
 class EnsembleTeacher(MutualLearning):
-    """DML_e: L_k = CE + weight * KL(p_bar || p_k), p_bar = mean of the other peers' p."""
+    """DML_e: L_k = CE + weight * KL(p_bar || p_k), p_bar = mean of the other students' p."""
 
     divergence = staticmethod(losses.ensemble_kl)
 
 
 @register("independent")
 class Independent(MutualLearning):
-    """CE only: each peer trains alone (the baseline)."""
+    """CE only: each student trains alone (the baseline; also how a teacher is trained)."""
 
     def __init__(self, cfg: MethodConfig) -> None:
         super().__init__(cfg)

@@ -1,0 +1,56 @@
+"""Decoupled knowledge distillation (Zhao et al., CVPR 2022) from the cohort's teacher peers.
+
+L = CE + min((epoch + 1) / warmup, 1) * mean over teachers of (alpha TCKD + beta NCKD)
+    [+ peer_weight * DML(fellow students)]
+
+TCKD / NCKD are in `losses.dkd_parts`. Defaults are mdistiller's: alpha 1, beta 8, T 4, warm-up
+20 epochs, counted in whole epochs from 1 as mdistiller does. DKD needs the label, so it is
+computed on labelled samples only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dml_cluster import losses
+from dml_cluster.config import MethodConfig
+from dml_cluster.methods import LossParts, Method, Progress, StepView, register
+from dml_cluster.methods.kd import with_peers
+
+
+def warmup_factor(progress: Progress, warmup_epochs: int) -> float:
+    """Linear warm-up of the distillation term: (epoch + 1) / warmup, capped at 1."""
+    if warmup_epochs == 0:
+        return 1.0
+    return min((progress.epoch + 1) / warmup_epochs, 1.0)
+
+
+@register("dkd")
+class DecoupledKD(Method):
+    teachers = "required"
+    default_temperature = 4.0
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__(cfg)
+        self.alpha, self.beta = cfg.alpha, cfg.beta
+        self.warmup_epochs, self.peer_weight = cfg.warmup_epochs, cfg.peer_weight
+
+    def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
+        ce = losses.cross_entropy(logits, target)
+        rows = target != losses.UNLABELLED
+        if not bool(rows.any()):
+            zero = ce.detach() * 0.0
+            total = with_peers(ce, logits, target, view, self.peer_weight)
+            return LossParts(total, ce, zero, {"tckd": zero, "nckd": zero})
+        splits = [
+            losses.dkd_parts(logits[rows], t[rows], target[rows], self.temperature)
+            for t in view.teachers
+        ]
+        tckd = torch.stack([s[0] for s in splits]).mean()
+        nckd = torch.stack([s[1] for s in splits]).mean()
+        dkd = warmup_factor(view.progress, self.warmup_epochs) * (
+            self.alpha * tckd + self.beta * nckd
+        )
+        total = with_peers(ce + dkd, logits, target, view, self.peer_weight)
+        return LossParts(total, ce, dkd, {"tckd": tckd, "nckd": nckd})

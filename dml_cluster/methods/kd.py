@@ -1,0 +1,51 @@
+"""Hinton knowledge distillation (arXiv 1503.02531) from the cohort's teacher peers.
+
+L = (1 - a) CE(y, p_s) + a * mean over teachers of T^2 KL(p_t^T || p_s^T)
+    [+ peer_weight * DML(fellow students), the "teacher + DML" combination]
+
+a is `kd_weight` (default 0.9, T default 4: mdistiller's KD recipe). The KD term covers every
+sample, labelled or not; CE only the labelled ones. With several teachers each gets an equal
+share. DML links to fellow students use T = 1 (as in `dml`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dml_cluster import losses
+from dml_cluster.config import MethodConfig
+from dml_cluster.methods import LossParts, Method, StepView, register
+from dml_cluster.methods.dml import mutual_term
+
+
+def distill_from(logits: Tensor, teachers: list[Tensor], temperature: float) -> Tensor:
+    """Mean over teachers of the KD loss."""
+    return torch.stack([losses.kd_loss(logits, t, temperature) for t in teachers]).mean()
+
+
+def with_peers(
+    total: Tensor, logits: Tensor, target: Tensor, view: StepView, weight: float
+) -> Tensor:
+    """Add DML towards fellow students (T = 1, every sample) when `weight` > 0."""
+    if weight == 0.0:
+        return total
+    term = mutual_term(losses.mutual_kl, logits, target, view.peers, 1.0, True)
+    return total if term is None else total + weight * term
+
+
+@register("kd")
+class KnowledgeDistillation(Method):
+    teachers = "required"
+    default_temperature = 4.0
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        super().__init__(cfg)
+        self.a = cfg.kd_weight
+        self.peer_weight = cfg.peer_weight
+
+    def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
+        ce = losses.cross_entropy(logits, target)
+        kd = distill_from(logits, list(view.teachers), self.temperature)
+        total = with_peers((1 - self.a) * ce + self.a * kd, logits, target, view, self.peer_weight)
+        return LossParts(total, ce, kd, {"kd": kd})

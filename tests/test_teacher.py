@@ -1,0 +1,138 @@
+"""Teacher peers: loaded, frozen, publish-only; bitwise unchanged; multi-process == one process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dml_cluster.cohort import build_peer, read_weights
+from dml_cluster.config import Config, parse_config
+from dml_cluster.errors import ConfigError
+from dml_cluster.models import build_model
+
+from .conftest import final_weights, max_weight_diff, run_cli
+
+DIGITS = (1, 8, 8)
+
+
+def _save_teacher(path: Path, model: str = "small_cnn", args: dict | None = None) -> Path:
+    torch.manual_seed(123)
+    net = build_model(model, DIGITS, 10, **(args or {"width": 8}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _kd_config(tmp_path: Path, teacher: Path, method: dict | None = None) -> Path:
+    raw = {
+        "run": {"name": "kd"},
+        "data": {"name": "digits", "batch_size": 32},
+        "cohort": {
+            "peers": [
+                {"name": "s0", "model": "mlp", "args": {"hidden": [16]}},
+                {"name": "teacher", "model": "small_cnn", "args": {"width": 8},
+                 "role": "teacher", "checkpoint": str(teacher)},
+                {"name": "s1", "model": "mlp", "args": {"hidden": [16]}},
+            ]
+        },
+        "method": method or {"name": "kd", "peer_weight": 1.0},
+        "optim": {"lr": 0.05},
+        "train": {"epochs": 2, "max_steps": 12},
+    }  # fmt: skip
+    if "metrics" in Config.model_fields:
+        raw["metrics"] = {"enabled": False}
+    path = tmp_path / "kd.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _assert_teacher_untouched(run_dir: Path, teacher: Path) -> None:
+    saved = torch.load(teacher, weights_only=True)
+    final = final_weights(run_dir)["teacher"]
+    assert saved.keys() == final.keys()
+    for k in saved:  # bitwise, BN running statistics included
+        assert torch.equal(saved[k], final[k]), k
+
+
+def test_teacher_is_frozen_and_reported_but_not_in_the_ensemble(tmp_path: Path, out_dir: Path):
+    teacher = _save_teacher(tmp_path / "teacher.pt")
+    cfg = _kd_config(tmp_path, teacher)
+    proc = run_cli("train", str(cfg), "--set", f"run.out_dir={out_dir}")
+    assert proc.returncode == 0, proc.stderr
+    _assert_teacher_untouched(out_dir / "kd", teacher)
+    summary = json.loads((out_dir / "kd" / "summary.json").read_text())
+    assert summary["peers"]["teacher"]["role"] == "teacher"
+    assert len(summary["peers"]["teacher"]["per_class"]) == 10
+    assert not (out_dir / "kd" / "peers" / "teacher.jsonl").read_text().strip()  # no loss logged
+    last = [json.loads(line) for line in (out_dir / "kd" / "cohort.jsonl").open()][-1]
+    assert last["ensemble"]["members"] == ["s0", "s1"]
+    assert "| class | s0 | teacher | s1 | ensemble |" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("transport", "update"), [("zmq", "simultaneous"), ("torch", "sequential")]
+)
+def test_multi_process_cohort_with_teacher_equals_one_process(
+    tmp_path: Path, out_dir: Path, transport: str, update: str
+) -> None:
+    teacher = _save_teacher(tmp_path / "teacher.pt")
+    cfg = _kd_config(tmp_path, teacher)
+    common = ["--set", f"run.out_dir={out_dir}", "--set", f"cohort.update={update}"]
+    local = run_cli("train", str(cfg), *common, "--set", "run.name=local")
+    assert local.returncode == 0, local.stderr
+    multi = run_cli(
+        "train", str(cfg), *common, "--set", "run.name=multi", "--set", f"bus.transport={transport}"
+    )
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert max_weight_diff(final_weights(out_dir / "local"), final_weights(out_dir / "multi")) == 0
+    _assert_teacher_untouched(out_dir / "multi", teacher)
+
+
+def test_fitnets_stage_one_trains_only_up_to_the_guided_layer(tmp_path: Path, out_dir: Path):
+    teacher = _save_teacher(tmp_path / "teacher.pt", "small_cnn", {"width": 16})
+    method = {
+        "name": "fitnets", "hint_epochs": 1, "guided_layer": "blocks.1", "hint_layer": "blocks.1",
+        "teacher": {"name": "t", "model": "small_cnn", "args": {"width": 16}, "role": "teacher",
+                    "checkpoint": str(teacher)},
+    }  # fmt: skip
+    raw = yaml.safe_load(_kd_config(tmp_path, teacher, method).read_text())
+    raw["cohort"]["peers"] = [{"name": "s", "model": "small_cnn", "args": {"width": 4}}]
+    path = tmp_path / "fitnets.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    proc = run_cli("train", str(path), "--set", f"run.out_dir={out_dir}", "--set", "run.name=f")
+    assert proc.returncode == 0, proc.stderr
+    cfg = parse_config(raw)
+    start = build_peer(cfg, 0, DIGITS, 10, torch.device("cpu")).model.state_dict()
+    after = final_weights(out_dir / "f")["s"]
+    changed = {k for k in start if not torch.equal(start[k], after[k])}
+    assert any(k.startswith("blocks.0.") for k in changed)
+    assert any(k.startswith("blocks.1.") for k in changed)
+    # past the guided layer nothing learnt: only BN running statistics may have moved
+    assert all(k.startswith("blocks.2.") and "running" in k or "num_batches" in k
+               for k in changed if not k.startswith(("blocks.0.", "blocks.1.")))  # fmt: skip
+    assert torch.equal(start["fc.weight"], after["fc.weight"])
+
+
+def test_teacher_weights_from_checkpoint_layouts(tmp_path: Path) -> None:
+    net = build_model("mlp", DIGITS, 10, hidden=[8])
+    state = net.state_dict()
+    torch.save({"peers": {"a": {"model": state}, "b": {"model": state}}}, tmp_path / "c.pt")
+    assert read_weights(tmp_path / "c.pt", "b").keys() == state.keys()
+    with pytest.raises(ConfigError, match="holds peers"):
+        read_weights(tmp_path / "c.pt", "zzz")
+    torch.save({"model": state, "step": 3}, tmp_path / "m.pt")
+    assert read_weights(tmp_path / "m.pt").keys() == state.keys()
+    (tmp_path / "junk.pt").write_bytes(b"not torch")
+    with pytest.raises(ConfigError, match="not a readable torch file"):
+        read_weights(tmp_path / "junk.pt")
+
+
+def test_bad_teacher_checkpoint_is_one_line_exit_2(tmp_path: Path, out_dir: Path) -> None:
+    teacher = _save_teacher(tmp_path / "teacher.pt", "small_cnn", {"width": 4})  # wrong width
+    proc = run_cli("train", str(_kd_config(tmp_path, teacher)), "--set", f"run.out_dir={out_dir}")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "does not fit model 'small_cnn'" in proc.stderr
