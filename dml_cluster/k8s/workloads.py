@@ -116,7 +116,10 @@ def indexed_job(job: Job) -> dict[str, Any]:
             "podFailurePolicy": {
                 "rules": [
                     # preemption, eviction, node drain: not the job's fault, not counted
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    }
                 ]
             },
             "template": {

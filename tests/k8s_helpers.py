@@ -1,0 +1,175 @@
+"""Run rendered Kubernetes manifests' containers as local processes, with the env Kubernetes
+and the Kubeflow training operator would give them.
+
+What the cluster adds, and only that, is added here: the training operator's variables for a
+PyTorchJob replica (training-operator v1.9, pkg/controller.v1/pytorch/envvar.go and master.go),
+JOB_COMPLETION_INDEX for an Indexed Job pod, kubelet's $(VAR) expansion of command and args, the
+volumes (ConfigMap files and the workspace) as folders, and the cluster's DNS names as addresses
+(`hosts`). Everything else, command line and env, is the manifest's own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dml_cluster.k8s.pod import CONFIG_DIR, WORKDIR
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+@dataclass
+class Pod:
+    """One pod's container, ready to run: argv, env and working directory."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+
+
+def load_dir(path: Path) -> dict[str, list[dict[str, Any]]]:
+    return {p.name: list(yaml.safe_load_all(p.read_text())) for p in sorted(path.glob("*.yaml"))}
+
+
+def find(manifests: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]:
+    docs = [d for docs in manifests.values() for d in docs if d["kind"] == kind]
+    assert len(docs) == 1, f"expected one {kind}, found {len(docs)}"
+    return docs[0]
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """kubelet's $(VAR) expansion: defined variables are replaced, $$ escapes, others stay."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, text)
+
+
+def _mounts(manifests: dict[str, list[dict[str, Any]]], root: Path) -> dict[str, Path]:
+    """The pod's volumes as local folders: the ConfigMap's files, a shared workspace."""
+    config = root / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    for name, text in find(manifests, "ConfigMap")["data"].items():
+        (config / name).write_text(text)
+    workspace = root / "workspace"
+    workspace.mkdir(parents=True, exist_ok=True)
+    return {CONFIG_DIR: config, WORKDIR: workspace}
+
+
+def _remap(text: str, mounts: dict[str, Path]) -> str:
+    for inside, outside in mounts.items():
+        if text == inside or text.startswith(inside + "/"):
+            return str(outside) + text[len(inside) :]
+    return text
+
+
+def _pod(
+    name: str,
+    container: dict[str, Any],
+    injected: dict[str, str],
+    mounts: dict[str, Path],
+    hosts: dict[str, str],
+) -> Pod:
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    env.update(injected)  # the operator appends its variables after the manifest's
+    for key, value in env.items():
+        for host, address in hosts.items():
+            value = value.replace(host, address)
+        env[key] = _remap(value, mounts)
+    argv = [_remap(expand(a, env), mounts) for a in container["command"] + container["args"]]
+    env["PATH"] = f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"
+    return Pod(name, argv, env, mounts[container["workingDir"]])
+
+
+def pytorchjob_pods(
+    manifests: dict[str, list[dict[str, Any]]], root: Path, hosts: dict[str, str]
+) -> list[Pod]:
+    """Master then workers, each with what the training operator injects (v1.9)."""
+    job = find(manifests, "PyTorchJob")
+    name, specs = job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]
+    total = sum(s["replicas"] for s in specs.values())
+    nproc = job["spec"].get("nprocPerNode", "auto")
+    world = total * (int(nproc) if nproc.isdigit() else 1)
+    mounts = _mounts(manifests, root)
+    pods = []
+    for kind in ("Master", "Worker"):
+        spec = specs.get(kind)
+        if spec is None:
+            continue
+        (container,) = spec["template"]["spec"]["containers"]
+        assert container["name"] == "pytorch", "the training operator needs the name 'pytorch'"
+        (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "pytorchjob-port"]
+        for index in range(spec["replicas"]):
+            rank = index + (1 if kind == "Worker" else 0)
+            injected = {
+                "PYTHONUNBUFFERED": "0",
+                "MASTER_PORT": str(port),
+                "MASTER_ADDR": f"{name}-master-0",
+                "PET_MASTER_PORT": str(port),
+                "PET_MASTER_ADDR": f"{name}-master-0",
+                "WORLD_SIZE": str(world),
+                "RANK": str(rank),
+                "PET_NPROC_PER_NODE": nproc,
+                "PET_NODE_RANK": str(rank),
+                "PET_NNODES": str(total),
+            }
+            pods.append(_pod(f"{name}-{kind.lower()}-{index}", container, injected, mounts, hosts))
+    return pods
+
+
+def indexed_job_pods(
+    manifests: dict[str, list[dict[str, Any]]], root: Path, hosts: dict[str, str]
+) -> list[Pod]:
+    """Pod i of the Indexed Job, with the JOB_COMPLETION_INDEX the Job controller sets."""
+    job = find(manifests, "Job")
+    assert job["spec"]["completionMode"] == "Indexed"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    mounts = _mounts(manifests, root)
+    name = job["metadata"]["name"]
+    return [
+        _pod(f"{name}-{i}", container, {"JOB_COMPLETION_INDEX": str(i)}, mounts, hosts)
+        for i in range(job["spec"]["completions"])
+    ]
+
+
+def start(pod: Pod, wrap: list[str] | None = None, log_dir: Path | None = None) -> subprocess.Popen:
+    """Start the pod's container command (inside `wrap`, e.g. a network namespace); its output
+    goes to <log_dir>/<pod>.log."""
+    with open((log_dir or pod.cwd) / f"{pod.name}.log", "w") as log:
+        return subprocess.Popen(
+            [*(wrap or []), *pod.argv],
+            env=pod.env,
+            cwd=pod.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Exit codes of every process; on timeout every process group is killed and it fails."""
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the pods did not finish within {timeout:g} s") from None
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return [proc.returncode for proc in procs]

@@ -1,0 +1,255 @@
+"""Every rendered manifest validates offline.
+
+Core resources against the Kubernetes JSON schemas that kubernetes-validate ships (strict:
+unknown fields are errors); the PyTorchJob, PodMonitor and ServiceMonitor against the
+openAPIV3Schema of their CRDs in ../shared/k8s-schemas/ (DML_K8S_SCHEMAS overrides), made strict
+the same way, since an API server silently prunes a field its schema does not name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from torch.distributed.run import get_args_parser
+
+from dml_cluster.k8s import RenderOptions, pod_config, render, write
+from dml_cluster.k8s.render import to_yaml
+
+from .conftest import REPO, run_cli
+from .k8s_helpers import find, load_dir
+
+CONFIG = REPO / "configs" / "digits-dml.yaml"
+SETS = ["bus.transport=zmq"]
+SCHEMAS = Path(os.environ.get("DML_K8S_SCHEMAS", REPO.parent / "shared" / "k8s-schemas"))
+CRDS = {
+    ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
+}
+# the oldest Kubernetes the manifests target (podFailurePolicy on by default) and the newest
+K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
+# committed examples in k8s/examples/, rendered with these options (see k8s/README.md)
+EXAMPLES = {
+    "pytorchjob": dict(engine="pytorchjob", monitor="pod"),
+    "indexed-job": dict(engine="indexed-job", monitor="service"),
+}
+EXAMPLE_IMAGE = "registry.example.com/dml-cluster:0.1.0"
+
+
+def _strict(schema: Any) -> Any:
+    """additionalProperties: false wherever an object schema lists its properties."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out.setdefault("additionalProperties", False)
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@cache
+def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
+    path = SCHEMAS / CRDS[(api_version, kind)]
+    if not path.exists():
+        pytest.skip(f"CRD schemas not found at {SCHEMAS} (set DML_K8S_SCHEMAS)")
+    crd = yaml.safe_load(path.read_text())
+    version = api_version.split("/")[1]
+    (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
+    return jsonschema.Draft7Validator(_strict(served["schema"]["openAPIV3Schema"]))
+
+
+def validate(doc: dict[str, Any]) -> None:
+    key = (doc["apiVersion"], doc["kind"])
+    if key in CRDS:
+        errors = sorted(crd_validator(*key).iter_errors(doc), key=lambda e: list(e.path))
+        assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+        for template in pod_templates(doc):
+            validate({"apiVersion": "v1", "kind": "Pod", **template})
+        return
+    if doc["apiVersion"].startswith("kustomize.config.k8s.io"):
+        return
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc["kind"] == "PyTorchJob":
+        return [s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
+    return []
+
+
+def options(**overrides: Any) -> RenderOptions:
+    return RenderOptions(image=EXAMPLE_IMAGE, namespace="dml", **overrides)
+
+
+def rendered(sets: list[str] = SETS, **overrides: Any) -> dict[str, list[dict[str, Any]]]:
+    cfg, raw = pod_config(CONFIG, sets)
+    return render(cfg, raw, options(**overrides))
+
+
+@pytest.fixture
+def dashboard(tmp_path: Path) -> str:
+    path = tmp_path / "dashboard.json"
+    path.write_text(json.dumps({"title": "dml-cluster", "panels": []}))
+    return str(path)
+
+
+@pytest.mark.parametrize("engine", ["pytorchjob", "indexed-job"])
+@pytest.mark.parametrize("monitor", ["pod", "service"])
+def test_every_manifest_validates(engine: str, monitor: str, dashboard: str) -> None:
+    files = rendered(
+        engine=engine, monitor=monitor, pvc="dml-runs", gpus_per_peer=2, dashboard=dashboard,
+        labels={"kueue.x-k8s.io/queue-name": "gpu"}, monitor_labels={"release": "prometheus"},
+    )  # fmt: skip
+    kinds = sorted(d["kind"] for docs in files.values() for d in docs)
+    monitor_kinds = ["PodMonitor"] if monitor == "pod" else ["Service", "ServiceMonitor"]
+    engine_kinds = ["PyTorchJob"] if engine == "pytorchjob" else ["Job", "Service"]
+    expected = ["ConfigMap", "ConfigMap", "Kustomization", *engine_kinds, *monitor_kinds]
+    assert kinds == sorted(expected)
+    for docs in files.values():
+        for doc in docs:
+            validate(doc)
+
+
+def test_the_validators_are_strict() -> None:
+    """A misspelt field fails, for a core resource and for a custom one."""
+    files = rendered(engine="indexed-job")
+    job = find(files, "Job")
+    job["spec"]["template"]["spec"]["containers"][0]["enviroment"] = []
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(job)
+    monitor = find(rendered(), "PodMonitor")
+    monitor["spec"]["podMetricEndpoints"] = monitor["spec"].pop("podMetricsEndpoints")
+    with pytest.raises(AssertionError, match="podMetricEndpoints"):
+        validate(monitor)
+
+
+def test_pytorchjob_is_what_the_training_operator_expects() -> None:
+    job = find(rendered(), "PyTorchJob")
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1
+    for spec in specs.values():
+        assert spec["restartPolicy"] == "ExitCode"
+        (container,) = spec["template"]["spec"]["containers"]
+        assert container["name"] == "pytorch"
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"pytorchjob-port": 23456, "metrics": 9400}
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 3
+    single = find(rendered([*SETS, "cohort.size=1"]), "PyTorchJob")
+    assert list(single["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+
+
+def test_indexed_job_env_is_what_torchrun_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun takes every flag from PET_<FLAG>: parse the container's command line with the
+    container's env and check the rendezvous it would join."""
+    files = rendered(engine="indexed-job", max_restarts=2)
+    service, job = files["indexed-job.yaml"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun"]
+    for var in container["env"]:
+        monkeypatch.setenv(var["name"], var["value"])
+    args = get_args_parser().parse_args(container["args"])
+    assert (args.nnodes, args.nproc_per_node, args.rdzv_backend) == ("2", "1", "c10d")
+    assert args.rdzv_endpoint == "digits-dml-0.digits-dml.dml.svc.cluster.local:29400"
+    assert args.max_restarts == 2 and args.module and args.training_script == "dml_cluster"
+    # pod 0's DNS name exists: the Service is headless, named as the pods' subdomain, publishes
+    # addresses before readiness and selects the job's pods
+    spec = job["spec"]["template"]["spec"]
+    assert (
+        service["spec"]["clusterIP"] == "None" and spec["subdomain"] == service["metadata"]["name"]
+    )
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+
+
+def test_monitors_select_the_peer_pods() -> None:
+    files = rendered(engine="indexed-job", monitor="service")
+    pod_labels = find(files, "Job")["spec"]["template"]["metadata"]["labels"]
+    metrics_service, monitor = files["servicemonitor.yaml"]
+    assert metrics_service["spec"]["selector"].items() <= pod_labels.items()
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items()
+        <= metrics_service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    pod_monitor = find(rendered(), "PodMonitor")
+    pod_labels = find(rendered(), "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"][
+        "template"
+    ]["metadata"]["labels"]
+    assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_metrics_off_means_no_monitor_and_no_port() -> None:
+    files = rendered([*SETS, "metrics.enabled=false"])
+    assert "podmonitor.yaml" not in files
+    container = find(files, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
+        "spec"
+    ]["containers"][0]
+    assert [p["name"] for p in container["ports"]] == ["pytorchjob-port"]
+
+
+def test_config_map_carries_the_config_the_pods_train() -> None:
+    files = rendered([*SETS, "train.max_steps=7"])
+    shipped = yaml.safe_load(find(files, "ConfigMap")["data"]["config.yaml"])
+    assert shipped["train"]["max_steps"] == 7 and shipped["bus"]["transport"] == "zmq"
+    assert shipped["run"]["out_dir"] == "runs"  # inside the pod's workspace volume
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_committed_examples_are_up_to_date(example: str, tmp_path: Path) -> None:
+    """k8s/examples/ is rendered output: re-rendering must reproduce it (see k8s/README.md)."""
+    write(rendered(**EXAMPLES[example]), tmp_path)
+    committed = REPO / "k8s" / "examples" / example
+    fresh = {p.name: p.read_text() for p in sorted(tmp_path.iterdir())}
+    assert {p.name: p.read_text() for p in sorted(committed.iterdir())} == fresh, (
+        f"k8s/examples/{example} is stale: run the command in k8s/README.md"
+    )
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize("example", sorted(EXAMPLES))
+def test_examples_build_with_kustomize(example: str) -> None:
+    result = subprocess.run(
+        ["kubectl", "kustomize", str(REPO / "k8s" / "examples" / example)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    built = list(yaml.safe_load_all(result.stdout))
+    files = load_dir(REPO / "k8s" / "examples" / example)
+    assert len(built) == sum(len(d) for n, d in files.items() if n != "kustomization.yaml")
+
+
+def test_yaml_output_has_no_aliases() -> None:
+    text = to_yaml(rendered()["pytorchjob.yaml"])
+    assert "&id" not in text and "*id" not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "bus.transport is 'local'"),
+        (["--set", "bus.transport=zmq", "--set", "metrics.port=0"], "metrics.port"),
+        (["--set", "bus.transport=zmq", "--name", "Not_A_Name"], "not a valid job name"),
+        (["--set", "bus.transport=zmq", "--label", "novalue"], "expected KEY=VALUE"),
+        (["--set", "bus.transport=zmq", "--set", "cohort.size=0"], "config error"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = run_cli("k8s", "render", str(CONFIG), "--image", "x:1", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
