@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import os
 import socket
+import sys
 from datetime import timedelta
 from typing import Any
 
@@ -46,15 +48,38 @@ def _device(local_rank: int) -> torch.device:
 def _zmq_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
     from dml_cluster.bus.zmq_bus import ZmqBus, bind_address
 
-    address = cfg.bus.address or bind_address(
-        os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
-    )
-    return ZmqBus(
-        rank=rank, world=world, names=[p.name for p in cfg.peers], run_id=run_id(cfg),
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    address = cfg.bus.address or bind_address(master, int(os.environ.get("MASTER_PORT", "29500")))
+    if not cfg.bus.address and not cfg.bus.ipc:
+        _warn_if_unreachable(master, address, world)
+    names = [p.name for p in cfg.peers]
+    bus = ZmqBus(
+        rank=rank, world=world, names=names, run_id=run_id(cfg),
         config_hash=cfg.hash(), store=dist.distributed_c10d._get_default_store(),
         address=address, timeout_s=cfg.bus.timeout_s, encoding=cfg.bus.encoding,
         ipc=cfg.bus.ipc,
     )  # fmt: skip
+    print(f"dml-cluster: {names[rank]} (rank {rank}) bus inbox {bus.endpoint}", file=sys.stderr)
+    return bus
+
+
+def _warn_if_unreachable(master: str, address: str, world: int) -> None:
+    """A host name that resolves to loopback here (Debian's `127.0.1.1 host` line) in a cohort
+    spanning nodes: the other nodes cannot reach this peer's inbox, so say why before they time
+    out. A loopback MASTER_ADDR given as such (localhost, 127.x) means one host on purpose."""
+    nodes = world // int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if nodes < 2 or master == "localhost" or not ipaddress.ip_address(address).is_loopback:
+        return
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(master).is_loopback:
+            return
+    print(
+        f"dml-cluster: warning: MASTER_ADDR {master} resolves to a loopback address on this "
+        f"node, but the cohort spans {nodes} nodes, which cannot reach this peer there: make "
+        "this host's name resolve to its network address, or give torchrun --local-addr ADDR "
+        "(launch/multinode.sh: LOCAL_ADDR=ADDR)",
+        file=sys.stderr,
+    )
 
 
 def _torch_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
