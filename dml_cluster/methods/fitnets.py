@@ -135,6 +135,10 @@ class FitNets(Method):
         peer.optimizer = build_optimizer(params, cfg.optim, peer.config.lr or cfg.optim.lr)
         peer.scheduler = build_scheduler(peer.optimizer, cfg.optim.schedule, cfg.train.epochs)
 
+    def checkpoint_modules(self, index: int) -> dict[str, nn.Module]:
+        """A student's regressor is saved and restored with its checkpoint."""
+        return {"regressor": self.regressors[index]} if index in self.regressors else {}
+
     def _teacher_outputs(self, view: StepView) -> tuple[Tensor, Tensor]:
         """The teacher's logits and hint on this step's batch, computed once per step."""
         assert view.x is not None and self.teacher is not None and self._hint is not None
