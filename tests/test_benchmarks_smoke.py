@@ -1,0 +1,45 @@
+"""The benchmark scripts run (--quick) and print their tables. No timing is asserted."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(name: str, *extra: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / name), "--quick", *extra],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_exchange_latency_quick() -> None:
+    out = run_script("exchange_latency.py")
+    for transport in ("zmq-tcp", "zmq-ipc", "torch-gloo"):
+        assert f"| {transport} | 128 x 10" in out
+    assert "### K = 2" in out
+
+
+@pytest.mark.timeout(300)
+def test_step_ratio_quick() -> None:
+    out = run_script("step_ratio.py")
+    for row in ("| independent x 2 |", "| lockstep, zmq |", "| lockstep, torch |"):
+        assert row in out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_step_ratio_cli_mode_quick() -> None:
+    out = run_script("step_ratio.py", "--mode", "cli", "--transports", "zmq")
+    assert "| lockstep, zmq |" in out
