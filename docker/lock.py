@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import re
 from importlib.metadata import distribution
+from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 
 PROVIDED_BY_BASE = {"torch"}
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def closure(root: str = "dml-cluster") -> dict[str, tuple[str, str]]:
-    """canonical name -> (name, installed version), for every runtime dependency of `root`."""
+def closure() -> dict[str, tuple[str, str]]:
+    """canonical name -> (name, installed version), for every runtime dependency."""
     found: dict[str, tuple[str, str]] = {}
 
     def walk(name: str) -> None:
@@ -34,11 +37,17 @@ def closure(root: str = "dml-cluster") -> dict[str, tuple[str, str]]:
             if req.marker is None or req.marker.evaluate({"extra": ""}):
                 walk(req.name)
 
-    for text in distribution(root).requires or []:
+    for text in project_dependencies():
         req = Requirement(text)
         if req.marker is None or req.marker.evaluate({"extra": ""}):
             walk(req.name)
     return found
+
+
+def project_dependencies() -> list[str]:
+    """The runtime requirements as pyproject.toml states them (installed metadata can lag)."""
+    with open(PYPROJECT, "rb") as f:
+        return tomllib.load(f)["project"]["dependencies"]
 
 
 def main() -> None:

@@ -38,7 +38,10 @@ class Pod:
 
 
 def load_dir(path: Path) -> dict[str, list[dict[str, Any]]]:
-    return {p.name: list(yaml.safe_load_all(p.read_text())) for p in sorted(path.glob("*.yaml"))}
+    return {
+        p.name: list(yaml.safe_load_all(p.read_text(encoding="utf-8")))
+        for p in sorted(path.glob("*.yaml"))
+    }
 
 
 def find(manifests: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]:

@@ -40,7 +40,9 @@ CRDS = {
 K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 # committed examples in k8s/examples/, rendered with these options (see k8s/README.md)
 EXAMPLES = {
-    "pytorchjob": dict(engine="pytorchjob", monitor="pod"),
+    "pytorchjob": dict(
+        engine="pytorchjob", monitor="pod", dashboard="monitoring/grafana-dashboard.json"
+    ),
     "indexed-job": dict(engine="indexed-job", monitor="service"),
 }
 EXAMPLE_IMAGE = "registry.example.com/dml-cluster:0.1.0"
@@ -212,10 +214,13 @@ def test_config_map_carries_the_config_the_pods_train() -> None:
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
 def test_committed_examples_are_up_to_date(example: str, tmp_path: Path) -> None:
     """k8s/examples/ is rendered output: re-rendering must reproduce it (see k8s/README.md)."""
-    write(rendered(**EXAMPLES[example]), tmp_path)
+    settings = dict(EXAMPLES[example])
+    if "dashboard" in settings:
+        settings["dashboard"] = str(REPO / settings["dashboard"])
+    write(rendered(**settings), tmp_path)
     committed = REPO / "k8s" / "examples" / example
-    fresh = {p.name: p.read_text() for p in sorted(tmp_path.iterdir())}
-    assert {p.name: p.read_text() for p in sorted(committed.iterdir())} == fresh, (
+    fresh = {p.name: p.read_text(encoding="utf-8") for p in sorted(tmp_path.iterdir())}
+    assert {p.name: p.read_text(encoding="utf-8") for p in sorted(committed.iterdir())} == fresh, (
         f"k8s/examples/{example} is stale: run the command in k8s/README.md"
     )
 

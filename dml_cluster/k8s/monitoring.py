@@ -64,7 +64,7 @@ def dashboard_config_map(job: Job, path: str) -> dict[str, Any]:
     """One ConfigMap for every job (the dashboard picks the run by variable); the label is the
     default of the Grafana Helm chart's dashboard sidecar."""
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
         json.loads(text)
     except OSError as err:
         raise ConfigError(f"k8s render: --dashboard {path}: cannot read ({err})") from None

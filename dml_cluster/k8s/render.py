@@ -104,7 +104,9 @@ _Dumper.add_representer(str, _str)
 
 
 def to_yaml(documents: list[dict[str, Any]]) -> str:
-    body = yaml.dump_all(documents, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+    body = yaml.dump_all(
+        documents, Dumper=_Dumper, sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
     return HEADER + body
 
 
@@ -115,7 +117,7 @@ def write(files: Manifests, out_dir: str | Path) -> list[Path]:
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for name, documents in files.items():
-            (out / name).write_text(to_yaml(documents))
+            (out / name).write_text(to_yaml(documents), encoding="utf-8")
             written.append(out / name)
     except OSError as err:
         raise ConfigError(f"k8s render: cannot write to {out}: {err.strerror}") from None
