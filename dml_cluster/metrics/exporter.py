@@ -31,7 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from dml_cluster.config import Config
 from dml_cluster.errors import ConfigError
-from dml_cluster.metrics.batch import peer_batch_stats
+from dml_cluster.metrics.batch import cohort_batch_stats
 
 if TYPE_CHECKING:
     from dml_cluster.trainer import CohortTrainer, StepEvent
@@ -64,7 +64,8 @@ class PrometheusExporter:
         self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
         self.smoothing = cfg.metrics.smoothing
         self._lock = threading.Lock()
-        self._ema: dict[tuple[str, ...], float] = {}
+        self._ema: dict[tuple[int, tuple[str, ...]], float] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._bus_seen = {"sent": 0, "received": 0, "rejected": 0, "wait": 0.0}
         self._define()
         self._run.info(
@@ -225,7 +226,7 @@ class PrometheusExporter:
 
     # -- updates ----------------------------------------------------------------------------
 
-    def _smooth(self, key: tuple[str, ...], value: float) -> float:
+    def _smooth(self, key: tuple[int, tuple[str, ...]], value: float) -> float:
         old = self._ema.get(key)
         new = value if old is None else self.smoothing * old + (1.0 - self.smoothing) * value
         self._ema[key] = new
@@ -249,46 +250,52 @@ class PrometheusExporter:
         for key, counter in counters.items():
             delta = now[key] - self._bus_seen[key]
             for i in self.hosted:
-                counter.labels(self.names[i]).inc(max(delta, 0))
+                self._child(counter, self.names[i]).inc(max(delta, 0))
         self._bus_seen = now
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """The labelled series, looked up once (this runs on every training step)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def _smoothed(self, metric: Any, labels: tuple[str, ...], value: float) -> None:
+        self._child(metric, *labels).set(self._smooth((id(metric), labels), value))
 
     def on_step(self, trainer: CohortTrainer, event: StepEvent) -> None:
         result = event.result
-        stats = {i: peer_batch_stats(result.log_ps, event.target, i) for i in self.hosted}
-        losses = {
-            i: torch.stack([p.ce, p.mimicry, p.total]).detach().float().tolist()
-            for i, p in result.parts.items()
-        }
-        now = time.time()
+        stats = cohort_batch_stats(result.log_ps, event.target, self.hosted)
+        learners = list(result.parts)
+        losses: list[float] = []
+        if learners:
+            parts = [result.parts[i] for i in learners]
+            losses = torch.stack([t for p in parts for t in (p.ce, p.mimicry, p.total)]).tolist()
+        now, child = time.time(), self._child
         with self._lock:
             for i in self.hosted:
                 name, s = self.names[i], stats[i]
-                self._step.labels(name).set(event.step)
-                self._epoch.labels(name).set(event.epoch)
-                self._last.labels(name).set(now)
-                self._lr.labels(name).set(trainer.peers[i].optimizer.param_groups[0]["lr"])
-                self._samples.labels(name).inc(len(event.target))
-                self._step_time.labels(name).observe(event.step_seconds)
-                self._exchange_time.labels(name).observe(result.exchange_seconds)
+                child(self._step, name).set(event.step)
+                child(self._epoch, name).set(event.epoch)
+                child(self._last, name).set(now)
+                child(self._lr, name).set(trainer.peers[i].optimizer.param_groups[0]["lr"])
+                child(self._samples, name).inc(len(event.target))
+                child(self._step_time, name).observe(event.step_seconds)
+                child(self._exchange_time, name).observe(result.exchange_seconds)
                 if s.accuracy is not None:
-                    self._acc.labels(name, "train").set(self._smooth(("acc", name), s.accuracy))
-                self._entropy.labels(name, "train").set(self._smooth(("ent", name), s.entropy))
-                if i in losses:
-                    ce, mimicry, total = losses[i]
-                    self._ce.labels(name).set(self._smooth(("ce", name), ce))
-                    self._mimicry.labels(name).set(self._smooth(("mim", name), mimicry))
-                    self._loss.labels(name).set(self._smooth(("loss", name), total))
+                    self._smoothed(self._acc, (name, "train"), s.accuracy)
+                self._smoothed(self._entropy, (name, "train"), s.entropy)
                 for j, pair in s.pairs.items():
-                    other = self.names[j]
-                    self._kl.labels(name, other, "train").set(
-                        self._smooth(("kl", name, other), pair.kl)
-                    )
-                    self._js.labels(name, other, "train").set(
-                        self._smooth(("js", name, other), pair.js)
-                    )
-                    self._agree.labels(name, other, "train").set(
-                        self._smooth(("agree", name, other), pair.agreement)
-                    )
+                    labels = (name, self.names[j], "train")
+                    self._smoothed(self._kl, labels, pair.kl)
+                    self._smoothed(self._js, labels, pair.js)
+                    self._smoothed(self._agree, labels, pair.agreement)
+            for slot, i in enumerate(learners):
+                ce, mimicry, total = losses[3 * slot : 3 * slot + 3]
+                self._smoothed(self._ce, (self.names[i],), ce)
+                self._smoothed(self._mimicry, (self.names[i],), mimicry)
+                self._smoothed(self._loss, (self.names[i],), total)
             self._bus_counters(trainer)
 
     def on_eval(
