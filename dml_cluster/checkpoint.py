@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +49,10 @@ from dml_cluster.errors import CheckpointError
 FORMAT = 1
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+FAULT_ENV = "DML_CLUSTER_FAULT"
+"""Chaos-testing hook: `die-saving:<peer>:<step>` makes the process hosting that peer write half
+of its file for that step and SIGKILL itself, in the first attempt of a torchrun group only."""
 
 Gather = Callable[[Sequence[int]], list[list[int]]]
 """Every process's list of integers, in process order (for one process: `[values]`)."""
@@ -222,6 +227,7 @@ class CohortCheckpoints:
                 data = buf.getbuffer()
                 digest = hashlib.sha256(data).digest()
                 path = folder / f"{peer.name}.pt"
+                _fault_point(path, position.step, data)
                 write_atomic(path, data)
                 write_atomic(_digest_path(path), f"{digest.hex()}  {path.name}\n".encode())
                 digests[i] = digest
@@ -489,6 +495,19 @@ class CohortCheckpoints:
                 f"of {checks[2]}, peer {checks[3]!r}): choose another run.name"
             )
         return state
+
+
+def _fault_point(path: Path, step: int, data: memoryview) -> None:
+    """See FAULT_ENV: die half-way through writing `path`, as a killed peer would."""
+    armed = os.environ.get(FAULT_ENV) == f"die-saving:{path.stem}:{step}"
+    if armed and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _digest_path(path: Path) -> Path:
