@@ -129,6 +129,24 @@ def k8s_render(config: str, overrides: tuple[str, ...], out_dir: str | None, **o
         click.echo(f"wrote {path}")
 
 
+@cli.group()
+def keys() -> None:
+    """CURVE keys that encrypt the zmq bus and admit only the cohort (bus.curve_keys)."""
+
+
+@keys.command("generate")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--name", default="cohort", show_default=True,
+              help="Key pair name: 'cohort' (shared by every peer) or a peer's name.")  # fmt: skip
+def keys_generate(folder: str, name: str) -> None:
+    """Write a key pair NAME.key / NAME.key_secret into FOLDER (e.g. for a Kubernetes Secret)."""
+    from dml_cluster.bus.curve import generate_keys
+
+    public, secret = generate_keys(folder, name)
+    click.echo(f"public key: {public}\nsecret key: {secret} (keep it secret)")
+    click.echo(f"use it with: --set bus.curve_keys={folder}")
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and an exit status, never a traceback."""
     try:

@@ -168,6 +168,37 @@ class BusConfig(_Strict):
     timeout_s: float = Field(60.0, gt=0.0)
     address: str | None = Field(None, description="address to bind; default: this host's")
     ipc: bool = Field(False, description="zmq over ipc:// sockets (one node only)")
+    port: int | None = Field(
+        None, ge=1, le=65535,
+        description="zmq: fixed inbox port, plus the process's local rank (for firewalls and "
+        "network policies); default: any free port",
+    )  # fmt: skip
+    curve_keys: str | None = Field(
+        None,
+        description="zmq: folder of CURVE keys (`dml-cluster keys generate DIR`): encrypt the "
+        "bus and accept only peers holding the cohort's keys",
+    )
+
+    @model_validator(mode="after")
+    def _zmq_only(self) -> BusConfig:
+        if self.transport == "torch" and (self.curve_keys or self.port):
+            raise ValueError("port and curve_keys are zmq settings; the torch transport has none")
+        return self
+
+
+class CheckpointConfig(_Strict):
+    """Cohort checkpoints (dml_cluster.checkpoint): saved every `every_steps` and at epoch ends."""
+
+    enabled: bool = True
+    every_steps: int | None = Field(
+        500, ge=1, description="steps between mid-epoch checkpoints; null: at epoch ends only"
+    )
+    keep: int = Field(2, ge=1, description="how many complete checkpoints to keep (the newest)")
+    resume: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: continue from the newest step complete for the whole cohort; "
+        "never: start at step 0 (refused if the run folder already holds checkpoints)",
+    )
 
 
 class MetricsConfig(_Strict):
@@ -200,6 +231,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     bus: BusConfig = BusConfig()
     metrics: MetricsConfig = MetricsConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @property
     def peers(self) -> list[PeerConfig]:

@@ -29,3 +29,12 @@ class PeerError(DmlError):
     """
 
     exit_code = 200
+
+
+class CheckpointError(DmlError):
+    """A checkpoint cannot be written or used: corrupt, from another config, disk full.
+
+    Permanent (1-127): retrying cannot fix it, a person has to look.
+    """
+
+    exit_code = 2

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -21,10 +22,12 @@ import torch.distributed as dist
 
 from dml_cluster.bus import Bus
 from dml_cluster.bus.local import LocalBus
+from dml_cluster.checkpoint import Gather
 from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
 from dml_cluster.errors import ConfigError, PeerError
 from dml_cluster.metrics import metrics_observers
+from dml_cluster.runlog import ensure_writable
 from dml_cluster.trainer import CohortTrainer, Placement
 
 
@@ -53,11 +56,17 @@ def _zmq_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
     if not cfg.bus.address and not cfg.bus.ipc:
         _warn_if_unreachable(master, address, world)
     names = [p.name for p in cfg.peers]
+    curve = None
+    if cfg.bus.curve_keys:
+        from dml_cluster.bus.curve import load_curve_keys
+
+        curve = load_curve_keys(cfg.bus.curve_keys, names[rank], names)
+    port = cfg.bus.port + int(os.environ.get("LOCAL_RANK", "0")) if cfg.bus.port else None
     bus = ZmqBus(
         rank=rank, world=world, names=names, run_id=run_id(cfg),
         config_hash=cfg.hash(), store=dist.distributed_c10d._get_default_store(),
         address=address, timeout_s=cfg.bus.timeout_s, encoding=cfg.bus.encoding,
-        ipc=cfg.bus.ipc,
+        ipc=cfg.bus.ipc, port=port, curve=curve,
     )  # fmt: skip
     print(f"dml-cluster: {names[rank]} (rank {rank}) bus inbox {bus.endpoint}", file=sys.stderr)
     return bus
@@ -92,6 +101,39 @@ def _torch_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
 TRANSPORTS = {"zmq": _zmq_bus, "torch": _torch_bus}
 
 
+def _gather_ints(device: torch.device) -> Gather:
+    """A `Gather` over the default process group: int64 tensors, nothing pickled."""
+
+    def gather(values: Sequence[int]) -> list[list[int]]:
+        try:
+            count = torch.tensor([len(values)], dtype=torch.int64, device=device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            mine = torch.zeros(int(count.item()) + 1, dtype=torch.int64, device=device)
+            mine[0] = len(values)
+            mine[1 : len(values) + 1] = torch.tensor(list(values), dtype=torch.int64)
+            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(everyone, mine)
+        except (RuntimeError, dist.DistBackendError) as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise PeerError(f"lost contact with the cohort before training: {first}") from None
+        return [t[1 : int(t[0]) + 1].tolist() for t in everyone]
+
+    return gather
+
+
+def _check_same_config(cfg: Config, rank: int, gather: Gather) -> None:
+    """Every peer must run the same config (the zmq handshake checks it too; torch has none)."""
+    mine = cfg.hash()
+    halves = [int(mine[:8], 16), int(mine[8:], 16)]
+    for other, theirs in enumerate(gather(halves)):
+        if theirs != halves:
+            their_hash = f"{theirs[0]:08x}{theirs[1]:08x}"
+            raise ConfigError(
+                f"peer {other} ({cfg.peers[other].name}, rank {other}) runs a different config "
+                f"(hash {their_hash}, mine {mine}): every peer must be given the same config"
+            )
+
+
 def run_peer(cfg: Config) -> dict[str, Any]:
     """This process is one peer of a cohort started by torchrun (or a compatible launcher)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -109,14 +151,21 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     set_determinism(cfg)
     device = _device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.timeout_s))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.timeout_s))
+    except (RuntimeError, ValueError, dist.DistError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PeerError(f"cannot join the cohort's process group: {first}") from None
     bus: Bus | None = None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
+        gather = _gather_ints(device)
+        _check_same_config(cfg, rank, gather)
+        ensure_writable(cfg.run.dir)
         with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
             bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
             placement = Placement((rank,), device, reporter=rank == 0)
-            return CohortTrainer(cfg, bus, placement, observers).run()
+            return CohortTrainer(cfg, bus, placement, observers, gather).run()
     finally:
         if bus is not None:
             bus.close()
@@ -134,6 +183,7 @@ def run_local(cfg: Config) -> dict[str, Any]:
     set_determinism(cfg)
     device = _device(0)
     hosted = tuple(range(len(cfg.peers)))
+    ensure_writable(cfg.run.dir)
     with metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers:
         placement = Placement(hosted, device, reporter=True)
         return CohortTrainer(cfg, LocalBus(), placement, observers).run()
@@ -162,6 +212,9 @@ def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: 
     for item in overrides:
         argv += ["--set", item]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # a fresh worker store for every restart: keys left by the failed attempt in a shared store
+    # break the restarted group's gloo set-up (pytorch/pytorch#135712, DESIGN.md section 8)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as err:

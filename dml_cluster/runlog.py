@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
+
+from dml_cluster.errors import DmlError
 
 
 class JsonlLog:
@@ -21,6 +24,19 @@ class JsonlLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create the run folder if needed and prove it takes files, before anything is written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise DmlError(
+            f"run folder {folder} is not writable ({err.strerror or err}): "
+            f"choose another run.out_dir or fix its permissions"
+        ) from None
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

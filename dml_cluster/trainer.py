@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dml_cluster.bus import EVAL_ROUND, Bus, StepKey
+from dml_cluster.bus import EVAL_ROUND, SAVE_ROUND, Bus, StepKey
+from dml_cluster.checkpoint import CohortCheckpoints, Gather, Position, Restored, gather_here
 from dml_cluster.cohort import Peer, build_peer, refresh_predictions
 from dml_cluster.config import Config
 from dml_cluster.data import load_dataset
@@ -82,8 +83,11 @@ class CohortTrainer:
         bus: Bus,
         placement: Placement,
         observers: Sequence[Observer] = (),
+        gather: Gather = gather_here,
     ) -> None:
+        """`gather` collects a list of integers from every process (agreeing on a checkpoint)."""
         self.cfg, self.bus, self.placement = cfg, bus, placement
+        self.gather = gather
         self.observers = list(observers)
         self._exchange_seconds = self._wait_seconds = 0.0
         self.size = len(cfg.peers)
@@ -112,6 +116,7 @@ class CohortTrainer:
             if not peer.is_teacher:
                 self.method.attach(peer, cfg, data.input_shape, data.num_classes)
         self.run_dir = cfg.run.dir
+        self.checkpoints = CohortCheckpoints(cfg, self.run_dir)
         self.peer_logs = {
             i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
         }
@@ -205,13 +210,16 @@ class CohortTrainer:
             )
         max_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
         start = time.perf_counter()
-        history: list[dict[str, Any]] = []
-        step = 0
-        for epoch in range(cfg.train.epochs):
+        restored = self._resume()
+        at = restored.position if restored else Position(0, 0, 0)
+        history: list[dict[str, Any]] = restored.history if restored else []
+        step = at.step
+        for epoch in range(at.epoch, cfg.train.epochs):
             if step >= max_steps:
                 break
             order = epoch_order(n, cfg.run.seed, epoch)
-            for s in range(min(per_epoch, max_steps - step)):
+            first = at.step_in_epoch if epoch == at.epoch else 0
+            for s in range(first, min(per_epoch, first + max_steps - step)):
                 idx = batch_indices(order, s, bs)
                 x = augment_batch(
                     self.train_x[idx.to(self.train_x.device)],
@@ -230,6 +238,8 @@ class CohortTrainer:
                 for observer in self.observers:
                     observer.on_step(self, event)
                 step += 1
+                if s + 1 < per_epoch and step < max_steps and self.checkpoints.due(step):
+                    self._checkpoint(Position(epoch, s + 1, step), history)
             for peer in self.peers.values():
                 peer.scheduler.step()
             last = epoch == cfg.train.epochs - 1 or step >= max_steps
@@ -239,10 +249,49 @@ class CohortTrainer:
                 self._report_epoch(epoch + 1, step, report, time.perf_counter() - start)
                 for observer in self.observers:
                     observer.on_eval(self, epoch + 1, step, report)
+            if self.checkpoints.enabled:
+                self._checkpoint(Position(epoch + 1, 0, step), history)
         summary = self._finish(history, step, time.perf_counter() - start)
         for observer in self.observers:
             observer.on_end(self, summary)
         return summary
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def _extra_modules(self) -> dict[int, dict[str, Any]]:
+        """Modules a method keeps outside a peer's model (`checkpoint_modules(index)`)."""
+        extra = getattr(self.method, "checkpoint_modules", None)
+        return {i: dict(extra(i)) for i in self.peers} if extra else {}
+
+    def _checkpoint(self, at: Position, history: list[dict[str, Any]]) -> None:
+        """Save the hosted peers; the cohort confirms over the bus after the step's exchanges."""
+        fp = fingerprint(torch.tensor([at.epoch, at.step_in_epoch, at.step]))
+        key = StepKey(at.step - 1, SAVE_ROUND, fp)
+
+        def confirm(local: dict[int, Tensor]) -> dict[int, Tensor]:
+            return self.bus.exchange(key, local, range(self.size))
+
+        self.checkpoints.save(at, self.peers, history, confirm, self._extra_modules())
+
+    def _resume(self) -> Restored | None:
+        """Load the newest checkpoint complete for the whole cohort, if there is one."""
+        if not self.checkpoints.enabled:
+            return None
+        restored = self.checkpoints.restore(self.peers, self.gather, self._extra_modules())
+        if restored is None:
+            return None
+        at = restored.position
+        where = dict(step=at.step, epoch=at.epoch, step_in_epoch=at.step_in_epoch)
+        for log in self.peer_logs.values():
+            log.write("resume", **where, checkpoint=str(restored.folder))
+        if self.cohort_log is not None:
+            self.cohort_log.write("resume", **where, checkpoint=str(restored.folder))
+            print(
+                f"resuming at step {at.step} (epoch {at.epoch + 1}, step {at.step_in_epoch} of "
+                f"it) from {restored.folder}",
+                flush=True,
+            )
+        return restored
 
     # -- output -----------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import zmq
 from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
+from dml_cluster.bus.curve import CurveGuard, CurveKeys
 from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode, unpack_header
 from dml_cluster.errors import ConfigError, PeerError
 
@@ -59,7 +60,11 @@ class ZmqBus(Bus):
         timeout_s: float,
         encoding: str = "float32",
         ipc: bool = False,
+        port: int | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
+        """`port`: bind the inbox there (default: any free port); `curve`: encrypt and admit
+        only the cohort's keys (dml_cluster.bus.curve)."""
         self.rank, self.world, self.names = rank, world, list(names)
         self.run_id, self.encoding, self.timeout_s = run_id, encoding, timeout_s
         self.config_hash = int(config_hash, 16)
@@ -71,14 +76,28 @@ class ZmqBus(Bus):
         self._warned: set[str] = set()
         self._closed = False
         self.ctx = zmq.Context()
+        self.guard = CurveGuard(self.ctx, curve, self._who(rank)) if curve else None
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
         self.inbox.setsockopt(zmq.RCVHWM, 0)
+        if self.guard is not None:
+            self.guard.serve(self.inbox)
         try:
-            self.endpoint = self._bind(address, ipc)
+            self.endpoint = self._bind(address, ipc, port)
         except zmq.ZMQError as err:
             self.close()
-            raise ConfigError(f"bus: cannot bind an inbox on {address}: {err}") from None
+            where = f"{address}:{port}" if port and not ipc else address
+            raise ConfigError(f"bus: cannot bind an inbox on {where}: {err}") from None
+        try:
+            self._connect(store, run_id, timeout_s)
+        except BaseException:
+            self.close()  # sockets and the authenticator thread must not outlive a failed start
+            raise
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _connect(self, store: torch.distributed.Store, run_id: bytes, timeout_s: float) -> None:
+        rank, world = self.rank, self.world
         prefix = f"dml-bus/{run_id.hex()}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         store.set(f"{prefix}/endpoint/{rank}", self.endpoint)
         self.outboxes: dict[int, zmq.Socket] = {}
@@ -90,19 +109,22 @@ class ZmqBus(Bus):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 0)
             sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+            if self.guard is not None:
+                self.guard.client(sock, self.names[other])
             sock.connect(endpoint)
             self.outboxes[other] = sock
         self._handshake()
 
-    # -- set-up -----------------------------------------------------------------------------
-
-    def _bind(self, address: str, ipc: bool) -> str:
+    def _bind(self, address: str, ipc: bool, port: int | None) -> str:
         if ipc:
             path = os.path.join(tempfile.gettempdir(), f"dml-{self.run_id.hex()}-{self.rank}.sock")
             endpoint = f"ipc://{path}"
             self.inbox.bind(endpoint)
             return endpoint
-        port = self.inbox.bind_to_random_port(f"tcp://{address}")
+        if port:
+            self.inbox.bind(f"tcp://{address}:{port}")
+        else:
+            port = self.inbox.bind_to_random_port(f"tcp://{address}")
         return f"tcp://{address}:{port}"
 
     def _who(self, rank: int) -> str:
@@ -245,4 +267,6 @@ class ZmqBus(Bus):
         self._closed = True
         for sock in [self.inbox, *getattr(self, "outboxes", {}).values()]:
             sock.close(linger=0)
+        if self.guard is not None:
+            self.guard.stop()
         self.ctx.term()
