@@ -111,8 +111,16 @@ def test_killed_peer_stops_the_others_naming_it(tmp_path: Path, transport: str) 
             "--set", f"bus.transport={transport}", "--set", f"bus.timeout_s={timeout_s}",
             "--set", "train.epochs=1000", "--set", "run.log_every=1",
         ]  # fmt: skip
-        procs.append(subprocess.Popen([*CLI, *args], cwd=REPO, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                [*CLI, *args],
+                cwd=REPO,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     try:
         log = tmp_path / "digits-dml" / "peers" / "small_cnn-1.jsonl"
         deadline = time.monotonic() + 120

@@ -82,17 +82,21 @@ class ZmqBus(Bus):
         prefix = f"dml-bus/{run_id.hex()}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
         store.set(f"{prefix}/endpoint/{rank}", self.endpoint)
         self.outboxes: dict[int, zmq.Socket] = {}
-        for other in range(world):
-            if other == rank:
-                continue
-            endpoint = self._lookup(store, f"{prefix}/endpoint/{other}", other)
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
-            sock.connect(endpoint)
-            self.outboxes[other] = sock
-        self._handshake()
+        try:
+            for other in range(world):
+                if other == rank:
+                    continue
+                endpoint = self._lookup(store, f"{prefix}/endpoint/{other}", other)
+                sock = self.ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SNDHWM, 0)
+                sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+                sock.connect(endpoint)
+                self.outboxes[other] = sock
+            self._handshake()
+        except BaseException:
+            self.close()  # leave no socket behind: a live socket blocks the context's exit
+            raise
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -233,6 +237,7 @@ class ZmqBus(Bus):
         if self._closed:
             return
         self._closed = True
-        for sock in [self.inbox, *getattr(self, "outboxes", {}).values()]:
-            sock.close(linger=0)
+        self.inbox.close(linger=0)
+        for sock in getattr(self, "outboxes", {}).values():
+            sock.close(linger=500)  # a last message (a hello, an error's cause) still goes out
         self.ctx.term()
