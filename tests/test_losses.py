@@ -11,6 +11,8 @@ from dml_cluster import losses
 from dml_cluster.config import MethodConfig
 from dml_cluster.methods import build_method
 
+F64 = torch.float64
+
 
 def _log(p: list[list[float]]) -> torch.Tensor:
     return torch.tensor(p, dtype=torch.float64).log()
