@@ -33,7 +33,9 @@ def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def max_weight_diff(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> float:
+def max_weight_diff(
+    a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]
+) -> float:
     assert a.keys() == b.keys(), (a.keys(), b.keys())
     worst = 0.0
     for peer in a:

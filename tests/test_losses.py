@@ -11,6 +11,8 @@ from dml_cluster import losses
 from dml_cluster.config import MethodConfig
 from dml_cluster.methods import StepView, build_method
 
+F64 = torch.float64
+
 
 def _log(p: list[list[float]]) -> torch.Tensor:
     return torch.tensor(p, dtype=torch.float64).log()
@@ -26,18 +28,25 @@ def test_kl_matches_hand_computation_and_direction() -> None:
 
 def test_mutual_kl_trains_peer_k_towards_peer_l() -> None:
     # KL(p_l || p_k): the gradient w.r.t. peer k's logits is (p_k - p_l) / B, and p_l gets none.
-    z_k = torch.tensor([[1.0, -0.5, 0.3], [0.2, 0.1, -1.0]], dtype=torch.float64, requires_grad=True)
-    z_l = torch.tensor([[0.1, 0.7, -0.2], [2.0, -1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    z_k = torch.tensor(
+        [[1.0, -0.5, 0.3], [0.2, 0.1, -1.0]], dtype=torch.float64, requires_grad=True
+    )
+    z_l = torch.tensor(
+        [[0.1, 0.7, -0.2], [2.0, -1.0, 0.0]], dtype=torch.float64, requires_grad=True
+    )
     log_l = F.log_softmax(z_l, dim=1)
     loss = losses.mutual_kl(z_k, [log_l])
     loss.backward()
     expected = (F.softmax(z_k, 1) - F.softmax(z_l, 1)).detach() / 2
     assert torch.allclose(z_k.grad, expected, atol=1e-12)
     assert z_l.grad is None
-    hand = sum(
-        (F.softmax(z_l, 1)[b] * (F.log_softmax(z_l, 1)[b] - F.log_softmax(z_k, 1)[b])).sum()
-        for b in range(2)
-    ) / 2
+    hand = (
+        sum(
+            (F.softmax(z_l, 1)[b] * (F.log_softmax(z_l, 1)[b] - F.log_softmax(z_k, 1)[b])).sum()
+            for b in range(2)
+        )
+        / 2
+    )
     assert torch.isclose(loss, hand.detach(), atol=1e-12)
 
 
@@ -51,7 +60,11 @@ def test_mutual_kl_averages_links_over_k_minus_1() -> None:
 
 def test_temperature_reapplied_from_log_probs_and_scaled_by_t_squared() -> None:
     torch.manual_seed(1)
-    z_k, z_l, T = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), 4.0
+    z_k, z_l, T = (
+        torch.randn(3, 4, dtype=torch.float64),
+        torch.randn(3, 4, dtype=torch.float64),
+        4.0,
+    )
     from_logits = losses.kl_div(F.log_softmax(z_l / T, 1), F.log_softmax(z_k / T, 1)) * T**2
     # the bus carries log_softmax(z) at T = 1; the loss re-applies T
     got = losses.mutual_kl(z_k, [F.log_softmax(z_l, 1)], temperature=T)
@@ -78,8 +91,10 @@ def test_dml_e_target_is_mean_of_other_probabilities() -> None:
     hand = sum(t * math.log(t / s) for t, s in zip(p_bar, p_k, strict=True))
     got = losses.ensemble_kl(z_k, [_log(p1), _log(p2)])
     assert math.isclose(got.item(), hand, rel_tol=1e-12)
-    assert torch.allclose(losses.ensemble_log_probs([_log(p1), _log(p2)]).exp(),
-                          torch.tensor([p_bar], dtype=torch.float64))
+    assert torch.allclose(
+        losses.ensemble_log_probs([_log(p1), _log(p2)]).exp(),
+        torch.tensor([p_bar], dtype=torch.float64),
+    )
 
 
 def test_cross_entropy_ignores_unlabelled_samples() -> None:
@@ -116,4 +131,6 @@ def test_independent_has_no_mimicry_and_weight_scales_it() -> None:
 
 
 def test_entropy_of_uniform_is_log_c() -> None:
-    assert math.isclose(losses.entropy(torch.full((2, 8), 1 / 8).log()).item(), math.log(8), rel_tol=1e-6)
+    assert math.isclose(
+        losses.entropy(torch.full((2, 8), 1 / 8).log()).item(), math.log(8), rel_tol=1e-6
+    )

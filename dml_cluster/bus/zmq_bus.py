@@ -265,8 +265,9 @@ class ZmqBus(Bus):
         if self._closed:
             return
         self._closed = True
-        for sock in [self.inbox, *getattr(self, "outboxes", {}).values()]:
-            sock.close(linger=0)
+        self.inbox.close(linger=0)
+        for sock in getattr(self, "outboxes", {}).values():
+            sock.close(linger=500)  # a last message (a hello, an error's cause) still goes out
         if self.guard is not None:
             self.guard.stop()
         self.ctx.term()

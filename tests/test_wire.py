@@ -1,0 +1,186 @@
+"""The zmq wire format and what a peer does with bad messages, over real sockets.
+
+Two real ZmqBus peers (one per thread) meet through a real TCPStore; an intruder connects a
+plain zmq socket to a peer's inbox and sends garbage, truncated headers, foreign-run and stale
+messages (dropped and counted), and a wrong batch fingerprint (a clear "out of sync" error).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+import zmq
+
+from dml_cluster.bus import StepKey
+from dml_cluster.bus.wire import HEADER, Header, Kind, WireError, decode, encode, unpack_header
+from dml_cluster.bus.zmq_bus import ZmqBus
+from dml_cluster.errors import ConfigError, PeerError
+
+RUN = b"run-0001"
+HASH = "0123456789abcdef"
+
+
+def test_header_round_trip_and_validation() -> None:
+    h = Header(Kind.DATA, 1, RUN, 7, 2, 1, 1, 2**64 - 5, 128, 10)
+    assert unpack_header(h.pack()) == h
+    with pytest.raises(WireError, match="header of 3 bytes"):
+        unpack_header(b"abc")
+    with pytest.raises(WireError, match="bad magic"):
+        unpack_header(b"XXXX" + h.pack()[4:])
+    with pytest.raises(WireError, match="version"):
+        unpack_header(h.pack()[:4] + b"\x09" + h.pack()[5:])
+
+
+@pytest.mark.parametrize("encoding", ["float32", "float16", "bfloat16"])
+def test_payload_encodings(encoding: str) -> None:
+    x = torch.randn(5, 3).log_softmax(1)
+    eid, payload = encode(x, encoding)
+    h = Header(Kind.DATA, eid, RUN, 0, 0, 0, 0, 0, 5, 3)
+    got = decode(h, payload.view(torch.uint8).numpy().tobytes())
+    tol = {"float32": 0, "float16": 1e-2, "bfloat16": 5e-2}[encoding]
+    assert got.dtype == torch.float32 and torch.allclose(got, x, atol=tol, rtol=tol)
+    with pytest.raises(WireError, match="payload of"):
+        decode(h, b"\x00" * 7)
+
+
+def _pair(timeout_s: float = 5.0, hashes: tuple[str, str] = (HASH, HASH)) -> list[ZmqBus]:
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    stores = [master, dist.TCPStore("127.0.0.1", master.port, is_master=False)]
+    buses: list = [None, None]
+    errors: list = [None, None]
+
+    def build(rank: int) -> None:
+        try:
+            buses[rank] = ZmqBus(
+                rank=rank, world=2, names=["alpha", "beta"], run_id=RUN,
+                config_hash=hashes[rank], store=stores[rank], address="127.0.0.1",
+                timeout_s=timeout_s,
+            )  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - handed back to the test
+            errors[rank] = err
+
+    threads = [threading.Thread(target=build, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(errors):
+        for b in buses:
+            if b is not None:
+                b.close()
+        # the most telling error first: a config mismatch over a peer giving up waiting
+        raise next((e for e in errors if isinstance(e, ConfigError)), None) or next(
+            e for e in errors if e
+        )
+    return buses
+
+
+@pytest.fixture
+def pair() -> Iterator[list[ZmqBus]]:
+    buses = _pair()
+    yield buses
+    for b in buses:
+        b.close()
+
+
+def _exchange_both(buses: list[ZmqBus], step: int, fp: int = 42) -> list[dict]:
+    out: list = [None, None]
+    tensors = [torch.full((4, 3), float(r)) for r in range(2)]
+
+    def go(rank: int) -> None:
+        out[rank] = buses[rank].exchange(StepKey(step, 0, fp), {rank: tensors[rank]}, [0, 1])
+
+    threads = [threading.Thread(target=go, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    return out
+
+
+@pytest.fixture
+def intruder(pair: list[ZmqBus]) -> Iterator[zmq.Socket]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(pair[0].endpoint)
+    yield sock
+    sock.close()
+    ctx.term()
+
+
+def _header(**change: object) -> bytes:
+    fields = dict(kind=Kind.DATA, encoding=1, run_id=RUN, step=0, round=0, sender_rank=1,
+                  sender_peer=1, fingerprint=42, rows=4, cols=3)  # fmt: skip
+    fields.update(change)
+    return Header(**fields).pack()
+
+
+def test_exchange_between_real_peers(pair: list[ZmqBus]) -> None:
+    out = _exchange_both(pair, 0)
+    for rank in range(2):
+        assert torch.equal(out[rank][0], torch.zeros(4, 3))
+        assert torch.equal(out[rank][1], torch.ones(4, 3))
+    assert pair[0].stats.bytes_sent == HEADER.size + 4 * 3 * 4
+
+
+def test_bad_messages_are_dropped_and_counted(pair: list[ZmqBus], intruder: zmq.Socket) -> None:
+    _exchange_both(pair, 0)
+    payload = b"\x00" * 48
+    bad = [
+        [b"garbage bytes, not a message"],  # one frame
+        [b"\x00" * 200, b"junk"],  # no magic
+        [_header()[:20], payload],  # truncated header
+        [_header(run_id=b"other-rn"), payload],  # another run
+        [_header(step=0), payload],  # stale: step 0 is over
+        [_header(step=1, rows=1000), payload],  # payload shorter than the header says
+        [_header(step=1, sender_rank=7), payload],  # no such peer
+        [_header(step=1, sender_rank=0), payload],  # claims to be the receiver itself
+    ]
+    for frames in bad:
+        intruder.send_multipart(frames)
+    time.sleep(0.3)  # let them arrive before the honest step-1 messages
+    # the inbox takes turns between connections, so the intruder's messages are read over the
+    # next few steps; every step still gets the honest peer's data
+    for step in range(1, 12):
+        out = _exchange_both(pair, step)
+        assert torch.equal(out[0][1], torch.ones(4, 3))
+        if pair[0].stats.messages_rejected == len(bad):
+            break
+    assert pair[0].stats.messages_rejected == len(bad)
+    assert pair[1].stats.messages_rejected == 0
+
+
+def test_wrong_fingerprint_is_an_out_of_sync_error(
+    pair: list[ZmqBus], intruder: zmq.Socket
+) -> None:
+    _exchange_both(pair, 0)
+    intruder.send_multipart([_header(step=1, fingerprint=999), b"\x00" * 48])
+    with pytest.raises(PeerError, match="peers out of sync at step 1: peer 1 \\(beta, rank 1\\)"):
+        pair[0].exchange(StepKey(1, 0, 42), {0: torch.zeros(4, 3)}, [0, 1])
+
+
+def test_silent_peer_times_out_naming_it(pair: list[ZmqBus]) -> None:
+    pair[0].timeout_s = 0.5
+    with pytest.raises(PeerError, match=r"peer 1 \(beta, rank 1\), last step seen -1"):
+        pair[0].exchange(StepKey(0, 0, 42), {0: torch.zeros(4, 3)}, [0, 1])
+
+
+def test_handshake_refuses_a_different_config() -> None:
+    with pytest.raises(ConfigError, match="runs a different config"):
+        _pair(hashes=(HASH, "fedcba9876543210"))
+
+
+def test_early_messages_from_the_next_step_are_kept(pair: list[ZmqBus]) -> None:
+    # peer 1 runs ahead: its step-0 and step-1 messages are both waiting when peer 0 asks
+    for step in (0, 1):
+        pair[1]._publish(StepKey(step, 0, 42), torch.full((4, 3), float(step)))
+    time.sleep(0.2)
+    for step in (0, 1):
+        got = pair[0].exchange(StepKey(step, 0, 42), {0: torch.zeros(4, 3)}, [0, 1])
+        assert torch.equal(got[1], torch.full((4, 3), float(step)))
