@@ -20,11 +20,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from dml_cluster.k8s.pod import CONFIG_DIR, WORKDIR
 
+from .conftest import REPO, final_weights, run_cli
+
 VENV_BIN = str(Path(sys.executable).parent)
+# the cohort every k8s / multi-node test trains, and the one-process engine's result for it
+CONFIG = REPO / "configs" / "digits-dml.yaml"
+RUN = "digits-dml"
+SETS = ("--set", "train.max_steps=25", "--set", "bus.transport=zmq")
+
+
+@pytest.fixture(scope="session", name="reference")
+def one_process_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The one-process engine's final weights for CONFIG + SETS (computed once per session)."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_cli(
+        "train", str(CONFIG), *SETS, "--set", "bus.transport=local", "--set", f"run.out_dir={out}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return final_weights(out / RUN)
 
 
 @dataclass

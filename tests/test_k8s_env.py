@@ -11,32 +11,25 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
-
-from .conftest import REPO, final_weights, max_weight_diff, run_cli
-from .k8s_helpers import find, indexed_job_pods, load_dir, pytorchjob_pods, start, wait_all
-
-CONFIG = REPO / "configs" / "digits-dml.yaml"
-RUN = "digits-dml"
-STEPS = 25
-SETS = ("--set", f"train.max_steps={STEPS}", "--set", "bus.transport=zmq")
+from .conftest import final_weights, max_weight_diff, run_cli
+from .k8s_helpers import (
+    CONFIG,
+    RUN,
+    SETS,
+    find,
+    indexed_job_pods,
+    load_dir,
+    one_process_reference,  # noqa: F401 - the `reference` fixture
+    pytorchjob_pods,
+    start,
+    wait_all,
+)
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The one-process engine's final weights for the same config."""
-    out = tmp_path_factory.mktemp("reference")
-    result = run_cli(
-        "train", str(CONFIG), *SETS, "--set", "bus.transport=local", "--set", f"run.out_dir={out}"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return final_weights(out / RUN)
 
 
 def render(out: Path, engine: str, *extra: str) -> dict:

@@ -10,11 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, final_weights, max_weight_diff, run_cli
+from .conftest import REPO, final_weights, max_weight_diff
+from .k8s_helpers import (
+    CONFIG,
+    RUN,
+    SETS,
+    one_process_reference,  # noqa: F401 - the `reference` fixture
+)
 
 SCRIPTS = [REPO / "launch" / n for n in ("local.sh", "multinode.sh", "slurm.sbatch")]
-CONFIG = REPO / "configs" / "digits-dml.yaml"
-SETS = ["--set", "train.max_steps=25", "--set", "bus.transport=zmq"]
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -32,7 +36,7 @@ def test_scripts_pass_shellcheck() -> None:
     assert result.returncode == 0, result.stdout
 
 
-def test_local_script_runs_the_cohort(tmp_path: Path) -> None:
+def test_local_script_runs_the_cohort(tmp_path: Path, reference: dict) -> None:
     out = tmp_path / "runs"
     result = subprocess.run(
         [str(REPO / "launch" / "local.sh"), str(CONFIG), *SETS, "--set", f"run.out_dir={out}"],
@@ -40,14 +44,8 @@ def test_local_script_runs_the_cohort(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("bus inbox tcp://127.0.0.1:") == 2
-    reference = tmp_path / "reference"
-    done = run_cli(
-        "train", str(CONFIG), *SETS, "--set", "bus.transport=local", "--set",
-        f"run.out_dir={reference}",
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    got = final_weights(out / "digits-dml")
-    assert max_weight_diff(got, final_weights(reference / "digits-dml")) <= 1e-6
+    got = final_weights(out / RUN)
+    assert max_weight_diff(got, reference) <= 1e-6
 
 
 def test_bad_config_stops_the_script_in_one_line(tmp_path: Path) -> None:

@@ -21,11 +21,19 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, final_weights, max_weight_diff, run_cli
-from .k8s_helpers import Pod, find, indexed_job_pods, load_dir, start, wait_all
+from .k8s_helpers import (
+    CONFIG,
+    RUN,
+    SETS,
+    Pod,
+    find,
+    indexed_job_pods,
+    load_dir,
+    one_process_reference,  # noqa: F401 - the `reference` fixture
+    start,
+    wait_all,
+)
 
-CONFIG = REPO / "configs" / "digits-dml.yaml"
-RUN = "digits-dml"
-SETS = ("--set", "train.max_steps=25", "--set", "bus.transport=zmq")
 ADDRESSES = ("10.231.0.1", "10.231.0.2")
 ENDPOINT = re.compile(r"bus inbox tcp://([0-9.]+):\d+")
 
@@ -92,17 +100,6 @@ def hosts() -> Iterator[Hosts]:
             subprocess.run([ip, "netns", "del", ns], capture_output=True, timeout=30)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         subprocess.run([ip, "link", "del", veth[0]], capture_output=True, timeout=30)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The one-process engine's final weights for the same config."""
-    out = tmp_path_factory.mktemp("reference")
-    result = run_cli(
-        "train", str(CONFIG), *SETS, "--set", "bus.transport=local", "--set", f"run.out_dir={out}"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return final_weights(out / RUN)
 
 
 def run_on_hosts(hosts: Hosts, pods: list[Pod], hostnames: list[str], logs: Path) -> str:
