@@ -23,6 +23,7 @@ on local disk, read with `torch.load(weights_only=True)`: tensors and plain type
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -141,6 +142,14 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _file_mode() -> int:
+    """What open() would give a new file (0o666 less the umask); mkstemp gives 0o600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, data: bytes | memoryview) -> None:
     """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing.
 
@@ -149,6 +158,7 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -6,24 +6,31 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from dml_cluster.errors import DmlError
 
 
 class JsonlLog:
-    """Appends one JSON object per line; line-buffered so a crash loses at most one record."""
+    """Appends one JSON object per line; line-buffered so a crash loses at most one record.
+
+    The file is opened at the first record, so a run that stops before logging anything (bad
+    input) leaves the run folder as it found it.
+    """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = path.open("a", buffering=1)
+        self._file: TextIO | None = None
 
     def write(self, event: str, **fields: Any) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("a", buffering=1)
         self._file.write(json.dumps({"event": event, **fields}) + "\n")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def ensure_writable(folder: Path) -> None:

@@ -1,0 +1,296 @@
+"""Bad input never crashes a run or damages its folder: a one-line message, a non-zero exit.
+
+Each case starts from a run folder left by a good run, snapshots it (every file's sha256), feeds
+the bad input to a real `dml-cluster train` process and checks the message, the exit status and
+that the folder is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from .faults_helpers import (
+    assert_same_weights,
+    complete_steps,
+    cut_back_to,
+    one_line_error,
+    settings,
+    snapshot,
+    start_peers,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def good_run(runs: Path) -> Path:
+    """A finished two-epoch run with checkpoints at 10, 20, 22, 30, 40, 44."""
+    proc = train(*settings(runs, "good", epochs=2))
+    assert proc.returncode == 0, proc.stderr
+    return runs / "good"
+
+
+@pytest.fixture
+def existing(good_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the good run's folder, under tmp_path/runs/good."""
+    run_dir = tmp_path / "runs" / "good"
+    shutil.copytree(good_run, run_dir)
+    return run_dir
+
+
+def _again(run_dir: Path, *extra: str) -> list[str]:
+    return settings(run_dir.parent, run_dir.name, *extra, epochs=2)
+
+
+# -- configs and checkpoints ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("transport", ["zmq", "torch"])
+def test_peers_given_different_configs_are_refused(existing: Path, transport: str) -> None:
+    before = snapshot(existing)
+    args = _again(existing, f"bus.transport={transport}")
+    procs = start_peers([args, [*args, "--set", "optim.lr=0.07"]])
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 2, out + err
+        assert "Traceback" not in out + err
+        assert "runs a different config" in err and "every peer must be given the same" in err
+    assert snapshot(existing) == before
+
+
+def test_a_checkpoint_of_another_config_is_refused(existing: Path) -> None:
+    before = snapshot(existing)
+    proc = train(*_again(existing, "optim.lr=0.07"))
+    assert proc.returncode == 2
+    one_line_error(proc, "holds checkpoints of another config", "choose another run.name")
+    assert snapshot(existing) == before
+
+
+def test_a_checkpoint_of_another_cohort_size_is_refused(existing: Path) -> None:
+    before = snapshot(existing)
+    proc = train(*_again(existing, "cohort.size=3"))
+    assert proc.returncode == 2
+    one_line_error(proc, "holds checkpoints of a cohort of 2 peers", "this config has 3")
+    assert snapshot(existing) == before
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate], ids=["corrupt", "truncated"])
+def test_a_corrupt_or_truncated_checkpoint_is_refused(existing: Path, damage) -> None:
+    damage(existing / "checkpoints" / "step-000000044" / "small_cnn-1.pt")
+    before = snapshot(existing)
+    proc = train(*_again(existing))
+    assert proc.returncode == 2
+    one_line_error(
+        proc, "step-000000044/small_cnn-1.pt is corrupt or truncated", "remove", "to resume from"
+    )
+    assert snapshot(existing) == before
+
+
+def test_a_corrupt_checkpoint_stops_every_peer_process(existing: Path) -> None:
+    """Only small_cnn-1's process finds the damage; both stop, neither touches the folder."""
+    _flip_a_byte(existing / "checkpoints" / "step-000000044" / "small_cnn-1.pt")
+    before = snapshot(existing)
+    proc = train(*_again(existing, "bus.transport=zmq"), "--nproc", "2")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    one_line_error(
+        proc, "small_cnn-1.pt is corrupt or truncated", "peer small_cnn-1 could not load"
+    )
+    assert snapshot(existing) == before
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _mnist_folder(folder: Path) -> Path:
+    """A small MNIST-format dataset (IDX files): 256 training images, 64 test images."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 256), ("t10k", 64)):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 64, (n, 28, 28)) + labels[:, None, None] * 19
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return folder
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_a_dataset_folder_with_missing_or_truncated_files_is_refused(
+    tmp_path: Path, damage: str
+) -> None:
+    data = _mnist_folder(tmp_path / "mnist")
+    args = settings(
+        tmp_path / "runs", "mnist", "data.name=mnist", f"data.root={data}", "data.batch_size=64",
+        epochs=1,
+    )  # fmt: skip
+    assert train(*args).returncode == 0
+    run_dir = tmp_path / "runs" / "mnist"
+    before = snapshot(run_dir)
+    labels = data / "t10k-labels-idx1-ubyte"
+    if damage == "missing":
+        labels.unlink()
+        expected = "t10k-labels-idx1-ubyte[.gz] missing in"
+    else:
+        labels.write_bytes(labels.read_bytes()[:-10])
+        expected = "is truncated"
+    proc = train(*args)
+    assert proc.returncode == 2
+    one_line_error(proc, expected)
+    assert snapshot(run_dir) == before
+
+
+# -- ports ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _port_in_use() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_a_bus_port_in_use_is_refused(existing: Path) -> None:
+    before = snapshot(existing)
+    with _port_in_use() as port:
+        proc = train(*_again(existing, "bus.transport=zmq", f"bus.port={port}"), "--nproc", "2")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    one_line_error(proc, f"cannot bind an inbox on 127.0.0.1:{port}: Address already in use")
+    assert snapshot(existing) == before
+
+
+def test_a_metrics_port_in_use_is_reported_in_one_line(tmp_path: Path) -> None:
+    """The exporter's documented choice (config.MetricsConfig.port): a busy port is reported in
+    one line and a free one used instead; the run itself goes on."""
+    with _port_in_use() as port:
+        args = settings(
+            tmp_path, "metrics", "metrics.enabled=true", f"metrics.port={port}",
+            "metrics.address=127.0.0.1", "train.max_steps=5", epochs=1,
+        )  # fmt: skip
+        proc = train(*args)
+    assert proc.returncode == 0, proc.stderr
+    one_line_error(proc, f"metrics port {port} is in use")
+
+
+# -- the run folder and its disk ------------------------------------------------------------------
+
+
+def _mount_tmpfs(folder: Path, size: str) -> bool:
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path | None]:
+    """A 16 MB tmpfs (None when this machine cannot mount one: not root, no CAP_SYS_ADMIN)."""
+    folder = tmp_path / "disk"
+    mounted = _mount_tmpfs(folder, "16m")
+    yield folder if mounted else None
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_an_unwritable_run_folder_is_refused(
+    good_run: Path, small_disk: Path | None, tmp_path: Path
+) -> None:
+    if small_disk is None and os.geteuid() == 0:
+        pytest.skip("root without a way to mount a read-only folder (mount -t tmpfs failed)")
+    runs = small_disk or tmp_path / "readonly"
+    shutil.copytree(good_run, runs / "good")
+    if small_disk is not None:
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    else:
+        for p in [runs, *runs.rglob("*")]:
+            p.chmod(0o555 if p.is_dir() else 0o444)
+    before = snapshot(runs / "good")
+    proc = train(*_again(runs / "good"))
+    assert proc.returncode == 1
+    one_line_error(proc, f"run folder {runs / 'good'} is not writable")
+    assert snapshot(runs / "good") == before
+    fresh = train(*settings(runs, "fresh", epochs=1))  # a new run folder cannot even be made
+    assert fresh.returncode == 1
+    one_line_error(fresh, "is not writable")
+    assert not (runs / "fresh").exists()
+
+
+def test_a_disk_that_fills_during_a_save(
+    good_run: Path, small_disk: Path | None, tmp_path: Path
+) -> None:
+    """The save of step 30 finds the disk full: the run stops with one line, the complete
+    checkpoints are untouched, and with space again the run resumes and ends as it should."""
+    runs = small_disk or tmp_path / "runs-limited"
+    run_dir = runs / "good"
+    shutil.copytree(good_run, run_dir)
+    cut_back_to(run_dir, 22)  # as if stopped after the first epoch
+    checkpoints = snapshot(run_dir / "checkpoints")
+    limit: dict[str, object] = {}
+    filler = runs / "filler"
+    if small_disk is not None:  # a real ENOSPC: fill the tmpfs to 128 KiB of free space
+        free = os.statvfs(runs).f_bavail * os.statvfs(runs).f_frsize
+        filler.write_bytes(b"\0" * (free - 128 * 1024))
+    else:  # no mount here: a file size limit (EFBIG) stands in for a full disk
+        largest = max(p.stat().st_size for p in run_dir.rglob("*") if p.is_file())
+        size = largest // 2 + 64 * 1024  # logs fit, a checkpoint file does not
+
+        def preexec() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+        limit["preexec_fn"] = preexec
+    proc = _train_with(limit, *_again(run_dir))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    one_line_error(proc, "cannot save the checkpoint of step 30", "the run folder keeps step 22")
+    assert snapshot(run_dir / "checkpoints") == checkpoints
+    assert not list(run_dir.rglob("*.tmp"))
+    filler.unlink(missing_ok=True)
+    again = train(*_again(run_dir))
+    assert again.returncode == 0, again.stderr
+    assert "resuming at step 22" in again.stdout
+    assert complete_steps(run_dir) == complete_steps(good_run)
+    assert_same_weights(run_dir, good_run)
+
+
+def _train_with(popen_options: dict[str, object], *args: str) -> subprocess.CompletedProcess:
+    if not popen_options:
+        return train(*args)
+    from .faults_helpers import REPO, command, env
+
+    return subprocess.run(
+        command(*args), cwd=REPO, env=env(), capture_output=True, text=True, timeout=300,
+        **popen_options,
+    )  # fmt: skip
