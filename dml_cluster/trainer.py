@@ -27,8 +27,8 @@ from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, st
 from dml_cluster.data.split import labelled_mask, mask_labels
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
-from dml_cluster.metrics.batch import peer_batch_stats
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
+from dml_cluster.metrics.batch import peer_batch_stats
 from dml_cluster.runlog import JsonlLog, write_json_atomic
 
 

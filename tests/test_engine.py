@@ -59,19 +59,21 @@ def test_shipped_cohorts_run(
 
 
 def test_runs_are_reproducible_and_update_modes_differ(out_dir: Path) -> None:
-    common = ["--set", f"run.out_dir={out_dir}", "--set", "train.max_steps=15"]
-    for name, update in [("a", "simultaneous"), ("b", "simultaneous"), ("c", "sequential")]:
+    runs = [("a", "simultaneous", 15), ("b", "simultaneous", 15), ("c", "simultaneous", 1),
+            ("d", "sequential", 1)]  # fmt: skip
+    for name, update, steps in runs:
         proc = run_cli(
-            "train", "configs/digits-k3-hetero.yaml", *common,
-            "--set", f"run.name={name}", "--set", f"cohort.update={update}",
+            "train", "configs/digits-k3-hetero.yaml", "--set", f"run.out_dir={out_dir}",
+            "--set", f"train.max_steps={steps}", "--set", f"run.name={name}",
+            "--set", f"cohort.update={update}",
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
-    a, b, c = (final_weights(out_dir / n) for n in "abc")
-    assert max_weight_diff(a, b) == 0.0
-    # sequential: peer 0 steps first on the others' predictions, so it matches simultaneous;
-    # later peers see refreshed predictions and end elsewhere
-    assert max_weight_diff({"mlp": a["mlp"]}, {"mlp": c["mlp"]}) == 0.0
-    assert max_weight_diff({"cnn": a["cnn"]}, {"cnn": c["cnn"]}) > 0.0
+    a, b, c, d = (final_weights(out_dir / n) for n in "abcd")
+    assert max_weight_diff(a, b) == 0.0  # same config and seed: the same weights, bit for bit
+    # sequential, first step: peer 0 steps first on the others' predictions, as in simultaneous
+    # mode; the later peers see peer 0's refreshed predictions and end elsewhere
+    assert max_weight_diff({"mlp": c["mlp"]}, {"mlp": d["mlp"]}) == 0.0
+    assert max_weight_diff({"cnn": c["cnn"]}, {"cnn": d["cnn"]}) > 0.0
 
 
 def test_one_peer_cohort_is_plain_training(out_dir: Path) -> None:
