@@ -58,7 +58,7 @@ def wait_for(path: Path, proc: subprocess.Popen | None = None, timeout: float = 
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended before {path} appeared:\n{proc.stdout.read()}")
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {path} appeared")
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} did not appear within {timeout} s")
         time.sleep(0.01)
