@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import ipaddress
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -195,6 +196,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _root_cause(err: Any) -> tuple[int, Any]:
+    """The failure that explains the others: a peer that lost its cohort (200) or was stopped by
+    the launcher (SIGTERM) is a consequence; the earliest other failure is the cause."""
+    consequences = {PeerError.exit_code, -signal.SIGTERM}
+    causes = {r: f for r, f in err.failures.items() if f.exitcode not in consequences}
+    pool = causes or err.failures
+    rank = min(pool, key=lambda r: pool[r].timestamp)
+    return rank, pool[rank]
+
+
 def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: int = 0) -> int:
     """Start `nproc` peer processes with torch.distributed.run (torchrun), one node, c10d store.
 
@@ -218,7 +229,7 @@ def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: 
     try:
         run(get_args_parser().parse_args(argv))
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        rank, failure = _root_cause(err)
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
         error = PeerError(f"peer process rank {rank} failed with exit code {code}")
         error.exit_code = code
