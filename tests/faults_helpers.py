@@ -154,8 +154,12 @@ def start_peers(args_by_rank: list[list[str]], **env_extra: str) -> list[subproc
         )  # fmt: skip
         procs.append(
             subprocess.Popen(
-                command(*args), cwd=REPO, env=env(**peer_env),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
+                command(*args),
+                cwd=REPO,
+                env=env(**peer_env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
         )
     return procs
