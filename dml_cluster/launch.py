@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -167,10 +168,25 @@ def run_peer(cfg: Config) -> dict[str, Any]:
             bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
             placement = Placement((rank,), device, reporter=rank == 0)
             return CohortTrainer(cfg, bus, placement, observers, gather).run()
+    except PeerError:
+        _let_the_cause_exit_first()
+        raise
     finally:
         if bus is not None:
             bus.close()
         _leave_group()
+
+
+CAUSE_GRACE_S = 3.0
+"""How long a peer that lost its cohort waits before exiting, next to other local peers."""
+
+
+def _let_the_cause_exit_first() -> None:
+    """A lost cohort is mostly the consequence of another peer's failure. Next to other workers
+    of one torchrun agent, give that peer time to exit first (interpreter shutdown with torch
+    takes a second or more), so the launcher reports the cause and its exit code."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        time.sleep(CAUSE_GRACE_S)
 
 
 def _leave_group() -> None:
