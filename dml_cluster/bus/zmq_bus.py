@@ -134,6 +134,11 @@ class ZmqBus(Bus):
         store.set_timeout(timedelta(seconds=self.timeout_s))
         try:
             return store.get(key).decode()
+        except torch.distributed.DistNetworkError:
+            raise PeerError(
+                f"lost the rendezvous store while waiting for the bus endpoint of "
+                f"{self._who(other)} (the process hosting the store stopped)"
+            ) from None
         except RuntimeError:
             raise PeerError(
                 f"{self._who(other)} never published its bus endpoint within {self.timeout_s:g} s"
