@@ -179,7 +179,7 @@ def test_handshake_refuses_a_different_config() -> None:
 def test_early_messages_from_the_next_step_are_kept(pair: list[ZmqBus]) -> None:
     # peer 1 runs ahead: its step-0 and step-1 messages are both waiting when peer 0 asks
     for step in (0, 1):
-        pair[1]._publish(StepKey(step, 0, 42), torch.full((4, 3), float(step)))
+        pair[1]._publish(StepKey(step, 0, 42), torch.full((4, 3), float(step)), to=[0])
     time.sleep(0.2)
     for step in (0, 1):
         got = pair[0].exchange(StepKey(step, 0, 42), {0: torch.zeros(4, 3)}, [0, 1])
