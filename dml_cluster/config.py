@@ -245,8 +245,10 @@ class Config(_Strict):
         d = self.to_dict()
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "name", "log_every")}
         del d["metrics"]  # watching a run does not change its numbers
-        for local in ("address", "port", "curve_keys", "timeout_s"):
+        for local in ("address", "port", "timeout_s"):
             del d["bus"][local]  # may differ per node; the numbers do not depend on them
+        # where the keys lie may differ per node; whether the bus is encrypted may not
+        d["bus"]["curve_keys"] = d["bus"]["curve_keys"] is not None
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -21,6 +21,8 @@ shift
 NPROC=${NPROC:-$("$PYTHON" "$here/cohort_size.py" "$CONFIG" "$@")}
 RDZV_PORT=${RDZV_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# restarts with gloo need a fresh store per attempt (stale keys in the shared one break them)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes 1 \

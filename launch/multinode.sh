@@ -49,6 +49,8 @@ if [ -n "${LOCAL_ADDR:-}" ]; then
     local_addr=(--local-addr "$LOCAL_ADDR")
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# restarts with gloo need a fresh store per attempt (stale keys in the shared one break them)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes "$NNODES" \

@@ -71,6 +71,8 @@ def torchrun_env(job: Job) -> list[dict[str, str]]:
         {"name": "PET_RDZV_ENDPOINT", "value": f"{rendezvous_host(job)}:{opts.rdzv_port}"},
         {"name": "PET_RDZV_ID", "value": job.name},
         {"name": "PET_MAX_RESTARTS", "value": str(opts.max_restarts)},
+        # a restarted group needs a fresh store: stale keys in the shared one break gloo
+        {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
     ]
 
 
