@@ -208,8 +208,8 @@ class MetricsConfig(_Strict):
     port: int = Field(
         9400, ge=0, le=65535,
         description="base port: a process serves port + its local rank; 0: any free port "
-        "(a busy port also falls back to a free one; the bound URL is written to "
-        "<run dir>/metrics/<peer>.json)",
+        "(the bound URL is written to <run dir>/metrics/<peer>.json). A busy default port "
+        "falls back to a free one with a warning; a busy port set in the config is an error",
     )  # fmt: skip
     address: str = Field("0.0.0.0", description="address the endpoint binds")
     smoothing: float = Field(

@@ -190,17 +190,17 @@ def test_a_bus_port_in_use_is_refused(existing: Path) -> None:
     assert snapshot(existing) == before
 
 
-def test_a_metrics_port_in_use_is_reported_in_one_line(tmp_path: Path) -> None:
-    """The exporter's documented choice (config.MetricsConfig.port): a busy port is reported in
-    one line and a free one used instead; the run itself goes on."""
+def test_a_metrics_port_in_use_is_a_one_line_error(existing: Path) -> None:
+    """A port the config asks for and cannot have stops the run before it touches anything."""
+    before = snapshot(existing)
     with _port_in_use() as port:
-        args = settings(
-            tmp_path, "metrics", "metrics.enabled=true", f"metrics.port={port}",
-            "metrics.address=127.0.0.1", "train.max_steps=5", epochs=1,
+        proc = train(
+            *_again(existing, "metrics.enabled=true", f"metrics.port={port}",
+                    "metrics.address=127.0.0.1"),
         )  # fmt: skip
-        proc = train(*args)
-    assert proc.returncode == 0, proc.stderr
-    one_line_error(proc, f"metrics port {port} is in use")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    one_line_error(proc, f"metrics: cannot serve on 127.0.0.1:{port}")
+    assert snapshot(existing) == before
 
 
 # -- the run folder and its disk ------------------------------------------------------------------

@@ -184,7 +184,8 @@ class PrometheusExporter:
         try:
             return start_http_server(port, address, registry=self.registry)
         except OSError as err:
-            if err.errno != errno.EADDRINUSE or port == 0:
+            chosen = "port" in self.cfg.metrics.model_fields_set  # asked for, not the default
+            if err.errno != errno.EADDRINUSE or port == 0 or chosen:
                 raise ConfigError(
                     f"config error: metrics: cannot serve on {address}:{port}: {err.strerror}"
                 ) from None
