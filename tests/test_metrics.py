@@ -3,6 +3,7 @@ one real HTTP endpoint labelled per peer, scraped over a real socket."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -149,16 +150,28 @@ def _run_labels(cfg) -> dict[str, str]:
     }
 
 
-def test_busy_port_falls_back_to_a_free_one(tmp_path: Path, capfd) -> None:
+def test_busy_default_port_falls_back_to_a_free_one(tmp_path: Path, capfd) -> None:
+    cfg = load_config(CONFIG, [f"run.out_dir={tmp_path / 'runs'}", "metrics.address=127.0.0.1"])
+    default = cfg.metrics.port
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):  # if something else holds it, just as good
+            taken.bind(("127.0.0.1", default))
+            taken.listen()
+        with metrics_observers(cfg, (0, 1), "x") as (exporter,):
+            assert exporter.port != default
+            assert "dml_run_info" in scrape(exporter.url)
+    assert f"metrics port {default} is in use" in capfd.readouterr().err
+
+
+def test_busy_port_set_in_the_config_is_an_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
         cfg = _cfg(tmp_path, f"metrics.port={busy}")
-        with metrics_observers(cfg, (0, 1), "x") as (exporter,):
-            assert exporter.port != busy
-            assert "dml_run_info" in scrape(exporter.url)
-    assert f"metrics port {busy} is in use" in capfd.readouterr().err
+        expected = f"metrics: cannot serve on 127.0.0.1:{busy}"
+        with pytest.raises(ConfigError, match=expected), metrics_observers(cfg, (0, 1), "x"):
+            pass
 
 
 def test_metrics_settings_do_not_change_the_config_hash(tmp_path: Path) -> None:
