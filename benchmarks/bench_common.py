@@ -30,6 +30,17 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+def own_session() -> None:
+    """Put this process in a session of its own, as torchrun does with every worker.
+
+    Linux's autogroup scheduler (on by default) shares the CPU fairly between sessions, then
+    between the processes of a session: on a shared machine, peers launched in one session get
+    one share between them, while torchrun's workers (start_new_session=True) get one each.
+    """
+    if os.getsid(0) != os.getpid():
+        os.setsid()
+
+
 def _number(x: float) -> str:
     """About three significant digits, thousands separated."""
     if abs(x) >= 100:

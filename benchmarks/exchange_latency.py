@@ -1,9 +1,10 @@
 """Exchange latency of the real buses (zmq tcp, zmq ipc, torch/gloo) next to their floors.
 
-K worker processes (one thread each) join a gloo process group; the zmq buses find each other
-through its store, as under torchrun. For every transport and payload B x C (float32
-log-probabilities), each worker times many back-to-back `Bus.exchange` calls after a warm-up;
-the per-call times of all workers are pooled into a median and a p99.
+K worker processes (one thread each, each in its own session like torchrun's) join a gloo
+process group; the zmq buses find each other through its store, as under torchrun. For every
+transport and payload B x C (float32 log-probabilities), each worker times many back-to-back
+`Bus.exchange` calls after a warm-up; the per-call times of all workers are pooled into a median
+and a p99.
 
 Floors, measured in the same run:
 - memcpy: `dst.copy_(src)` of the payload in one process (the cost of touching the bytes once);
@@ -35,7 +36,7 @@ import torch.multiprocessing as mp  # noqa: E402
 import zmq  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, markdown_table, summary_us  # noqa: E402
+from bench_common import machine, markdown_table, own_session, summary_us  # noqa: E402
 
 from dml_cluster.bus.base import Bus, StepKey  # noqa: E402
 from dml_cluster.bus.torch_bus import TorchBus  # noqa: E402
@@ -152,6 +153,7 @@ def make_bus(transport: str, rank: int, world: int, store: dist.Store) -> Bus:
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: mp.Queue) -> None:
+    own_session()
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

@@ -5,6 +5,8 @@ Two processes, one thread each, the same data, the same small CNN. Conditions:
 - lockstep over zmq / torch (gloo): the two processes are the two peers of a DML cohort.
 Step time is what the trainer logs as `step_seconds`: one `CohortTrainer.train_step` (forward,
 exchange, loss, backward, optimizer step). Ratio = lockstep step time / independent step time.
+Also printed: 1 + exchange / compute, the same cost estimated inside one condition (the exchange
+time includes waiting for the slower peer), which load drift between conditions cannot touch.
 
 Two modes:
 - interleaved (default): two worker processes build one real `CohortTrainer` per condition (the
@@ -15,6 +17,9 @@ Two modes:
 - cli: the end-to-end path a user runs, one condition after the other: two concurrent
   `dml-cluster train` runs of a 1-peer cohort vs one `dml-cluster train --nproc 2` run over the
   elastic launcher; step times read from runs/<name>/peers/<peer>.jsonl (run.log_every=1).
+Every training process runs in a session of its own, as torchrun's workers do (see
+bench_common.own_session: on a shared machine the kernel's autogroup scheduler would otherwise
+give two processes of one session half the CPU share of two torchrun workers).
 
 Run from the repo root: .venv/bin/python benchmarks/step_ratio.py [--quick] [--mode cli]
 """
@@ -41,7 +46,7 @@ import torch.multiprocessing as mp  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, markdown_table  # noqa: E402
+from bench_common import machine, markdown_table, own_session  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 INDEPENDENT = "independent"
@@ -88,6 +93,7 @@ def interleaved_worker(
     from dml_cluster.launch import TRANSPORTS
     from dml_cluster.trainer import CohortTrainer, Placement
 
+    own_session()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=timedelta(seconds=300),
@@ -186,6 +192,7 @@ def summarise(records: list[tuple], conditions: list[str], blocks: int) -> list[
             "ratio_median": median(r[3] for r in rows) / base_median,
             "paired_ratio_median": q2,
             "paired_ratio_iqr": (q1, q3),
+            "records": [r[1:] for r in rows],  # (block, rank, step s, exchange s, CPU s)
         })  # fmt: skip
     return out
 
@@ -207,7 +214,14 @@ def launch(cmds: list[list[str]]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     repo = Path(__file__).resolve().parent.parent
     procs = [
-        subprocess.Popen(c, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        subprocess.Popen(
+            c,
+            cwd=repo,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # as torchrun starts its workers: see own_session()
+        )
         for c in cmds
     ]
     for cmd, proc in zip(cmds, procs, strict=True):
@@ -290,7 +304,7 @@ def main() -> None:
     header = [
         "condition", "steps (both processes)", "step mean ms", "step median ms",
         "exchange mean ms", "compute mean ms (step - exchange)", "ratio of means",
-        "ratio of medians",
+        "ratio of medians", "1 + exchange / compute",
     ]  # fmt: skip
     if args.mode == "interleaved":
         header += ["paired block ratio, median [IQR]", "CPU mean ms (all threads)"]
@@ -301,6 +315,7 @@ def main() -> None:
             name, r["steps"], r["step_mean_ms"], r["step_median_ms"], r["exchange_mean_ms"],
             r["step_mean_ms"] - r["exchange_mean_ms"], f"{r['ratio_mean']:.3f}",
             f"{r['ratio_median']:.3f}",
+            f"{r['step_mean_ms'] / (r['step_mean_ms'] - r['exchange_mean_ms']):.3f}",
         ]  # fmt: skip
         if args.mode == "interleaved":
             lo, hi = r["paired_ratio_iqr"]
