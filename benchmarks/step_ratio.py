@@ -7,6 +7,8 @@ Step time is what the trainer logs as `step_seconds`: one `CohortTrainer.train_s
 exchange, loss, backward, optimizer step). Ratio = lockstep step time / independent step time.
 Also printed: 1 + exchange / compute, the same cost estimated inside one condition (the exchange
 time includes waiting for the slower peer), which load drift between conditions cannot touch.
+Interleaved mode also splits the exchange: the peer that reaches it second waits for nobody, so
+its exchange time is the transfer itself (plus waking up); the rest is waiting for the slower peer.
 
 Two modes:
 - interleaved (default): two worker processes build one real `CohortTrainer` per condition (the
@@ -172,6 +174,12 @@ def summarise(records: list[tuple], conditions: list[str], blocks: int) -> list[
     def block_mean(c: str, block: int) -> float:
         return mean(r[3] for r in steps(c, block))
 
+    def later_peer_exchange(rows: list[tuple]) -> float:
+        """Mean over steps of the smaller of the two peers' exchange times: the peer that came
+        second to the exchange waited for nobody, so this is transfer plus wake-up."""
+        by_rank = [[r for r in rows if r[2] == rank] for rank in (0, 1)]
+        return mean(min(a[4], b[4]) for a, b in zip(*by_rank, strict=True))
+
     base = mean(r[3] for r in steps(INDEPENDENT))
     base_median = median(r[3] for r in steps(INDEPENDENT))
     out = []
@@ -188,6 +196,7 @@ def summarise(records: list[tuple], conditions: list[str], blocks: int) -> list[
             "step_median_ms": 1e3 * median(r[3] for r in rows),
             "exchange_mean_ms": 1e3 * mean(r[4] for r in rows),
             "cpu_mean_ms": 1e3 * mean(r[5] for r in rows),
+            "later_peer_exchange_ms": 1e3 * later_peer_exchange(rows),
             "ratio_mean": mean(r[3] for r in rows) / base,
             "ratio_median": median(r[3] for r in rows) / base_median,
             "paired_ratio_median": q2,
@@ -307,7 +316,10 @@ def main() -> None:
         "ratio of medians", "1 + exchange / compute",
     ]  # fmt: skip
     if args.mode == "interleaved":
-        header += ["paired block ratio, median [IQR]", "CPU mean ms (all threads)"]
+        header += [
+            "paired block ratio, median [IQR]", "CPU mean ms (all threads)",
+            "exchange of the later peer ms (no waiting)",
+        ]  # fmt: skip
     rows = []
     for r in results:
         name = "independent x 2" if r["condition"] == INDEPENDENT else f"lockstep, {r['condition']}"
@@ -320,7 +332,7 @@ def main() -> None:
         if args.mode == "interleaved":
             lo, hi = r["paired_ratio_iqr"]
             row.append(f"{r['paired_ratio_median']:.3f} [{lo:.3f}, {hi:.3f}]")
-            row.append(r["cpu_mean_ms"])
+            row += [r["cpu_mean_ms"], r["later_peer_exchange_ms"]]
         rows.append(row)
     print(markdown_table(header, rows))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
