@@ -10,6 +10,7 @@ stale is dropped and counted, never unpickled, never crashes the peer.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import socket
@@ -276,3 +277,6 @@ class ZmqBus(Bus):
         if self.guard is not None:
             self.guard.stop()
         self.ctx.term()
+        if getattr(self, "endpoint", "").startswith("ipc://"):
+            with contextlib.suppress(OSError):  # zmq leaves the socket file behind
+                os.unlink(self.endpoint.removeprefix("ipc://"))
