@@ -58,8 +58,7 @@ class Header:
 
     @property
     def payload_bytes(self) -> int:
-        itemsize = torch.empty((), dtype=ENCODINGS[self.encoding]).element_size()
-        return self.rows * self.cols * itemsize
+        return self.rows * self.cols * ENCODINGS[self.encoding].itemsize
 
 
 def unpack_header(raw: bytes | memoryview) -> Header:
