@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import torch
 
+from .conftest import final_weights
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/digits-dml.yaml"  # 2 small CNNs on digits: 22 steps per epoch
 
@@ -75,12 +77,6 @@ def workers(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
         if rank is not None:
             found[int(rank)] = child
     return found
-
-
-def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {
-        p.stem: torch.load(p, weights_only=True) for p in sorted((run_dir / "final").glob("*.pt"))
-    }
 
 
 def assert_same_weights(a: Path, b: Path) -> None:

@@ -13,6 +13,7 @@ training is (`progress`, for warm-ups and stages). Teachers never call a method:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
@@ -71,7 +72,7 @@ class StepView:
         return cls(0, list(peers), list(teachers), Progress(epoch, epoch, 1), x)
 
 
-class Method:
+class Method(ABC):
     """Base of every method: a loss, plus optional per-student set-up (`attach`).
 
     `teachers` declares what the method needs from the cohort's teacher peers: "none" (they
@@ -85,16 +86,17 @@ class Method:
         self.cfg = cfg
         self.temperature = cfg.temperature or self.default_temperature
 
-    def attach(
+    def attach(  # noqa: B027 - an optional hook
         self, peer: Peer, cfg: Config, input_shape: tuple[int, int, int], classes: int
     ) -> None:
         """Called once per hosted student before training (FitNets adds a regressor here)."""
 
-    def check(self, cfg: Config) -> None:
+    def check(self, cfg: Config) -> None:  # noqa: B027 - an optional hook
         """Method-specific config checks; raise ConfigError."""
 
+    @abstractmethod
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
-        raise NotImplementedError
+        """The loss a student steps on, and its parts for logging."""
 
 
 _METHODS: dict[str, type[Method]] = {}
