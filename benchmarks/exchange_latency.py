@@ -11,7 +11,13 @@ Floors, measured in the same run:
 - 1-byte round trip: rank 0 -> rank 1 -> rank 0 on the transport itself (raw zmq PUSH/PULL
   sockets over tcp or ipc; gloo send/recv);
 - 1-byte exchange: the bus's own pattern with no bus logic, each of the K ranks sending 1 byte to
-  every other and waiting for K-1 (raw zmq sockets; gloo all_gather of a 1-element tensor).
+  every other and waiting for K-1 (raw zmq sockets; gloo all_gather of a 1-element tensor);
+- raw multipart (zmq only): the same pattern on the same raw sockets, but each message is the
+  bus's two frames, a wire header of `wire.HEADER.size` bytes and the payload's bytes, sent and
+  received zero-copy as the bus does; the difference to the bus is the bus's own Python work
+  (header pack and checks, encode/decode, the copy on receipt).
+Also measured: the CPU time of each `Bus.exchange` call (time.process_time: all threads of the
+process, the zmq I/O thread and gloo's included), next to its wall time.
 
 Run from the repo root: .venv/bin/python benchmarks/exchange_latency.py [--quick]
 """
@@ -40,6 +46,7 @@ from bench_common import machine, markdown_table, own_session, summary_us  # noq
 
 from dml_cluster.bus.base import Bus, StepKey  # noqa: E402
 from dml_cluster.bus.torch_bus import TorchBus  # noqa: E402
+from dml_cluster.bus.wire import HEADER  # noqa: E402
 from dml_cluster.bus.zmq_bus import ZmqBus  # noqa: E402
 
 TRANSPORTS = ("zmq-tcp", "zmq-ipc", "torch-gloo")
@@ -107,6 +114,19 @@ class RawZmq:
             else:  # a fast peer's next iteration
                 self.early[got] = self.early.get(got, 0) + 1
 
+    def exchange_multipart(self, i: int, body: memoryview) -> None:
+        """Like `exchange`, but each message is [a wire-header-sized frame, body], zero-copy."""
+        header = bytes([i % 256]) + bytes(HEADER.size - 1)
+        for sock in self.out.values():
+            sock.send_multipart([header, body], copy=False)
+        need = self.world - 1 - self.early.pop(i % 256, 0)
+        while need:
+            got = self.inbox.recv_multipart(copy=False)[0].buffer[0]
+            if got == i % 256:
+                need -= 1
+            else:  # a fast peer's next iteration
+                self.early[got] = self.early.get(got, 0) + 1
+
     def close(self) -> None:
         for sock in [self.inbox, *self.out.values()]:
             sock.close(linger=0)
@@ -124,16 +144,18 @@ def gloo_round_trip(rank: int, byte: torch.Tensor) -> None:
         dist.send(byte, 0)
 
 
-def timed(fn, warmup: int, iters: int) -> list[float]:
-    """Barrier, warm up, then time `iters` calls of fn(i)."""
+def timed(fn, warmup: int, iters: int, cpu: list[float] | None = None) -> list[float]:
+    """Barrier, warm up, then time `iters` calls of fn(i); their CPU times go to `cpu` if given."""
     dist.barrier()
     for i in range(warmup):
         fn(i)
     times = []
     for i in range(warmup, warmup + iters):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         fn(i)
         times.append(time.perf_counter() - t0)
+        if cpu is not None:
+            cpu.append(time.process_time() - cpu0)
     return times
 
 
@@ -187,7 +209,15 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: mp
             "round_trip": timed(rtt, args.warmup, args.iters),
             "exchange_1b": timed(exch, args.warmup, args.iters),
         }
+        multipart: dict[tuple[int, int], list[float]] = {}
         if raw is not None:
+            for rows, cols in args.payloads:
+                body = memoryview(bytes(rows * cols * 4))
+
+                def exch_mp(i: int, raw=raw, body=body) -> None:
+                    raw.exchange_multipart(i, body)
+
+                multipart[rows, cols] = timed(exch_mp, args.warmup, args.iters)
             raw.close()
         # the real bus
         bus = make_bus(transport, rank, world, store)
@@ -200,12 +230,14 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: mp
                 bus.exchange(StepKey(step, 0, FINGERPRINT), local, range(world))
                 step += 1
 
+            cpu: list[float] = []
             out.append(
                 {
                     "transport": transport, "K": world, "rows": rows, "cols": cols,
-                    "bus": timed(call, args.warmup, args.iters),
+                    "bus": timed(call, args.warmup, args.iters, cpu), "bus_cpu": cpu,
                     "round_trip": floors["round_trip"] if rank == 0 else [],
                     "exchange_1b": floors["exchange_1b"],
+                    "multipart": multipart.get((rows, cols), []),
                 }
             )  # fmt: skip
         dist.barrier()
@@ -239,7 +271,7 @@ def run_cohort(world: int, args: argparse.Namespace) -> list[dict]:
             raise SystemExit(f"exchange_latency: worker {p.name} exited with {p.exitcode}")
     cells = []
     for n, first in enumerate(per_rank[0][1]):
-        pooled = {key: [] for key in ("bus", "round_trip", "exchange_1b")}
+        pooled = {key: [] for key in ("bus", "bus_cpu", "round_trip", "exchange_1b", "multipart")}
         for _, out in per_rank:
             for key in pooled:
                 pooled[key] += out[n][key]
@@ -260,34 +292,45 @@ def main() -> None:
         args.iters, args.warmup, args.ks, args.payloads = 20, 5, [2], [PAYLOADS[0]]
 
     print(f"machine: {machine()}")
-    print(f"{args.iters} timed exchanges per cell after {args.warmup} warm-up, all ranks pooled\n")
+    print(
+        f"{args.iters} timed exchanges per cell after {args.warmup} warm-up, all ranks pooled; "
+        f"load average before: {os.getloadavg()[0]:.2f}\n"
+    )
     memcpy = {p: memcpy_floor(*p, args.iters) for p in args.payloads}
     records = []
     for world in args.ks:
         rows = []
         for cell in run_cohort(world, args):
             payload = (cell["rows"], cell["cols"])
-            bus, rtt, ex = (summary_us(cell[k]) for k in ("bus", "round_trip", "exchange_1b"))
+            bus, cpu, rtt, ex = (
+                summary_us(cell[k]) for k in ("bus", "bus_cpu", "round_trip", "exchange_1b")
+            )
+            mp_floor = summary_us(cell["multipart"]) if cell["multipart"] else None
             kib = cell["rows"] * cell["cols"] * 4 / 1024
             rows.append(
                 [
                     cell["transport"], f"{cell['rows']} x {cell['cols']} ({kib:,.0f} KiB)",
-                    bus["median_us"], bus["p99_us"], ex["median_us"], ex["p99_us"],
-                    rtt["median_us"], memcpy[payload]["median_us"],
+                    bus["median_us"], bus["p99_us"], cpu["median_us"], cpu["mean_us"],
+                    mp_floor["median_us"] if mp_floor else "n/a",
+                    ex["median_us"], ex["p99_us"], rtt["median_us"], memcpy[payload]["median_us"],
                     f"{bus['median_us'] / ex['median_us']:.1f}x",
                 ]
             )  # fmt: skip
             records.append(
                 {"K": world, "transport": cell["transport"], "payload": payload, "bus": bus,
-                 "exchange_1b": ex, "round_trip": rtt, "memcpy": memcpy[payload]}
+                 "bus_cpu": cpu, "raw_multipart": mp_floor, "exchange_1b": ex, "round_trip": rtt,
+                 "memcpy": memcpy[payload]}
             )  # fmt: skip
         print(f"### K = {world}\n")
         header = [
             "transport", "payload B x C (float32)", "exchange median µs", "exchange p99 µs",
+            "exchange CPU median µs", "exchange CPU mean µs",
+            f"raw multipart ({HEADER.size} B header + payload) median µs",
             "1-byte exchange median µs", "1-byte exchange p99 µs", "1-byte round trip median µs",
             "memcpy median µs", "exchange / 1-byte exchange",
         ]  # fmt: skip
         print(markdown_table(header, rows) + "\n", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "cells": records}, indent=1))
 

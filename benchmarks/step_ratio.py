@@ -2,6 +2,10 @@
 
 Two processes, one thread each, the same data, the same small CNN. Conditions:
 - independent: each process trains its own 1-peer cohort (LocalBus: nothing leaves the process);
+- independent, barrier each step (interleaved mode only): the same, but the two processes meet at
+  a gloo barrier before every step and the step time includes the wait there (reported as its
+  exchange). A cohort that synchronises each step but sends no predictions: its compute shows
+  whether phase-aligned peers slow each other down, its wait what the synchronisation alone costs;
 - lockstep over zmq / torch (gloo): the two processes are the two peers of a DML cohort.
 Step time is what the trainer logs as `step_seconds`: one `CohortTrainer.train_step` (forward,
 exchange, loss, backward, optimizer step). Ratio = lockstep step time / independent step time.
@@ -9,6 +13,9 @@ Also printed: 1 + exchange / compute, the same cost estimated inside one conditi
 time includes waiting for the slower peer), which load drift between conditions cannot touch.
 Interleaved mode also splits the exchange: the peer that reaches it second waits for nobody, so
 its exchange time is the transfer itself (plus waking up); the rest is waiting for the slower peer.
+A second table sets the measured overhead (step mean minus the independent step mean) next to the
+straggler estimate E[max(c0, c1)] - E[(c0 + c1) / 2] from the per-step compute times c of the two
+processes, paired step by step: what waiting for the slower of two peers costs given the jitter.
 
 Two modes:
 - interleaved (default): two worker processes build one real `CohortTrainer` per condition (the
@@ -52,6 +59,8 @@ from bench_common import machine, markdown_table, own_session  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 INDEPENDENT = "independent"
+BARRIER = "barrier"
+LABELS = {INDEPENDENT: "independent x 2", BARRIER: "independent x 2, barrier each step"}
 
 
 def base_config(args: argparse.Namespace, out_dir: Path, total_steps: int) -> dict:
@@ -75,7 +84,7 @@ def base_config(args: argparse.Namespace, out_dir: Path, total_steps: int) -> di
 def condition_config(raw: dict, condition: str) -> dict:
     raw = json.loads(json.dumps(raw))
     raw["run"]["name"] = f"step-ratio-{condition}"
-    if condition == INDEPENDENT:
+    if condition in (INDEPENDENT, BARRIER):
         raw["cohort"]["size"] = 1
     else:
         raw["bus"]["transport"] = condition
@@ -100,7 +109,7 @@ def interleaved_worker(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
         timeout=timedelta(seconds=300),
     )  # fmt: skip
-    conditions = [INDEPENDENT, *args.transports]
+    conditions = [INDEPENDENT, BARRIER, *args.transports]
     per_block = args.block_steps
     total = (args.blocks + 1) * per_block
     raw = base_config(args, Path(out_dir) / f"rank{rank}", total)
@@ -109,7 +118,7 @@ def interleaved_worker(
     cpu = torch.device("cpu")
     trainers: dict[str, CohortTrainer] = {}
     for c, cfg in cfgs.items():
-        if c == INDEPENDENT:
+        if c in (INDEPENDENT, BARRIER):
             trainers[c] = CohortTrainer(cfg, LocalBus(), Placement((0,), cpu, reporter=False))
         else:
             bus = TRANSPORTS[c](cfg, rank, world, cpu)
@@ -128,10 +137,14 @@ def interleaved_worker(
                 x, y = trainer.train_x[idx], trainer.train_y[idx]
                 fp = fingerprint(idx)
                 t0, cpu0 = time.perf_counter(), time.process_time()
+                if c == BARRIER:
+                    dist.barrier()
+                waited = time.perf_counter() - t0
                 result = trainer.train_step(x, y, steps[c], fp)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                exchange = waited if c == BARRIER else result.exchange_seconds
                 if block > 0:
-                    records.append((c, block, rank, seconds, result.exchange_seconds, cpu))
+                    records.append((c, block, rank, seconds, exchange, cpu))
                 steps[c] += 1
     dist.barrier()
     for trainer in trainers.values():
@@ -164,7 +177,7 @@ def run_interleaved(args: argparse.Namespace) -> list[dict]:
             p.join(60)
             if p.exitcode != 0:
                 raise SystemExit(f"step_ratio: worker {p.name} exited with {p.exitcode}")
-    return summarise(records, [INDEPENDENT, *args.transports], args.blocks)
+    return summarise(records, [INDEPENDENT, BARRIER, *args.transports], args.blocks)
 
 
 def summarise(records: list[tuple], conditions: list[str], blocks: int) -> list[dict]:
@@ -179,6 +192,13 @@ def summarise(records: list[tuple], conditions: list[str], blocks: int) -> list[
         second to the exchange waited for nobody, so this is transfer plus wake-up."""
         by_rank = [[r for r in rows if r[2] == rank] for rank in (0, 1)]
         return mean(min(a[4], b[4]) for a, b in zip(*by_rank, strict=True))
+
+    def straggler_estimate(rows: list[tuple]) -> float:
+        """E[max(c0, c1)] - E[(c0 + c1) / 2] over steps, c = step - exchange of each process: the
+        mean wait for the slower peer if the two had to meet after every step's compute."""
+        by_rank = [[r[3] - r[4] for r in rows if r[2] == rank] for rank in (0, 1)]
+        pairs = list(zip(*by_rank, strict=True))
+        return mean(max(a, b) for a, b in pairs) - mean((a + b) / 2 for a, b in pairs)
 
     base = mean(r[3] for r in steps(INDEPENDENT))
     base_median = median(r[3] for r in steps(INDEPENDENT))
@@ -197,11 +217,14 @@ def summarise(records: list[tuple], conditions: list[str], blocks: int) -> list[
             "exchange_mean_ms": 1e3 * mean(r[4] for r in rows),
             "cpu_mean_ms": 1e3 * mean(r[5] for r in rows),
             "later_peer_exchange_ms": 1e3 * later_peer_exchange(rows),
+            "overhead_ms": 1e3 * (mean(r[3] for r in rows) - base),
+            "straggler_estimate_ms": 1e3 * straggler_estimate(rows),
             "ratio_mean": mean(r[3] for r in rows) / base,
             "ratio_median": median(r[3] for r in rows) / base_median,
             "paired_ratio_median": q2,
             "paired_ratio_iqr": (q1, q3),
-            "records": [r[1:] for r in rows],  # (block, rank, step s, exchange s, CPU s)
+            # (block, rank, step s, exchange s (barrier wait for BARRIER), CPU s)
+            "records": [r[1:] for r in rows],
         })  # fmt: skip
     return out
 
@@ -280,6 +303,23 @@ def run_cli(args: argparse.Namespace) -> list[dict]:
 # -- main ------------------------------------------------------------------------------------
 
 
+def overhead_table(results: list[dict]) -> str:
+    """The measured overhead of each condition next to the straggler estimate and the transfer."""
+    header = [
+        "condition", "overhead ms (step mean - independent step mean)",
+        "straggler estimate ms, E[max(c0, c1)] - E[c] of this condition's compute",
+        "exchange of the later peer ms (transfer + wake-up)",
+    ]  # fmt: skip
+    rows = [
+        [
+            LABELS.get(r["condition"], f"lockstep, {r['condition']}"), r["overhead_ms"],
+            r["straggler_estimate_ms"], r["later_peer_exchange_ms"],
+        ]
+        for r in results
+    ]  # fmt: skip
+    return markdown_table(header, rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
@@ -322,7 +362,7 @@ def main() -> None:
         ]  # fmt: skip
     rows = []
     for r in results:
-        name = "independent x 2" if r["condition"] == INDEPENDENT else f"lockstep, {r['condition']}"
+        name = LABELS.get(r["condition"], f"lockstep, {r['condition']}")
         row = [
             name, r["steps"], r["step_mean_ms"], r["step_median_ms"], r["exchange_mean_ms"],
             r["step_mean_ms"] - r["exchange_mean_ms"], f"{r['ratio_mean']:.3f}",
@@ -335,6 +375,8 @@ def main() -> None:
             row += [r["cpu_mean_ms"], r["later_peer_exchange_ms"]]
         rows.append(row)
     print(markdown_table(header, rows))
+    if args.mode == "interleaved":
+        print("\n" + overhead_table(results))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))

@@ -29,13 +29,22 @@ def test_exchange_latency_quick() -> None:
     for transport in ("zmq-tcp", "zmq-ipc", "torch-gloo"):
         assert f"| {transport} | 128 x 10" in out
     assert "### K = 2" in out
+    assert "B header + payload) median µs" in out  # the raw multipart floor
+    assert "exchange CPU mean µs" in out
 
 
 @pytest.mark.timeout(300)
 def test_step_ratio_quick() -> None:
     out = run_script("step_ratio.py")
-    for row in ("| independent x 2 |", "| lockstep, zmq |", "| lockstep, torch |"):
-        assert row in out
+    rows = (
+        "| independent x 2 |",
+        "| independent x 2, barrier each step |",
+        "| lockstep, zmq |",
+        "| lockstep, torch |",
+    )
+    for row in rows:
+        assert out.count(row) == 2  # the step table and the overhead table
+    assert "straggler estimate ms" in out
 
 
 @pytest.mark.slow
