@@ -24,6 +24,7 @@ from bench_common import machine, markdown_table  # noqa: E402
 from dml_cluster.checkpoint import CohortCheckpoints, Position  # noqa: E402
 from dml_cluster.cohort import build_peer  # noqa: E402
 from dml_cluster.config import parse_config  # noqa: E402
+from dml_cluster.control import LocalControl  # noqa: E402
 
 MODELS = [  # (model, args, input shape, classes)
     ("mlp", {"hidden": [256, 128]}, (1, 8, 8), 10),
@@ -48,13 +49,14 @@ def measure(model: str, args: dict, shape: tuple[int, int, int], classes: int, r
         peer.model(torch.randn(2, *shape)).sum().backward()
         peer.optimizer.step()
         checkpoints = CohortCheckpoints(cfg, Path(tmp) / "bench")
+        control = LocalControl()
         saves, restores = [], []
         for step in range(1, repeats + 1):
             t0 = time.perf_counter()
-            folder = checkpoints.save(Position(0, step, step), {0: peer}, [], lambda local: local)
+            folder = checkpoints.save(Position(0, step, step), {0: peer}, [], control)
             saves.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            checkpoints.restore({0: peer})
+            checkpoints.restore({0: peer}, control)
             restores.append(time.perf_counter() - t0)
         size = (folder / f"{peer.name}.pt").stat().st_size
     params = sum(p.numel() for p in peer.model.parameters())

@@ -8,8 +8,9 @@ Layout under the run folder (files are keyed by the peer's name, never by RANK):
     checkpoints/step-000000120/manifest.json      the cohort's: position, every peer's digest
 
 Saving: each process writes its peers' files (temporary file, fsync, rename), the cohort confirms
-over the bus that every file is in place (the digests travel with the confirmation), then every
-process writes the same manifest and prunes to the newest `keep` complete steps. A step without a
+over the control channel (dml_cluster.control) that every file is in place (the digests travel
+with the confirmation, as bytes in a self-checking message), then every process writes the same
+manifest and prunes to the newest `keep` complete steps. A step without a
 manifest is torn (a peer died while saving) and is never loaded.
 
 Resuming: every process lists the steps it has its peers' files for and the steps it sees a
@@ -32,9 +33,10 @@ import random
 import re
 import shutil
 import signal
+import struct
 import sys
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from torch import Tensor, nn
 
 from dml_cluster.cohort import Peer
 from dml_cluster.config import Config
+from dml_cluster.control import Control, Topic
 from dml_cluster.errors import CheckpointError
 
 FORMAT = 1
@@ -55,16 +58,8 @@ FAULT_ENV = "DML_CLUSTER_FAULT"
 """Chaos-testing hook: `die-saving:<peer>:<step>` makes the process hosting that peer write half
 of its file for that step and SIGKILL itself, in the first attempt of a torchrun group only."""
 
-Gather = Callable[[Sequence[int]], list[list[int]]]
-"""Every process's list of integers, in process order (for one process: `[values]`)."""
-
-Confirm = Callable[[dict[int, Tensor]], dict[int, Tensor]]
-"""Exchange one small tensor per hosted peer for every peer's (the bus, at a save round)."""
-
-
-def gather_here(values: Sequence[int]) -> list[list[int]]:
-    """The `Gather` of a process that hosts the whole cohort."""
-    return [list(values)]
+_CONFIRMATION = struct.Struct("<IB32s")
+"""One hosted peer in a save confirmation: its index, 1 if its file is in place, its sha256."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +209,7 @@ class CohortCheckpoints:
         position: Position,
         peers: Mapping[int, Peer],
         history: list[dict[str, Any]],
-        confirm: Confirm,
+        control: Control,
         extra: Mapping[int, Mapping[str, nn.Module]] | None = None,
     ) -> Path:
         """Write the hosted peers' files, confirm with the cohort, write the manifest, prune.
@@ -243,8 +238,10 @@ class CohortCheckpoints:
                 digests[i] = digest
         except OSError as err:
             problem = err.strerror or str(err)
-        confirmations = confirm({i: _confirmation(digests.get(i)) for i in peers})
-        everyone = {i: _read_confirmation(t) for i, t in confirmations.items()}
+        mine = _confirmation({i: digests.get(i) for i in peers})
+        everyone = self._read_confirmations(
+            control.all_gather_bytes(Topic.SAVED, position.step, mine), position.step
+        )
         failed = [self.names[i] for i, d in sorted(everyone.items()) if d is None]
         if failed:
             self._withdraw(folder, peers)
@@ -305,6 +302,31 @@ class CohortCheckpoints:
             state["scaler"] = scaler.state_dict()
         return state
 
+    def _read_confirmations(self, messages: list[bytes], step: int) -> dict[int, bytes | None]:
+        """Every peer's digest (None: its file is not in place), checked to cover the cohort
+        exactly once."""
+        everyone: dict[int, bytes | None] = {}
+        for data in messages:
+            if len(data) % _CONFIRMATION.size:
+                raise CheckpointError(
+                    f"a confirmation of the checkpoint of step {step} is {len(data)} bytes long, "
+                    f"not a whole number of {_CONFIRMATION.size}-byte records"
+                )
+            for i, saved, digest in _CONFIRMATION.iter_unpack(data):
+                if i >= self.size or i in everyone or saved not in (0, 1):
+                    raise CheckpointError(
+                        f"a confirmation of the checkpoint of step {step} is malformed "
+                        f"(peer index {i}, flag {saved})"
+                    )
+                everyone[i] = digest if saved else None
+        missing = [self.names[i] for i in range(self.size) if i not in everyone]
+        if missing:
+            raise CheckpointError(
+                f"the checkpoint of step {step} was not confirmed for {', '.join(missing)}: "
+                f"no process of the cohort reported it"
+            )
+        return everyone
+
     def _withdraw(self, folder: Path, peers: Mapping[int, Peer]) -> None:
         """Remove this process's files of a step the cohort could not complete."""
         for peer in peers.values():
@@ -329,7 +351,7 @@ class CohortCheckpoints:
     def restore(
         self,
         peers: Mapping[int, Peer],
-        gather: Gather = gather_here,
+        control: Control,
         extra: Mapping[int, Mapping[str, nn.Module]] | None = None,
     ) -> Restored | None:
         """Agree with the cohort on the newest complete step and load it into `peers`.
@@ -345,7 +367,8 @@ class CohortCheckpoints:
             files, manifests = self._scan(peers)
         except CheckpointError as err:
             error = err
-        reports = gather([0 if error is None else 1, first, len(files), *files, *manifests])
+        scan = [0 if error is None else 1, first, len(files), *files, *manifests]
+        reports = control.all_gather_ints(Topic.RESUME_SCAN, 0, scan)
         self._raise_if_any_failed(reports, error, "read its checkpoints")
         have_files = [set(r[3 : 3 + r[2]]) for r in reports]
         with_manifest = set().union(*(r[3 + r[2] :] for r in reports))
@@ -381,7 +404,9 @@ class CohortCheckpoints:
             restored = self._load(step, peers, manifests.get(step), extra or {})
         except CheckpointError as err:
             error = err
-        reports = gather([0 if error is None else 1, first])
+        reports = control.all_gather_ints(
+            Topic.RESUME_LOAD, step, [0 if error is None else 1, first]
+        )
         self._raise_if_any_failed(reports, error, f"load the checkpoint of step {step}")
         for later, folder in self._step_folders().items():
             if later > step:
@@ -524,21 +549,11 @@ def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _confirmation(digest: bytes | None) -> Tensor:
-    """[1, 33]: 1 and the 32 digest bytes when saved, zeros when not. Integers up to 255 survive
-    every bus encoding (float16, bfloat16) exactly."""
-    out = torch.zeros(1, 33)
-    if digest is not None:
-        out[0, 0] = 1.0
-        out[0, 1:] = torch.tensor(list(digest), dtype=torch.float32)
-    return out
-
-
-def _read_confirmation(t: Tensor) -> bytes | None:
-    values = t.detach().float().cpu().view(-1).tolist()
-    if len(values) != 33 or values[0] != 1.0:
-        return None
-    return bytes(int(v) for v in values[1:])
+def _confirmation(digests: Mapping[int, bytes | None]) -> bytes:
+    """This process's save confirmation: a record per hosted peer (a zero digest: not saved)."""
+    return b"".join(
+        _CONFIRMATION.pack(i, d is not None, d or bytes(32)) for i, d in sorted(digests.items())
+    )
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -24,9 +23,9 @@ import torch.distributed as dist
 
 from dml_cluster.bus import Bus
 from dml_cluster.bus.local import LocalBus
-from dml_cluster.checkpoint import Gather
 from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
+from dml_cluster.control import Control, Topic, TorchControl
 from dml_cluster.errors import ConfigError, PeerError
 from dml_cluster.metrics import metrics_observers
 from dml_cluster.runlog import ensure_writable
@@ -103,33 +102,12 @@ def _torch_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
 TRANSPORTS = {"zmq": _zmq_bus, "torch": _torch_bus}
 
 
-def _gather_ints(device: torch.device) -> Gather:
-    """A `Gather` over the default process group: int64 tensors, nothing pickled."""
-
-    def gather(values: Sequence[int]) -> list[list[int]]:
-        try:
-            count = torch.tensor([len(values)], dtype=torch.int64, device=device)
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
-            mine = torch.zeros(int(count.item()) + 1, dtype=torch.int64, device=device)
-            mine[0] = len(values)
-            mine[1 : len(values) + 1] = torch.tensor(list(values), dtype=torch.int64)
-            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-            dist.all_gather(everyone, mine)
-        except (RuntimeError, dist.DistBackendError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise PeerError(f"lost contact with the cohort before training: {first}") from None
-        return [t[1 : int(t[0]) + 1].tolist() for t in everyone]
-
-    return gather
-
-
-def _check_same_config(cfg: Config, rank: int, gather: Gather) -> None:
+def _check_same_config(cfg: Config, control: Control) -> None:
     """Every peer must run the same config (the zmq handshake checks it too; torch has none)."""
     mine = cfg.hash()
-    halves = [int(mine[:8], 16), int(mine[8:], 16)]
-    for other, theirs in enumerate(gather(halves)):
-        if theirs != halves:
-            their_hash = f"{theirs[0]:08x}{theirs[1]:08x}"
+    for other, theirs in enumerate(control.all_gather_bytes(Topic.CONFIG, 0, mine.encode())):
+        if theirs != mine.encode():
+            their_hash = theirs.decode(errors="replace")
             raise ConfigError(
                 f"peer {other} ({cfg.peers[other].name}, rank {other}) runs a different config "
                 f"(hash {their_hash}, mine {mine}): every peer must be given the same config"
@@ -159,21 +137,24 @@ def run_peer(cfg: Config) -> dict[str, Any]:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PeerError(f"cannot join the cohort's process group: {first}") from None
     bus: Bus | None = None
+    control: Control | None = None
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
-        gather = _gather_ints(device)
-        _check_same_config(cfg, rank, gather)
+        control = TorchControl([p.name for p in cfg.peers], cfg.bus.timeout_s)
+        _check_same_config(cfg, control)
         ensure_writable(cfg.run.dir)
         with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
             bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
             placement = Placement((rank,), device, reporter=rank == 0)
-            return CohortTrainer(cfg, bus, placement, observers, gather).run()
+            return CohortTrainer(cfg, bus, placement, observers, control).run()
     except PeerError:
         _let_the_cause_exit_first()
         raise
     finally:
         if bus is not None:
             bus.close()
+        if control is not None:
+            control.close()
         _leave_group()
 
 

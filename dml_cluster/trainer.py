@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dml_cluster.bus import EVAL_ROUND, SAVE_ROUND, Bus, StepKey
-from dml_cluster.checkpoint import CohortCheckpoints, Gather, Position, Restored, gather_here
+from dml_cluster.bus import EVAL_ROUND, Bus, StepKey
+from dml_cluster.checkpoint import CohortCheckpoints, Position, Restored
 from dml_cluster.cohort import Peer, build_peer, refresh_predictions
 from dml_cluster.config import Config
+from dml_cluster.control import Control, LocalControl
 from dml_cluster.data import load_dataset
 from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, steps_per_epoch
@@ -83,11 +84,12 @@ class CohortTrainer:
         bus: Bus,
         placement: Placement,
         observers: Sequence[Observer] = (),
-        gather: Gather = gather_here,
+        control: Control | None = None,
     ) -> None:
-        """`gather` collects a list of integers from every process (agreeing on a checkpoint)."""
+        """`control`: the channel the cohort's processes agree on checkpoints through (default:
+        `LocalControl`, for a process hosting the whole cohort)."""
         self.cfg, self.bus, self.placement = cfg, bus, placement
-        self.gather = gather
+        self.control = control if control is not None else LocalControl()
         self.observers = list(observers)
         self._exchange_seconds = self._wait_seconds = 0.0
         self.size = len(cfg.peers)
@@ -264,20 +266,15 @@ class CohortTrainer:
         return {i: dict(extra(i)) for i in self.peers} if extra else {}
 
     def _checkpoint(self, at: Position, history: list[dict[str, Any]]) -> None:
-        """Save the hosted peers; the cohort confirms over the bus after the step's exchanges."""
-        fp = fingerprint(torch.tensor([at.epoch, at.step_in_epoch, at.step]))
-        key = StepKey(at.step - 1, SAVE_ROUND, fp)
-
-        def confirm(local: dict[int, Tensor]) -> dict[int, Tensor]:
-            return self.bus.exchange(key, local, range(self.size))
-
-        self.checkpoints.save(at, self.peers, history, confirm, self._extra_modules())
+        """Save the hosted peers; the cohort confirms over the control channel. Every process
+        saves at the same steps, so a teacher running ahead waits there for the students."""
+        self.checkpoints.save(at, self.peers, history, self.control, self._extra_modules())
 
     def _resume(self) -> Restored | None:
         """Load the newest checkpoint complete for the whole cohort, if there is one."""
         if not self.checkpoints.enabled:
             return None
-        restored = self.checkpoints.restore(self.peers, self.gather, self._extra_modules())
+        restored = self.checkpoints.restore(self.peers, self.control, self._extra_modules())
         if restored is None:
             return None
         at = restored.position

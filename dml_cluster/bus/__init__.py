@@ -4,6 +4,6 @@ Transports: `local` (all peers in one process), `zmq` (pyzmq sockets, discovery 
 torch.distributed store), `torch` (collectives over the default process group).
 """
 
-from dml_cluster.bus.base import EVAL_ROUND, SAVE_ROUND, Bus, BusStats, StepKey
+from dml_cluster.bus.base import EVAL_ROUND, Bus, BusStats, StepKey
 
-__all__ = ["EVAL_ROUND", "SAVE_ROUND", "Bus", "BusStats", "StepKey"]
+__all__ = ["EVAL_ROUND", "Bus", "BusStats", "StepKey"]

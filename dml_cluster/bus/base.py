@@ -11,9 +11,6 @@ from torch import Tensor
 EVAL_ROUND = 0xFFFF
 """The round number of an evaluation exchange (test-set predictions)."""
 
-SAVE_ROUND = 0x10000
-"""The round number of a checkpoint confirmation: after the step's rounds and its evaluation."""
-
 
 @dataclass(frozen=True)
 class StepKey:
