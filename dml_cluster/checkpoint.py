@@ -24,7 +24,6 @@ on local disk, read with `torch.load(weights_only=True)`: tensors and plain type
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import json
@@ -49,6 +48,7 @@ from dml_cluster.cohort import Peer
 from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic
 from dml_cluster.errors import CheckpointError
+from dml_cluster.runlog import write_atomic
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -78,18 +78,6 @@ class Restored:
     folder: Path
     position: Position
     history: list[dict[str, Any]]
-
-
-def compatibility_hash(cfg: Config) -> str:
-    """A hash of what a checkpoint's numbers depend on: the config minus where the run goes, how
-    it is watched and checkpointed, and how peers are wired (a cohort trained in one process
-    resumes under torchrun and the other way round; results are bitwise the same)."""
-    d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "name", "log_every")}
-    d["bus"] = {"encoding": d["bus"]["encoding"]}
-    for section in ("metrics", "checkpoint"):
-        d.pop(section, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # -- random number generators -------------------------------------------------------------------
@@ -129,42 +117,6 @@ def restore_rng(state: Mapping[str, Any]) -> None:
 # -- files ---------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@functools.cache
-def _file_mode() -> int:
-    """What open() would give a new file (0o666 less the umask); mkstemp gives 0o600."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing.
-
-    The temporary name is unique, so processes sharing a folder may write the same file at once.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _file_mode())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _remove_step(folder: Path) -> None:
     """Manifest first: a step half deleted is torn, never 'complete with files missing'."""
     with contextlib.suppress(OSError):
@@ -183,7 +135,7 @@ class CohortCheckpoints:
         self.root = run_dir / "checkpoints"
         self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
         self.size = len(self.names)
-        self.config_hash = compatibility_hash(cfg)
+        self.config_hash = cfg.hash()
         for name in self.names:
             if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
                 raise CheckpointError(
@@ -210,11 +162,9 @@ class CohortCheckpoints:
         peers: Mapping[int, Peer],
         history: list[dict[str, Any]],
         control: Control,
-        extra: Mapping[int, Mapping[str, nn.Module]] | None = None,
     ) -> Path:
         """Write the hosted peers' files, confirm with the cohort, write the manifest, prune.
 
-        `extra` holds modules a method keeps outside a peer's model (a FitNets regressor).
         A peer that cannot write (disk full) tells the others through the confirmation: every
         process removes its files of this step and raises, the complete checkpoints stay.
         """
@@ -226,7 +176,7 @@ class CohortCheckpoints:
             self.root.mkdir(parents=True, exist_ok=True)
             folder.mkdir(exist_ok=True)
             for i, peer in peers.items():
-                state = self._state(peer, position, history, rng, (extra or {}).get(i, {}))
+                state = self._state(peer, position, history, rng)
                 buf = io.BytesIO()
                 torch.save(state, buf)
                 data = buf.getbuffer()
@@ -282,7 +232,6 @@ class CohortCheckpoints:
         position: Position,
         history: list[dict[str, Any]],
         rng: dict[str, Any],
-        extra: Mapping[str, nn.Module],
     ) -> dict[str, Any]:
         state: dict[str, Any] = {
             "format": FORMAT,
@@ -293,13 +242,10 @@ class CohortCheckpoints:
             "model": peer.model.state_dict(),
             "optimizer": peer.optimizer.state_dict(),
             "scheduler": peer.scheduler.state_dict(),
-            "extra": {name: module.state_dict() for name, module in extra.items()},
+            "extra": peer.extras.state_dict(),
             "rng": rng,
             "history": json.dumps(history),
         }
-        scaler = getattr(peer, "scaler", None)  # AMP, if a peer trains with one
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
         return state
 
     def _read_confirmations(self, messages: list[bytes], step: int) -> dict[int, bytes | None]:
@@ -352,7 +298,6 @@ class CohortCheckpoints:
         self,
         peers: Mapping[int, Peer],
         control: Control,
-        extra: Mapping[int, Mapping[str, nn.Module]] | None = None,
     ) -> Restored | None:
         """Agree with the cohort on the newest complete step and load it into `peers`.
 
@@ -401,7 +346,7 @@ class CohortCheckpoints:
         step = max(usable)
         restored: Restored | None = None
         try:
-            restored = self._load(step, peers, manifests.get(step), extra or {})
+            restored = self._load(step, peers, manifests.get(step))
         except CheckpointError as err:
             error = err
         reports = control.all_gather_ints(
@@ -482,7 +427,6 @@ class CohortCheckpoints:
         step: int,
         peers: Mapping[int, Peer],
         manifest: dict[str, Any] | None,
-        extra: Mapping[int, Mapping[str, nn.Module]],
     ) -> Restored:
         folder = self.folder(step)
         states = {i: self._read_peer_file(folder, p.name, manifest) for i, p in peers.items()}
@@ -493,7 +437,7 @@ class CohortCheckpoints:
         ):
             raise CheckpointError(f"{folder} is corrupt: its files disagree on the position")
         for i, peer in peers.items():
-            _apply(peer, states[i], folder, extra.get(i, {}))
+            _apply(peer, states[i], folder)
         first = states[min(states)]
         restore_rng(first["rng"])
         epoch, in_epoch, done = first["position"]
@@ -562,7 +506,7 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _apply(peer: Peer, state: dict[str, Any], folder: Path, extra: Mapping[str, nn.Module]) -> None:
+def _apply(peer: Peer, state: dict[str, Any], folder: Path) -> None:
     device = _device_of(peer.model)
 
     def to_device(tree: Any) -> Any:
@@ -578,11 +522,7 @@ def _apply(peer: Peer, state: dict[str, Any], folder: Path, extra: Mapping[str, 
         peer.model.load_state_dict(to_device(state["model"]))
         peer.optimizer.load_state_dict(state["optimizer"])  # moves its state to the params
         peer.scheduler.load_state_dict(state["scheduler"])
-        for name, module in extra.items():
-            module.load_state_dict(to_device(state["extra"][name]))
-        scaler = getattr(peer, "scaler", None)
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
+        peer.extras.load_state_dict(to_device(state["extra"]))
     except (RuntimeError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(

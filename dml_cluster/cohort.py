@@ -1,4 +1,5 @@
-"""The peers of a cohort: each a model with its own optimizer and LR schedule.
+"""The peers of a cohort: each a model (plus the modules its method trains next to it) with its
+own optimizer and LR schedule.
 
 A peer's initial weights depend only on (seed, peer index), never on which process builds it,
 so the one-process engine and the multi-process trainer start from the same cohort. A teacher
@@ -11,9 +12,9 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,15 +24,22 @@ from dml_cluster.config import Config, OptimConfig, PeerConfig, ScheduleConfig
 from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model
 
+if TYPE_CHECKING:
+    from dml_cluster.methods.base import Method
+
 
 @dataclass
 class Peer:
+    """One peer: `extras` are the modules its method trains next to the model (FitNets'
+    regressor); the optimizer covers both, and checkpoints save both."""
+
     index: int
     name: str
     config: PeerConfig
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    extras: nn.ModuleDict = field(default_factory=nn.ModuleDict)
 
     @property
     def is_teacher(self) -> bool:
@@ -82,18 +90,28 @@ def build_peer(
     input_shape: tuple[int, int, int],
     num_classes: int,
     device: torch.device,
+    method: Method | None = None,
 ) -> Peer:
-    """Build peer `index` of the cohort, seeded by (run.seed, index)."""
+    """Build peer `index` of the cohort, seeded by (run.seed, index).
+
+    A student gets the extra modules `method` trains next to its model (seeded by the same
+    pair); its optimizer and schedule cover the model's parameters and theirs.
+    """
     peer_cfg = cfg.peers[index]
     torch.manual_seed(cfg.run.seed * 1009 + index)
     model = build_model(peer_cfg.model, input_shape, num_classes, **peer_cfg.args).to(device)
+    extras = nn.ModuleDict()
     if peer_cfg.role == "teacher":
         load_teacher(model, peer_cfg)
-    optimizer = build_optimizer(list(model.parameters()), cfg.optim, peer_cfg.lr or cfg.optim.lr)
+    elif method is not None:
+        torch.manual_seed(cfg.run.seed * 1009 + index + 7919)
+        extras.update(method.extra_modules(index, model, input_shape, num_classes))
+    params = [*model.parameters(), *extras.parameters()]
+    optimizer = build_optimizer(params, cfg.optim, peer_cfg.lr or cfg.optim.lr)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.epochs)
     if peer_cfg.role == "teacher":
         optimizer.step()  # no parameter has a gradient: changes nothing, marks the optimizer used
-    return Peer(index, peer_cfg.name or str(index), peer_cfg, model, optimizer, scheduler)
+    return Peer(index, peer_cfg.name, peer_cfg, model, optimizer, scheduler, extras)
 
 
 def refresh_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +131,12 @@ def refresh_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def read_weights(path: str | Path, peer_name: str | None = None) -> dict[str, torch.Tensor]:
     """A model state_dict from a file: a plain state_dict (final/<peer>.pt), a {"model": ...}
-    dict, or a cohort checkpoint {"peers": {name: ...}} (the peer called `peer_name`, or the only
-    one). Loaded with weights_only=True: tensors and plain containers, no arbitrary objects."""
+    dict (a cohort checkpoint's step-N/<peer>.pt), or a checkpoint's step-N folder (the file of
+    the peer called `peer_name`, or of its only peer). Loaded with weights_only=True: tensors
+    and plain containers, no arbitrary objects."""
     path = Path(path)
+    if path.is_dir():
+        path = _peer_file(path, peer_name)
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -125,23 +146,24 @@ def read_weights(path: str | Path, peer_name: str | None = None) -> dict[str, to
         raise ConfigError(
             f"config error: checkpoint {path}: not a readable torch file ({first})"
         ) from None
-    if isinstance(obj, dict) and isinstance(obj.get("peers"), dict):
-        peers = obj["peers"]
-        if peer_name in peers:
-            obj = peers[peer_name]
-        elif len(peers) == 1:
-            obj = next(iter(peers.values()))
-        else:
-            raise ConfigError(
-                f"config error: checkpoint {path} holds peers {sorted(peers)}; "
-                f"name the teacher after one of them"
-            )
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConfigError(f"config error: checkpoint {path}: no model state_dict in it")
     return obj
+
+
+def _peer_file(folder: Path, peer_name: str | None) -> Path:
+    """In a checkpoint's step folder: the file of `peer_name`, or of the only peer there."""
+    files = sorted(folder.glob("*.pt"))
+    named = [f for f in files if f.stem == peer_name]
+    if named or len(files) == 1:
+        return (named or files)[0]
+    raise ConfigError(
+        f"config error: checkpoint {folder} holds peers {[f.stem for f in files]}; "
+        f"name the teacher after one of them"
+    )
 
 
 def freeze(model: nn.Module) -> nn.Module:

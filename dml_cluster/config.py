@@ -1,7 +1,8 @@
 """Typed, validated experiment config: one YAML file per experiment, `--set a.b=c` overrides.
 
 Everything is checked before anything starts; a problem is one `ConfigError` line naming the
-key. This module knows nothing of torch: the names of models, datasets and methods are checked
+key. This module knows nothing of torch and imports no method: each method family's settings
+live in `dml_cluster.method_config` (torch-free); the names of models and datasets are checked
 against their registries by `check_names`, which imports them lazily.
 """
 
@@ -13,16 +14,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from dml_cluster.errors import ConfigError
+from dml_cluster.method_config import (
+    DEFAULT_METHOD,
+    DMLConfig,
+    MethodConfig,
+    family_of,
+    method_names,
+    unknown_key,
+)
+from dml_cluster.schema import NamedPeerConfig, PeerConfig, Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RunConfig(_Strict):
+class RunConfig(Strict):
     """Where results go and how the run is seeded."""
 
     name: str = "dml"
@@ -37,12 +43,12 @@ class RunConfig(_Strict):
         return Path(self.out_dir) / self.name
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(Strict):
     crop_padding: int = Field(0, ge=0)
     flip: bool | None = Field(None, description="None: flip where the dataset says it makes sense")
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     name: str = "digits"
     root: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
@@ -52,30 +58,7 @@ class DataConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
 
 
-class PeerConfig(_Strict):
-    """One network of the cohort."""
-
-    name: str | None = None
-    model: str
-    args: dict[str, Any] = Field(default_factory=dict)
-    lr: float | None = Field(None, gt=0.0, description="overrides optim.lr for this peer")
-    role: Literal["student", "teacher"] = Field(
-        "student", description="a teacher is frozen: it publishes its predictions and never learns"
-    )
-    checkpoint: str | None = Field(
-        None, description="teachers: the weights to load (a final/<peer>.pt or a checkpoint)"
-    )
-
-    @model_validator(mode="after")
-    def _teacher_weights(self) -> PeerConfig:
-        if self.role == "teacher" and not self.checkpoint:
-            raise ValueError("a teacher needs a checkpoint (the trained weights to load)")
-        if self.role == "student" and self.checkpoint:
-            raise ValueError("checkpoint is for teachers (role: teacher); students start fresh")
-        return self
-
-
-class CohortConfig(_Strict):
+class CohortConfig(Strict):
     """The K peers: either `size` copies of `model`, or an explicit `peers` list."""
 
     size: int | None = Field(None, ge=1)
@@ -99,11 +82,11 @@ class CohortConfig(_Strict):
                 )
         return self
 
-    def resolved_peers(self) -> list[PeerConfig]:
+    def resolved_peers(self) -> list[NamedPeerConfig]:
         """The peer list with every peer named (name defaults to `<model>-<index>`)."""
         peers = self.peers or [PeerConfig(model=self.model, args=self.args)] * (self.size or 0)
         named = [
-            p if p.name else p.model_copy(update={"name": f"{p.model}-{i}"})
+            NamedPeerConfig.model_validate(p.model_dump() | {"name": p.name or f"{p.model}-{i}"})
             for i, p in enumerate(peers)
         ]
         names = [p.name for p in named]
@@ -112,40 +95,13 @@ class CohortConfig(_Strict):
         return named
 
 
-class MethodConfig(_Strict):
-    """How each peer learns from the others."""
-
-    name: str = "dml"
-    weight: float = Field(1.0, ge=0.0, description="weight of the mimicry term")
-    temperature: float | None = Field(
-        None, gt=0.0, description="None: the method's default (DML 1; KD, DKD, FitNets 4)"
-    )
-    unlabelled_mimicry: bool = Field(
-        True, description="semi-supervised: mimicry on unlabelled samples too"
-    )
-    # distillation from teachers (methods kd, dkd, fitnets); formulas in methods/
-    kd_weight: float = Field(0.9, ge=0.0, le=1.0, description="a in (1 - a) CE + a T^2 KL")
-    peer_weight: float = Field(
-        0.0, ge=0.0, description="kd/dkd: weight of DML links to fellow students (teacher + DML)"
-    )
-    alpha: float = Field(1.0, ge=0.0, description="dkd: weight of TCKD")
-    beta: float = Field(8.0, ge=0.0, description="dkd: weight of NCKD")
-    warmup_epochs: int = Field(20, ge=0, description="dkd: epochs of linear warm-up of DKD")
-    hint_epochs: int = Field(1, ge=0, description="fitnets: epochs of stage 1 (hints only)")
-    guided_layer: str | None = Field(None, description="fitnets: student module, e.g. blocks.1")
-    hint_layer: str | None = Field(None, description="fitnets: teacher module, e.g. blocks.1")
-    teacher: PeerConfig | None = Field(
-        None, description="fitnets: the teacher run inside each student's process"
-    )
-
-
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     name: Literal["constant", "step", "cosine"] = "constant"
     step_epochs: int = Field(60, ge=1)
     gamma: float = Field(0.1, gt=0.0)
 
 
-class OptimConfig(_Strict):
+class OptimConfig(Strict):
     name: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -154,13 +110,13 @@ class OptimConfig(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps in all")
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
 
 
-class BusConfig(_Strict):
+class BusConfig(Strict):
     """How peers in different processes exchange predictions."""
 
     transport: Literal["local", "zmq", "torch"] = "local"
@@ -178,6 +134,11 @@ class BusConfig(_Strict):
         description="zmq: folder of CURVE keys (`dml-cluster keys generate DIR`): encrypt the "
         "bus and accept only peers holding the cohort's keys",
     )
+    window: int = Field(
+        4, ge=1,
+        description="zmq: how many steps a peer may run ahead of a peer it sends to (a teacher "
+        "ahead of the slowest student); bounds what a peer buffers to window steps of each other",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _zmq_only(self) -> BusConfig:
@@ -186,7 +147,7 @@ class BusConfig(_Strict):
         return self
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(Strict):
     """Cohort checkpoints (dml_cluster.checkpoint): saved every `every_steps` and at epoch ends."""
 
     enabled: bool = True
@@ -201,7 +162,7 @@ class CheckpointConfig(_Strict):
     )
 
 
-class MetricsConfig(_Strict):
+class MetricsConfig(Strict):
     """The Prometheus endpoint each peer process serves while it trains (dml_cluster.metrics)."""
 
     enabled: bool = Field(True, description="false: no endpoint, no exporter, no cost")
@@ -217,51 +178,83 @@ class MetricsConfig(_Strict):
         description="training-batch values are an exponential moving average "
         "(new = s * old + (1 - s) * batch); 0: the last batch only",
     )  # fmt: skip
+    stats_every: int = Field(
+        10, ge=1,
+        description="steps between the training batches whose accuracy, entropy and divergence "
+        "the endpoint reads (its moving averages average those batches); step time, samples, "
+        "learning rate, losses and bus counters are updated on every step",
+    )  # fmt: skip
     linger_s: float = Field(
         0.0, ge=0.0, description="keep serving this long after training ends (a final scrape)"
     )
 
 
-class Config(_Strict):
+class Config(Strict):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
     cohort: CohortConfig
-    method: MethodConfig = MethodConfig()
+    method: MethodConfig = DMLConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     bus: BusConfig = BusConfig()
     metrics: MetricsConfig = MetricsConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_method(cls, raw: Any) -> Any:
+        """A `method` section without a name is the default method's."""
+        method = raw.get("method") if isinstance(raw, dict) else None
+        if isinstance(method, dict) and "name" not in method:
+            return {**raw, "method": {"name": DEFAULT_METHOD, **method}}
+        return raw
+
     @property
-    def peers(self) -> list[PeerConfig]:
+    def peers(self) -> list[NamedPeerConfig]:
         return self.cohort.resolved_peers()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        """A short hash of everything that decides the numbers (not where results go)."""
+        """A short hash of what decides the trained numbers: the config minus where results go
+        (run.name, run.out_dir, run.log_every), how the run is watched (metrics), how it is
+        checkpointed (checkpoint) and how peers are wired and placed (bus, all but its encoding).
+
+        Two configs with the same hash train the same weights, bitwise: a checkpoint of one
+        resumes under the other (one process <-> torchrun, zmq <-> torch), so checkpoints, the
+        cohort's start-up agreement, run ids, summaries, metrics and manifests all use it.
+        """
         d = self.to_dict()
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("out_dir", "name", "log_every")}
-        del d["metrics"]  # watching a run does not change its numbers
-        for local in ("address", "port", "timeout_s"):
-            del d["bus"][local]  # may differ per node; the numbers do not depend on them
-        # where the keys lie may differ per node; whether the bus is encrypted may not
-        d["bus"]["curve_keys"] = d["bus"]["curve_keys"] is not None
-        blob = json.dumps(d, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "out_dir", "log_every")}
+        d["bus"] = {"encoding": d["bus"]["encoding"]}  # float16 messages change the numbers
+        for section in ("metrics", "checkpoint"):
+            d.pop(section, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format(err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
+    loc = list(first["loc"])
+    method = loc[1] if loc[:1] == ["method"] and len(loc) > 1 else None
+    if method is not None:
+        del loc[1]  # the discriminator's tag: method.alpha, not method.dml.alpha
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    if first["type"] == "union_tag_invalid" and loc == ["method"]:
+        key = "method.name"
+        problem = (
+            f"unknown method {first['input'].get('name')!r} (known: {', '.join(method_names())})"
+        )
+    elif first["type"] == "extra_forbidden" and method is not None and len(loc) == 2:
+        problem = unknown_key(str(method), loc[1])
+    elif first["type"] == "extra_forbidden":
         problem = "unknown key"
     elif first["type"] == "missing":
         problem = "required key is missing"
     else:
-        problem = f"{first['msg'].removeprefix('Value error, ')} (got {first['input']!r})"
+        problem = first["msg"].removeprefix("Value error, ")
+        if not isinstance(first["input"], dict | list):
+            problem += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
     return f"config error: {key}: {problem}" + (f" (and {more} more)" if more else "")
 
@@ -304,6 +297,7 @@ def parse_config(raw: Any) -> Config:
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
     cfg.peers  # noqa: B018 - validates peer names
+    check_teachers(cfg)
     check_names(cfg)
     return cfg
 
@@ -324,10 +318,29 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return parse_config(apply_overrides(raw, overrides or []))
 
 
+def check_teachers(cfg: Config) -> None:
+    """Does the cohort fit the method? (teachers where needed, none where they would be ignored)."""
+    name = cfg.method.name
+    needs = family_of(name).teachers
+    teachers = [p.name for p in cfg.peers if p.role == "teacher"]
+    if len(teachers) == len(cfg.peers):
+        raise ConfigError("config error: cohort.peers: every peer is a teacher; add a student")
+    if needs == "none" and teachers:
+        raise ConfigError(
+            f"config error: method.name: {name!r} does not learn from teacher peers, but the "
+            f"cohort has teachers {teachers}: use kd or dkd (method.peer_weight > 0 adds DML "
+            "among students)"
+        )
+    if needs == "required" and not teachers:
+        raise ConfigError(
+            f"config error: cohort.peers: method {name!r} needs a teacher "
+            "(a peer with role: teacher and a checkpoint)"
+        )
+
+
 def check_names(cfg: Config) -> None:
-    """Check model, dataset and method names against their registries."""
+    """Check model and dataset names against their registries."""
     from dml_cluster.data import dataset_names
-    from dml_cluster.methods import method_names
     from dml_cluster.models import model_names
 
     known_models = model_names()
@@ -343,11 +356,3 @@ def check_names(cfg: Config) -> None:
             f"config error: data.name: unknown dataset {cfg.data.name!r} "
             f"(known: {', '.join(dataset_names())})"
         )
-    if cfg.method.name not in method_names():
-        raise ConfigError(
-            f"config error: method.name: unknown method {cfg.method.name!r} "
-            f"(known: {', '.join(method_names())})"
-        )
-    from dml_cluster.methods import check_method
-
-    check_method(cfg)

@@ -1,24 +1,21 @@
 """The report's figures, drawn with matplotlib's object API on the Agg canvas (no display, no
 pyplot state): accuracy per epoch, divergence and entropy over steps, losses, time per step.
 
-Every function takes the `RunLogs` of `report` and returns a Figure, or None when the logs hold
+Every function takes a run's `RunLogs` and returns a Figure, or None when the logs hold
 nothing to draw (e.g. a one-peer cohort has no divergence).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from dml_cluster.report import time_split
-
-if TYPE_CHECKING:
-    from dml_cluster.report import RunLogs
+from dml_cluster.runlog import RunLogs, time_split
 
 ENSEMBLE = "#222222"
 PHASES = (("compute", "#4C72B0"), ("exchange", "#55A868"), ("wait", "#C44E52"))

@@ -9,62 +9,20 @@ peers, where a step's time goes, and the per-class accuracy table.
 from __future__ import annotations
 
 import json
-import statistics
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dml_cluster import plots
 from dml_cluster.errors import DmlError
 from dml_cluster.evaluation import per_class_table
+from dml_cluster.runlog import RunLogs, read_jsonl, time_split
 
 
-@dataclass
-class RunLogs:
-    """Everything the report reads from a run folder."""
-
-    run_dir: Path
-    evals: list[dict[str, Any]]
-    train: dict[str, list[dict[str, Any]]]  # training records by peer name
-    summary: dict[str, Any] | None = None
-    peers: list[str] = field(default_factory=list)
-
-    @property
-    def name(self) -> str:
-        return (self.summary or {}).get("run", self.run_dir.name)
-
-    @property
-    def class_names(self) -> tuple[str, ...]:
-        names = (self.summary or {}).get("class_names")
-        if names:
-            return tuple(str(n) for n in names)
-        per_class = self.evals[-1]["peers"][self.peers[0]]["per_class"] if self.evals else []
-        return tuple(str(i) for i in range(len(per_class)))
-
-
-@dataclass(frozen=True)
-class TimeSplit:
-    """Mean seconds per step of one peer: compute, moving bytes, and waiting for others."""
-
-    step: float
-    compute: float
-    transfer: float
-    wait: float
-    steps_logged: int
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if line.endswith("\n"):
-                    raise DmlError(f"report: {path}:{number}: not a JSON record") from None
-                # the last line of a log still being written: ignore it
-    return records
+def _records(path: Path) -> list[dict[str, Any]]:
+    try:
+        return read_jsonl(path)
+    except DmlError as err:
+        raise DmlError(f"report: {err}") from None
 
 
 def load_run(run_dir: str | Path) -> RunLogs:
@@ -78,8 +36,8 @@ def load_run(run_dir: str | Path) -> RunLogs:
         raise DmlError(
             f"report: {run_dir}: not a run folder (no cohort.jsonl, no peers/*.jsonl logs)"
         )
-    evals = [r for r in _read_jsonl(cohort) if r.get("event") == "eval"] if cohort.exists() else []
-    train = {p.stem: [r for r in _read_jsonl(p) if r.get("event") == "train"] for p in peer_files}
+    evals = [r for r in _records(cohort) if r.get("event") == "eval"] if cohort.exists() else []
+    train = {p.stem: [r for r in _records(p) if r.get("event") == "train"] for p in peer_files}
     summary = None
     if (run_dir / "summary.json").exists():
         try:
@@ -88,18 +46,6 @@ def load_run(run_dir: str | Path) -> RunLogs:
             raise DmlError(f"report: {run_dir / 'summary.json'}: not valid JSON") from None
     peers = list(evals[-1]["peers"]) if evals else sorted(train)
     return RunLogs(run_dir, evals, train, summary, peers)
-
-
-def time_split(records: list[dict[str, Any]]) -> TimeSplit | None:
-    """Mean per-step time split of one peer's logged steps (None without timing records)."""
-    rows = [r for r in records if "step_seconds" in r]
-    if not rows:
-        return None
-    step = statistics.fmean(r["step_seconds"] for r in rows)
-    exchange = statistics.fmean(r.get("exchange_seconds", 0.0) for r in rows)
-    wait = statistics.fmean(r.get("step_wait_seconds", 0.0) for r in rows)
-    wait = min(wait, exchange)
-    return TimeSplit(step, max(step - exchange, 0.0), exchange - wait, wait, len(rows))
 
 
 def _pct(x: float | None) -> str:
@@ -200,8 +146,6 @@ def _image(images: dict[str, str], key: str, title: str) -> list[str]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the plots and report.md; returns the files written, report.md first."""
-    from dml_cluster import plots
-
     logs = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else logs.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,15 @@
-"""The run folder: JSONL logs (one per peer, one for the cohort), final weights, summary.json."""
+"""The run folder: JSONL logs (one per peer, one for the cohort), final weights, summary.json;
+writing them (atomically where a reader may look at any time) and reading the logs back."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import statistics
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -46,16 +51,104 @@ def ensure_writable(folder: Path) -> None:
         ) from None
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _file_mode() -> int:
+    """What open() would give a new file (0o666 less the umask); mkstemp gives 0o600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
+    """Temporary file in the same folder, fsync, rename, fsync the folder: all or nothing.
+
+    Readers never see half a file, and the temporary name is unique, so processes sharing a
+    folder may write the same file at once.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file, fsync, rename: readers never see half a file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """`write_atomic` of indented JSON."""
+    write_atomic(path, json.dumps(data, indent=2).encode())
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log; an unfinished last line (a log still written) is skipped."""
+    records = []
     with path.open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if line.endswith("\n"):
+                    raise DmlError(f"{path}:{number}: not a JSON record") from None
+    return records
+
+
+@dataclass
+class RunLogs:
+    """What a run folder's logs hold (see `report.load_run`)."""
+
+    run_dir: Path
+    evals: list[dict[str, Any]]
+    train: dict[str, list[dict[str, Any]]]  # training records by peer name
+    summary: dict[str, Any] | None = None
+    peers: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return (self.summary or {}).get("run", self.run_dir.name)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        names = (self.summary or {}).get("class_names")
+        if names:
+            return tuple(str(n) for n in names)
+        per_class = self.evals[-1]["peers"][self.peers[0]]["per_class"] if self.evals else []
+        return tuple(str(i) for i in range(len(per_class)))
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Mean seconds per step of one peer: compute, moving bytes, and waiting for others."""
+
+    step: float
+    compute: float
+    transfer: float
+    wait: float
+    steps_logged: int
+
+
+def time_split(records: list[dict[str, Any]]) -> TimeSplit | None:
+    """Mean per-step time split of one peer's logged steps (None without timing records)."""
+    rows = [r for r in records if "step_seconds" in r]
+    if not rows:
+        return None
+    step = statistics.fmean(r["step_seconds"] for r in rows)
+    exchange = statistics.fmean(r.get("exchange_seconds", 0.0) for r in rows)
+    wait = statistics.fmean(r.get("step_wait_seconds", 0.0) for r in rows)
+    wait = min(wait, exchange)
+    return TimeSplit(step, max(step - exchange, 0.0), exchange - wait, wait, len(rows))

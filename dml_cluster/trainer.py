@@ -93,7 +93,7 @@ class CohortTrainer:
         self.observers = list(observers)
         self._exchange_seconds = self._wait_seconds = 0.0
         self.size = len(cfg.peers)
-        self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
+        self.names = [p.name for p in cfg.peers]
         device = placement.device
         data = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
         self.data = data
@@ -106,17 +106,14 @@ class CohortTrainer:
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         self.test_fingerprint = fingerprint(torch.arange(len(data.test_y)))
         self.flip = data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip
+        self.method = build_method(cfg.method)
         self.peers: dict[int, Peer] = {
-            i: build_peer(cfg, i, data.input_shape, data.num_classes, device)
+            i: build_peer(cfg, i, data.input_shape, data.num_classes, device, self.method)
             for i in placement.hosted
         }
         self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
         self.teachers = [i for i, p in enumerate(cfg.peers) if p.role == "teacher"]
         self.per_epoch = max(steps_per_epoch(len(self.train_y), cfg.data.batch_size), 1)
-        self.method = build_method(cfg.method)
-        for peer in self.peers.values():
-            if not peer.is_teacher:
-                self.method.attach(peer, cfg, data.input_shape, data.num_classes)
         self.run_dir = cfg.run.dir
         self.checkpoints = CohortCheckpoints(cfg, self.run_dir)
         self.peer_logs = {
@@ -132,7 +129,7 @@ class CohortTrainer:
         """Student i's loss on the step, backward, optimizer step."""
         progress = Progress(step // self.per_epoch, step, self.per_epoch)
         peers = [log_ps[j] for j in self.students if j != i]
-        view = StepView(i, peers, [log_ps[j] for j in self.teachers], progress, x)
+        view = StepView(i, peers, [log_ps[j] for j in self.teachers], progress)
         parts = self.method(logits, y, view)
         peer = self.peers[i]
         peer.optimizer.zero_grad(set_to_none=True)
@@ -168,6 +165,8 @@ class CohortTrainer:
         log_ps = self._exchange(StepKey(step, 0, fp), local, range(self.size))
         batch_log_ps = dict(log_ps)
         learners = [i for i in self.students if i in self.peers]
+        if learners:
+            self.method.begin_step(x)
         parts: dict[int, LossParts] = {}
         if self.cfg.cohort.update == "simultaneous":
             for i in learners:
@@ -260,21 +259,16 @@ class CohortTrainer:
 
     # -- checkpoints ------------------------------------------------------------------------
 
-    def _extra_modules(self) -> dict[int, dict[str, Any]]:
-        """Modules a method keeps outside a peer's model (`checkpoint_modules(index)`)."""
-        extra = getattr(self.method, "checkpoint_modules", None)
-        return {i: dict(extra(i)) for i in self.peers} if extra else {}
-
     def _checkpoint(self, at: Position, history: list[dict[str, Any]]) -> None:
         """Save the hosted peers; the cohort confirms over the control channel. Every process
         saves at the same steps, so a teacher running ahead waits there for the students."""
-        self.checkpoints.save(at, self.peers, history, self.control, self._extra_modules())
+        self.checkpoints.save(at, self.peers, history, self.control)
 
     def _resume(self) -> Restored | None:
         """Load the newest checkpoint complete for the whole cohort, if there is one."""
         if not self.checkpoints.enabled:
             return None
-        restored = self.checkpoints.restore(self.peers, self.control, self._extra_modules())
+        restored = self.checkpoints.restore(self.peers, self.control)
         if restored is None:
             return None
         at = restored.position

@@ -9,6 +9,7 @@ import yaml
 
 from dml_cluster.config import load_config
 from dml_cluster.errors import ConfigError
+from dml_cluster.method_config.kd import KDConfig
 
 from .conftest import REPO, run_cli
 
@@ -33,7 +34,18 @@ BAD = [
         "cohort.peers.1.model",
         "unknown model",
     ),
-    ({"method": {"name": "telepathy"}}, "method.name", "unknown method"),
+    (
+        {"method": {"name": "telepathy"}},
+        "method.name",
+        "unknown method 'telepathy' (known: dkd, dml",
+    ),
+    (
+        {"method": {"alpha": 2}},
+        "method.alpha",
+        "unknown key for method 'dml' (alpha belongs to dkd",
+    ),
+    ({"method": {"name": "dkd", "kd_weight": 0.5}}, "method.kd_weight", "belongs to fitnets, kd"),
+    ({"method": {"name": "dml_e", "colour": 1}}, "method.colour", "dml_e takes weight, temp"),
     ({"data": {"name": "imagenet"}}, "data.name", "unknown dataset"),
     ({"cohort": {"update": "sometimes", "size": 2, "model": "mlp"}}, "cohort.update", "sequential"),
 ]
@@ -118,3 +130,37 @@ def test_config_hash_ignores_where_results_go() -> None:
     b = load_config(REPO / "configs/digits-dml.yaml", ["run.out_dir=/tmp/x", "run.name=y"])
     c = load_config(REPO / "configs/digits-dml.yaml", ["optim.lr=0.3"])
     assert a.hash() == b.hash() != c.hash()
+
+
+def test_method_defaults_to_dml_with_its_own_settings(tmp_path: Path) -> None:
+    no_method = {k: v for k, v in GOOD.items() if k != "method"}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(no_method))
+    assert load_config(path).method.name == "dml"
+    cfg = load_config(path, ["method.weight=0.5"])
+    assert (cfg.method.name, cfg.method.weight, cfg.method.temperature) == ("dml", 0.5, 1.0)
+    assert KDConfig().temperature == 4.0 and "weight" not in KDConfig.model_fields
+
+
+def test_every_method_name_has_settings_and_a_loss() -> None:
+    from dml_cluster.method_config import method_names
+    from dml_cluster.methods import METHODS
+
+    assert sorted(METHODS) == method_names()
+
+
+def test_config_hash_is_what_decides_the_numbers() -> None:
+    from dml_cluster.checkpoint import CohortCheckpoints
+
+    path = REPO / "configs/digits-dml.yaml"
+    base = load_config(path)
+    same = [
+        "run.out_dir=/tmp/x", "run.name=y", "run.log_every=3", "metrics.enabled=false",
+        "checkpoint.every_steps=7", "checkpoint.keep=5", "bus.transport=zmq", "bus.ipc=true",
+        "bus.timeout_s=5", "bus.port=2000",
+    ]  # fmt: skip
+    for override in same:
+        assert load_config(path, [override]).hash() == base.hash(), override
+    for override in ["optim.lr=0.3", "bus.encoding=float16", "run.seed=1", "method.weight=0.5"]:
+        assert load_config(path, [override]).hash() != base.hash(), override
+    assert CohortCheckpoints(base, base.run.dir).config_hash == base.hash()

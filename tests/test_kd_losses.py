@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from dml_cluster import losses
-from dml_cluster.config import MethodConfig, parse_config
+from dml_cluster.config import parse_config
 from dml_cluster.errors import ConfigError
+from dml_cluster.method_config.dkd import DKDConfig
+from dml_cluster.method_config.kd import KDConfig
 from dml_cluster.methods import Progress, StepView, build_method
 from dml_cluster.methods.dkd import warmup_factor
 from dml_cluster.methods.fitnets import build_regressor
@@ -74,12 +76,12 @@ def test_kd_method_mixes_ce_and_kd_and_adds_peers_on_request() -> None:
     torch.manual_seed(4)
     z, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, -1, 0])
     teacher, peer = F.log_softmax(torch.randn(6, 4), 1), F.log_softmax(torch.randn(6, 4), 1)
-    kd = build_method(MethodConfig(name="kd", kd_weight=0.7))
+    kd = build_method(KDConfig(kd_weight=0.7))
     parts = kd(z, y, StepView.of(teachers=[teacher], peers=[peer]))
     assert kd.temperature == 4.0
     torch.testing.assert_close(parts.mimicry, losses.kd_loss(z, teacher, 4.0))
     torch.testing.assert_close(parts.total, 0.3 * parts.ce + 0.7 * parts.mimicry)
-    with_dml = build_method(MethodConfig(name="kd", kd_weight=0.7, peer_weight=0.5))
+    with_dml = build_method(KDConfig(kd_weight=0.7, peer_weight=0.5))
     both = with_dml(z, y, StepView.of(teachers=[teacher], peers=[peer]))
     torch.testing.assert_close(both.total, parts.total + 0.5 * losses.mutual_kl(z, [peer], 1.0))
 
@@ -91,7 +93,7 @@ def test_dkd_warmup_and_labelled_rows_only() -> None:
     torch.manual_seed(5)
     z, t = torch.randn(5, 4), torch.randn(5, 4)
     y = torch.tensor([0, -1, 2, 3, -1])
-    dkd = build_method(MethodConfig(name="dkd", alpha=1.0, beta=8.0, warmup_epochs=4))
+    dkd = build_method(DKDConfig(alpha=1.0, beta=8.0, warmup_epochs=4))
     parts = dkd(z, y, StepView.of(teachers=[t], epoch=1))
     rows = y != -1
     tckd, nckd = losses.dkd_parts(z[rows], t[rows], y[rows], 4.0)
@@ -125,6 +127,6 @@ def test_methods_check_the_cohort_they_get(tmp_path) -> None:
         parse_config(_cohort({"name": "kd"}, [teacher]))
     with pytest.raises(ConfigError, match="a teacher needs a checkpoint"):
         parse_config(_cohort({"name": "kd"}, [{**teacher, "checkpoint": None}, student]))
-    with pytest.raises(ConfigError, match="method.guided_layer: fitnets needs it"):
+    with pytest.raises(ConfigError, match="method.guided_layer: required key is missing"):
         parse_config(_cohort({"name": "fitnets", "teacher": teacher}, [student]))
     assert parse_config(_cohort({"name": "dkd"}, [teacher, student])).method.name == "dkd"

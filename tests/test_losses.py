@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dml_cluster import losses
-from dml_cluster.config import MethodConfig
+from dml_cluster.method_config.dml import DMLConfig
 from dml_cluster.methods import StepView, build_method
 
 F64 = torch.float64
@@ -111,8 +111,8 @@ def test_semi_supervised_masking_ce_on_labelled_mimicry_on_all() -> None:
     other = F.log_softmax(torch.randn(6, 4, dtype=torch.float64), 1)
     y = torch.tensor([0, 1, -1, -1, 2, -1])
     view = StepView.of([other])
-    on_all = build_method(MethodConfig(name="dml", unlabelled_mimicry=True))(z, y, view)
-    labelled = build_method(MethodConfig(name="dml", unlabelled_mimicry=False))(z, y, view)
+    on_all = build_method(DMLConfig(unlabelled_mimicry=True))(z, y, view)
+    labelled = build_method(DMLConfig(unlabelled_mimicry=False))(z, y, view)
     rows = y != -1
     assert torch.isclose(on_all.ce, F.cross_entropy(z[rows], y[rows]))
     assert torch.isclose(on_all.mimicry, losses.kl_div(other, F.log_softmax(z, 1)))
@@ -124,9 +124,9 @@ def test_independent_has_no_mimicry_and_weight_scales_it() -> None:
     torch.manual_seed(3)
     z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     other = F.log_softmax(torch.randn(4, 3), 1)
-    ind = build_method(MethodConfig(name="independent"))(z, y, StepView.of([other]))
+    ind = build_method(DMLConfig(name="independent"))(z, y, StepView.of([other]))
     assert ind.mimicry.item() == 0.0 and torch.isclose(ind.total, ind.ce)
-    half = build_method(MethodConfig(name="dml", weight=0.5))(z, y, StepView.of([other]))
+    half = build_method(DMLConfig(weight=0.5))(z, y, StepView.of([other]))
     assert torch.isclose(half.total, half.ce + 0.5 * half.mimicry)
 
 

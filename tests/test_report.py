@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dml_cluster.report import load_run, time_split, write_report
+from dml_cluster.report import load_run, write_report
+from dml_cluster.runlog import time_split
 
 from .conftest import run_cli
 

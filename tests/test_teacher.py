@@ -9,9 +9,12 @@ import pytest
 import torch
 import yaml
 
-from dml_cluster.cohort import build_peer, read_weights
-from dml_cluster.config import Config, parse_config
+from dml_cluster.checkpoint import CohortCheckpoints, Position
+from dml_cluster.cohort import Peer, build_peer, load_teacher, read_weights
+from dml_cluster.config import Config, PeerConfig, parse_config
+from dml_cluster.control import LocalControl
 from dml_cluster.errors import ConfigError
+from dml_cluster.methods import Method, Progress, StepView, build_method
 from dml_cluster.models import build_model
 
 from .conftest import final_weights, max_weight_diff, run_cli
@@ -118,15 +121,88 @@ def test_fitnets_stage_one_trains_only_up_to_the_guided_layer(tmp_path: Path, ou
     assert torch.equal(start["fc.weight"], after["fc.weight"])
 
 
-def test_teacher_weights_from_checkpoint_layouts(tmp_path: Path) -> None:
-    net = build_model("mlp", DIGITS, 10, hidden=[8])
-    state = net.state_dict()
-    torch.save({"peers": {"a": {"model": state}, "b": {"model": state}}}, tmp_path / "c.pt")
-    assert read_weights(tmp_path / "c.pt", "b").keys() == state.keys()
-    with pytest.raises(ConfigError, match="holds peers"):
-        read_weights(tmp_path / "c.pt", "zzz")
+def _fitnets_raw(tmp_path: Path, teacher: Path) -> dict:
+    method = {
+        "name": "fitnets", "hint_epochs": 1, "guided_layer": "blocks.1", "hint_layer": "blocks.1",
+        "teacher": {"name": "t", "model": "small_cnn", "args": {"width": 16}, "role": "teacher",
+                    "checkpoint": str(teacher)},
+    }  # fmt: skip
+    raw = yaml.safe_load(_kd_config(tmp_path, teacher, method).read_text())
+    raw["cohort"]["peers"] = [{"name": "s", "model": "small_cnn", "args": {"width": 4}}]
+    raw["run"]["out_dir"] = str(tmp_path / "runs")
+    return raw
+
+
+def _hint_step(peer: Peer, method: Method, seed: int) -> None:
+    """One stage-1 FitNets step of `peer` on a random batch."""
+    torch.manual_seed(seed)
+    x, y = torch.randn(8, *DIGITS), torch.randint(0, 10, (8,))
+    logits = peer.model(x)
+    method.begin_step(x)
+    parts = method(logits, y, StepView(0, [], [], Progress(0, 0, 10)))
+    peer.optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    peer.optimizer.step()
+
+
+def test_fitnets_regressor_is_optimised_and_checkpointed_with_its_student(tmp_path: Path):
+    teacher = _save_teacher(tmp_path / "teacher.pt", "small_cnn", {"width": 16})
+    cfg = parse_config(_fitnets_raw(tmp_path, teacher))
+    method = build_method(cfg.method)
+    peer = build_peer(cfg, 0, DIGITS, 10, torch.device("cpu"), method)
+    regressor = peer.extras["regressor"]
+    optimised = {id(p) for group in peer.optimizer.param_groups for p in group["params"]}
+    assert {id(p) for p in [*peer.model.parameters(), *regressor.parameters()]} == optimised
+    before = {k: v.clone() for k, v in regressor.state_dict().items()}
+    _hint_step(peer, method, seed=1)
+    assert not torch.equal(before["weight"], regressor.weight)  # the hint loss trains it
+    assert "momentum_buffer" in peer.optimizer.state[regressor.weight]
+
+    checkpoints = CohortCheckpoints(cfg, cfg.run.dir)
+    folder = checkpoints.save(Position(0, 1, 1), {0: peer}, [], LocalControl())
+    saved = {k: v.clone() for k, v in regressor.state_dict().items()}
+    momentum = peer.optimizer.state[regressor.weight]["momentum_buffer"].clone()
+    assert set(torch.load(folder / "s.pt", weights_only=True)["extra"]) == {
+        f"regressor.{k}" for k in saved
+    }
+    _hint_step(peer, method, seed=2)  # moves the regressor and its momentum on
+    assert not torch.equal(saved["weight"], regressor.weight)
+
+    restored = checkpoints.restore({0: peer}, LocalControl())
+    assert restored is not None and restored.position.step == 1
+    assert peer.extras["regressor"] is regressor is method.regressors[0]
+    for k, v in saved.items():
+        assert torch.equal(regressor.state_dict()[k], v), k
+    assert torch.equal(peer.optimizer.state[regressor.weight]["momentum_buffer"], momentum)
+
+
+def test_teacher_weights_from_a_cohort_checkpoint(tmp_path: Path) -> None:
+    raw = {
+        "run": {"out_dir": str(tmp_path / "runs")},
+        "cohort": {"peers": [{"name": "a", "model": "mlp"}, {"name": "b", "model": "mlp"}]},
+    }
+    cfg = parse_config(raw)
+    peers = {i: build_peer(cfg, i, DIGITS, 10, torch.device("cpu")) for i in range(2)}
+    folder = CohortCheckpoints(cfg, cfg.run.dir).save(Position(1, 0, 5), peers, [], LocalControl())
+    expected = peers[1].model.state_dict()
+    for source in (folder / "b.pt", folder):  # a peer's file, or the step folder and a name
+        weights = read_weights(source, "b")
+        assert weights.keys() == expected.keys()
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    with pytest.raises(ConfigError, match=r"holds peers \['a', 'b'\]"):
+        read_weights(folder, "zzz")
+    teacher = PeerConfig(name="t", model="mlp", role="teacher", checkpoint=str(folder / "a.pt"))
+    loaded = load_teacher(build_model("mlp", DIGITS, 10), teacher).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in peers[0].model.state_dict().items())
+
+
+def test_teacher_weights_from_plain_files(tmp_path: Path) -> None:
+    state = build_model("mlp", DIGITS, 10, hidden=[8]).state_dict()
     torch.save({"model": state, "step": 3}, tmp_path / "m.pt")
     assert read_weights(tmp_path / "m.pt").keys() == state.keys()
+    (tmp_path / "step").mkdir()
+    torch.save({"model": state}, tmp_path / "step" / "x.pt")
+    assert read_weights(tmp_path / "step", "other").keys() == state.keys()  # the only peer there
     (tmp_path / "junk.pt").write_bytes(b"not torch")
     with pytest.raises(ConfigError, match="not a readable torch file"):
         read_weights(tmp_path / "junk.pt")

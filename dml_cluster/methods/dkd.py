@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from dml_cluster import losses
-from dml_cluster.config import MethodConfig
-from dml_cluster.methods import LossParts, Method, Progress, StepView, register
+from dml_cluster.method_config.dkd import DKDConfig
+from dml_cluster.methods.base import LossParts, Method, Progress, StepView
 from dml_cluster.methods.kd import with_peers
 
 
@@ -26,14 +26,10 @@ def warmup_factor(progress: Progress, warmup_epochs: int) -> float:
     return min((progress.epoch + 1) / warmup_epochs, 1.0)
 
 
-@register("dkd")
 class DecoupledKD(Method):
-    teachers = "required"
-    default_temperature = 4.0
-
-    def __init__(self, cfg: MethodConfig) -> None:
+    def __init__(self, cfg: DKDConfig) -> None:
         super().__init__(cfg)
-        self.alpha, self.beta = cfg.alpha, cfg.beta
+        self.alpha, self.beta, self.temperature = cfg.alpha, cfg.beta, cfg.temperature
         self.warmup_epochs, self.peer_weight = cfg.warmup_epochs, cfg.peer_weight
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:

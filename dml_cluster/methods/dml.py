@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from dml_cluster import losses
-from dml_cluster.config import MethodConfig
-from dml_cluster.methods import LossParts, Method, StepView, register
+from dml_cluster.method_config.dml import DMLConfig
+from dml_cluster.methods.base import LossParts, Method, StepView
 
 Mimicry = Callable[[Tensor, Sequence[Tensor], float], Tensor]
 
@@ -34,15 +34,14 @@ def mutual_term(
     return divergence(logits, peers, temperature)
 
 
-@register("dml")
 class MutualLearning(Method):
     """L_k = CE(y, p_k) + weight * 1/(K-1) sum_{l != k} KL(p_l || p_k)."""
 
     divergence = staticmethod(losses.mutual_kl)
 
-    def __init__(self, cfg: MethodConfig) -> None:
+    def __init__(self, cfg: DMLConfig) -> None:
         super().__init__(cfg)
-        self.weight = cfg.weight
+        self.weight, self.temperature = cfg.weight, cfg.temperature
         self.unlabelled_mimicry = cfg.unlabelled_mimicry
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
@@ -58,24 +57,21 @@ class MutualLearning(Method):
         return LossParts(ce + self.weight * mimicry, ce, mimicry)
 
 
-@register("dml_js")
 class SymmetricMutualLearning(MutualLearning):
     """DML with the Jensen-Shannon divergence in place of KL."""
 
     divergence = staticmethod(losses.mutual_js)
 
 
-@register("dml_e")
 class EnsembleTeacher(MutualLearning):
     """DML_e: L_k = CE + weight * KL(p_bar || p_k), p_bar = mean of the other students' p."""
 
     divergence = staticmethod(losses.ensemble_kl)
 
 
-@register("independent")
 class Independent(MutualLearning):
     """CE only: each student trains alone (the baseline; also how a teacher is trained)."""
 
-    def __init__(self, cfg: MethodConfig) -> None:
+    def __init__(self, cfg: DMLConfig) -> None:
         super().__init__(cfg)
         self.weight = 0.0

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dml_cluster import losses
-from dml_cluster.cohort import Peer, build_optimizer, build_scheduler, load_teacher
-from dml_cluster.config import Config, MethodConfig
+from dml_cluster.cohort import load_teacher
 from dml_cluster.errors import ConfigError
-from dml_cluster.methods import LossParts, Method, StepView, register
+from dml_cluster.method_config.fitnets import FitNetsConfig
+from dml_cluster.methods.base import LossParts, Method, StepView
 from dml_cluster.methods.kd import distill_from
 from dml_cluster.models import build_model
 
@@ -79,79 +79,60 @@ class _Capture:
             self.output = output
 
 
-@register("fitnets")
 class FitNets(Method):
-    default_temperature = 4.0
-
-    def __init__(self, cfg: MethodConfig) -> None:
+    def __init__(self, cfg: FitNetsConfig) -> None:
         super().__init__(cfg)
-        self.a, self.hint_epochs = cfg.kd_weight, cfg.hint_epochs
+        self.settings = cfg
+        self.a, self.temperature, self.hint_epochs = cfg.kd_weight, cfg.temperature, cfg.hint_epochs
         self.teacher: nn.Module | None = None
         self._hint: _Capture | None = None
         self._guided: dict[int, _Capture] = {}
         self.regressors: dict[int, nn.Module] = {}
-        self._cached: tuple[int, int, Tensor, Tensor] | None = None
+        self._step_outputs: tuple[Tensor, Tensor] | None = None
 
-    def check(self, cfg: Config) -> None:
-        m = cfg.method
-        for key in ("teacher", "guided_layer", "hint_layer"):
-            if getattr(m, key) is None:
-                raise ConfigError(f"config error: method.{key}: fitnets needs it")
-        if m.teacher is not None and m.teacher.role != "teacher":
-            raise ConfigError("config error: method.teacher.role: must be teacher")
-
-    def _load_teacher(self, cfg: Config, shape: tuple[int, int, int], classes: int, device: Any):
-        t = cfg.method.teacher
-        assert t is not None and cfg.method.hint_layer is not None
-        teacher = build_model(t.model, shape, classes, **t.args).to(device)
+    def _load_teacher(self, input_shape: tuple[int, int, int], classes: int, device: Any) -> None:
+        t = self.settings.teacher
+        with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten anyway
+            teacher = build_model(t.model, input_shape, classes, **t.args).to(device)
         self.teacher = load_teacher(teacher, t)
-        hint = find_module(teacher, cfg.method.hint_layer, "hint_layer", t.model)
+        hint = find_module(teacher, self.settings.hint_layer, "hint_layer", t.model)
         self._hint = _Capture(hint, always=True)
 
-    def attach(
-        self, peer: Peer, cfg: Config, input_shape: tuple[int, int, int], classes: int
-    ) -> None:
-        """Hook the student's guided layer, add its regressor, and optimise both together."""
-        device = next(peer.model.parameters()).device
+    def extra_modules(
+        self, peer: int, model: nn.Module, input_shape: tuple[int, int, int], classes: int
+    ) -> dict[str, nn.Module]:
+        """Hook the student's guided layer; its regressor trains with the student."""
+        device = next(model.parameters()).device
         if self.teacher is None:
-            self._load_teacher(cfg, input_shape, classes, device)
-        assert self.teacher is not None and self._hint is not None and cfg.method.guided_layer
-        guided = find_module(peer.model, cfg.method.guided_layer, "guided_layer", peer.config.model)
+            self._load_teacher(input_shape, classes, device)
+        assert self.teacher is not None and self._hint is not None
+        layer = self.settings.guided_layer
+        guided = find_module(model, layer, "guided_layer", f"student {peer}")
         capture = _Capture(guided, always=True)
         probe = torch.zeros(2, *input_shape, device=device)
-        was_training = peer.model.training
-        peer.model.eval()  # a probe must not touch BN running statistics
+        was_training = model.training
+        model.eval()  # a probe must not touch BN running statistics
         with torch.no_grad():
-            peer.model(probe)
+            model(probe)
             self.teacher(probe)
-        peer.model.train(was_training)
+        model.train(was_training)
         assert capture.output is not None and self._hint.output is not None
         capture.always = False
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.run.seed * 1009 + peer.index + 7919)
-            regressor = build_regressor(capture.output.shape, self._hint.output.shape).to(device)
-        self._guided[peer.index], self.regressors[peer.index] = capture, regressor
-        params = list(peer.model.parameters()) + list(regressor.parameters())
-        peer.optimizer = build_optimizer(params, cfg.optim, peer.config.lr or cfg.optim.lr)
-        peer.scheduler = build_scheduler(peer.optimizer, cfg.optim.schedule, cfg.train.epochs)
+        regressor = build_regressor(capture.output.shape, self._hint.output.shape).to(device)
+        self._guided[peer], self.regressors[peer] = capture, regressor
+        return {"regressor": regressor}
 
-    def checkpoint_modules(self, index: int) -> dict[str, nn.Module]:
-        """A student's regressor is saved and restored with its checkpoint."""
-        return {"regressor": self.regressors[index]} if index in self.regressors else {}
-
-    def _teacher_outputs(self, view: StepView) -> tuple[Tensor, Tensor]:
-        """The teacher's logits and hint on this step's batch, computed once per step."""
-        assert view.x is not None and self.teacher is not None and self._hint is not None
-        key = (view.progress.step, view.x.data_ptr())
-        if self._cached is None or self._cached[:2] != key:
-            with torch.no_grad():
-                logits = self.teacher(view.x)
-            assert self._hint.output is not None
-            self._cached = (*key, logits, self._hint.output)
-        return self._cached[2], self._cached[3]
+    def begin_step(self, x: Tensor) -> None:
+        """The teacher's logits and hint on this step's batch: once for every hosted student."""
+        assert self.teacher is not None and self._hint is not None, "no student was built"
+        with torch.no_grad():
+            logits = self.teacher(x)
+        assert self._hint.output is not None
+        self._step_outputs = (logits, self._hint.output)
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
-        teacher_logits, hint = self._teacher_outputs(view)
+        assert self._step_outputs is not None, "begin_step(x) comes before the students' losses"
+        teacher_logits, hint = self._step_outputs
         ce = losses.cross_entropy(logits, target)
         if view.progress.epoch < self.hint_epochs:
             guided = self._guided[view.peer].output

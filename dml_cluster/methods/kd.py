@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from dml_cluster import losses
-from dml_cluster.config import MethodConfig
-from dml_cluster.methods import LossParts, Method, StepView, register
+from dml_cluster.method_config.kd import KDConfig
+from dml_cluster.methods.base import LossParts, Method, StepView
 from dml_cluster.methods.dml import mutual_term
 
 
@@ -34,14 +34,10 @@ def with_peers(
     return total if term is None else total + weight * term
 
 
-@register("kd")
 class KnowledgeDistillation(Method):
-    teachers = "required"
-    default_temperature = 4.0
-
-    def __init__(self, cfg: MethodConfig) -> None:
+    def __init__(self, cfg: KDConfig) -> None:
         super().__init__(cfg)
-        self.a = cfg.kd_weight
+        self.a, self.temperature = cfg.kd_weight, cfg.temperature
         self.peer_weight = cfg.peer_weight
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:

@@ -1,0 +1,20 @@
+"""Settings of Deep Mutual Learning and its variants (methods/dml.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from dml_cluster.method_config.base import MethodSettings
+
+
+class DMLConfig(MethodSettings):
+    """`dml`, `dml_js`, `dml_e`, `independent`: students learn from each other only."""
+
+    name: Literal["dml", "dml_js", "dml_e", "independent"] = "dml"
+    weight: float = Field(1.0, ge=0.0, description="weight of the mimicry term")
+    temperature: float = Field(1.0, gt=0.0, description="of the mimicry term")
+    unlabelled_mimicry: bool = Field(
+        True, description="semi-supervised: mimicry on unlabelled samples too"
+    )

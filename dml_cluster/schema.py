@@ -1,0 +1,45 @@
+"""The config's building blocks shared by `config` and the method settings (`method_config`):
+the strict base every section derives from, and a peer's section. Torch-free, like them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors; a validated config never changes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PeerConfig(Strict):
+    """One network of the cohort."""
+
+    name: str | None = None
+    model: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    lr: float | None = Field(None, gt=0.0, description="overrides optim.lr for this peer")
+    role: Literal["student", "teacher"] = Field(
+        "student", description="a teacher is frozen: it publishes its predictions and never learns"
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="teachers: the weights to load (a final/<peer>.pt, a checkpoint's "
+        "step-N/<peer>.pt, or a checkpoint's step-N folder)",
+    )
+
+    @model_validator(mode="after")
+    def _teacher_weights(self) -> PeerConfig:
+        if self.role == "teacher" and not self.checkpoint:
+            raise ValueError("a teacher needs a checkpoint (the trained weights to load)")
+        if self.role == "student" and self.checkpoint:
+            raise ValueError("checkpoint is for teachers (role: teacher); students start fresh")
+        return self
+
+
+class NamedPeerConfig(PeerConfig):
+    """A peer of a resolved cohort (`Config.peers`): its name is always set."""
+
+    name: str
