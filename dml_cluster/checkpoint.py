@@ -133,7 +133,7 @@ class CohortCheckpoints:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.settings = cfg.checkpoint
         self.root = run_dir / "checkpoints"
-        self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
+        self.names = [p.name for p in cfg.peers]
         self.size = len(self.names)
         self.config_hash = cfg.hash()
         for name in self.names:
