@@ -67,7 +67,7 @@ def _zmq_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
         rank=rank, world=world, names=names, run_id=run_id(cfg),
         config_hash=cfg.hash(), store=dist.distributed_c10d._get_default_store(),
         address=address, timeout_s=cfg.bus.timeout_s, encoding=cfg.bus.encoding,
-        ipc=cfg.bus.ipc, port=port, curve=curve,
+        ipc=cfg.bus.ipc, port=port, curve=curve, window=cfg.bus.window,
     )  # fmt: skip
     print(f"dml-cluster: {names[rank]} (rank {rank}) bus inbox {bus.endpoint}", file=sys.stderr)
     return bus

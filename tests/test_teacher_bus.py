@@ -1,15 +1,24 @@
-"""Publish-only teachers on the real zmq bus: a teacher never waits, students never send to it."""
+"""Publish-only teachers on the real zmq bus: a teacher never waits for predictions, students
+never send to it, and a teacher runs at most `bus.window` steps ahead of the slowest student."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
-from dml_cluster.bus import StepKey
+from dml_cluster.bus import EVAL_ROUND, StepKey
+from dml_cluster.bus.wire import HEADER
 from dml_cluster.bus.zmq_bus import ZmqBus
+
+from .conftest import final_weights, max_weight_diff, run_cli
+from .test_teacher import _kd_config, _save_teacher
 
 RUN, HASH = b"teacher1", "00000000000000ab"
 
@@ -35,7 +44,7 @@ def _cohort(world: int) -> list[ZmqBus]:
     return buses
 
 
-def test_teacher_publishes_without_waiting_and_receives_nothing() -> None:
+def test_teacher_publishes_without_waiting_and_receives_only_credits() -> None:
     teacher, s1, s2 = buses = _cohort(3)
     try:
         students = [1, 2]
@@ -67,8 +76,101 @@ def test_teacher_publishes_without_waiting_and_receives_nothing() -> None:
                 other = 3 - rank
                 assert torch.equal(got[other], torch.full((4, 3), 10.0 * other + step))
         time.sleep(0.2)  # anything sent to the teacher would have arrived by now
-        assert teacher.stats.bytes_received == received_before
-        assert not teacher.inbox.poll(0)  # its inbox is empty: students never sent to it
+        teacher._drain()
+        # students sent it no predictions, only a credit (a bare header) per step consumed:
+        # steps 0 and 1, each announced when the student started the next step
+        assert not teacher._pending and teacher.stats.messages_rejected == 0
+        assert teacher.stats.bytes_received - received_before == 2 * 2 * HEADER.size
+        assert teacher._consumed == {1: 1, 2: 1}
     finally:
         for b in buses:
             b.close()
+
+
+# -- the credit window: a fast teacher, slow students, three real processes ------------------------
+
+WINDOW, STEPS, SLEEP_S = 3, 30, 0.02
+B, C = 64, 10
+
+
+def _value(rank: int, step: int) -> torch.Tensor:
+    return torch.full((B, C), 100.0 * rank + step)
+
+
+def _bus_process(rank: int, port: int, out: str) -> None:
+    """Rank 0 is a teacher publishing as fast as it can; ranks 1 and 2 are students that
+    sleep after every step. Writes when each step was sent/consumed, what arrived, the stats."""
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False)
+    bus = ZmqBus(
+        rank=rank, world=3, names=["teacher", "s1", "s2"], run_id=b"window01", config_hash=HASH,
+        store=store, address="127.0.0.1", timeout_s=20.0, window=WINDOW,
+    )  # fmt: skip
+    done, wrong = [], []
+    try:
+        for step in range(STEPS):
+            got = bus.exchange(StepKey(step, 0, 7), {rank: _value(rank, step)}, [0, 1, 2], [1, 2])
+            done.append(time.monotonic())
+            if rank != 0:
+                wrong += [(step, s) for s in range(3) if not torch.equal(got[s], _value(s, step))]
+                time.sleep(SLEEP_S)
+        # the end-of-epoch evaluation: everyone receives, the teacher too
+        got = bus.exchange(StepKey(STEPS - 1, EVAL_ROUND, 9), {rank: _value(rank, -1)}, [0, 1, 2])
+        wrong += [("eval", s) for s in range(3) if not torch.equal(got[s], _value(s, -1))]
+        stats = vars(bus.stats)
+    finally:
+        bus.close()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"done": done, "wrong": wrong, **stats}))
+
+
+@pytest.fixture(scope="module")
+def fast_teacher(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    out = tmp_path_factory.mktemp("window")
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_bus_process, args=(r, master.port, str(out))) for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(3)]
+
+
+def test_a_fast_teacher_runs_at_most_the_window_ahead(fast_teacher: list[dict]) -> None:
+    teacher, *students = fast_teacher
+    assert teacher["max_lead_steps"] == WINDOW  # it ran ahead as far as allowed, no further
+    assert teacher["wait_seconds"] > 0  # and was held back there
+    for student in students:
+        # sent[t] happens after both students consumed step t - WINDOW (their credit came first)
+        for t in range(WINDOW, STEPS):
+            assert teacher["done"][t] >= student["done"][t - WINDOW], t
+
+
+def test_slow_students_hold_at_most_the_window_and_lose_nothing(fast_teacher: list[dict]) -> None:
+    for rank, stats in enumerate(fast_teacher):
+        assert stats["messages_rejected"] == 0, rank
+        assert stats["wrong"] == [], rank  # every prediction arrived, bitwise
+    for student in fast_teacher[1:]:
+        assert 1 <= student["max_pending_steps"] <= WINDOW
+        assert student["max_pending_steps"] == WINDOW  # the teacher's messages queued up to it
+
+
+def test_a_teacher_cohort_with_a_window_of_one_equals_one_process(
+    tmp_path: Path, out_dir: Path
+) -> None:
+    """The tightest window under the real CLI (3 processes, checkpoints and evaluations
+    included): the same weights, bitwise, as the one-process engine."""
+    teacher = _save_teacher(tmp_path / "teacher.pt")
+    cfg = _kd_config(tmp_path, teacher)
+    common = ["--set", f"run.out_dir={out_dir}", "--set", "checkpoint.every_steps=5"]
+    local = run_cli("train", str(cfg), *common, "--set", "run.name=local")
+    assert local.returncode == 0, local.stderr
+    multi = run_cli(
+        "train", str(cfg), *common, "--set", "run.name=multi", "--set", "bus.transport=zmq",
+        "--set", "bus.window=1",
+    )  # fmt: skip
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert max_weight_diff(final_weights(out_dir / "local"), final_weights(out_dir / "multi")) == 0

@@ -34,6 +34,12 @@ def test_header_round_trip_and_validation() -> None:
         unpack_header(b"XXXX" + h.pack()[4:])
     with pytest.raises(WireError, match="version"):
         unpack_header(h.pack()[:4] + b"\x09" + h.pack()[5:])
+    with pytest.raises(WireError, match="unknown message kind 9"):
+        unpack_header(h.pack()[:5] + b"\x09" + h.pack()[6:])
+    credit = Header(Kind.CREDIT, 1, RUN, 6, 0, 1, 1, 0, 0, 0)
+    assert unpack_header(credit.pack()) == credit
+    with pytest.raises(WireError, match="a CREDIT message with a 4x3 payload"):
+        unpack_header(Header(Kind.CREDIT, 1, RUN, 6, 0, 1, 1, 0, 4, 3).pack())
 
 
 @pytest.mark.parametrize("encoding", ["float32", "float16", "bfloat16"])
@@ -141,6 +147,9 @@ def test_bad_messages_are_dropped_and_counted(pair: list[ZmqBus], intruder: zmq.
         [_header(step=1, rows=1000), payload],  # payload shorter than the header says
         [_header(step=1, sender_rank=7), payload],  # no such peer
         [_header(step=1, sender_rank=0), payload],  # claims to be the receiver itself
+        [_header(step=100), payload],  # far beyond the credit window
+        [_header(kind=Kind.CREDIT, rows=0, cols=0), b"x"],  # a credit carries no payload
+        [_header(kind=Kind.CREDIT, step=500, rows=0, cols=0), b""],  # credit for a future step
     ]
     for frames in bad:
         intruder.send_multipart(frames)
@@ -163,6 +172,20 @@ def test_wrong_fingerprint_is_an_out_of_sync_error(
     intruder.send_multipart([_header(step=1, fingerprint=999), b"\x00" * 48])
     with pytest.raises(PeerError, match="peers out of sync at step 1: peer 1 \\(beta, rank 1\\)"):
         pair[0].exchange(StepKey(1, 0, 42), {0: torch.zeros(4, 3)}, [0, 1])
+
+
+def test_a_sender_waits_for_credit_and_names_the_receiver_that_gives_none(
+    pair: list[ZmqBus],
+) -> None:
+    """A publish-only sender (as a teacher) gets `window` steps ahead of a receiver that never
+    consumes, then waits for its credit and gives up after the timeout, naming it."""
+    sender = pair[0]
+    sender.window, sender.timeout_s = 2, 0.5
+    for step in range(2):
+        sender.exchange(StepKey(step, 0, 42), {0: torch.zeros(4, 3)}, [0, 1], receivers=[1])
+    assert sender.stats.max_lead_steps == 2
+    with pytest.raises(PeerError, match=r"at step 2 round 0 from peer 1 \(beta, rank 1\)"):
+        sender.exchange(StepKey(2, 0, 42), {0: torch.zeros(4, 3)}, [0, 1], receivers=[1])
 
 
 def test_silent_peer_times_out_naming_it(pair: list[ZmqBus]) -> None:

@@ -29,6 +29,11 @@ class BusStats:
     bytes_received: int = 0
     messages_rejected: int = 0
     wait_seconds: float = 0.0
+    max_pending_steps: int = 0
+    """The most steps of one peer's messages this process has held at once (zmq: <= window)."""
+    max_lead_steps: int = 0
+    """The furthest this process has published ahead of a receiver's last consumed step (zmq:
+    <= window)."""
 
 
 class Bus(ABC):
@@ -38,8 +43,10 @@ class Bus(ABC):
     hosts (`local`, keyed by peer index; only those in `senders` are sent) to the peers in
     `receivers` (default: everyone) and, if this process hosts a receiver, returns the tensors of
     every peer in `senders`, own ones included, all for the same `key`. A process hosting no
-    receiver does not wait: it gets back only its own tensors (teachers publish, never listen).
-    A transport built on collectives may still involve every process (torch's all_gather does).
+    receiver does not wait for predictions: it gets back only its own tensors (teachers publish,
+    never listen). A transport that buffers (zmq) bounds how far a sender may run ahead of its
+    receivers (`bus.window` steps); one built on collectives involves every process anyway
+    (torch's all_gather does).
     """
 
     stats: BusStats

@@ -5,9 +5,11 @@ Header (little-endian, 56 bytes):
     magic 4s | version B | kind B | encoding B | reserved B | run_id 8s | step Q | round I |
     sender_rank I | sender_peer I | reserved I | fingerprint Q | rows I | cols I
 
-Every field is checked before the payload is used; anything wrong raises `WireError` with a
-reason, which the bus counts and drops (or, for a wrong fingerprint at the current step,
-turns into a "peers out of sync" error).
+Kinds: HELLO (the handshake: the config hash in `fingerprint`), DATA (predictions [rows, cols]
+for a step and round) and CREDIT (flow control: the receiver has consumed every message of steps
+up to `step`; no payload). Every field is checked before the payload is used; anything wrong
+raises `WireError` with a reason, which the bus counts and drops (or, for a wrong fingerprint at
+the current step, turns into a "peers out of sync" error).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ HEADER = struct.Struct("<4sBBBB8sQIIIIQII")
 class Kind(IntEnum):
     HELLO = 1
     DATA = 2
+    CREDIT = 3
 
 
 ENCODINGS: dict[int, torch.dtype] = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16}
@@ -71,10 +74,12 @@ def unpack_header(raw: bytes | memoryview) -> Header:
         raise WireError("bad magic (not a dml-cluster message)")
     if version != VERSION:
         raise WireError(f"wire format version {version}, this peer speaks {VERSION}")
-    if kind not in (Kind.HELLO, Kind.DATA):
+    if kind not in set(Kind):
         raise WireError(f"unknown message kind {kind}")
     if encoding not in ENCODINGS:
         raise WireError(f"unknown encoding {encoding}")
+    if kind != Kind.DATA and (rows or cols):
+        raise WireError(f"a {Kind(kind).name} message with a {rows}x{cols} payload")
     return Header(Kind(kind), encoding, run_id, step, rnd, rank, peer, fp, rows, cols)
 
 

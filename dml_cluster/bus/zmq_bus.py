@@ -6,6 +6,15 @@ inbox on its own address, publishes the endpoint in the torch.distributed store 
 already runs, connects to everyone else's, then the cohort handshakes (config hash in the hello)
 before step 0. Messages for a later step or round are buffered; anything malformed, foreign or
 stale is dropped and counted, never unpickled, never crashes the peer.
+
+Buffering is bounded by a credit window of `window` steps. A receiver that starts step t has
+consumed every message of the steps before it and says so: its own DATA for step t tells the
+peers it sends to, a CREDIT(t - 1) message tells the others (a teacher, which receives nothing
+during training). A sender publishes step t to a receiver only when t - consumed <= window,
+waiting for credit otherwise (the same timeout and error as a missing prediction), so no peer
+holds more than `window` steps of another's messages and a teacher runs at most `window` steps
+ahead of the slowest student. A message beyond the window is a protocol violation: dropped and
+counted. Bounded zmq high-water marks are the second line of defence.
 """
 
 from __future__ import annotations
@@ -28,6 +37,10 @@ from dml_cluster.bus.base import Bus, BusStats, StepKey
 from dml_cluster.bus.curve import CurveGuard, CurveKeys
 from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode, unpack_header
 from dml_cluster.errors import ConfigError, PeerError
+
+MESSAGES_PER_STEP = 4
+"""The most messages one peer sends another per step: its predictions, a sequential round's,
+an evaluation's, a credit."""
 
 
 def bind_address(master_addr: str, master_port: int) -> str:
@@ -63,16 +76,23 @@ class ZmqBus(Bus):
         ipc: bool = False,
         port: int | None = None,
         curve: CurveKeys | None = None,
+        window: int = 4,
     ) -> None:
         """`port`: bind the inbox there (default: any free port); `curve`: encrypt and admit
-        only the cohort's keys (dml_cluster.bus.curve)."""
+        only the cohort's keys (dml_cluster.bus.curve); `window`: how many steps a sender may
+        run ahead of a receiver (bus.window)."""
+        if window < 1:
+            raise ConfigError(f"bus: window must be at least 1 step, not {window}")
         self.rank, self.world, self.names = rank, world, list(names)
         self.run_id, self.encoding, self.timeout_s = run_id, encoding, timeout_s
         self.config_hash = int(config_hash, 16)
+        self.window = window
         self.stats = BusStats()
         self._pending: dict[tuple[int, int, int], tuple[int, Tensor]] = {}
-        self._current: tuple[int, int] = (0, 0)
+        self._current: tuple[int, int] | None = None  # (step, round) of the latest exchange
         self._last_step = {r: -1 for r in range(world)}
+        self._consumed: dict[int, int] = {}  # receiver -> the last step it has consumed
+        self._told: dict[int, int] = {}  # sender -> the last consumed step it has been told
         self._hellos: dict[int, int] = {}
         self._warned: set[str] = set()
         self._closed = False
@@ -80,7 +100,8 @@ class ZmqBus(Bus):
         self.guard = CurveGuard(self.ctx, curve, self._who(rank)) if curve else None
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.setsockopt(zmq.LINGER, 0)
-        self.inbox.setsockopt(zmq.RCVHWM, 0)
+        self.hwm = MESSAGES_PER_STEP * (window + 2)  # per connection; the window binds first
+        self.inbox.setsockopt(zmq.RCVHWM, self.hwm)
         if self.guard is not None:
             self.guard.serve(self.inbox)
         try:
@@ -108,7 +129,7 @@ class ZmqBus(Bus):
             endpoint = self._lookup(store, f"{prefix}/endpoint/{other}", other)
             sock = self.ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.SNDHWM, self.hwm)
             sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
             if self.guard is not None:
                 self.guard.client(sock, self.names[other])
@@ -174,13 +195,16 @@ class ZmqBus(Bus):
         # never reads) and only a receiver waits (a teacher publishes and moves on)
         listeners = range(self.world) if receivers is None else receivers
         self._current = (key.step, key.round)
+        listening = self.rank in listeners
+        wanted = [s for s in senders if s != self.rank] if listening else []
         out: dict[int, Tensor] = {}
         if self.rank in senders:
             out[self.rank] = local[self.rank]
-            self._publish(key, local[self.rank], [r for r in listeners if r != self.rank])
-        if self.rank not in listeners:
+            to = [r for r in listeners if r != self.rank]
+            self._publish(key, local[self.rank], to, wanted)
+        if not listening:
             return out
-        wanted = [s for s in senders if s != self.rank]
+        self._credit(key.step - 1, wanted)
         deadline = time.monotonic() + self.timeout_s
         t0 = time.perf_counter()
 
@@ -200,7 +224,13 @@ class ZmqBus(Bus):
             out[s] = tensor.to(local[self.rank].device if self.rank in local else "cpu")
         return out
 
-    def _publish(self, key: StepKey, tensor: Tensor, to: Sequence[int]) -> None:
+    def _publish(
+        self, key: StepKey, tensor: Tensor, to: Sequence[int], wanted: Sequence[int] = ()
+    ) -> None:
+        """Send to `to`, once the window allows; `wanted`: the peers this one receives from in
+        the same exchange (told of its progress before it waits, so two senders never wait on
+        each other)."""
+        self._await_credit(key, to, wanted)
         eid, payload = encode(tensor, self.encoding)
         rows, cols = payload.shape
         header = Header(
@@ -218,6 +248,55 @@ class ZmqBus(Bus):
                     f"(last step seen from it: {self._last_step[other]})"
                 ) from None
             self.stats.bytes_sent += len(header) + body.nbytes
+            # a receiver sent step t has consumed the steps before it: this tells it so
+            self._told[other] = max(self._told.get(other, -1), key.step - 1)
+
+    # -- flow control -----------------------------------------------------------------------
+
+    def _await_credit(self, key: StepKey, to: Sequence[int], wanted: Sequence[int]) -> None:
+        """Wait until every receiver in `to` has consumed step key.step - window or later."""
+        for r in to:  # everyone starts at the same step: before any news, the one before it
+            self._consumed.setdefault(r, key.step - 1)
+        self._drain()
+
+        def behind() -> list[int]:
+            return [r for r in to if key.step - self._consumed[r] > self.window]
+
+        if behind():
+            self._credit(key.step - 1, wanted)
+            deadline = time.monotonic() + self.timeout_s
+            t0 = time.perf_counter()
+            while behind():
+                self._receive_one(deadline, behind)
+            self.stats.wait_seconds += time.perf_counter() - t0
+        lead = max((key.step - self._consumed[r] for r in to), default=0)
+        self.stats.max_lead_steps = max(self.stats.max_lead_steps, lead)
+
+    def _credit(self, consumed: int, senders: Sequence[int]) -> None:
+        """Tell senders not yet told (those this peer sends nothing to) that it has consumed
+        every message up to step `consumed`."""
+        for s in senders:
+            if self._told.get(s, -1) >= consumed:
+                continue
+            header = Header(
+                Kind.CREDIT, 1, self.run_id, consumed, 0, self.rank, self.rank, 0, 0, 0
+            ).pack()
+            try:
+                self.outboxes[s].send_multipart([header, b""])
+            except zmq.Again:
+                raise PeerError(
+                    f"{self._who(s)} stopped taking messages at step {consumed + 1} "
+                    f"(last step seen from it: {self._last_step[s]})"
+                ) from None
+            self.stats.bytes_sent += len(header)
+            self._told[s] = consumed
+
+    def _drain(self) -> None:
+        """Take in whatever has arrived, without waiting (credits reach a teacher this way)."""
+        while self.inbox.poll(0):
+            self._take()
+
+    # -- receiving --------------------------------------------------------------------------
 
     def _receive_one(self, deadline: float, missing: callable) -> None:
         remaining = deadline - time.monotonic()
@@ -227,10 +306,14 @@ class ZmqBus(Bus):
             lost = ", ".join(
                 f"{self._who(r)}, last step seen {self._last_step[r]}" for r in missing()
             )
-            step, rnd = self._current
+            step, rnd = self._current or (-1, 0)
             raise PeerError(
                 f"no answer within {self.timeout_s:g} s at step {step} round {rnd} from {lost}"
             )
+        self._take()
+
+    def _take(self) -> None:
+        """Receive one message: keep it, or drop and count it (warning once per reason)."""
         frames = self.inbox.recv_multipart(copy=False)
         self.stats.bytes_received += sum(len(f.buffer) for f in frames)
         try:
@@ -255,17 +338,49 @@ class ZmqBus(Bus):
         sender = header.sender_rank
         if not 0 <= sender < self.world or sender == self.rank:
             raise WireError(f"message claims to come from rank {sender}")
+        if header.kind != Kind.DATA and len(frames[1].buffer):
+            raise WireError(f"a {header.kind.name} message with a payload")
         if header.kind == Kind.HELLO:
             self._hellos[sender] = header.fingerprint
             return
-        if (header.step, header.round) < self._current:
+        if header.kind == Kind.CREDIT:
+            self._accept_credit(sender, header.step)
+            return
+        if self._current is not None and (header.step, header.round) < self._current:
             raise WireError(f"stale message for step {header.step} round {header.round}")
+        if self._beyond_window(sender, header.step):
+            raise WireError(
+                f"message for step {header.step} from rank {sender}, beyond the credit window "
+                f"of {self.window} steps"
+            )
         tensor = decode(header, frames[1].buffer)
         slot = (header.step, header.round, sender)
         if slot in self._pending:
             raise WireError(f"duplicate message for step {header.step} from rank {sender}")
         self._pending[slot] = (header.fingerprint, tensor)
         self._last_step[sender] = max(self._last_step[sender], header.step)
+        self._note_consumed(sender, header.step - 1)  # it sends step t once done with t - 1
+        held = len({t for (t, _, s) in self._pending if s == sender})
+        self.stats.max_pending_steps = max(self.stats.max_pending_steps, held)
+
+    def _beyond_window(self, sender: int, step: int) -> bool:
+        """Whether a message of `step` from `sender` is further ahead than it may be."""
+        if self._current is not None:  # the sender has been told step current - 1 at most
+            return step > self._current[0] - 1 + self.window
+        held = {t for (t, _, s) in self._pending if s == sender} | {step}
+        return max(held) - min(held) >= self.window  # before this peer's first exchange
+
+    def _accept_credit(self, receiver: int, consumed: int) -> None:
+        if self._current is not None and consumed > self._current[0]:
+            raise WireError(
+                f"credit for step {consumed} from rank {receiver}, which cannot have consumed "
+                f"a step this peer has not reached ({self._current[0]})"
+            )
+        self._note_consumed(receiver, consumed)
+        self._last_step[receiver] = max(self._last_step[receiver], consumed)
+
+    def _note_consumed(self, receiver: int, step: int) -> None:
+        self._consumed[receiver] = max(self._consumed.get(receiver, step), step)
 
     def close(self) -> None:
         if self._closed:
