@@ -8,10 +8,11 @@ transport it runs on; the one-process engine is this loop with a `LocalBus`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from dml_cluster.data.split import labelled_mask, mask_labels
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
-from dml_cluster.metrics.batch import peer_batch_stats
+from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_step_event
+from dml_cluster.metrics.step_log import StepLog
 from dml_cluster.runlog import JsonlLog, write_json_atomic
 
 
@@ -43,29 +45,6 @@ class StepResult:
     log_ps: dict[int, Tensor]
     exchange_seconds: float
     wait_seconds: float = 0.0  # the part of exchange_seconds spent waiting for other peers
-
-
-@dataclass(frozen=True)
-class StepEvent:
-    """Handed to observers after every step."""
-
-    step: int
-    epoch: int
-    target: Tensor
-    result: StepResult
-    step_seconds: float
-
-
-class Observer(Protocol):
-    """Watches training (JSONL logs, Prometheus metrics) without taking part in it."""
-
-    def on_step(self, trainer: CohortTrainer, event: StepEvent) -> None: ...
-
-    def on_eval(
-        self, trainer: CohortTrainer, epoch: int, step: int, report: dict[str, Any]
-    ) -> None: ...
-
-    def on_end(self, trainer: CohortTrainer, summary: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -120,6 +99,7 @@ class CohortTrainer:
             i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
         }
         self.cohort_log = JsonlLog(self.run_dir / "cohort.jsonl") if placement.reporter else None
+        self.observers.insert(0, StepLog(self.peer_logs, self.names, cfg.run.log_every))
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -233,11 +213,7 @@ class CohortTrainer:
                 y = self.train_y[idx.to(self.train_y.device)]
                 t0 = time.perf_counter()
                 result = self.train_step(x, y, step, fingerprint(idx))
-                event = StepEvent(step, epoch, y, result, time.perf_counter() - t0)
-                if step % cfg.run.log_every == 0:
-                    self._log_step(event)
-                for observer in self.observers:
-                    observer.on_step(self, event)
+                self._observe_step(step, epoch, y, result, time.perf_counter() - t0)
                 step += 1
                 if s + 1 < per_epoch and step < max_steps and self.checkpoints.due(step):
                     self._checkpoint(Position(epoch, s + 1, step), history)
@@ -248,13 +224,14 @@ class CohortTrainer:
                 report = self.evaluate(step - 1)
                 history.append({"epoch": epoch + 1, "step": step, **report})
                 self._report_epoch(epoch + 1, step, report, time.perf_counter() - start)
+                evaluated = EvalEvent(epoch + 1, step, report, dataclasses.replace(self.bus.stats))
                 for observer in self.observers:
-                    observer.on_eval(self, epoch + 1, step, report)
+                    observer.on_eval(evaluated)
             if self.checkpoints.enabled:
                 self._checkpoint(Position(epoch + 1, 0, step), history)
         summary = self._finish(history, step, time.perf_counter() - start)
         for observer in self.observers:
-            observer.on_end(self, summary)
+            observer.on_end(summary)
         return summary
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -286,27 +263,24 @@ class CohortTrainer:
 
     # -- output -----------------------------------------------------------------------------
 
-    def _log_step(self, event: StepEvent) -> None:
-        for i, p in event.result.parts.items():
-            batch = peer_batch_stats(event.result.log_ps, event.target, i)
-            self.peer_logs[i].write(
-                "train",
-                step=event.step,
-                epoch=event.epoch,
-                peer=self.names[i],
-                loss=p.total.item(),
-                ce=p.ce.item(),
-                mimicry=p.mimicry.item(),
-                lr=self.peers[i].optimizer.param_groups[0]["lr"],
-                step_seconds=event.step_seconds,
-                exchange_seconds=event.result.exchange_seconds,
-                bytes_sent=self.bus.stats.bytes_sent,
-                wait_seconds=self.bus.stats.wait_seconds,
-                step_wait_seconds=event.result.wait_seconds,
-                train_accuracy=batch.accuracy,
-                entropy=batch.entropy,
-                pairs=batch.pairs_by_name(self.names),  # KL(p_other || p_peer), JS, agreement
-            )
+    def _observe_step(
+        self, step: int, epoch: int, target: Tensor, result: StepResult, seconds: float
+    ) -> None:
+        """Build the step's event once and hand it to every observer. The batch statistics (the
+        costly part) are computed only on steps some observer asks for, once for all of them."""
+        event: StepEvent = build_step_event(
+            step=step,
+            epoch=epoch,
+            target=target,
+            parts=result.parts,
+            log_ps=result.log_ps,
+            lrs={i: p.optimizer.param_groups[0]["lr"] for i, p in self.peers.items()},
+            timings=(seconds, result.exchange_seconds, result.wait_seconds),
+            bus=self.bus.stats,
+            with_batch_stats=any(o.wants_batch_stats(step) for o in self.observers),
+        )
+        for observer in self.observers:
+            observer.on_step(event)
 
     def _report_epoch(self, epoch: int, step: int, report: dict[str, Any], elapsed: float) -> None:
         if self.cohort_log is None:

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from dml_cluster.metrics.events import EvalEvent, StepEvent
+
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
@@ -68,14 +70,17 @@ class Recorder:
         self.steps: dict[int, tuple[dict[int, torch.Tensor], torch.Tensor]] = {}
         self.evals: list[dict[str, Any]] = []
 
-    def on_step(self, trainer: Any, event: Any) -> None:
-        log_ps = {i: t.detach().cpu().double().clone() for i, t in event.result.log_ps.items()}
+    def wants_batch_stats(self, step: int) -> bool:
+        return False  # it keeps the raw predictions instead
+
+    def on_step(self, event: StepEvent) -> None:
+        log_ps = {i: t.detach().cpu().double().clone() for i, t in event.log_ps.items()}
         self.steps[event.step] = (log_ps, event.target.cpu().clone())
 
-    def on_eval(self, trainer: Any, epoch: int, step: int, report: dict[str, Any]) -> None:
-        self.evals.append({"epoch": epoch, "step": step, **report})
+    def on_eval(self, event: EvalEvent) -> None:
+        self.evals.append({"epoch": event.epoch, "step": event.step, **event.report})
 
-    def on_end(self, trainer: Any, summary: dict[str, Any]) -> None:
+    def on_end(self, summary: dict[str, Any]) -> None:
         pass
 
 
@@ -94,6 +99,22 @@ def ema(values: Sequence[float], smoothing: float) -> list[float]:
     out: list[float] = []
     for v in values:
         out.append(v if not out else smoothing * out[-1] + (1 - smoothing) * v)
+    return out
+
+
+def sampled(steps: Sequence[int], every: int) -> list[int]:
+    """The steps whose batch statistics the exporter reads (`metrics.stats_every`)."""
+    return [s for s in steps if s % every == 0]
+
+
+def ema_at(steps: Sequence[int], values: Sequence[float], smoothing: float) -> dict[int, float]:
+    """{step s: the moving average of the values of the given steps up to s}, for every s from
+    the first given step to the last (between two sampled steps, the last sampled one's)."""
+    averaged = dict(zip(steps, ema(values, smoothing), strict=True))
+    out, current = {}, None
+    for s in range(steps[0], steps[-1] + 1):
+        current = averaged.get(s, current)
+        out[s] = current
     return out
 
 

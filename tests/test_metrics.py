@@ -15,14 +15,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dml_cluster.bus import BusStats
 from dml_cluster.bus.local import LocalBus
+from dml_cluster.cohort import set_determinism
 from dml_cluster.config import load_config
 from dml_cluster.errors import ConfigError
-from dml_cluster.metrics import metrics_observers
-from dml_cluster.metrics.batch import peer_batch_stats
+from dml_cluster.metrics import events, metrics_observers
+from dml_cluster.metrics.batch import cohort_batch_stats, peer_batch_stats
+from dml_cluster.metrics.events import EvalEvent, StepEvent
+from dml_cluster.runlog import read_jsonl
 from dml_cluster.trainer import CohortTrainer, Placement
 
-from .conftest import REPO, cli_env
+from .conftest import REPO, cli_env, final_weights
 from .metrics_helpers import (
     Recorder,
     agreement_numpy,
@@ -31,6 +35,7 @@ from .metrics_helpers import (
     kl_numpy,
     parse,
     promtool_check,
+    sampled,
     scrape,
     value,
 )
@@ -82,6 +87,8 @@ def test_batch_stats_match_hand_computation() -> None:
     p = log_ps[1].exp()
     assert close(stats.entropy, -(p * log_ps[1]).sum(1).mean().item(), 1e-6)
     assert peer_batch_stats(log_ps, torch.full((32,), -1), 0).accuracy is None
+    alone = peer_batch_stats({1: log_ps[1]}, target, 1)  # a one-peer cohort, a teacher's process
+    assert alone.pairs == {} and alone.entropy == stats.entropy
     by_name = stats.pairs_by_name(["a", "b", "c"])
     assert set(by_name) == {"a", "c"} and set(by_name["a"]) == {"kl", "js", "agreement"}
 
@@ -91,9 +98,7 @@ def test_one_process_engine_serves_every_peer_with_exact_values(
 ) -> None:
     """Train in this process with the exporter installed; scrape while its endpoint is up and
     compare with moving averages of KL computed here from the recorded batches."""
-    cfg = _cfg(tmp_path, "train.epochs=2", "metrics.smoothing=0.8")
-    from dml_cluster.cohort import set_determinism
-
+    cfg = _cfg(tmp_path, "train.epochs=2", "metrics.smoothing=0.8", "metrics.stats_every=4")
     set_determinism(cfg)
     recorder = Recorder()
     with metrics_observers(cfg, (0, 1), "0123456789abcdef") as observers:
@@ -112,15 +117,14 @@ def test_one_process_engine_serves_every_peer_with_exact_values(
 
     samples = parse(text)
     last = max(recorder.steps)
+    sampled_steps = sampled(sorted(recorder.steps), 4)  # the batches the moving average saw
     for i, (peer, other) in enumerate([PEERS, PEERS[::-1]]):
         assert value(samples, "dml_step", peer=peer) == last
         assert value(samples, "dml_train_samples_total", peer=peer) == sum(
             len(t) for _, t in recorder.steps.values()
         )
         j = 1 - i
-        kls = [
-            kl_numpy(lp[j], lp[i]) for lp, _ in (recorder.steps[s] for s in sorted(recorder.steps))
-        ]
+        kls = [kl_numpy(recorder.steps[s][0][j], recorder.steps[s][0][i]) for s in sampled_steps]
         scraped = value(samples, "dml_kl_divergence", peer=peer, other_peer=other, split="train")
         assert close(scraped, ema(kls, 0.8)[-1])
         final = recorder.evals[-1]
@@ -213,3 +217,112 @@ def test_disabled_metrics_install_no_observer(tmp_path: Path) -> None:
     with metrics_observers(cfg, (0, 1), "x") as observers:
         assert observers == []
     assert not (cfg.run.dir / "metrics").exists()
+
+
+class Keeper:
+    """An observer that gets no trainer: it keeps every event, asking for the statistics of
+    every `every`-th step."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.steps: list[StepEvent] = []
+        self.evals: list[EvalEvent] = []
+        self.summary: dict | None = None
+
+    def wants_batch_stats(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_step(self, event: StepEvent) -> None:
+        self.steps.append(event)
+
+    def on_eval(self, event: EvalEvent) -> None:
+        self.evals.append(event)
+
+    def on_end(self, summary: dict) -> None:
+        self.summary = summary
+
+
+def test_statistics_are_computed_once_per_step_whatever_the_observers(
+    tmp_path: Path, restore_torch: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exporter, the run log and two more observers: one statistics call per step on which
+    any of them asks, for every hosted peer at once, and none on the other steps."""
+    calls: list[tuple[int, tuple[int, ...]]] = []
+
+    def counted(log_ps, target, peers):
+        calls.append((len(target), tuple(peers)))
+        return cohort_batch_stats(log_ps, target, peers)
+
+    monkeypatch.setattr(events, "cohort_batch_stats", counted)
+    cfg = _cfg(tmp_path, "train.max_steps=13", "run.log_every=4", "metrics.stats_every=3")
+    set_determinism(cfg)
+    first, second = Keeper(every=6), Keeper(every=6)
+    with metrics_observers(cfg, (0, 1), "x") as observers:
+        placement = Placement((0, 1), torch.device("cpu"), reporter=True)
+        CohortTrainer(cfg, LocalBus(), placement, [*observers, first, second]).run()
+    asked = [s for s in range(13) if s % 4 == 0 or s % 3 == 0]  # the run log's, the exporter's
+    assert calls == [(64, (0, 1))] * len(asked)
+    for keeper in (first, second):
+        assert [e.step for e in keeper.steps if e.has_batch_stats] == asked
+        for event in keeper.steps:
+            assert all((p.batch is None) == (event.step not in asked) for p in event.peers.values())
+    assert all(a is b for a, b in zip(first.steps, second.steps, strict=True))  # one event
+
+
+def test_observers_read_everything_from_the_event(tmp_path: Path, restore_torch: None) -> None:
+    """An observer without a trainer reference sees losses, learning rates, timings, bus counters
+    and batch statistics; the JSONL run log is written from the same event."""
+    cfg = _cfg(tmp_path, "train.max_steps=6", "run.log_every=2", "metrics.enabled=false")
+    set_determinism(cfg)
+    keeper = Keeper(every=3)
+    placement = Placement((0, 1), torch.device("cpu"), reporter=True)
+    summary = CohortTrainer(cfg, LocalBus(), placement, [keeper]).run()
+    assert [e.step for e in keeper.steps] == list(range(6))
+    for event in keeper.steps:
+        assert event.epoch == 0 and event.batch_size == 64 == len(event.target)
+        assert event.step_seconds > event.exchange_seconds >= event.wait_seconds >= 0
+        assert event.bus == BusStats()  # nothing moves in one process
+        assert set(event.peers) == {0, 1}
+        expected = cohort_batch_stats(event.log_ps, event.target, [0, 1])
+        asked = event.step % 2 == 0 or event.step % 3 == 0  # the run log's, the keeper's
+        for i, peer in event.peers.items():
+            assert peer.lr == cfg.optim.lr
+            assert peer.losses is not None and peer.losses.total > 0
+            assert peer.batch == (expected[i] if asked else None)
+    for i, name in enumerate(PEERS):
+        records = read_jsonl(cfg.run.dir / "peers" / f"{name}.jsonl")
+        assert [r["step"] for r in records] == [0, 2, 4]
+        for record in records:
+            event = keeper.steps[record["step"]]
+            peer = event.peers[i]
+            assert peer.losses is not None and peer.batch is not None
+            assert record["loss"] == peer.losses.total and record["ce"] == peer.losses.ce
+            assert record["mimicry"] == peer.losses.mimicry and record["lr"] == peer.lr
+            assert record["train_accuracy"] == peer.batch.accuracy
+            assert record["entropy"] == peer.batch.entropy
+            assert record["pairs"] == peer.batch.pairs_by_name(list(PEERS))
+            assert record["step_seconds"] == event.step_seconds
+    assert [(e.epoch, e.step) for e in keeper.evals] == [(1, 6)]
+    assert keeper.evals[0].report["peers"].keys() == set(PEERS)
+    assert keeper.summary == summary
+
+
+def test_statistics_never_touch_training(tmp_path: Path, restore_torch: None) -> None:
+    """Statistics on every step for every observer, or on none but the run log's first: the
+    trained weights are bitwise the same."""
+    weights = []
+    for name, sets in (
+        ("all", ["run.log_every=1", "metrics.stats_every=1"]),
+        ("none", ["run.log_every=1000", "metrics.enabled=false"]),
+    ):
+        cfg = _cfg(tmp_path, f"run.name={name}", "train.max_steps=25", *sets)
+        set_determinism(cfg)
+        keepers = [Keeper(every=1)] if name == "all" else []
+        with metrics_observers(cfg, (0, 1), "x") as observers:
+            placement = Placement((0, 1), torch.device("cpu"), reporter=True)
+            CohortTrainer(cfg, LocalBus(), placement, [*observers, *keepers]).run()
+        weights.append(final_weights(cfg.run.dir))
+    assert weights[0].keys() == weights[1].keys() == set(PEERS)
+    for peer, state in weights[0].items():
+        for key, tensor in state.items():
+            assert torch.equal(tensor, weights[1][peer][key]), (peer, key)

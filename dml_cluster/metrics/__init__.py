@@ -1,7 +1,9 @@
-"""Watching a cohort: per-batch cohort statistics and the Prometheus endpoint of a peer process.
+"""Watching a cohort: the events observers receive, per-batch cohort statistics, the per-step run
+log and the Prometheus endpoint of a peer process.
 
-`batch` is pure torch and always available; the exporter (and prometheus_client with it) is
-imported only when metrics are enabled, so a run with metrics off neither pays for nor binds it.
+`events`, `batch` and `step_log` are always available; the exporter (and prometheus_client with
+it) is imported only when metrics are enabled, so a run with metrics off neither pays for nor
+binds it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dml_cluster.config import Config
-    from dml_cluster.trainer import Observer
+    from dml_cluster.metrics.events import Observer
 
 
 @contextmanager

@@ -6,7 +6,15 @@ the whole cohort and labels every series by peer. Labels are kept to `peer`, `ot
 
 A scrape is a consistent snapshot: the trainer updates every value of a step under one lock and
 the endpoint renders under the same lock, so `dml_step` and the divergence read in one scrape
-belong to the same batch.
+belong to the same batch. Per step the exporter only does arithmetic on plain floats and observes
+the two duration histograms; the gauges and counters are brought up to those floats when a scrape
+renders (under the same lock), so a value that changes every step costs one assignment, not one
+metric update, between scrapes.
+
+Everything comes from the trainer's events (`metrics.events`), never from the trainer itself.
+Step time, samples, learning rate, losses and the bus counters are updated on every step; the
+batch statistics (accuracy, entropy, divergence, agreement: the costly part) are read on every
+`metrics.stats_every`-th step, so their moving averages average those sampled batches.
 """
 
 from __future__ import annotations
@@ -17,11 +25,11 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from prometheus_client import Counter, Gauge, Histogram, Info
 from prometheus_client.core import CollectorRegistry, Metric
 from prometheus_client.exposition import start_http_server
@@ -29,12 +37,13 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from dml_cluster.bus.base import BusStats
 from dml_cluster.config import Config
 from dml_cluster.errors import ConfigError
-from dml_cluster.metrics.batch import cohort_batch_stats
+from dml_cluster.runlog import write_atomic
 
 if TYPE_CHECKING:
-    from dml_cluster.trainer import CohortTrainer, StepEvent
+    from dml_cluster.metrics.events import EvalEvent, StepEvent
 
 # from a 0.5 ms MLP step to a 30 s large-model step
 TIME_BUCKETS = (
@@ -46,14 +55,30 @@ PEER, PAIR = ("peer",), ("peer", "other_peer", "split")
 
 
 class _Snapshot:
-    """A collector rendering a group of metrics under the lock their writer holds."""
+    """A collector rendering a group of metrics under the lock their writer holds, after bringing
+    them up to date (`publish`)."""
 
-    def __init__(self, lock: threading.Lock, metrics: list[Any]) -> None:
-        self._lock, self._metrics = lock, metrics
+    def __init__(
+        self, lock: threading.Lock, metrics: list[Any], publish: Callable[[], None]
+    ) -> None:
+        self._lock, self._metrics, self._publish = lock, metrics, publish
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
+            self._publish()
             return [family for m in self._metrics for family in m.collect()]
+
+
+@dataclass
+class _Latest:
+    """What a hosted peer's last step left, kept as plain values until a scrape publishes them."""
+
+    step: int = -1  # -1: no step yet (nothing to publish)
+    epoch: int = 0
+    finished_at: float = 0.0
+    lr: float = 0.0
+    samples: int = 0
+    samples_published: int = 0
 
 
 class PrometheusExporter:
@@ -61,12 +86,15 @@ class PrometheusExporter:
 
     def __init__(self, cfg: Config, hosted: tuple[int, ...], run_id: str, local_rank: int) -> None:
         self.cfg, self.hosted = cfg, hosted
-        self.names = [p.name or str(i) for i, p in enumerate(cfg.peers)]
+        self.names = [p.name for p in cfg.peers]
         self.smoothing = cfg.metrics.smoothing
+        self.stats_every = cfg.metrics.stats_every
         self._lock = threading.Lock()
-        self._ema: dict[tuple[int, tuple[str, ...]], float] = {}
+        self._ema: dict[tuple[Any, tuple[str, ...]], float] = {}  # by (metric, labels)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._bus_seen = {"sent": 0, "received": 0, "rejected": 0, "wait": 0.0}
+        self._latest = {i: _Latest() for i in hosted}
+        self._bus = BusStats()  # the bus counters at the last event
+        self._bus_seen = BusStats()  # ... and at the last scrape
         self._define()
         self._run.info(
             {
@@ -83,7 +111,7 @@ class PrometheusExporter:
             peer = cfg.peers[i]
             self._peer.labels(self.names[i]).info({"model": peer.model, "index": str(i)})
         self.registry = CollectorRegistry()
-        self.registry.register(_Snapshot(self._lock, self._all))
+        self.registry.register(_Snapshot(self._lock, self._all, self._publish))
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
@@ -109,7 +137,8 @@ class PrometheusExporter:
         self._kl = gauge(
             "dml_kl_divergence",
             "KL(p_other || p_peer) in nats, mean over samples: what the peer's mimicry pulls "
-            "down. split=train: moving average over training batches; test: last evaluation.",
+            "down. split=train: moving average over sampled training batches; test: last "
+            "evaluation.",
             PAIR,
         )
         self._js = gauge(
@@ -127,7 +156,8 @@ class PrometheusExporter:
         self._loss = gauge("dml_loss", "Total loss on training batches (moving average).")
         self._acc = gauge(
             "dml_accuracy_ratio",
-            "Top-1 accuracy. split=train: moving average over batches; test: last evaluation.",
+            "Top-1 accuracy. split=train: moving average over sampled batches; test: last "
+            "evaluation.",
             ("peer", "split"),
         )
         self._entropy = gauge(
@@ -212,9 +242,7 @@ class PrometheusExporter:
                 "port": self.port,
                 "pid": os.getpid(),
             }
-            tmp = folder / f".{self.names[i]}.json.tmp"
-            tmp.write_text(json.dumps(record) + "\n")
-            tmp.replace(folder / f"{self.names[i]}.json")
+            write_atomic(folder / f"{self.names[i]}.json", (json.dumps(record) + "\n").encode())
         hosted = ", ".join(self.names[i] for i in self.hosted)
         print(f"metrics: {self.url} ({hosted})", flush=True)
 
@@ -227,81 +255,83 @@ class PrometheusExporter:
 
     # -- updates ----------------------------------------------------------------------------
 
-    def _smooth(self, key: tuple[int, tuple[str, ...]], value: float) -> float:
+    def _smooth(self, metric: Any, labels: tuple[str, ...], value: float) -> None:
+        """Fold a training-batch value into its moving average (published at the next scrape)."""
+        key = (metric, labels)
         old = self._ema.get(key)
-        new = value if old is None else self.smoothing * old + (1.0 - self.smoothing) * value
-        self._ema[key] = new
-        return new
-
-    def _bus_counters(self, trainer: CohortTrainer) -> None:
-        """Bring the bus counters up to the bus's own (per process, under each hosted peer)."""
-        stats = trainer.bus.stats
-        now = {
-            "sent": stats.bytes_sent,
-            "received": stats.bytes_received,
-            "rejected": stats.messages_rejected,
-            "wait": stats.wait_seconds,
-        }
-        counters = {
-            "sent": self._sent,
-            "received": self._received,
-            "rejected": self._rejected,
-            "wait": self._wait,
-        }
-        for key, counter in counters.items():
-            delta = now[key] - self._bus_seen[key]
-            for i in self.hosted:
-                self._child(counter, self.names[i]).inc(max(delta, 0))
-        self._bus_seen = now
+        self._ema[key] = (
+            value if old is None else self.smoothing * old + (1.0 - self.smoothing) * value
+        )
 
     def _child(self, metric: Any, *labels: str) -> Any:
-        """The labelled series, looked up once (this runs on every training step)."""
+        """The labelled series, looked up once."""
         key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def _smoothed(self, metric: Any, labels: tuple[str, ...], value: float) -> None:
-        self._child(metric, *labels).set(self._smooth((id(metric), labels), value))
-
-    def on_step(self, trainer: CohortTrainer, event: StepEvent) -> None:
-        result = event.result
-        stats = cohort_batch_stats(result.log_ps, event.target, self.hosted)
-        learners = list(result.parts)
-        losses: list[float] = []
-        if learners:
-            parts = [result.parts[i] for i in learners]
-            losses = torch.stack([t for p in parts for t in (p.ce, p.mimicry, p.total)]).tolist()
-        now, child = time.time(), self._child
-        with self._lock:
+    def _publish(self) -> None:
+        """Bring the gauges and counters up to the values kept since the last scrape (called by
+        the collector, under the lock)."""
+        child = self._child
+        for i, latest in self._latest.items():
+            if latest.step < 0:
+                continue
+            name = self.names[i]
+            child(self._step, name).set(latest.step)
+            child(self._epoch, name).set(latest.epoch)
+            child(self._last, name).set(latest.finished_at)
+            child(self._lr, name).set(latest.lr)
+            child(self._samples, name).inc(latest.samples - latest.samples_published)
+            latest.samples_published = latest.samples
+        for (metric, labels), value in self._ema.items():
+            child(metric, *labels).set(value)
+        now, seen = self._bus, self._bus_seen
+        deltas = (
+            (self._sent, now.bytes_sent - seen.bytes_sent),
+            (self._received, now.bytes_received - seen.bytes_received),
+            (self._rejected, now.messages_rejected - seen.messages_rejected),
+            (self._wait, now.wait_seconds - seen.wait_seconds),
+        )
+        for counter, delta in deltas:  # per process, shown under each hosted peer
             for i in self.hosted:
-                name, s = self.names[i], stats[i]
-                child(self._step, name).set(event.step)
-                child(self._epoch, name).set(event.epoch)
-                child(self._last, name).set(now)
-                child(self._lr, name).set(trainer.peers[i].optimizer.param_groups[0]["lr"])
-                child(self._samples, name).inc(len(event.target))
-                child(self._step_time, name).observe(event.step_seconds)
-                child(self._exchange_time, name).observe(result.exchange_seconds)
-                if s.accuracy is not None:
-                    self._smoothed(self._acc, (name, "train"), s.accuracy)
-                self._smoothed(self._entropy, (name, "train"), s.entropy)
-                for j, pair in s.pairs.items():
-                    labels = (name, self.names[j], "train")
-                    self._smoothed(self._kl, labels, pair.kl)
-                    self._smoothed(self._js, labels, pair.js)
-                    self._smoothed(self._agree, labels, pair.agreement)
-            for slot, i in enumerate(learners):
-                ce, mimicry, total = losses[3 * slot : 3 * slot + 3]
-                self._smoothed(self._ce, (self.names[i],), ce)
-                self._smoothed(self._mimicry, (self.names[i],), mimicry)
-                self._smoothed(self._loss, (self.names[i],), total)
-            self._bus_counters(trainer)
+                child(counter, self.names[i]).inc(max(delta, 0))
+        self._bus_seen = now
 
-    def on_eval(
-        self, trainer: CohortTrainer, epoch: int, step: int, report: dict[str, Any]
-    ) -> None:
+    def wants_batch_stats(self, step: int) -> bool:
+        return step % self.stats_every == 0
+
+    def on_step(self, event: StepEvent) -> None:
+        sampled = self.wants_batch_stats(event.step)
+        now, child, names, smooth = time.time(), self._child, self.names, self._smooth
+        with self._lock:
+            for i, peer in event.peers.items():
+                name, latest = names[i], self._latest[i]
+                latest.step, latest.epoch, latest.finished_at = event.step, event.epoch, now
+                latest.lr = peer.lr
+                latest.samples += event.batch_size
+                child(self._step_time, name).observe(event.step_seconds)
+                child(self._exchange_time, name).observe(event.exchange_seconds)
+                if peer.losses is not None:
+                    smooth(self._ce, (name,), peer.losses.ce)
+                    smooth(self._mimicry, (name,), peer.losses.mimicry)
+                    smooth(self._loss, (name,), peer.losses.total)
+                batch = peer.batch
+                if not sampled or batch is None:
+                    continue
+                if batch.accuracy is not None:
+                    smooth(self._acc, (name, "train"), batch.accuracy)
+                smooth(self._entropy, (name, "train"), batch.entropy)
+                for j, pair in batch.pairs.items():
+                    labels = (name, names[j], "train")
+                    smooth(self._kl, labels, pair.kl)
+                    smooth(self._js, labels, pair.js)
+                    smooth(self._agree, labels, pair.agreement)
+            self._bus = event.bus
+
+    def on_eval(self, event: EvalEvent) -> None:
+        report = event.report
         with self._lock:
             for i in self.hosted:
                 name = self.names[i]
@@ -317,11 +347,9 @@ class PrometheusExporter:
                     self._agree.labels(name, other, "test").set(pair["agreement"])
             self._ens_acc.labels("test").set(report["ensemble"]["accuracy"])
             self._ens_entropy.labels("test").set(report["ensemble"]["entropy"])
-            self._bus_counters(trainer)
+            self._bus = event.bus
 
-    def on_end(self, trainer: CohortTrainer, summary: dict[str, Any]) -> None:
-        with self._lock:
-            self._bus_counters(trainer)
+    def on_end(self, summary: dict[str, Any]) -> None:
         if self.cfg.metrics.linger_s > 0:
             time.sleep(self.cfg.metrics.linger_s)
 
