@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dml_cluster import losses
+from dml_cluster.cohort import build_peer
 from dml_cluster.config import parse_config
 from dml_cluster.errors import ConfigError
 from dml_cluster.method_config.dkd import DKDConfig
@@ -14,6 +15,7 @@ from dml_cluster.method_config.kd import KDConfig
 from dml_cluster.methods import Progress, StepView, build_method
 from dml_cluster.methods.dkd import warmup_factor
 from dml_cluster.methods.fitnets import build_regressor
+from dml_cluster.models import build_model
 
 
 @pytest.mark.parametrize(
@@ -130,3 +132,14 @@ def test_methods_check_the_cohort_they_get(tmp_path) -> None:
     with pytest.raises(ConfigError, match="method.guided_layer: required key is missing"):
         parse_config(_cohort({"name": "fitnets", "teacher": teacher}, [student]))
     assert parse_config(_cohort({"name": "dkd"}, [teacher, student])).method.name == "dkd"
+
+
+def test_fitnets_names_a_missing_layer(tmp_path) -> None:
+    torch.save(build_model("mlp", (1, 8, 8), 10).state_dict(), tmp_path / "t.pt")
+    teacher = {"name": "t", "model": "mlp", "role": "teacher", "checkpoint": str(tmp_path / "t.pt")}
+    method = {"name": "fitnets", "teacher": teacher, "guided_layer": "nope", "hint_layer": "net.1"}
+    cfg = parse_config(_cohort(method, [{"name": "s", "model": "mlp"}]))
+    with pytest.raises(
+        ConfigError, match="method.guided_layer: peer 0's model has no module 'nope'"
+    ):
+        build_peer(cfg, 0, (1, 8, 8), 10, torch.device("cpu"), build_method(cfg.method))

@@ -5,7 +5,9 @@ student's `guided_layer`, `hint` the teacher's `hint_layer` and r a regressor (a
 feature maps, a linear layer for flat features). Only the student's layers up to the guided one
 and r receive gradients (the loss does not depend on the others; with `zero_grad(set_to_none)`
 the optimizer skips them, weight decay included). Stage 2: Hinton KD,
-(1 - a) CE + a T^2 KL(p_t^T || p_s^T), on the whole student; r is no longer used.
+(1 - a) CE + a T^2 KL(p_t^T || p_s^T), on the whole student; r is no longer used. r is the
+student's extra module (`extra_modules`): the peer builder puts it in the student's optimizer,
+checkpoints save it.
 
 Why the teacher runs here and not as a peer on the bus: a hint is a feature map per sample
 (e.g. 128 x 7 x 7 floats = 25 KB, against 40 bytes of 10 class probabilities), 600 times what DML
@@ -82,8 +84,9 @@ class _Capture:
 class FitNets(Method):
     def __init__(self, cfg: FitNetsConfig) -> None:
         super().__init__(cfg)
-        self.settings = cfg
         self.a, self.temperature, self.hint_epochs = cfg.kd_weight, cfg.temperature, cfg.hint_epochs
+        self.teacher_config = cfg.teacher
+        self.hint_layer, self.guided_layer = cfg.hint_layer, cfg.guided_layer
         self.teacher: nn.Module | None = None
         self._hint: _Capture | None = None
         self._guided: dict[int, _Capture] = {}
@@ -91,11 +94,11 @@ class FitNets(Method):
         self._step_outputs: tuple[Tensor, Tensor] | None = None
 
     def _load_teacher(self, input_shape: tuple[int, int, int], classes: int, device: Any) -> None:
-        t = self.settings.teacher
+        t = self.teacher_config
         with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten anyway
             teacher = build_model(t.model, input_shape, classes, **t.args).to(device)
         self.teacher = load_teacher(teacher, t)
-        hint = find_module(teacher, self.settings.hint_layer, "hint_layer", t.model)
+        hint = find_module(teacher, self.hint_layer, "hint_layer", f"the teacher's {t.model}")
         self._hint = _Capture(hint, always=True)
 
     def extra_modules(
@@ -106,8 +109,7 @@ class FitNets(Method):
         if self.teacher is None:
             self._load_teacher(input_shape, classes, device)
         assert self.teacher is not None and self._hint is not None
-        layer = self.settings.guided_layer
-        guided = find_module(model, layer, "guided_layer", f"student {peer}")
+        guided = find_module(model, self.guided_layer, "guided_layer", f"peer {peer}'s model")
         capture = _Capture(guided, always=True)
         probe = torch.zeros(2, *input_shape, device=device)
         was_training = model.training
