@@ -218,6 +218,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, queue: mp
                     raw.exchange_multipart(i, body)
 
                 multipart[rows, cols] = timed(exch_mp, args.warmup, args.iters)
+            dist.barrier()  # everyone has everything: closing with linger=0 drops unsent frames
             raw.close()
         # the real bus
         bus = make_bus(transport, rank, world, store)
