@@ -107,12 +107,14 @@ def sampled(steps: Sequence[int], every: int) -> list[int]:
     return [s for s in steps if s % every == 0]
 
 
-def ema_at(steps: Sequence[int], values: Sequence[float], smoothing: float) -> dict[int, float]:
+def ema_at(
+    steps: Sequence[int], values: Sequence[float], smoothing: float, until: int
+) -> dict[int, float]:
     """{step s: the moving average of the values of the given steps up to s}, for every s from
-    the first given step to the last (between two sampled steps, the last sampled one's)."""
+    the first given step to `until` (after a sampled step, until the next, that step's)."""
     averaged = dict(zip(steps, ema(values, smoothing), strict=True))
     out, current = {}, None
-    for s in range(steps[0], steps[-1] + 1):
+    for s in range(steps[0], until + 1):
         current = averaged.get(s, current)
         out[s] = current
     return out

@@ -162,8 +162,10 @@ def test_divergence_read_over_http_equals_kl_of_the_same_batches(
     for i, peer in enumerate(PEERS):
         j, other = 1 - i, PEERS[1 - i]
         batches = [oracle.steps[s][0] for s in order]
-        kl = ema_at(order, [kl_numpy(lp[j], lp[i]) for lp in batches], SMOOTHING)
-        agree = ema_at(order, [agreement_numpy(lp[j], lp[i]) for lp in batches], SMOOTHING)
+        kl = ema_at(order, [kl_numpy(lp[j], lp[i]) for lp in batches], SMOOTHING, int(last))
+        agree = ema_at(
+            order, [agreement_numpy(lp[j], lp[i]) for lp in batches], SMOOTHING, int(last)
+        )
         checked = 0
         for samples in per_peer[peer]:
             step = value(samples, "dml_step", peer=peer)
