@@ -103,14 +103,16 @@ TRANSPORTS = {"zmq": _zmq_bus, "torch": _torch_bus}
 
 
 def _check_same_config(cfg: Config, control: Control) -> None:
-    """Every peer must run the same config (the zmq handshake checks it too; torch has none)."""
-    mine = cfg.hash()
+    """Every peer must run the same config: its hash (what decides the numbers) and the bus
+    settings every process must share (the zmq handshake checks the hash too; torch has none).
+    """
+    mine = f"hash {cfg.hash()}, transport {cfg.bus.transport}, window {cfg.bus.window}"
     for other, theirs in enumerate(control.all_gather_bytes(Topic.CONFIG, 0, mine.encode())):
         if theirs != mine.encode():
-            their_hash = theirs.decode(errors="replace")
             raise ConfigError(
                 f"peer {other} ({cfg.peers[other].name}, rank {other}) runs a different config "
-                f"(hash {their_hash}, mine {mine}): every peer must be given the same config"
+                f"({theirs.decode(errors='replace')}; mine: {mine}): every peer must be given "
+                "the same config"
             )
 
 

@@ -34,6 +34,8 @@ from dml_cluster.control import (
 )
 from dml_cluster.errors import PeerError
 
+from .faults_helpers import settings, start_peers
+
 NAMES = ["alpha", "beta"]
 
 
@@ -239,3 +241,17 @@ def test_a_vanished_peer_is_reported_as_lost(two_processes: Path) -> None:
         "(one of: peer 1 (beta, rank 1))"
     ), message
     assert float(seconds) < 5.0 + 5.0  # within the channel's timeout, plus slack
+
+
+def test_peers_given_different_bus_windows_are_refused_at_start_up(tmp_path: Path) -> None:
+    """The config hash leaves the bus out (it does not change the numbers), but peers with
+    different windows would drop each other's messages: the start-up check over the control
+    channel refuses them with one line, before anything is written."""
+    args = settings(tmp_path, "windows", "bus.transport=zmq", epochs=1)
+    procs = start_peers([args, [*args, "--set", "bus.window=2"]])
+    outputs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 2, out + err
+        assert "Traceback" not in out + err
+        assert "runs a different config" in err and "window 2" in err, err
+    assert not (tmp_path / "windows").exists()
