@@ -176,6 +176,22 @@ def test_fitnets_regressor_is_optimised_and_checkpointed_with_its_student(tmp_pa
     assert torch.equal(peer.optimizer.state[regressor.weight]["momentum_buffer"], momentum)
 
 
+def test_fitnets_regressor_starts_alike_in_every_layout(tmp_path: Path) -> None:
+    """Peer 1's regressor does not depend on whether its process also built peer 0 (and loaded
+    the teacher for it) or built peer 1 alone, as under torchrun."""
+    teacher = _save_teacher(tmp_path / "teacher.pt", "small_cnn", {"width": 16})
+    raw = _fitnets_raw(tmp_path, teacher)
+    raw["cohort"]["peers"] = [{"name": n, "model": "small_cnn", "args": {"width": 4}} for n in "ab"]
+    cfg = parse_config(raw)
+    cpu = torch.device("cpu")
+    together = build_method(cfg.method)
+    both = [build_peer(cfg, i, DIGITS, 10, cpu, together) for i in range(2)]
+    alone = build_peer(cfg, 1, DIGITS, 10, cpu, build_method(cfg.method))
+    for k, v in alone.extras.state_dict().items():
+        assert torch.equal(both[1].extras.state_dict()[k], v), k
+    assert not torch.equal(both[0].extras["regressor"].weight, alone.extras["regressor"].weight)
+
+
 def test_teacher_weights_from_a_cohort_checkpoint(tmp_path: Path) -> None:
     raw = {
         "run": {"out_dir": str(tmp_path / "runs")},
