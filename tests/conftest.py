@@ -1,4 +1,5 @@
-"""Shared test helpers: run the real CLI in a subprocess, load final weights, compare them."""
+"""Shared test helpers: run the real CLI in a subprocess, load final weights, compare them; the
+session's reference runs (each trained once, shared by every module that compares with it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from .cohort_runs import sets, train_many
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dml_cluster"]
@@ -49,3 +52,53 @@ def max_weight_diff(
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs"
+
+
+class References:
+    """The one-process engine's run folders, the oracle of the multi-process tests.
+
+    A reference is asked for as (CONFIG, KEY=VALUE, ...) and known by its config hash (what
+    decides the trained numbers; where results go, the bus, metrics and checkpoints do not), so
+    a module asking for a run another module trained gets that folder. The runs asked for in
+    one call that are not trained yet train in one process (tests/cohort_runs.py)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.trained: dict[str, Path] = {}
+
+    def __call__(self, *runs: tuple[str, ...]) -> list[Path]:
+        from dml_cluster.config import load_config
+
+        keys = [load_config(REPO / run[0], list(run[1:])).hash() for run in runs]
+        todo = {key: run for key, run in zip(keys, runs, strict=True) if key not in self.trained}
+        if todo:
+            batch = [
+                [config, *sets(*items, f"run.out_dir={self.root}", f"run.name={key}",
+                               "bus.transport=local", "metrics.enabled=false")]
+                for key, (config, *items) in todo.items()
+            ]  # fmt: skip
+            proc = train_many(batch, self.root / f"batch-{len(self.trained)}.json")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            self.trained.update({key: self.root / key for key in todo})
+        return [self.trained[key] for key in keys]
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory: pytest.TempPathFactory) -> References:
+    return References(tmp_path_factory.mktemp("references"))
+
+
+CHECKPOINTED_EPOCHS = 4  # 22 steps per epoch: checkpoints at 10, 20, 22, 30, 40, 44, ... 88
+
+
+@pytest.fixture(scope="session")
+def checkpointed_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/digits-dml.yaml in one process for 88 steps with every checkpoint kept (settings of
+    tests/faults_helpers.py): the uninterrupted run that checkpoint, fault and CURVE tests end
+    like. Read-only: copy it to change it."""
+    from .faults_helpers import settings, train
+
+    runs = tmp_path_factory.mktemp("checkpointed")
+    proc = train(*settings(runs, "reference", epochs=CHECKPOINTED_EPOCHS))
+    assert proc.returncode == 0, proc.stderr
+    return runs / "reference"

@@ -25,7 +25,7 @@ import yaml
 
 from dml_cluster.k8s.pod import CONFIG_DIR, WORKDIR
 
-from .conftest import REPO, final_weights, run_cli
+from .conftest import REPO, References, final_weights
 
 VENV_BIN = str(Path(sys.executable).parent)
 # the cohort every k8s / multi-node test trains, and the one-process engine's result for it
@@ -35,14 +35,10 @@ SETS = ("--set", "train.max_steps=25", "--set", "bus.transport=zmq")
 
 
 @pytest.fixture(scope="session", name="reference")
-def one_process_reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The one-process engine's final weights for CONFIG + SETS (computed once per session)."""
-    out = tmp_path_factory.mktemp("reference")
-    result = run_cli(
-        "train", str(CONFIG), *SETS, "--set", "bus.transport=local", "--set", f"run.out_dir={out}"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return final_weights(out / RUN)
+def one_process_reference(references: References) -> dict:
+    """The one-process engine's final weights for CONFIG + SETS (conftest's session reference)."""
+    (run_dir,) = references((str(CONFIG), *SETS[1::2]))
+    return final_weights(run_dir)
 
 
 @dataclass
