@@ -17,11 +17,12 @@ computed once for both. A scrape (rendering the exposition, under the lock `on_s
 timed separately. With metrics disabled the exporter is not installed at all (tests check that
 nothing is loaded or bound); the event is still built for the run log.
 
-The objects alive when training starts (~350,000 after importing torch and loading the data) are
-moved out of the garbage collector's sight (`gc.freeze()`) for the measured run: otherwise a full
-collection over all of them (~0.4 s here, every few hundred steps) lands at random in the step or
-in the observe phase and decides the mean of whichever it hits. The young-generation collections,
-which every allocation brings closer, still run and are paid where they happen.
+The objects alive when training starts (torch and the other imports, the data; the script prints
+how many and what one full collection of them takes) are moved out of the garbage collector's
+sight (`gc.freeze()`) for the measured run: otherwise a full collection over all of them lands at
+random in the step or in the observe phase and decides the mean of whichever it hits. The
+young-generation collections, which every allocation brings closer, still run and are paid where
+they happen.
 
 Run from the repo root: .venv/bin/python benchmarks/metrics_overhead.py [--steps 400]
 """
@@ -56,6 +57,7 @@ from bench_common import machine, markdown_table  # noqa: E402
 MODELS = {"mlp": {"hidden": [128]}, "small_cnn": {"width": 16}}
 WARM_UP = 10  # steps left out of the figures
 DEFAULT_STATS_EVERY = MetricsConfig.model_fields["stats_every"].default
+FULL_COLLECTIONS: list[tuple[int, float]] = []  # (objects tracked, seconds) before each run
 
 
 class TimedTrainer(CohortTrainer):
@@ -121,7 +123,9 @@ def measure(model: str, k: int, stats_every: int, steps: int, out: Path) -> list
         timed = Timed(exporter)
         placement = Placement(hosted, torch.device("cpu"), True)
         trainer = TimedTrainer(cfg, LocalBus(), placement, [timed])
+        t0, tracked = time.perf_counter(), len(gc.get_objects())
         gc.collect()
+        FULL_COLLECTIONS.append((tracked, time.perf_counter() - t0))
         gc.freeze()  # see the module docstring
         try:
             trainer.run()
@@ -173,6 +177,11 @@ def main() -> None:
     ]  # fmt: skip
     print(machine())
     print(f"load average before: {load_before}; after: {load_average()} ({os.cpu_count()} CPUs)")
+    objects, seconds = np.median(np.asarray(FULL_COLLECTIONS), axis=0)
+    print(
+        f"a full garbage collection before a run (median of {len(FULL_COLLECTIONS)}): "
+        f"{objects:,.0f} objects tracked, {seconds * 1e3:.0f} ms"
+    )
     print(markdown_table(header, rows))
 
 
