@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import CHECKPOINTED_EPOCHS
 from .faults_helpers import (
     assert_same_weights,
     complete_steps,
@@ -37,10 +38,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(runs: Path) -> Path:
-    """The uninterrupted run, every checkpoint kept."""
-    proc = train(*settings(runs, "reference", epochs=EPOCHS))
-    assert proc.returncode == 0, proc.stderr
+def reference(runs: Path, checkpointed_reference: Path) -> Path:
+    """The uninterrupted run, every checkpoint kept (conftest's, trained once per session for
+    this module, test_faults.py and test_curve.py: settings(runs, "reference", epochs=EPOCHS))."""
+    assert EPOCHS == CHECKPOINTED_EPOCHS
+    shutil.copytree(checkpointed_reference, runs / "reference")
     return runs / "reference"
 
 

@@ -1,4 +1,8 @@
-"""The one-process engine, end to end through the CLI, on the embedded digits data."""
+"""The one-process engine, end to end through the CLI, on the embedded digits data.
+
+The quick start runs as its own `dml-cluster train` process; the other runs train one after the
+other in one process (tests/cohort_runs.py, the CLI's entry point per run), but for one of the
+two runs whose weights must match bit for bit, which trains in a process of its own."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import pytest
 
 from dml_cluster.runlog import read_jsonl
 
+from .cohort_runs import sets, train_many
 from .conftest import final_weights, max_weight_diff, run_cli
 
 
@@ -37,38 +42,56 @@ def test_quick_start_two_peer_dml_reaches_90_percent(out_dir: Path) -> None:
         assert (run_dir / "final" / f"{name}.pt").exists()
 
 
-@pytest.mark.parametrize(
-    ("config", "run", "peers", "epochs"),
-    [
-        ("configs/digits-k3-hetero.yaml", "digits-k3-hetero", {"mlp", "cnn", "resnet8"}, 3),
-        ("configs/digits-dml-e.yaml", "digits-dml-e", {f"small_cnn-{i}" for i in range(3)}, 3),
-        ("configs/digits-semi.yaml", "digits-semi", {"small_cnn-0", "small_cnn-1"}, 15),
-    ],
-)
+SHIPPED = [
+    ("configs/digits-k3-hetero.yaml", "digits-k3-hetero", {"mlp", "cnn", "resnet8"}, 3),
+    ("configs/digits-dml-e.yaml", "digits-dml-e", {f"small_cnn-{i}" for i in range(3)}, 3),
+    ("configs/digits-semi.yaml", "digits-semi", {"small_cnn-0", "small_cnn-1"}, 15),
+]
+K3 = "configs/digits-k3-hetero.yaml"
+# reproducibility: a and b are one config (trained in two processes), c and d differ in the
+# update mode only and stop after one step
+REPEATED = [("a", "simultaneous", 15), ("b", "simultaneous", 15), ("c", "simultaneous", 1),
+            ("d", "sequential", 1)]  # fmt: skip
+
+
+def _repeated(out_dir: Path, name: str, update: str, steps: int) -> list[str]:
+    return [K3, *sets(f"run.out_dir={out_dir}", f"train.max_steps={steps}", f"run.name={name}",
+                      f"cohort.update={update}", "metrics.enabled=false")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped cohorts, the one-peer cohort and the reproducibility runs but b, trained one
+    after the other in one process (tests/cohort_runs.py)."""
+    out_dir = tmp_path_factory.mktemp("runs")
+    batch = [
+        *[[config, *sets(f"run.out_dir={out_dir}", f"train.epochs={epochs}",
+                         "metrics.enabled=false")] for config, _, _, epochs in SHIPPED],
+        *[_repeated(out_dir, *run) for run in REPEATED if run[0] != "b"],
+        ["configs/digits-dml.yaml", *sets(f"run.out_dir={out_dir}", "run.name=one-peer",
+                                          "cohort.size=1", "train.epochs=2",
+                                          "metrics.enabled=false")],
+    ]  # fmt: skip
+    proc = train_many(batch, out_dir / "batch.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out_dir
+
+
+@pytest.mark.parametrize(("config", "run", "peers", "epochs"), SHIPPED)
 def test_shipped_cohorts_run(
-    out_dir: Path, config: str, run: str, peers: set[str], epochs: int
+    runs: Path, config: str, run: str, peers: set[str], epochs: int
 ) -> None:
-    proc = run_cli(
-        "train", config, "--set", f"run.out_dir={out_dir}", "--set", f"train.epochs={epochs}"
-    )
-    assert proc.returncode == 0, proc.stderr
-    summary = _summary(out_dir / run)
+    summary = _summary(runs / run)
+    assert summary["epochs"] == epochs
     assert set(summary["peers"]) == peers
     for peer in summary["peers"].values():
         assert peer["final_accuracy"] > 0.5  # learning happened (10 classes: chance is 0.1)
 
 
-def test_runs_are_reproducible_and_update_modes_differ(out_dir: Path) -> None:
-    runs = [("a", "simultaneous", 15), ("b", "simultaneous", 15), ("c", "simultaneous", 1),
-            ("d", "sequential", 1)]  # fmt: skip
-    for name, update, steps in runs:
-        proc = run_cli(
-            "train", "configs/digits-k3-hetero.yaml", "--set", f"run.out_dir={out_dir}",
-            "--set", f"train.max_steps={steps}", "--set", f"run.name={name}",
-            "--set", f"cohort.update={update}",
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-    a, b, c, d = (final_weights(out_dir / n) for n in "abcd")
+def test_runs_are_reproducible_and_update_modes_differ(runs: Path) -> None:
+    proc = run_cli("train", *_repeated(runs, *REPEATED[1]))  # b: a's config, another process
+    assert proc.returncode == 0, proc.stderr
+    a, b, c, d = (final_weights(runs / n) for n in "abcd")
     assert max_weight_diff(a, b) == 0.0  # same config and seed: the same weights, bit for bit
     # sequential, first step: peer 0 steps first on the others' predictions, as in simultaneous
     # mode; the later peers see peer 0's refreshed predictions and end elsewhere
@@ -76,12 +99,7 @@ def test_runs_are_reproducible_and_update_modes_differ(out_dir: Path) -> None:
     assert max_weight_diff({"cnn": c["cnn"]}, {"cnn": d["cnn"]}) > 0.0
 
 
-def test_one_peer_cohort_is_plain_training(out_dir: Path) -> None:
-    proc = run_cli(
-        "train", "configs/digits-dml.yaml", "--set", f"run.out_dir={out_dir}",
-        "--set", "cohort.size=1", "--set", "train.epochs=2",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    summary = _summary(out_dir / "digits-dml")
+def test_one_peer_cohort_is_plain_training(runs: Path) -> None:
+    summary = _summary(runs / "one-peer")
     assert list(summary["peers"]) == ["small_cnn-0"]
     assert summary["peers"]["small_cnn-0"]["final_accuracy"] > 0.8

@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from .conftest import CHECKPOINTED_EPOCHS
 from .faults_helpers import (
     assert_same_weights,
     cut_back_to,
@@ -24,7 +25,7 @@ from .faults_helpers import (
     workers,
 )
 
-EPOCHS = 6  # 132 steps: long enough for a kill to land mid-run
+EPOCHS = CHECKPOINTED_EPOCHS  # 88 steps: a kill after step 30 lands mid-run
 TIMEOUT_S = 20  # bus.timeout_s of these runs (faults_helpers.settings)
 
 
@@ -34,10 +35,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(runs: Path) -> Path:
-    proc = train(*settings(runs, "reference", epochs=EPOCHS))
-    assert proc.returncode == 0, proc.stderr
-    return runs / "reference"
+def reference(checkpointed_reference: Path) -> Path:
+    """The same cohort uninterrupted in one process (conftest's, shared with other modules)."""
+    return checkpointed_reference
 
 
 @pytest.mark.parametrize("transport", ["zmq", "torch"])
@@ -99,8 +99,9 @@ def test_a_one_process_checkpoint_resumes_under_torchrun(runs: Path, reference: 
 def test_without_torchrun_the_survivor_stops_within_the_bus_timeout(
     runs: Path, transport: str
 ) -> None:
-    """Peers started by hand (as on Kubernetes, one pod each): no agent stops the survivor, the
-    bus does, with a one-line error and the retryable exit code 200."""
+    """Peers started by hand (as on Kubernetes, one pod each, or on two nodes): kill one, and no
+    agent stops the survivor, the bus does, with a one-line error naming the lost peer and the
+    retryable exit code 200."""
     name = f"by-hand-{transport}"
     args = settings(runs, name, f"bus.transport={transport}", "bus.timeout_s=4", epochs=EPOCHS)
     survivor, victim = start_peers([args, args])
@@ -118,5 +119,7 @@ def test_without_torchrun_the_survivor_stops_within_the_bus_timeout(
     assert survivor.returncode == 200, err
     assert stopped_after < 4 + 10  # the timeout, plus teardown on a busy 2-core machine
     assert "Traceback" not in err
-    message = [line for line in err.splitlines() if line.startswith("dml-cluster: ")]
-    assert message and "small_cnn-1" in message[-1], err
+    last = err.strip().splitlines()[-1]  # the last word is the one-line error, naming the peer
+    assert last.startswith("dml-cluster: ") and "small_cnn-1" in last, err
+    if transport == "zmq":
+        assert "peer 1 (small_cnn-1, rank 1)" in last and "last step seen" in last, err
