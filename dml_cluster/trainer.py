@@ -31,7 +31,7 @@ from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
 from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_step_event
-from dml_cluster.metrics.step_log import StepLog
+from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.runlog import JsonlLog, write_json_atomic
 
 
@@ -99,7 +99,10 @@ class CohortTrainer:
             i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
         }
         self.cohort_log = JsonlLog(self.run_dir / "cohort.jsonl") if placement.reporter else None
-        self.observers.insert(0, StepLog(self.peer_logs, self.names, cfg.run.log_every))
+        run_log = RunLog(
+            self.peer_logs, self.cohort_log, self.names, cfg.run.log_every, cfg.train.epochs
+        )
+        self.observers.insert(0, run_log)
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -223,8 +226,13 @@ class CohortTrainer:
             if (epoch + 1) % cfg.train.eval_every == 0 or last:
                 report = self.evaluate(step - 1)
                 history.append({"epoch": epoch + 1, "step": step, **report})
-                self._report_epoch(epoch + 1, step, report, time.perf_counter() - start)
-                evaluated = EvalEvent(epoch + 1, step, report, dataclasses.replace(self.bus.stats))
+                evaluated = EvalEvent(
+                    epoch + 1,
+                    step,
+                    report,
+                    dataclasses.replace(self.bus.stats),
+                    time.perf_counter() - start,
+                )
                 for observer in self.observers:
                     observer.on_eval(evaluated)
             if self.checkpoints.enabled:
@@ -281,17 +289,6 @@ class CohortTrainer:
         )
         for observer in self.observers:
             observer.on_step(event)
-
-    def _report_epoch(self, epoch: int, step: int, report: dict[str, Any], elapsed: float) -> None:
-        if self.cohort_log is None:
-            return
-        self.cohort_log.write("eval", epoch=epoch, step=step, elapsed_seconds=elapsed, **report)
-        accs = "  ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in report["peers"].items())
-        ens = f"  ensemble {100 * report['ensemble']['accuracy']:.2f}%" if self.size > 1 else ""
-        print(
-            f"epoch {epoch}/{self.cfg.train.epochs}  step {step}  {accs}{ens}  ({elapsed:.1f} s)",
-            flush=True,
-        )
 
     def _finish(self, history: list[dict[str, Any]], steps: int, wall: float) -> dict[str, Any]:
         final_dir = self.run_dir / "final"

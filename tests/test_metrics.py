@@ -303,7 +303,11 @@ def test_observers_read_everything_from_the_event(tmp_path: Path, restore_torch:
             assert record["pairs"] == peer.batch.pairs_by_name(list(PEERS))
             assert record["step_seconds"] == event.step_seconds
     assert [(e.epoch, e.step) for e in keeper.evals] == [(1, 6)]
-    assert keeper.evals[0].report["peers"].keys() == set(PEERS)
+    (evaluated,) = keeper.evals
+    assert evaluated.report["peers"].keys() == set(PEERS) and evaluated.bus == BusStats()
+    (record,) = read_jsonl(cfg.run.dir / "cohort.jsonl")  # the run log's, from the same event
+    assert record["elapsed_seconds"] == evaluated.elapsed_seconds > 0
+    assert record["ensemble"] == evaluated.report["ensemble"]
     assert keeper.summary == summary
 
 

@@ -1,7 +1,7 @@
 """Watching a cohort: the events observers receive, per-batch cohort statistics, the per-step run
 log and the Prometheus endpoint of a peer process.
 
-`events`, `batch` and `step_log` are always available; the exporter (and prometheus_client with
+`events`, `batch` and `run_log` are always available; the exporter (and prometheus_client with
 it) is imported only when metrics are enabled, so a run with metrics off neither pays for nor
 binds it.
 """

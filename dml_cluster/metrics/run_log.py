@@ -1,0 +1,75 @@
+"""The JSONL run log as an observer: a `train` record per hosted student every `run.log_every`
+steps in runs/<name>/peers/<peer>.jsonl, and in the reporting process an `eval` record per
+evaluation in runs/<name>/cohort.jsonl with a progress line on stdout (read back by `report`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from dml_cluster.metrics.events import EvalEvent, StepEvent
+from dml_cluster.runlog import JsonlLog
+
+
+class RunLog:
+    """Writes into the logs it is given; the trainer opens them (it also writes resume records
+    there) and closes them."""
+
+    def __init__(
+        self,
+        peer_logs: Mapping[int, JsonlLog],
+        cohort_log: JsonlLog | None,
+        names: Sequence[str],
+        every: int,
+        epochs: int,
+    ) -> None:
+        """`peer_logs`: by hosted peer; `cohort_log`: None outside the reporting process."""
+        self.peer_logs, self.cohort_log = peer_logs, cohort_log
+        self.names, self.every, self.epochs = list(names), every, epochs
+
+    def wants_batch_stats(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def on_step(self, event: StepEvent) -> None:
+        if event.step % self.every:
+            return
+        for i, peer in event.peers.items():
+            if peer.losses is None:
+                continue  # a teacher
+            assert peer.batch is not None, "statistics are computed on the steps asked for"
+            self.peer_logs[i].write(
+                "train",
+                step=event.step,
+                epoch=event.epoch,
+                peer=self.names[i],
+                loss=peer.losses.total,
+                ce=peer.losses.ce,
+                mimicry=peer.losses.mimicry,
+                lr=peer.lr,
+                step_seconds=event.step_seconds,
+                exchange_seconds=event.exchange_seconds,
+                bytes_sent=event.bus.bytes_sent,
+                wait_seconds=event.bus.wait_seconds,
+                step_wait_seconds=event.wait_seconds,
+                train_accuracy=peer.batch.accuracy,
+                entropy=peer.batch.entropy,
+                pairs=peer.batch.pairs_by_name(self.names),  # KL(p_other || p_peer), JS, agreement
+            )
+
+    def on_eval(self, event: EvalEvent) -> None:
+        if self.cohort_log is None:
+            return
+        report, elapsed = event.report, event.elapsed_seconds
+        self.cohort_log.write(
+            "eval", epoch=event.epoch, step=event.step, elapsed_seconds=elapsed, **report
+        )
+        accs = "  ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in report["peers"].items())
+        ensemble = report["ensemble"]["accuracy"]
+        ens = f"  ensemble {100 * ensemble:.2f}%" if len(self.names) > 1 else ""
+        print(
+            f"epoch {event.epoch}/{self.epochs}  step {event.step}  {accs}{ens}  ({elapsed:.1f} s)",
+            flush=True,
+        )
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        pass  # the trainer closes the logs and writes summary.json
