@@ -34,8 +34,6 @@ from dml_cluster.control import (
 )
 from dml_cluster.errors import PeerError
 
-from .faults_helpers import settings, start_peers
-
 NAMES = ["alpha", "beta"]
 
 
@@ -111,23 +109,30 @@ TAMPERING = {
 }
 
 
-def _checkpoints(run_dir: Path, rank: int):
-    from dml_cluster.checkpoint import CohortCheckpoints
-    from dml_cluster.cohort import build_peer
+def _config(run_dir: Path, window: int = 4):
     from dml_cluster.config import parse_config
 
-    cfg = parse_config({
+    return parse_config({
         "run": {"out_dir": str(run_dir.parent), "name": run_dir.name},
         "cohort": {"peers": [{"name": n, "model": "mlp", "args": {"hidden": [8]}} for n in NAMES]},
         "checkpoint": {"keep": 5},
+        "bus": {"transport": "zmq", "window": window},
     })  # fmt: skip
+
+
+def _checkpoints(run_dir: Path, rank: int):
+    from dml_cluster.checkpoint import CohortCheckpoints
+    from dml_cluster.cohort import build_peer
+
+    cfg = _config(run_dir)
     peer = build_peer(cfg, rank, (1, 8, 8), 10, torch.device("cpu"))
     return CohortCheckpoints(cfg, run_dir), {rank: peer}
 
 
 def _worker(rank: int, port: int, out: str) -> None:
     from dml_cluster.checkpoint import Position
-    from dml_cluster.errors import CheckpointError
+    from dml_cluster.errors import CheckpointError, ConfigError
+    from dml_cluster.launch import _check_same_config
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group(
@@ -138,6 +143,13 @@ def _worker(rank: int, port: int, out: str) -> None:
     result: dict[str, object] = {}
     result["ints"] = control.all_gather_ints(Topic.RESUME_SCAN, 0, [rank] * (1 + 2 * rank))
     result["bytes"] = [b.hex() for b in control.all_gather_bytes(Topic.CONFIG, 0, b"h%d" % rank)]
+    # the start-up check: the same config passes; another window (outside the hash) does not
+    _check_same_config(_config(Path(out) / "run"), control)
+    try:
+        _check_same_config(_config(Path(out) / "run", window=4 if rank == 0 else 2), control)
+        result["config"] = "accepted"
+    except ConfigError as err:
+        result["config"] = str(err)
     for name, tamper in TAMPERING.items():
         channel = _Tampering(control, tamper) if rank == 1 else control
         try:
@@ -196,6 +208,16 @@ def _result(out: Path, rank: int) -> dict:
     return json.loads((out / f"rank{rank}.json").read_text())
 
 
+def test_peers_given_different_bus_windows_are_refused_at_start_up(two_processes: Path) -> None:
+    """The config hash leaves the bus out (it does not change the numbers), but peers with
+    different windows would drop each other's messages: the start-up check refuses them."""
+    assert _result(two_processes, 0)["config"].startswith(
+        "peer 1 (beta, rank 1) runs a different config ("
+    )
+    assert "window 2; mine: hash" in _result(two_processes, 0)["config"]
+    assert "every peer must be given the same config" in _result(two_processes, 1)["config"]
+
+
 def test_integers_and_bytes_are_gathered_in_process_order(two_processes: Path) -> None:
     for rank in range(2):
         got = _result(two_processes, rank)
@@ -241,17 +263,3 @@ def test_a_vanished_peer_is_reported_as_lost(two_processes: Path) -> None:
         "(one of: peer 1 (beta, rank 1))"
     ), message
     assert float(seconds) < 5.0 + 5.0  # within the channel's timeout, plus slack
-
-
-def test_peers_given_different_bus_windows_are_refused_at_start_up(tmp_path: Path) -> None:
-    """The config hash leaves the bus out (it does not change the numbers), but peers with
-    different windows would drop each other's messages: the start-up check over the control
-    channel refuses them with one line, before anything is written."""
-    args = settings(tmp_path, "windows", "bus.transport=zmq", epochs=1)
-    procs = start_peers([args, [*args, "--set", "bus.window=2"]])
-    outputs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outputs, strict=True):
-        assert p.returncode == 2, out + err
-        assert "Traceback" not in out + err
-        assert "runs a different config" in err and "window 2" in err, err
-    assert not (tmp_path / "windows").exists()
