@@ -145,26 +145,42 @@ def _mnist_folder(folder: Path) -> Path:
     return folder
 
 
+def _mnist_args(root: Path) -> list[str]:
+    """A one-epoch run on the MNIST-format folder root/mnist, into root/runs/mnist."""
+    return settings(
+        root / "runs", "mnist", "data.name=mnist", f"data.root={root / 'mnist'}",
+        "data.batch_size=64", epochs=1,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run on a good MNIST-format folder: root/mnist (the data), root/runs/mnist."""
+    root = tmp_path_factory.mktemp("mnist")
+    _mnist_folder(root / "mnist")
+    proc = train(*_mnist_args(root))
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated"])
 def test_a_dataset_folder_with_missing_or_truncated_files_is_refused(
-    tmp_path: Path, damage: str
+    mnist_run: Path, damage: str
 ) -> None:
-    data = _mnist_folder(tmp_path / "mnist")
-    args = settings(
-        tmp_path / "runs", "mnist", "data.name=mnist", f"data.root={data}", "data.batch_size=64",
-        epochs=1,
-    )  # fmt: skip
-    assert train(*args).returncode == 0
-    run_dir = tmp_path / "runs" / "mnist"
+    run_dir = mnist_run / "runs" / "mnist"
     before = snapshot(run_dir)
-    labels = data / "t10k-labels-idx1-ubyte"
-    if damage == "missing":
-        labels.unlink()
-        expected = "t10k-labels-idx1-ubyte[.gz] missing in"
-    else:
-        labels.write_bytes(labels.read_bytes()[:-10])
-        expected = "is truncated"
-    proc = train(*args)
+    labels = mnist_run / "mnist" / "t10k-labels-idx1-ubyte"
+    good = labels.read_bytes()
+    try:  # the data folder is shared by both cases: damaged here, restored after
+        if damage == "missing":
+            labels.unlink()
+            expected = "t10k-labels-idx1-ubyte[.gz] missing in"
+        else:
+            labels.write_bytes(good[:-10])
+            expected = "is truncated"
+        proc = train(*_mnist_args(mnist_run))
+    finally:
+        labels.write_bytes(good)
     assert proc.returncode == 2
     one_line_error(proc, expected)
     assert snapshot(run_dir) == before
