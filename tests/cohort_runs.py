@@ -6,6 +6,12 @@
 the first that fails, with its exit status. Run plainly, each entry is the one-process engine;
 started by torchrun, each entry is this process's peer of a cohort (`run_peer`), exactly as
 `dml-cluster train` runs under a launcher: a new process group, bus and trainer per entry.
+
+`python -m tests.cohort_runs --each SPEC.json` runs every entry whatever the others did and keeps
+what a process of its own would leave: its stdout and stderr (file descriptors 1 and 2, so what
+C++ writes too), and the exit status `dml-cluster` would exit with (an exception that escapes the
+CLI prints its traceback and counts 1, as the interpreter does). For runs that stop at start-up
+(bad input): one process start for many cases.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,18 +60,78 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(spec: str) -> None:
+def train_each(
+    runs: Sequence[Sequence[str]], spec: Path, timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
+    """Each of `runs` in one process, one after the other, whatever the others did: for each, the
+    exit status and output of `dml-cluster train ARGS` (see the module's docstring)."""
+    spec.write_text(json.dumps([list(r) for r in runs]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.cohort_runs", "--each", str(spec)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = []
+    for i, args in enumerate(runs):
+        out, err, code = (_captured(spec, i, part) for part in ("out", "err", "code"))
+        results.append(
+            subprocess.CompletedProcess(["dml-cluster", "train", *args], int(code), out, err)
+        )
+    return results
+
+
+def _captured(spec: Path, index: int, part: str) -> str:
+    return spec.with_name(f"{spec.stem}.{index}.{part}").read_text()
+
+
+def _train(args: Sequence[str]) -> int:
+    """`dml-cluster train ARGS` in this process; the exit status its process would have."""
     from dml_cluster.cli import main as cli_main
 
-    for args in json.loads(Path(spec).read_text()):
-        sys.argv = ["dml-cluster", "train", *args]
+    sys.argv = ["dml-cluster", "train", *args]
+    try:
+        cli_main()
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _train_captured(args: Sequence[str], spec: Path, index: int) -> None:
+    saved = os.dup(1), os.dup(2)
+    name = f"{spec.stem}.{index}"
+    with (
+        open(spec.with_name(f"{name}.out"), "w") as out,
+        open(spec.with_name(f"{name}.err"), "w") as err,
+    ):
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
         try:
-            cli_main()
-        except SystemExit as done:
-            if done.code not in (None, 0):
-                raise
+            code = _train(args)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+    spec.with_name(f"{name}.code").write_text(str(code))
+
+
+def main(argv: list[str]) -> None:
+    each = argv[0] == "--each"
+    spec = Path(argv[-1])
+    for index, args in enumerate(json.loads(spec.read_text())):
+        if each:
+            _train_captured(args, spec, index)
+            continue
+        code = _train(args)
         sys.stdout.flush()
+        if code != 0:
+            sys.exit(code)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

@@ -1,8 +1,10 @@
 """Bad input never crashes a run or damages its folder: a one-line message, a non-zero exit.
 
 Each case starts from a run folder left by a good run, snapshots it (every file's sha256), feeds
-the bad input to a real `dml-cluster train` process and checks the message, the exit status and
-that the folder is unchanged.
+the bad input to `dml-cluster train` and checks the message, the exit status and that the folder
+is unchanged. Cases of several processes (peers, torchrun) or of a process set up apart (a file
+size limit) start their own; the cases one process refuses at start-up run one after the other
+in one process, each with its own exit status and output (tests/cohort_runs.py --each).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from .cohort_runs import train_each
 from .faults_helpers import (
+    CONFIG,
     assert_same_weights,
     complete_steps,
     cut_back_to,
@@ -73,22 +78,6 @@ def test_peers_given_different_configs_are_refused(existing: Path, transport: st
     assert snapshot(existing) == before
 
 
-def test_a_checkpoint_of_another_config_is_refused(existing: Path) -> None:
-    before = snapshot(existing)
-    proc = train(*_again(existing, "optim.lr=0.07"))
-    assert proc.returncode == 2
-    one_line_error(proc, "holds checkpoints of another config", "choose another run.name")
-    assert snapshot(existing) == before
-
-
-def test_a_checkpoint_of_another_cohort_size_is_refused(existing: Path) -> None:
-    before = snapshot(existing)
-    proc = train(*_again(existing, "cohort.size=3"))
-    assert proc.returncode == 2
-    one_line_error(proc, "holds checkpoints of a cohort of 2 peers", "this config has 3")
-    assert snapshot(existing) == before
-
-
 def _flip_a_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -99,16 +88,88 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:1000])
 
 
-@pytest.mark.parametrize("damage", [_flip_a_byte, _truncate], ids=["corrupt", "truncated"])
-def test_a_corrupt_or_truncated_checkpoint_is_refused(existing: Path, damage) -> None:
-    damage(existing / "checkpoints" / "step-000000044" / "small_cnn-1.pt")
-    before = snapshot(existing)
-    proc = train(*_again(existing))
-    assert proc.returncode == 2
+NEWEST = Path("checkpoints") / "step-000000044" / "small_cnn-1.pt"  # in a copy of the good run
+# refused at start-up by one process: (damage to NEWEST, settings); {port} is `busy_port`
+REFUSED = {
+    "another-config": (None, ("optim.lr=0.07",)),
+    "another-cohort-size": (None, ("cohort.size=3",)),
+    "corrupt": (_flip_a_byte, ()),
+    "truncated": (_truncate, ()),
+    "metrics-port": (
+        None, ("metrics.enabled=true", "metrics.port={port}", "metrics.address=127.0.0.1"),
+    ),
+}  # fmt: skip
+
+
+@dataclass
+class Refusal:
+    """A REFUSED case: its copy of the good run, that folder's snapshot before, and what
+    `dml-cluster train` did (exit status, stdout, stderr)."""
+
+    run_dir: Path
+    before: dict[str, str]
+    proc: subprocess.CompletedProcess | None = None
+
+
+@contextlib.contextmanager
+def _port_in_use() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def busy_port() -> Iterator[int]:
+    with _port_in_use() as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def refused(
+    good_run: Path, busy_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Refusal]:
+    """Every REFUSED case on its own copy of the good run, all fed to `dml-cluster train` in one
+    process, one after the other."""
+    root = tmp_path_factory.mktemp("refused")
+    cases, runs = {}, []
+    for name, (damage, extra) in REFUSED.items():
+        run_dir = root / name / "good"
+        shutil.copytree(good_run, run_dir)
+        if damage is not None:
+            damage(run_dir / NEWEST)
+        cases[name] = Refusal(run_dir, snapshot(run_dir))
+        runs.append([CONFIG, *_again(run_dir, *(e.format(port=busy_port) for e in extra))])
+    for case, proc in zip(cases.values(), train_each(runs, root / "each.json"), strict=True):
+        case.proc = proc
+    return cases
+
+
+def test_a_checkpoint_of_another_config_is_refused(refused: dict[str, Refusal]) -> None:
+    case = refused["another-config"]
+    assert case.proc.returncode == 2
+    one_line_error(case.proc, "holds checkpoints of another config", "choose another run.name")
+    assert snapshot(case.run_dir) == case.before
+
+
+def test_a_checkpoint_of_another_cohort_size_is_refused(refused: dict[str, Refusal]) -> None:
+    case = refused["another-cohort-size"]
+    assert case.proc.returncode == 2
+    one_line_error(case.proc, "holds checkpoints of a cohort of 2 peers", "this config has 3")
+    assert snapshot(case.run_dir) == case.before
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+def test_a_corrupt_or_truncated_checkpoint_is_refused(
+    refused: dict[str, Refusal], damage: str
+) -> None:
+    case = refused[damage]
+    assert case.proc.returncode == 2
     one_line_error(
-        proc, "step-000000044/small_cnn-1.pt is corrupt or truncated", "remove", "to resume from"
-    )
-    assert snapshot(existing) == before
+        case.proc, "step-000000044/small_cnn-1.pt is corrupt or truncated", "remove",
+        "to resume from",
+    )  # fmt: skip
+    assert snapshot(case.run_dir) == case.before
 
 
 def test_a_corrupt_checkpoint_stops_every_peer_process(existing: Path) -> None:
@@ -189,14 +250,6 @@ def test_a_dataset_folder_with_missing_or_truncated_files_is_refused(
 # -- ports ----------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _port_in_use() -> Iterator[int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
-
-
 def test_a_bus_port_in_use_is_refused(existing: Path) -> None:
     before = snapshot(existing)
     with _port_in_use() as port:
@@ -206,17 +259,14 @@ def test_a_bus_port_in_use_is_refused(existing: Path) -> None:
     assert snapshot(existing) == before
 
 
-def test_a_metrics_port_in_use_is_a_one_line_error(existing: Path) -> None:
+def test_a_metrics_port_in_use_is_a_one_line_error(
+    refused: dict[str, Refusal], busy_port: int
+) -> None:
     """A port the config asks for and cannot have stops the run before it touches anything."""
-    before = snapshot(existing)
-    with _port_in_use() as port:
-        proc = train(
-            *_again(existing, "metrics.enabled=true", f"metrics.port={port}",
-                    "metrics.address=127.0.0.1"),
-        )  # fmt: skip
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    one_line_error(proc, f"metrics: cannot serve on 127.0.0.1:{port}")
-    assert snapshot(existing) == before
+    case = refused["metrics-port"]
+    assert case.proc.returncode == 2, case.proc.stdout + case.proc.stderr
+    one_line_error(case.proc, f"metrics: cannot serve on 127.0.0.1:{busy_port}")
+    assert snapshot(case.run_dir) == case.before
 
 
 # -- the run folder and its disk ------------------------------------------------------------------
