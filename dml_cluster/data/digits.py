@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import torch
-from sklearn.datasets import load_digits as _sk_load_digits
-from sklearn.model_selection import train_test_split
 
 from dml_cluster.data.dataset import Dataset
 from dml_cluster.errors import DataError
@@ -18,6 +16,11 @@ def load_digits(
         raise DataError(f"digits: test_fraction must be a number in (0, 1), got {test_fraction!r}")
     if not isinstance(split_seed, int) or isinstance(split_seed, bool):
         raise DataError(f"digits: split_seed must be an integer, got {split_seed!r}")
+    # imported here, not with the module: every process imports the data registry (the config
+    # names datasets), most never load the digits (torchrun's launcher, k8s render, config show)
+    from sklearn.datasets import load_digits as _sk_load_digits
+    from sklearn.model_selection import train_test_split
+
     images, labels = _sk_load_digits(return_X_y=True)
     try:
         x_tr, x_te, y_tr, y_te = train_test_split(
