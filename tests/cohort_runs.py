@@ -1,17 +1,17 @@
-"""Several `dml-cluster train` runs in one process: the test suite's way to pay the start-up
-(imports, torchrun's launcher and rendezvous) once for a batch of configurations.
+"""Several `dml-cluster` commands in one process: the test suite's way to pay the start-up
+(imports, torchrun's launcher and rendezvous) once for a batch of configurations or cases.
 
-`python -m tests.cohort_runs SPEC.json` runs every entry of SPEC (a list of argument lists, each
-`CONFIG --set KEY=VALUE ...`) through the CLI's own entry point, one after the other, and stops at
-the first that fails, with its exit status. Run plainly, each entry is the one-process engine;
-started by torchrun, each entry is this process's peer of a cohort (`run_peer`), exactly as
-`dml-cluster train` runs under a launcher: a new process group, bus and trainer per entry.
+`python -m tests.cohort_runs SPEC.json` runs every entry of SPEC (a list of command lines, each
+`train CONFIG --set KEY=VALUE ...`) through the CLI's own entry point, one after the other, and
+stops at the first that fails, with its exit status. Run plainly, each entry is the one-process
+engine; started by torchrun, each entry is this process's peer of a cohort (`run_peer`), exactly
+as `dml-cluster train` runs under a launcher: a new process group, bus and trainer per entry.
 
 `python -m tests.cohort_runs --each SPEC.json` runs every entry whatever the others did and keeps
 what a process of its own would leave: its stdout and stderr (file descriptors 1 and 2, so what
 C++ writes too), and the exit status `dml-cluster` would exit with (an exception that escapes the
-CLI prints its traceback and counts 1, as the interpreter does). For runs that stop at start-up
-(bad input): one process start for many cases.
+CLI prints its traceback and counts 1, as the interpreter does). For commands that stop at
+start-up (bad input): one process start for many cases.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def train_many(
 ) -> subprocess.CompletedProcess:
     """Train `runs` (argument lists after `train`) in one process, or under one torchrun launch
     of `nproc` peer processes; stdout and stderr captured as text."""
-    spec.write_text(json.dumps([list(r) for r in runs]))
+    spec.write_text(json.dumps([["train", *r] for r in runs]))
     entry = ["-m", "tests.cohort_runs", str(spec)]
     if nproc is None:
         command = [sys.executable, *entry]
@@ -63,9 +63,17 @@ def _free_port() -> int:
 def train_each(
     runs: Sequence[Sequence[str]], spec: Path, timeout: float = 600
 ) -> list[subprocess.CompletedProcess]:
-    """Each of `runs` in one process, one after the other, whatever the others did: for each, the
-    exit status and output of `dml-cluster train ARGS` (see the module's docstring)."""
-    spec.write_text(json.dumps([list(r) for r in runs]))
+    """`dml-cluster train ARGS` for each ARGS of `runs`, as cli_each does."""
+    return cli_each([["train", *r] for r in runs], spec, timeout)
+
+
+def cli_each(
+    commands: Sequence[Sequence[str]], spec: Path, timeout: float = 600
+) -> list[subprocess.CompletedProcess]:
+    """Each `dml-cluster COMMAND` in one process, one after the other, whatever the others did:
+    for each, the exit status and output its own process would have (see the module's
+    docstring)."""
+    spec.write_text(json.dumps([list(c) for c in commands]))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     done = subprocess.run(
         [sys.executable, "-m", "tests.cohort_runs", "--each", str(spec)],
@@ -73,11 +81,9 @@ def train_each(
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     results = []
-    for i, args in enumerate(runs):
+    for i, command in enumerate(commands):
         out, err, code = (_captured(spec, i, part) for part in ("out", "err", "code"))
-        results.append(
-            subprocess.CompletedProcess(["dml-cluster", "train", *args], int(code), out, err)
-        )
+        results.append(subprocess.CompletedProcess(["dml-cluster", *command], int(code), out, err))
     return results
 
 
@@ -85,11 +91,11 @@ def _captured(spec: Path, index: int, part: str) -> str:
     return spec.with_name(f"{spec.stem}.{index}.{part}").read_text()
 
 
-def _train(args: Sequence[str]) -> int:
-    """`dml-cluster train ARGS` in this process; the exit status its process would have."""
+def _cli(command: Sequence[str]) -> int:
+    """`dml-cluster COMMAND` in this process; the exit status its process would have."""
     from dml_cluster.cli import main as cli_main
 
-    sys.argv = ["dml-cluster", "train", *args]
+    sys.argv = ["dml-cluster", *command]
     try:
         cli_main()
     except SystemExit as done:
@@ -101,7 +107,7 @@ def _train(args: Sequence[str]) -> int:
     return 0
 
 
-def _train_captured(args: Sequence[str], spec: Path, index: int) -> None:
+def _cli_captured(command: Sequence[str], spec: Path, index: int) -> None:
     saved = os.dup(1), os.dup(2)
     name = f"{spec.stem}.{index}"
     with (
@@ -111,23 +117,24 @@ def _train_captured(args: Sequence[str], spec: Path, index: int) -> None:
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
         try:
-            code = _train(args)
+            code = _cli(command)
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
+            for fd, copy in ((1, saved[0]), (2, saved[1])):
+                os.dup2(copy, fd)
+                os.close(copy)
     spec.with_name(f"{name}.code").write_text(str(code))
 
 
 def main(argv: list[str]) -> None:
     each = argv[0] == "--each"
     spec = Path(argv[-1])
-    for index, args in enumerate(json.loads(spec.read_text())):
+    for index, command in enumerate(json.loads(spec.read_text())):
         if each:
-            _train_captured(args, spec, index)
+            _cli_captured(command, spec, index)
             continue
-        code = _train(args)
+        code = _cli(command)
         sys.stdout.flush()
         if code != 0:
             sys.exit(code)

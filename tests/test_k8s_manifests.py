@@ -25,6 +25,7 @@ from torch.distributed.run import get_args_parser
 from dml_cluster.k8s import RenderOptions, pod_config, render, write
 from dml_cluster.k8s.render import to_yaml
 
+from .cohort_runs import cli_each
 from .conftest import REPO, run_cli
 from .k8s_helpers import find, load_dir
 
@@ -243,18 +244,31 @@ def test_yaml_output_has_no_aliases() -> None:
     assert "&id" not in text and "*id" not in text
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        ([], "bus.transport is 'local'"),
-        (["--set", "bus.transport=zmq", "--set", "metrics.port=0"], "metrics.port"),
-        (["--set", "bus.transport=zmq", "--name", "Not_A_Name"], "not a valid job name"),
-        (["--set", "bus.transport=zmq", "--label", "novalue"], "expected KEY=VALUE"),
-        (["--set", "bus.transport=zmq", "--set", "cohort.size=0"], "config error"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = run_cli("k8s", "render", str(CONFIG), "--image", "x:1", *args)
+BAD_INPUT = [
+    ([], "bus.transport is 'local'"),
+    (["--set", "bus.transport=zmq", "--set", "metrics.port=0"], "metrics.port"),
+    (["--set", "bus.transport=zmq", "--name", "Not_A_Name"], "not a valid job name"),
+    (["--set", "bus.transport=zmq", "--label", "novalue"], "expected KEY=VALUE"),
+    (["--set", "bus.transport=zmq", "--set", "cohort.size=0"], "config error"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory: pytest.TempPathFactory) -> list[subprocess.CompletedProcess]:
+    """`dml-cluster k8s render` on each BAD_INPUT, one after the other in one process, each with
+    its own exit status and output (tests/cohort_runs.py)."""
+    commands = [["k8s", "render", str(CONFIG), "--image", "x:1", *args] for args, _ in BAD_INPUT]
+    return cli_each(commands, tmp_path_factory.mktemp("bad-input") / "each.json")
+
+
+@pytest.mark.parametrize(("case", "message"), list(enumerate(m for _, m in BAD_INPUT)))
+def test_bad_input_is_one_line_and_exit_2(
+    bad_input: list[subprocess.CompletedProcess], case: int, message: str
+) -> None:
+    result = bad_input[case]
+    if case == 0:  # the same as in a process of its own
+        alone = run_cli(*result.args[1:])
+        assert (alone.returncode, alone.stderr) == (result.returncode, result.stderr)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
