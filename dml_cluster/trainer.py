@@ -9,6 +9,7 @@ transport it runs on; the one-process engine is this loop with a `LocalBus`.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ class CohortTrainer:
         """One lockstep step: every hosted peer predicts, students learn, teachers only publish.
 
         Only students receive: a teacher publishes its predictions and never waits for anyone's
-        during training (under zmq it may run ahead, up to the next evaluation exchange).
+        during training (under zmq it may run ahead by at most `bus.window` steps).
         """
         self._exchange_seconds = self._wait_seconds = 0.0
         logits = {i: self._forward(p, x) for i, p in self.peers.items()}
@@ -185,6 +186,17 @@ class CohortTrainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        # Everything built so far (torch, the data, the models) lives for the whole run: frozen,
+        # a full garbage collection no longer walks its ~350k objects (200-300 ms each time, a
+        # stall the whole lockstep cohort waits for; benchmarks/METRICS.md).
+        gc.collect()
+        gc.freeze()
+        try:
+            return self._run()
+        finally:
+            gc.unfreeze()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         bs, n = cfg.data.batch_size, len(self.train_y)
         per_epoch = steps_per_epoch(n, bs)
