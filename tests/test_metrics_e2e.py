@@ -46,7 +46,7 @@ from .metrics_helpers import (
 
 CONFIG = "configs/digits-dml.yaml"
 PEERS = ("small_cnn-0", "small_cnn-1")
-EPOCHS = 8
+EPOCHS = 4  # 88 steps: dozens of scrapes per peer while it trains
 SMOOTHING = 0.9
 STATS_EVERY = 3  # the exporter reads the statistics of every third batch
 
@@ -329,36 +329,47 @@ print(json.dumps({m: m in sys.modules for m in
 """
 
 
-def _listening_while_running(overrides: list[str]) -> tuple[set[int], dict, str]:
-    """Run the one-process engine as a real process; every TCP port it listened on meanwhile."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _PROBE, str(REPO / CONFIG), *overrides],
-        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    watched = psutil.Process(proc.pid)
-    ports: set[int] = set()
-    while proc.poll() is None:
-        try:
-            for conn in watched.net_connections(kind="inet"):
-                if conn.status == psutil.CONN_LISTEN:
-                    ports.add(conn.laddr.port)
-        except psutil.NoSuchProcess:
-            break
+def _listening_while_running(*runs: list[str]) -> list[tuple[set[int], dict, str]]:
+    """Run the one-process engine with each of `runs` (overrides) as real processes, side by
+    side; for each, every TCP port it listened on meanwhile, its modules report, its stdout."""
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    probe = [sys.executable, "-c", _PROBE, str(REPO / CONFIG)]
+    procs = [
+        subprocess.Popen([*probe, *overrides], cwd=REPO, env=cli_env(), **pipes)
+        for overrides in runs
+    ]
+    watched = [psutil.Process(proc.pid) for proc in procs]
+    ports: list[set[int]] = [set() for _ in procs]
+    while any(proc.poll() is None for proc in procs):
+        for proc, process, seen in zip(procs, watched, ports, strict=True):
+            if proc.poll() is not None:
+                continue
+            try:
+                for conn in process.net_connections(kind="inet"):
+                    if conn.status == psutil.CONN_LISTEN:
+                        seen.add(conn.laddr.port)
+            except psutil.NoSuchProcess:
+                pass
         time.sleep(0.02)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    return ports, json.loads(out.strip().splitlines()[-1]), out
+    results = []
+    for proc, seen in zip(procs, ports, strict=True):
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        results.append((seen, json.loads(out.strip().splitlines()[-1]), out))
+    return results
 
 
 def test_disabled_metrics_bind_nothing_and_load_nothing(tmp_path: Path) -> None:
-    common = [f"run.out_dir={tmp_path}", "train.epochs=1", "metrics.address=127.0.0.1"]
-    ports, modules, out = _listening_while_running([*common, "metrics.enabled=false"])
+    common = [f"run.out_dir={tmp_path}", "train.max_steps=5", "metrics.address=127.0.0.1"]
+    # the same probe, side by side, sees the endpoint when metrics are on (it is not blind)
+    (ports, modules, out), (served_ports, served_modules, served_out) = _listening_while_running(
+        [*common, "run.name=quiet", "metrics.enabled=false"],
+        [*common, "metrics.port=0", "run.name=served", "metrics.linger_s=0.5"],
+    )
     assert ports == set()
     assert modules == {"dml_cluster.metrics.exporter": False, "prometheus_client": False}
-    assert "metrics:" not in out and not (tmp_path / "dml" / "metrics").exists()
-    # the same probe sees the endpoint when metrics are on (it is not blind)
-    ports, modules, out = _listening_while_running(
-        [*common, "metrics.port=0", "run.name=served", "metrics.linger_s=0.5"]
-    )
+    assert "metrics:" not in out and not (tmp_path / "quiet" / "metrics").exists()
+    assert (tmp_path / "quiet" / "summary.json").exists()  # it did run, in that folder
     served = json.loads((tmp_path / "served" / "metrics" / "small_cnn-0.json").read_text())
-    assert ports == {served["port"]} and modules["dml_cluster.metrics.exporter"]
+    assert served_ports == {served["port"]} and served_modules["dml_cluster.metrics.exporter"]
+    assert "metrics:" in served_out

@@ -1,8 +1,14 @@
-"""Teacher peers: loaded, frozen, publish-only; bitwise unchanged; multi-process == one process."""
+"""Teacher peers: loaded, frozen, publish-only; bitwise unchanged; multi-process == one process.
+
+The module's one-process runs (both update modes, FitNets stage one, a teacher that does not fit)
+train in one process (tests/cohort_runs.cli_each, each with its own exit status and output);
+the multi-process cohorts compare with them. `dml-cluster train` starts each cohort."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,6 +23,7 @@ from dml_cluster.errors import ConfigError
 from dml_cluster.methods import Method, Progress, StepView, build_method
 from dml_cluster.models import build_model
 
+from .cohort_runs import cli_each, sets
 from .conftest import final_weights, max_weight_diff, run_cli
 
 DIGITS = (1, 8, 8)
@@ -61,57 +68,94 @@ def _assert_teacher_untouched(run_dir: Path, teacher: Path) -> None:
         assert torch.equal(saved[k], final[k]), k
 
 
-def test_teacher_is_frozen_and_reported_but_not_in_the_ensemble(tmp_path: Path, out_dir: Path):
-    teacher = _save_teacher(tmp_path / "teacher.pt")
-    cfg = _kd_config(tmp_path, teacher)
-    proc = run_cli("train", str(cfg), "--set", f"run.out_dir={out_dir}")
-    assert proc.returncode == 0, proc.stderr
-    _assert_teacher_untouched(out_dir / "kd", teacher)
-    summary = json.loads((out_dir / "kd" / "summary.json").read_text())
+@dataclass
+class OneProcessRuns:
+    """The module's one-process runs: their run folders, teachers and what each run printed."""
+
+    runs: Path
+    config: Path  # _kd_config of `teacher`
+    teacher: Path
+    fitnets_raw: dict  # the FitNets run's configuration, `fitnets_teacher` its teacher
+    fitnets_teacher: Path
+    bad_teacher: Path  # small_cnn of the wrong width for _kd_config
+    done: dict[str, subprocess.CompletedProcess]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory: pytest.TempPathFactory) -> OneProcessRuns:
+    root = tmp_path_factory.mktemp("teacher")
+    runs = root / "runs"
+    teacher = _save_teacher(root / "kd" / "teacher.pt")
+    config = _kd_config(root / "kd", teacher)
+    fitnets_teacher = _save_teacher(root / "fitnets" / "teacher.pt", "small_cnn", {"width": 16})
+    fitnets_raw = _fitnets_raw(root / "fitnets", fitnets_teacher)
+    fitnets = root / "fitnets" / "fitnets.yaml"
+    fitnets.write_text(yaml.safe_dump(fitnets_raw))
+    bad_teacher = _save_teacher(root / "bad" / "teacher.pt", "small_cnn", {"width": 4})
+    bad = _kd_config(root / "bad", bad_teacher)
+    commands = {  # the refusal first: it meets a fresh interpreter, as its own process would
+        "bad": ["train", str(bad), *sets(f"run.out_dir={root / 'bad' / 'runs'}")],
+        "simultaneous": ["train", str(config), *sets(
+            f"run.out_dir={runs}", "run.name=simultaneous", "checkpoint.every_steps=5")],
+        "sequential": ["train", str(config), *sets(
+            f"run.out_dir={runs}", "run.name=sequential", "cohort.update=sequential")],
+        "fitnets": ["train", str(fitnets), *sets(f"run.out_dir={runs}", "run.name=fitnets")],
+    }  # fmt: skip
+    done = cli_each(list(commands.values()), root / "one_process.json")
+    return OneProcessRuns(
+        runs, config, teacher, fitnets_raw, fitnets_teacher, bad_teacher,
+        dict(zip(commands, done, strict=True)),
+    )  # fmt: skip
+
+
+def _trained(runs: OneProcessRuns, name: str) -> Path:
+    proc = runs.done[name]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs.runs / name
+
+
+def test_teacher_is_frozen_and_reported_but_not_in_the_ensemble(one_process: OneProcessRuns):
+    run_dir = _trained(one_process, "simultaneous")
+    _assert_teacher_untouched(run_dir, one_process.teacher)
+    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["peers"]["teacher"]["role"] == "teacher"
     assert len(summary["peers"]["teacher"]["per_class"]) == 10
-    teacher_log = out_dir / "kd" / "peers" / "teacher.jsonl"  # opened at its first record
+    teacher_log = run_dir / "peers" / "teacher.jsonl"  # opened at its first record
     assert not teacher_log.exists() or not teacher_log.read_text().strip()  # no loss logged
-    last = [json.loads(line) for line in (out_dir / "kd" / "cohort.jsonl").open()][-1]
+    last = [json.loads(line) for line in (run_dir / "cohort.jsonl").open()][-1]
     assert last["ensemble"]["members"] == ["s0", "s1"]
-    assert "| class | s0 | teacher | s1 | ensemble |" in proc.stdout
+    assert "| class | s0 | teacher | s1 | ensemble |" in one_process.done["simultaneous"].stdout
 
 
 @pytest.mark.parametrize(
     ("transport", "update"), [("zmq", "simultaneous"), ("torch", "sequential")]
 )
 def test_multi_process_cohort_with_teacher_equals_one_process(
-    tmp_path: Path, out_dir: Path, transport: str, update: str
+    one_process: OneProcessRuns, out_dir: Path, transport: str, update: str
 ) -> None:
-    teacher = _save_teacher(tmp_path / "teacher.pt")
-    cfg = _kd_config(tmp_path, teacher)
-    common = ["--set", f"run.out_dir={out_dir}", "--set", f"cohort.update={update}"]
-    local = run_cli("train", str(cfg), *common, "--set", "run.name=local")
-    assert local.returncode == 0, local.stderr
+    """The zmq cohort runs with the tightest credit window (`bus.window=1`: the teacher at most
+    one step ahead) and checkpoints every 5 steps, as its one-process run does: the same
+    weights, bitwise, and the same checkpoints."""
+    expected = _trained(one_process, update)
+    tight = ["bus.window=1", "checkpoint.every_steps=5"] if transport == "zmq" else []
     multi = run_cli(
-        "train", str(cfg), *common, "--set", "run.name=multi", "--set", f"bus.transport={transport}"
-    )
+        "train", str(one_process.config), *sets(
+            f"run.out_dir={out_dir}", "run.name=multi", f"cohort.update={update}",
+            f"bus.transport={transport}", *tight),
+    )  # fmt: skip
     assert multi.returncode == 0, multi.stderr[-3000:]
-    assert max_weight_diff(final_weights(out_dir / "local"), final_weights(out_dir / "multi")) == 0
-    _assert_teacher_untouched(out_dir / "multi", teacher)
+    assert max_weight_diff(final_weights(expected), final_weights(out_dir / "multi")) == 0
+    _assert_teacher_untouched(out_dir / "multi", one_process.teacher)
+    if tight:
+        saved = [sorted(p.name for p in (run / "checkpoints").glob("step-*/manifest.json"))
+                 for run in (expected, out_dir / "multi")]  # fmt: skip
+        assert saved[0] and saved[0] == saved[1]
 
 
-def test_fitnets_stage_one_trains_only_up_to_the_guided_layer(tmp_path: Path, out_dir: Path):
-    teacher = _save_teacher(tmp_path / "teacher.pt", "small_cnn", {"width": 16})
-    method = {
-        "name": "fitnets", "hint_epochs": 1, "guided_layer": "blocks.1", "hint_layer": "blocks.1",
-        "teacher": {"name": "t", "model": "small_cnn", "args": {"width": 16}, "role": "teacher",
-                    "checkpoint": str(teacher)},
-    }  # fmt: skip
-    raw = yaml.safe_load(_kd_config(tmp_path, teacher, method).read_text())
-    raw["cohort"]["peers"] = [{"name": "s", "model": "small_cnn", "args": {"width": 4}}]
-    path = tmp_path / "fitnets.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    proc = run_cli("train", str(path), "--set", f"run.out_dir={out_dir}", "--set", "run.name=f")
-    assert proc.returncode == 0, proc.stderr
-    cfg = parse_config(raw)
+def test_fitnets_stage_one_trains_only_up_to_the_guided_layer(one_process: OneProcessRuns):
+    after = final_weights(_trained(one_process, "fitnets"))["s"]
+    cfg = parse_config(one_process.fitnets_raw)
     start = build_peer(cfg, 0, DIGITS, 10, torch.device("cpu")).model.state_dict()
-    after = final_weights(out_dir / "f")["s"]
     changed = {k for k in start if not torch.equal(start[k], after[k])}
     assert any(k.startswith("blocks.0.") for k in changed)
     assert any(k.startswith("blocks.1.") for k in changed)
@@ -224,8 +268,7 @@ def test_teacher_weights_from_plain_files(tmp_path: Path) -> None:
         read_weights(tmp_path / "junk.pt")
 
 
-def test_bad_teacher_checkpoint_is_one_line_exit_2(tmp_path: Path, out_dir: Path) -> None:
-    teacher = _save_teacher(tmp_path / "teacher.pt", "small_cnn", {"width": 4})  # wrong width
-    proc = run_cli("train", str(_kd_config(tmp_path, teacher)), "--set", f"run.out_dir={out_dir}")
+def test_bad_teacher_checkpoint_is_one_line_exit_2(one_process: OneProcessRuns) -> None:
+    proc = one_process.done["bad"]  # a small_cnn of width 4 where the config says 8
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "does not fit model 'small_cnn'" in proc.stderr

@@ -17,9 +17,6 @@ from dml_cluster.bus import EVAL_ROUND, StepKey
 from dml_cluster.bus.wire import HEADER
 from dml_cluster.bus.zmq_bus import ZmqBus
 
-from .conftest import final_weights, max_weight_diff, run_cli
-from .test_teacher import _kd_config, _save_teacher
-
 RUN, HASH = b"teacher1", "00000000000000ab"
 
 
@@ -158,19 +155,5 @@ def test_slow_students_hold_at_most_the_window_and_lose_nothing(fast_teacher: li
         assert student["max_pending_steps"] == WINDOW  # the teacher's messages queued up to it
 
 
-def test_a_teacher_cohort_with_a_window_of_one_equals_one_process(
-    tmp_path: Path, out_dir: Path
-) -> None:
-    """The tightest window under the real CLI (3 processes, checkpoints and evaluations
-    included): the same weights, bitwise, as the one-process engine."""
-    teacher = _save_teacher(tmp_path / "teacher.pt")
-    cfg = _kd_config(tmp_path, teacher)
-    common = ["--set", f"run.out_dir={out_dir}", "--set", "checkpoint.every_steps=5"]
-    local = run_cli("train", str(cfg), *common, "--set", "run.name=local")
-    assert local.returncode == 0, local.stderr
-    multi = run_cli(
-        "train", str(cfg), *common, "--set", "run.name=multi", "--set", "bus.transport=zmq",
-        "--set", "bus.window=1",
-    )  # fmt: skip
-    assert multi.returncode == 0, multi.stderr[-3000:]
-    assert max_weight_diff(final_weights(out_dir / "local"), final_weights(out_dir / "multi")) == 0
+# A cohort with a window of one under the real CLI, checkpoints included, equals the one-process
+# engine bitwise: test_teacher.py::test_multi_process_cohort_with_teacher_equals_one_process[zmq-*].
