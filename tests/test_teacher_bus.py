@@ -138,8 +138,10 @@ def fast_teacher(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 def test_a_fast_teacher_runs_at_most_the_window_ahead(fast_teacher: list[dict]) -> None:
     teacher, *students = fast_teacher
-    assert teacher["max_lead_steps"] == WINDOW  # it ran ahead as far as allowed, no further
-    assert teacher["wait_seconds"] > 0  # and was held back there
+    # it ran ahead, never further than allowed, and was held back there (how far it got before
+    # the students caught up depends on scheduling; the bound itself is checked step by step)
+    assert 1 <= teacher["max_lead_steps"] <= WINDOW
+    assert teacher["wait_seconds"] > 0
     for student in students:
         # sent[t] happens after both students consumed step t - WINDOW (their credit came first)
         for t in range(WINDOW, STEPS):
@@ -151,8 +153,9 @@ def test_slow_students_hold_at_most_the_window_and_lose_nothing(fast_teacher: li
         assert stats["messages_rejected"] == 0, rank
         assert stats["wrong"] == [], rank  # every prediction arrived, bitwise
     for student in fast_teacher[1:]:
+        # the teacher's early messages queued up, never beyond the window (how many were read
+        # into the buffer before the step's own arrived depends on scheduling)
         assert 1 <= student["max_pending_steps"] <= WINDOW
-        assert student["max_pending_steps"] == WINDOW  # the teacher's messages queued up to it
 
 
 # A cohort with a window of one under the real CLI, checkpoints included, equals the one-process
