@@ -165,6 +165,26 @@ def test_bad_messages_are_dropped_and_counted(pair: list[ZmqBus], intruder: zmq.
     assert pair[1].stats.messages_rejected == 0
 
 
+def test_a_flood_is_counted_and_reported_once_per_kind(
+    pair: list[ZmqBus], intruder: zmq.Socket, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A stranger pushing a message for each of hundreds of future steps: every one dropped and
+    counted, one stderr line for them all (not one per step: logs cannot be flooded)."""
+    _exchange_both(pair, 0)
+    flood = 300
+    for step in range(100, 100 + flood):
+        intruder.send_multipart([_header(step=step), b"\x00" * 48])
+    time.sleep(0.3)
+    for step in range(1, 40):
+        _exchange_both(pair, step)
+        if pair[0].stats.messages_rejected == flood:
+            break
+    assert pair[0].stats.messages_rejected == flood
+    lines = [line for line in capfd.readouterr().err.splitlines() if "dropped a message" in line]
+    assert len(lines) == 1, lines
+    assert "beyond the credit window" in lines[0] and "only counted" in lines[0]
+
+
 def test_wrong_fingerprint_is_an_out_of_sync_error(
     pair: list[ZmqBus], intruder: zmq.Socket
 ) -> None:

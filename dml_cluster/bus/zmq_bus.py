@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -321,10 +322,14 @@ class ZmqBus(Bus):
         except WireError as err:
             self.stats.messages_rejected += 1
             reason = str(err)
-            if reason not in self._warned:
-                self._warned.add(reason)
+            # one line per kind of problem, whatever its step or sender: a flood of forged or
+            # stray messages is counted (messages_rejected), not printed line by line
+            kind = re.sub(r"\d+", "#", reason)
+            if kind not in self._warned:
+                self._warned.add(kind)
                 print(
-                    f"dml-cluster: {self._who(self.rank)} dropped a message: {reason}",
+                    f"dml-cluster: {self._who(self.rank)} dropped a message: {reason} (further "
+                    "messages like it are only counted)",
                     file=sys.stderr,
                     flush=True,
                 )
