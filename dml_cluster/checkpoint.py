@@ -48,7 +48,7 @@ from dml_cluster.cohort import Peer
 from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic
 from dml_cluster.errors import CheckpointError
-from dml_cluster.runlog import write_atomic
+from dml_cluster.run_folder import write_atomic
 
 FORMAT = 1
 MANIFEST = "manifest.json"

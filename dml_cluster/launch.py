@@ -28,7 +28,7 @@ from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic, TorchControl
 from dml_cluster.errors import ConfigError, PeerError
 from dml_cluster.metrics import metrics_observers
-from dml_cluster.runlog import ensure_writable
+from dml_cluster.run_folder import ensure_writable
 from dml_cluster.trainer import CohortTrainer, Placement
 
 

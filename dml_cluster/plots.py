@@ -15,7 +15,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from dml_cluster.runlog import RunLogs, time_split
+from dml_cluster.run_folder import RunLogs, time_split
 
 ENSEMBLE = "#222222"
 PHASES = (("compute", "#4C72B0"), ("exchange", "#55A868"), ("wait", "#C44E52"))

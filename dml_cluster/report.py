@@ -15,7 +15,7 @@ from typing import Any
 from dml_cluster import plots
 from dml_cluster.errors import DmlError
 from dml_cluster.evaluation import per_class_table
-from dml_cluster.runlog import RunLogs, read_jsonl, time_split
+from dml_cluster.run_folder import RunLogs, read_jsonl, time_split
 
 
 def _records(path: Path) -> list[dict[str, Any]]:

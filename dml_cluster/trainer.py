@@ -33,7 +33,7 @@ from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
 from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_step_event
 from dml_cluster.metrics.run_log import RunLog
-from dml_cluster.runlog import JsonlLog, write_json_atomic
+from dml_cluster.run_folder import JsonlLog, write_json_atomic
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dml_cluster.runlog import read_jsonl
+from dml_cluster.run_folder import read_jsonl
 
 from .cohort_runs import sets, train_many
 from .conftest import final_weights, max_weight_diff, run_cli

@@ -23,7 +23,7 @@ from dml_cluster.errors import ConfigError
 from dml_cluster.metrics import events, metrics_observers
 from dml_cluster.metrics.batch import cohort_batch_stats, peer_batch_stats
 from dml_cluster.metrics.events import EvalEvent, StepEvent
-from dml_cluster.runlog import read_jsonl
+from dml_cluster.run_folder import read_jsonl
 from dml_cluster.trainer import CohortTrainer, Placement
 
 from .conftest import REPO, cli_env, final_weights

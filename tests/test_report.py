@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from dml_cluster.report import load_run, write_report
-from dml_cluster.runlog import time_split
+from dml_cluster.run_folder import time_split
 
 from .conftest import run_cli
 

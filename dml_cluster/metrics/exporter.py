@@ -40,7 +40,7 @@ from prometheus_client.process_collector import ProcessCollector
 from dml_cluster.bus.base import BusStats
 from dml_cluster.config import Config
 from dml_cluster.errors import ConfigError
-from dml_cluster.runlog import write_atomic
+from dml_cluster.run_folder import write_atomic
 
 if TYPE_CHECKING:
     from dml_cluster.metrics.events import EvalEvent, StepEvent

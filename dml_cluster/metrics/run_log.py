@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from dml_cluster.metrics.events import EvalEvent, StepEvent
-from dml_cluster.runlog import JsonlLog
+from dml_cluster.run_folder import JsonlLog
 
 
 class RunLog:
