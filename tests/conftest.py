@@ -3,9 +3,11 @@ session's reference runs (each trained once, shared by every module that compare
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,19 @@ def run_cli(*args: str, timeout: float = 240, cwd: Path = REPO) -> subprocess.Co
     return subprocess.run(
         [*CLI, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_spawned(target: Callable[..., None], args: Sequence[tuple], timeout: float = 120) -> None:
+    """One real (spawned) process per argument tuple, all at once; every one must exit 0."""
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=a) for a in args]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout)
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0] * len(procs)
 
 
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:

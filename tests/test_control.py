@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dml_cluster.control import (
     FRAME,
@@ -33,6 +32,8 @@ from dml_cluster.control import (
     unpack_frame,
 )
 from dml_cluster.errors import PeerError
+
+from .conftest import run_spawned
 
 NAMES = ["alpha", "beta"]
 
@@ -191,16 +192,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("control")
-    ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(out))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0]
+    run_spawned(_worker, [(r, port, str(out)) for r in range(2)])
     return out
 
 

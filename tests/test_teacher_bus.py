@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dml_cluster.bus import EVAL_ROUND, StepKey
 from dml_cluster.bus.wire import HEADER
 from dml_cluster.bus.zmq_bus import ZmqBus
+
+from .conftest import run_spawned
 
 RUN, HASH = b"teacher1", "00000000000000ab"
 
@@ -124,15 +125,7 @@ def _bus_process(rank: int, port: int, out: str) -> None:
 def fast_teacher(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("window")
     master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_bus_process, args=(r, master.port, str(out))) for r in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        if p.is_alive():
-            p.kill()
-    assert [p.exitcode for p in procs] == [0, 0, 0]
+    run_spawned(_bus_process, [(r, master.port, str(out)) for r in range(3)])
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(3)]
 
 
