@@ -28,7 +28,7 @@ from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic, TorchControl
 from dml_cluster.errors import ConfigError, PeerError
 from dml_cluster.metrics import metrics_observers
-from dml_cluster.run_folder import ensure_writable
+from dml_cluster.run_lock import claim_run_folder
 from dml_cluster.trainer import CohortTrainer, Placement
 
 
@@ -144,8 +144,10 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     try:
         control = TorchControl([p.name for p in cfg.peers], cfg.bus.timeout_s)
         _check_same_config(cfg, control)
-        ensure_writable(cfg.run.dir)
-        with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
+        with (
+            claim_run_folder(cfg.run.dir, {rank: cfg.peers[rank].name}),
+            metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers,
+        ):
             bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
             placement = Placement((rank,), device, reporter=rank == 0)
             return CohortTrainer(cfg, bus, placement, observers, control).run()
@@ -183,8 +185,10 @@ def run_local(cfg: Config) -> dict[str, Any]:
     set_determinism(cfg)
     device = _device(0)
     hosted = tuple(range(len(cfg.peers)))
-    ensure_writable(cfg.run.dir)
-    with metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers:
+    with (
+        claim_run_folder(cfg.run.dir, {i: cfg.peers[i].name for i in hosted}),
+        metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers,
+    ):
         placement = Placement(hosted, device, reporter=True)
         return CohortTrainer(cfg, LocalBus(), placement, observers).run()
 

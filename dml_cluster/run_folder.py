@@ -38,6 +38,14 @@ class JsonlLog:
             self._file.close()
 
 
+def not_writable(folder: Path, err: OSError) -> DmlError:
+    """The one-line error for a run folder that cannot be created or written."""
+    return DmlError(
+        f"run folder {folder} is not writable ({err.strerror or err}): "
+        f"choose another run.out_dir or fix its permissions"
+    )
+
+
 def ensure_writable(folder: Path) -> None:
     """Create the run folder if needed and prove it takes files, before anything is written."""
     try:
@@ -45,10 +53,7 @@ def ensure_writable(folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise DmlError(
-            f"run folder {folder} is not writable ({err.strerror or err}): "
-            f"choose another run.out_dir or fix its permissions"
-        ) from None
+        raise not_writable(folder, err) from None
 
 
 def _fsync_dir(path: Path) -> None:
