@@ -16,9 +16,16 @@ manifest is torn (a peer died while saving) and is never loaded.
 Resuming: every process lists the steps it has its peers' files for and the steps it sees a
 manifest for; the cohort agrees on the newest step that every process has files for and some
 process has a manifest for (on a shared folder all see the same manifests; on per-node disks a
-process killed between the confirmation and its own manifest still has its file). Newer steps are
-deleted, then every peer loads its own file, checked against its digest. These are our own files
-on local disk, read with `torch.load(weights_only=True)`: tensors and plain types only.
+process killed between the confirmation and its own manifest still has its file). Every process
+then verifies its files of that step (each against its digest and the manifest, then
+`torch.load`) and the cohort all-gathers the verdicts: if any process's file or manifest is
+corrupt, truncated or unreadable, every process drops the step and tries the next older complete
+one. Once one verifies everywhere, every peer loads it, the reporting process prints a warning
+line per skipped step naming its bad file, and the steps after the loaded one are deleted (a later
+save writes them again). A checkpoint of another run (config, cohort size, format) stops the
+cohort at once; so does a folder where no complete step verifies, and then nothing is changed.
+These are our own files on local disk, read with `torch.load(weights_only=True)`: tensors and
+plain types only.
 """
 
 from __future__ import annotations
@@ -60,6 +67,17 @@ of its file for that step and SIGKILL itself, in the first attempt of a torchrun
 
 _CONFIRMATION = struct.Struct("<IB32s")
 """One hosted peer in a save confirmation: its index, 1 if its file is in place, its sha256."""
+
+_VERDICT = struct.Struct("<BI")
+"""A process's verification report of a step: its verdict and first hosted peer; then why not
+(UTF-8, at most _MAX_REASON bytes)."""
+_VERIFIED, _UNVERIFIED, _REFUSED = 0, 1, 2
+_MAX_REASON = 2000
+
+
+class _Unverified(CheckpointError):
+    """A checkpoint file or manifest that fails verification (corrupt, truncated, unreadable):
+    the cohort falls back to an older step. Any other CheckpointError stops the cohort."""
 
 
 @dataclass(frozen=True)
@@ -299,15 +317,22 @@ class CohortCheckpoints:
         peers: Mapping[int, Peer],
         control: Control,
     ) -> Restored | None:
-        """Agree with the cohort on the newest complete step and load it into `peers`.
+        """Agree with the cohort on the newest complete step whose files verify in every process,
+        and load it into `peers`.
 
         Returns None when training starts at step 0. Every process calls this at the same point;
         an error in one process becomes an error in every process, each with its own message.
+        A step some process lacks a file for, or whose files fail verification in some process
+        (corrupt, truncated, unreadable, a corrupt manifest), is skipped by every process alike;
+        once the cohort has loaded an older step, the reporting process names each skipped step
+        and why in a warning line, and the steps after the loaded one are removed. A checkpoint
+        of another run (config, cohort) stops the cohort at once, and when no complete step can
+        be loaded nothing is changed.
         """
         first = min(peers)
         error: CheckpointError | None = None
         files: list[int] = []
-        manifests: dict[int, dict[str, Any]] = {}
+        manifests: dict[int, dict[str, Any] | str] = {}
         try:
             files, manifests = self._scan(peers)
         except CheckpointError as err:
@@ -316,47 +341,105 @@ class CohortCheckpoints:
         reports = control.all_gather_ints(Topic.RESUME_SCAN, 0, scan)
         self._raise_if_any_failed(reports, error, "read its checkpoints")
         have_files = [set(r[3 : 3 + r[2]]) for r in reports]
-        with_manifest = set().union(*(r[3 + r[2] :] for r in reports))
-        if not with_manifest:
+        complete = sorted(set().union(*(r[3 + r[2] :] for r in reports)), reverse=True)
+        if not complete:
             return None
-        newest = max(with_manifest)
         if self.settings.resume == "never":
             raise CheckpointError(
-                f"{self.root} already holds checkpoints (newest: step {newest}) and "
+                f"{self.root} already holds checkpoints (newest: step {complete[0]}) and "
                 f"checkpoint.resume is 'never': choose another run.name, or remove {self.root}"
             )
-        usable = set.intersection(*have_files) & with_manifest
-        for step in sorted(with_manifest - usable, reverse=True):
-            if usable and step < max(usable):
-                break
+        skipped: list[tuple[int, str]] = []
+        for step in complete:
             lacking = [
                 self.names[r[1]] for r, f in zip(reports, have_files, strict=True) if step not in f
             ]
-            print(
-                f"dml-cluster: checkpoint step {step} skipped: no file for "
-                f"{', '.join(lacking)} (the process hosting it)",
-                file=sys.stderr,
-                flush=True,
-            )
-        if not usable:
-            raise CheckpointError(
-                f"{self.root} holds checkpoints up to step {newest}, but no step has every "
-                f"peer's file: restore the missing files, or remove {self.root} to start over"
-            )
-        step = max(usable)
+            if lacking:
+                skipped.append((step, f"no file for {', '.join(lacking)} (the process hosting it)"))
+                continue
+            states = self._verify_with_cohort(step, peers, manifests.get(step), control, skipped)
+            if states is not None:
+                break
+        else:
+            raise CheckpointError(self._nothing_loads(skipped))
         restored: Restored | None = None
         try:
-            restored = self._load(step, peers, manifests.get(step))
+            restored = self._apply_step(step, peers, states)
         except CheckpointError as err:
             error = err
         reports = control.all_gather_ints(
             Topic.RESUME_LOAD, step, [0 if error is None else 1, first]
         )
         self._raise_if_any_failed(reports, error, f"load the checkpoint of step {step}")
+        if control.rank == 0:
+            for bad, why in skipped:
+                print(
+                    f"dml-cluster: warning: checkpoint step {bad} skipped (resuming from step "
+                    f"{step}, the steps after it are removed): {why}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         for later, folder in self._step_folders().items():
             if later > step:
                 _remove_step(folder)
         return restored
+
+    def _verify_with_cohort(
+        self,
+        step: int,
+        peers: Mapping[int, Peer],
+        manifest: dict[str, Any] | str | None,
+        control: Control,
+        skipped: list[tuple[int, str]],
+    ) -> dict[int, dict[str, Any]] | None:
+        """The hosted peers' states of `step`, read and verified, if the step verifies in every
+        process; None, with the reasons added to `skipped`, if it fails in any. A checkpoint of
+        another run stops every process (nothing was changed)."""
+        states: dict[int, dict[str, Any]] | None = None
+        verdict, reason, refusal = _VERIFIED, "", None
+        try:
+            states = self._read_step(step, peers, manifest)
+        except _Unverified as err:
+            verdict, reason = _UNVERIFIED, str(err)
+        except CheckpointError as err:
+            verdict, reason, refusal = _REFUSED, str(err), err
+        mine = _VERDICT.pack(verdict, min(peers)) + reason.encode()[:_MAX_REASON]
+        verdicts = [
+            self._read_verdict(data, step)
+            for data in control.all_gather_bytes(Topic.RESUME_VERIFY, step, mine)
+        ]
+        if refusal is not None:
+            raise refusal
+        refused = [self.names[first] for code, first, _ in verdicts if code == _REFUSED]
+        if refused:
+            raise CheckpointError(
+                f"peer {', '.join(refused)} could not load the checkpoint of step {step} (see "
+                f"its error); nothing was changed"
+            )
+        reasons = [why for code, _, why in verdicts if code == _UNVERIFIED]
+        if reasons:
+            skipped.append((step, "; ".join(dict.fromkeys(reasons))))  # a shared manifest: once
+            return None
+        return states
+
+    def _read_verdict(self, data: bytes, step: int) -> tuple[int, int, str]:
+        """(verdict, the process's first hosted peer, reason) from one verification report."""
+        if len(data) >= _VERDICT.size:
+            verdict, first = _VERDICT.unpack_from(data)
+            if verdict in (_VERIFIED, _UNVERIFIED, _REFUSED) and first < self.size:
+                return verdict, first, data[_VERDICT.size :].decode(errors="replace")
+        raise CheckpointError(
+            f"a verification report of the checkpoint of step {step} is malformed"
+        )
+
+    def _nothing_loads(self, skipped: list[tuple[int, str]]) -> str:
+        newest, why = skipped[0]
+        older = [str(s) for s, _ in skipped[1:]]
+        also = f"; older steps {', '.join(older)} cannot be loaded either" if older else ""
+        return (
+            f"{self.root} holds no checkpoint that can be loaded: step {newest}: {why}{also}: "
+            f"restore the damaged or missing files, or remove {self.root} to start over"
+        )
 
     def _raise_if_any_failed(
         self, reports: list[list[int]], mine: CheckpointError | None, what: str
@@ -383,31 +466,42 @@ class CohortCheckpoints:
         complete = [s for s, f in self._step_folders().items() if (f / MANIFEST).is_file()]
         return max(complete, default=None)
 
-    def _scan(self, peers: Mapping[int, Peer]) -> tuple[list[int], dict[int, dict[str, Any]]]:
-        """Steps this process has every hosted peer's file for; manifests it sees, checked."""
-        files, manifests = [], {}
+    def _scan(self, peers: Mapping[int, Peer]) -> tuple[list[int], dict[int, dict[str, Any] | str]]:
+        """Steps this process has every hosted peer's file for; the manifests it sees, checked
+        (a manifest that fails verification: why, as a string; the step is complete, and fails
+        verification when the cohort tries it)."""
+        files: list[int] = []
+        manifests: dict[int, dict[str, Any] | str] = {}
         for step, folder in sorted(self._step_folders().items()):
             if (folder / MANIFEST).is_file():
-                manifests[step] = self._read_manifest(folder / MANIFEST, step)
+                try:
+                    manifests[step] = self._read_manifest(folder / MANIFEST, step)
+                except _Unverified as err:
+                    manifests[step] = str(err)
             paths = [folder / f"{p.name}.pt" for p in peers.values()]
             if all(p.is_file() and _digest_path(p).is_file() for p in paths):
                 files.append(step)
         return files, manifests
 
     def _read_manifest(self, path: Path, step: int) -> dict[str, Any]:
+        """A manifest, checked: _Unverified if it is corrupt or of another step; CheckpointError
+        if it is of another format, config or cohort (another run's)."""
         try:
             manifest = json.loads(path.read_text())
             fields = (manifest["format"], manifest["step"], manifest["config_hash"])
             size, peers = manifest["cohort_size"], manifest["peers"]
+            position = (manifest["epoch"], manifest["step_in_epoch"])
+            if not isinstance(peers, dict) or not all(isinstance(d, str) for d in peers.values()):
+                raise TypeError("peers")
         except (OSError, ValueError, KeyError, TypeError):
+            raise _Unverified(f"{path} is corrupt (not a checkpoint manifest)") from None
+        if fields[0] != FORMAT:
             raise CheckpointError(
-                f"{path} is corrupt (not a checkpoint manifest): remove {path.parent} to resume "
-                f"from the checkpoint before it"
-            ) from None
-        if fields[0] != FORMAT or fields[1] != step:
-            raise CheckpointError(
-                f"{path} is not a format-{FORMAT} manifest of step {step}: remove {path.parent}"
+                f"{path} is not a format-{FORMAT} manifest (format {fields[0]!r}): choose another "
+                f"run.name, or the dml-cluster version that wrote it"
             )
+        if fields[1] != step or not all(isinstance(v, int) for v in position):
+            raise _Unverified(f"{path} is corrupt (not the manifest of step {step})")
         if size != self.size or sorted(peers) != sorted(self.names):
             raise CheckpointError(
                 f"{self.root} holds checkpoints of a cohort of {size} peers "
@@ -422,12 +516,16 @@ class CohortCheckpoints:
             )
         return manifest
 
-    def _load(
+    def _read_step(
         self,
         step: int,
         peers: Mapping[int, Peer],
-        manifest: dict[str, Any] | None,
-    ) -> Restored:
+        manifest: dict[str, Any] | str | None,
+    ) -> dict[int, dict[str, Any]]:
+        """The hosted peers' states of `step`, each checked against its digest and the manifest
+        (if this process sees one); _Unverified if any fails."""
+        if isinstance(manifest, str):
+            raise _Unverified(manifest)
         folder = self.folder(step)
         states = {i: self._read_peer_file(folder, p.name, manifest) for i, p in peers.items()}
         positions = {tuple(s["position"]) for s in states.values()}
@@ -435,7 +533,14 @@ class CohortCheckpoints:
             manifest is not None
             and positions != {(manifest["epoch"], manifest["step_in_epoch"], manifest["step"])}
         ):
-            raise CheckpointError(f"{folder} is corrupt: its files disagree on the position")
+            raise _Unverified(f"{folder} is corrupt: its files disagree on the position")
+        return states
+
+    def _apply_step(
+        self, step: int, peers: Mapping[int, Peer], states: dict[int, dict[str, Any]]
+    ) -> Restored:
+        """Load verified states into the hosted peers and the RNGs."""
+        folder = self.folder(step)
         for i, peer in peers.items():
             _apply(peer, states[i], folder)
         first = states[min(states)]
@@ -446,28 +551,35 @@ class CohortCheckpoints:
     def _read_peer_file(
         self, folder: Path, name: str, manifest: dict[str, Any] | None
     ) -> dict[str, Any]:
+        """One peer's state: _Unverified if its file is unreadable, corrupt or truncated;
+        CheckpointError if it is intact but another run's."""
         path = folder / f"{name}.pt"
-        advice = f"remove {folder} to resume from the checkpoint before it"
+        digest_path = _digest_path(path)
         try:
             data = path.read_bytes()
-            recorded = _digest_path(path).read_text().split()[0]
-        except (OSError, IndexError) as err:
-            raise CheckpointError(f"cannot read {path}: {err}; {advice}") from None
+        except OSError as err:
+            raise _Unverified(f"cannot read {path}: {err.strerror or err}") from None
+        try:
+            recorded = digest_path.read_text().split()[0]
+        except (OSError, ValueError, IndexError) as err:
+            why = getattr(err, "strerror", None) or "no sha256 digest in it"
+            raise _Unverified(
+                f"cannot read the digest of {path} ({digest_path.name}: {why})"
+            ) from None
         actual = hashlib.sha256(data).hexdigest()
         expected = {recorded} | ({manifest["peers"].get(name)} if manifest else set())
         if expected != {actual}:
-            raise CheckpointError(
+            raise _Unverified(
                 f"{path} is corrupt or truncated ({len(data)} bytes, sha256 {actual[:12]}... does "
-                f"not match the recorded digest): {advice}"
+                f"not match the recorded digest)"
             )
         try:
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             checks = (state["format"], state["config_hash"], state["cohort_size"], state["peer"])
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+            tuple(state["position"])
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise CheckpointError(
-                f"{path} is not a readable checkpoint ({first}): {advice}"
-            ) from None
+            raise _Unverified(f"{path} is not a readable checkpoint ({first})") from None
         if checks != (FORMAT, self.config_hash, self.size, name):
             raise CheckpointError(
                 f"{path} belongs to another run (format {checks[0]}, config {checks[1]}, cohort "

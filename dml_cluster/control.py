@@ -1,9 +1,10 @@
 """The cohort's control channel: what the processes agree on that is not a prediction.
 
-The start-up config check, the resume agreement (which step every process can load) and the
-checkpoint save confirmations (every peer's file digest) all go through one `Control`, never
-through the bus that carries predictions. An operation is an all-gather: every process hands
-in integers or bytes and gets back every process's, in process order.
+The start-up config check, the resume agreement (which step every process can load, and whether
+its files verify in every process) and the checkpoint save confirmations (every peer's file
+digest) all go through one `Control`, never through the bus that carries predictions. An
+operation is an all-gather: every process hands in integers or bytes and gets back every
+process's, in process order.
 
 Every message is a self-checking frame (little-endian, 28-byte header, then the payload)::
 
@@ -51,6 +52,7 @@ class Topic(IntEnum):
     RESUME_SCAN = 2  # resume: the steps a process has files and manifests for
     RESUME_LOAD = 3  # resume: whether a process loaded the agreed step
     SAVED = 4  # checkpoint save: the digests of the files a process wrote for a step
+    RESUME_VERIFY = 5  # resume: whether a process's files of a step verify (and why not)
 
 
 _DOING = {
@@ -58,6 +60,7 @@ _DOING = {
     Topic.RESUME_SCAN: "agreeing on the step to resume from",
     Topic.RESUME_LOAD: "loading the checkpoint of step {about}",
     Topic.SAVED: "confirming the checkpoint of step {about}",
+    Topic.RESUME_VERIFY: "verifying the checkpoint of step {about}",
 }
 
 
