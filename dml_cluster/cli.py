@@ -7,7 +7,8 @@ import sys
 import click
 import yaml
 
-from dml_cluster.errors import DmlError
+from dml_cluster.errors import ConfigError, DmlError, ReportedElsewhere
+from dml_cluster.signals import Interrupted, reports_signals, stop_on_signals
 
 _SET = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -24,25 +25,60 @@ def cli() -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @_SET
 @click.option(
-    "--nproc", type=int, default=None,
-    help="Run one process per peer through torch's elastic launcher (default for zmq/torch "
-    "transports: one per peer).",
+    "--nproc", type=int, default=None, metavar="K",
+    help="Run one process per peer (K = the cohort size) through torch's elastic launcher; "
+    "the default for the zmq and torch transports, and it makes 'local' zmq.",
 )  # fmt: skip
 @click.option("--max-restarts", type=int, default=0, help="Restarts of the peer group (--nproc).")
 def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restarts: int) -> None:
     """Train the cohort described by CONFIG (a YAML file)."""
     from dml_cluster.config import load_config
-    from dml_cluster.launch import launch_elastic, run_local, run_peer, under_launcher
+    from dml_cluster.launch import (
+        launch_elastic,
+        reported_once,
+        run_local,
+        run_peer,
+        under_launcher,
+    )
 
-    cfg = load_config(config, list(overrides))
-    if under_launcher():
+    if under_launcher():  # one peer of a cohort; its launcher's --nproc is not ours to check
+        stop_on_signals()
+        with reported_once():
+            cfg = load_config(config, list(overrides))
         run_peer(cfg)
-    elif nproc is None and cfg.bus.transport == "local":
+        return
+    cfg = load_config(config, list(overrides))
+    if nproc is None and cfg.bus.transport == "local":
         run_local(cfg)
-    else:
-        if cfg.bus.transport == "local":
-            raise DmlError("--nproc needs bus.transport zmq or torch (add --set bus.transport=zmq)")
-        sys.exit(launch_elastic(config, list(overrides), nproc or len(cfg.peers), max_restarts))
+        return
+    size = len(cfg.peers)
+    _check_nproc(nproc, size, max_restarts)
+    if cfg.bus.transport == "local":  # --nproc asks for a process per peer: that takes a bus
+        overrides = (*overrides, "bus.transport=zmq")
+        load_config(config, list(overrides))  # the zmq settings are valid too
+        click.echo(
+            f"dml-cluster: --nproc {size} runs one process per peer, so bus.transport 'local' "
+            "becomes zmq (choose with --set bus.transport=zmq|torch)",
+            err=True,
+        )
+    sys.exit(launch_elastic(config, list(overrides), size, max_restarts))
+
+
+def _check_nproc(nproc: int | None, size: int, max_restarts: int) -> None:
+    """`--nproc K` starts one process per peer: K must be the cohort size (checked before torch's
+    launcher starts anything)."""
+    if nproc is not None and nproc < 1:
+        raise ConfigError(
+            f"--nproc {nproc}: at least one process is needed, one per peer "
+            f"(this cohort has {size}: --nproc {size})"
+        )
+    if nproc is not None and nproc != size:
+        raise ConfigError(
+            f"--nproc {nproc}, but the cohort has {size} peers and runs one process per peer: "
+            f"--nproc {size} (or change cohort.size)"
+        )
+    if max_restarts < 0:
+        raise ConfigError(f"--max-restarts {max_restarts}: must be 0 or more")
 
 
 @cli.command()
@@ -151,6 +187,12 @@ def main() -> None:
     """Entry point: user errors are one line on stderr and an exit status, never a traceback."""
     try:
         cli.main(standalone_mode=False)
+    except ReportedElsewhere as err:
+        sys.exit(err.exit_code)
+    except Interrupted as stop:  # a peer process (see dml_cluster/signals.py)
+        if reports_signals():
+            click.echo(f"dml-cluster: stopped by {stop}", err=True)
+        sys.exit(stop.exit_code)
     except DmlError as err:
         click.echo(f"dml-cluster: {err}", err=True)
         sys.exit(err.exit_code)

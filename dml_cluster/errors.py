@@ -38,3 +38,12 @@ class CheckpointError(DmlError):
     """
 
     exit_code = 2
+
+
+class ReportedElsewhere(DmlError):
+    """An error every peer process met alike, reported by one of them (`signals.local_reporter`):
+    the others exit with its status and print nothing."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__("")
+        self.exit_code = exit_code

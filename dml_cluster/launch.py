@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
+import logging
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -26,9 +28,10 @@ from dml_cluster.bus.local import LocalBus
 from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic, TorchControl
-from dml_cluster.errors import ConfigError, PeerError
+from dml_cluster.errors import ConfigError, DmlError, PeerError, ReportedElsewhere
 from dml_cluster.metrics import metrics_observers
 from dml_cluster.run_lock import claim_run_folder
+from dml_cluster.signals import LAUNCHER_ENV, local_reporter, signal_name
 from dml_cluster.trainer import CohortTrainer, Placement
 
 
@@ -116,20 +119,45 @@ def _check_same_config(cfg: Config, control: Control) -> None:
             )
 
 
-def run_peer(cfg: Config) -> dict[str, Any]:
-    """This process is one peer of a cohort started by torchrun (or a compatible launcher)."""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+@contextlib.contextmanager
+def reported_once() -> Iterator[None]:
+    """For errors every peer process meets alike (its config, the cohort's layout): local rank 0
+    reports it; the others let it exit first, then exit with the same status, quietly."""
+    try:
+        yield
+    except DmlError as err:
+        if local_reporter():
+            raise
+        _let_the_cause_exit_first()
+        raise ReportedElsewhere(err.exit_code) from None
+
+
+def _check_layout(cfg: Config, world: int) -> None:
+    """One process per peer, on a transport that crosses processes."""
     size = len(cfg.peers)
     if cfg.bus.transport == "local":
         raise ConfigError(
             "config error: bus.transport: 'local' keeps every peer in one process; "
             "choose zmq or torch to run one peer per process"
         )
-    if world != size:
-        raise ConfigError(
-            f"config error: the cohort has {size} peers but WORLD_SIZE is {world}: "
-            f"start {size} processes (torchrun --nproc-per-node {size})"
-        )
+    if world == size:
+        return
+    nodes = world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if nodes > 1:
+        hint = f"the nodes times torchrun's --nproc-per-node must make {size}"
+    else:
+        hint = f"dml-cluster train CONFIG --nproc {size}, or torchrun --nproc-per-node {size}"
+    raise ConfigError(
+        f"config error: the cohort has {size} peers but WORLD_SIZE is {world}: "
+        f"start one process per peer ({hint})"
+    )
+
+
+def run_peer(cfg: Config) -> dict[str, Any]:
+    """This process is one peer of a cohort started by torchrun (or a compatible launcher)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with reported_once():
+        _check_layout(cfg, world)
     set_determinism(cfg)
     device = _device(int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -202,7 +230,7 @@ def _free_port() -> int:
 def _root_cause(err: Any) -> tuple[int, Any]:
     """The failure that explains the others: a peer that lost its cohort (200) or was stopped by
     the launcher (SIGTERM) is a consequence; the earliest other failure is the cause."""
-    consequences = {PeerError.exit_code, -signal.SIGTERM}
+    consequences = {PeerError.exit_code, -signal.SIGTERM, 128 + signal.SIGTERM}
     causes = {r: f for r, f in err.failures.items() if f.exitcode not in consequences}
     pool = causes or err.failures
     rank = min(pool, key=lambda r: pool[r].timestamp)
@@ -215,6 +243,7 @@ def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: 
     An explicit c10d endpoint (not --standalone) keeps restarts working with gloo
     (pytorch/pytorch#135712). Returns the exit code to use.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -229,8 +258,18 @@ def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: 
     # a fresh worker store for every restart: keys left by the failed attempt in a shared store
     # break the restarted group's gloo set-up (pytorch/pytorch#135712, DESIGN.md section 8)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    os.environ[LAUNCHER_ENV] = "1"  # the peers stop quietly on a signal: this process says it
     try:
-        run(get_args_parser().parse_args(argv))
+        with _quiet_signal_relay():
+            run(get_args_parser().parse_args(argv))
+    except SignalException as err:
+        # torch's agent has stopped the peers (the same signal, then SIGKILL after a timeout)
+        stopped = DmlError(
+            f"stopped by {signal_name(err.sigval)}; the peers were stopped too (run the same "
+            "command again to resume from the last complete checkpoint)"
+        )
+        stopped.exit_code = 128 + err.sigval
+        raise stopped from None
     except ChildFailedError as err:
         rank, failure = _root_cause(err)
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
@@ -238,3 +277,32 @@ def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: 
         error.exit_code = code
         raise error from None
     return 0
+
+
+_ELASTIC_LOGGERS = (
+    "torch.distributed.elastic.agent.server.api",
+    "torch.distributed.elastic.multiprocessing.api",
+)
+
+
+class _NoSignalRelay(logging.Filter):
+    """Drops torch elastic's lines about passing a stop signal on to each peer: the launcher
+    says it in one line. Its warning about a peer that had to be killed stays."""
+
+    RELAY = ("death signal, shutting down workers", "closing signal", "Closing process")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(part in message for part in self.RELAY)
+
+
+@contextlib.contextmanager
+def _quiet_signal_relay() -> Iterator[None]:
+    relay = _NoSignalRelay()
+    for name in _ELASTIC_LOGGERS:
+        logging.getLogger(name).addFilter(relay)
+    try:
+        yield
+    finally:
+        for name in _ELASTIC_LOGGERS:
+            logging.getLogger(name).removeFilter(relay)

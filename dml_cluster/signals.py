@@ -1,0 +1,61 @@
+"""Stopping on SIGINT / SIGTERM: one line from the process that reports, no traceback, exit
+128 + the signal's number (130 for SIGINT, 143 for SIGTERM), as shells and Kubernetes expect.
+
+Who reports: the `--nproc` launcher for its peer processes (it sets `LAUNCHER_ENV` for them);
+under a launcher of one's own (plain torchrun), the peer of local rank 0, once per node; a peer
+started by hand (one per pod) for itself. The others stop quietly with the same status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+LAUNCHER_ENV = "DML_CLUSTER_LAUNCHER"
+"""Set by `dml-cluster train --nproc` in its peer processes: the launcher reports for them."""
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """A stop signal reached this process. A BaseException, as KeyboardInterrupt is: no
+    `except Exception` on the way stops it, every `finally` (bus, process group) still runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal_name(signum))
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def local_reporter() -> bool:
+    """Whether this peer process reports what every peer of this node meets alike (a signal
+    from the terminal, a config error): local rank 0, or a process started without a launcher.
+    """
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def reports_signals() -> bool:
+    """Whether this process says it was stopped (the `--nproc` launcher speaks for its peers)."""
+    return LAUNCHER_ENV not in os.environ and local_reporter()
+
+
+def stop_on_signals() -> None:
+    """From now on SIGINT / SIGTERM raise `Interrupted` once; later ones (the launcher passing
+    the terminal's Ctrl-C on) are ignored, so that cleanup runs to its end. The launcher still
+    kills a peer that does not stop in time."""
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        for stop in STOP_SIGNALS:
+            signal.signal(stop, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, interrupted)

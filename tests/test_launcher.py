@@ -1,0 +1,118 @@
+"""The launcher's edges, with real processes: `--nproc K` is checked before torch's launcher
+starts anything; a cohort/world-size mismatch under plain torchrun is reported once; Ctrl-C
+under `--nproc 2` is one line and exit 130, leaves no process behind, and the next run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from .cohort_runs import cli_each, sets
+from .faults_helpers import CONFIG, REPO, env, free_port, lines, train, wait_for
+
+SIZE = 2  # CONFIG's cohort: 2 small CNNs on digits, 22 steps per epoch
+
+
+def _one_line(proc: subprocess.CompletedProcess, *phrases: str) -> str:
+    """The only thing the command wrote: one line on stderr, no traceback."""
+    assert proc.stdout == "", proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    written = proc.stderr.strip().splitlines()
+    assert len(written) == 1, proc.stderr
+    for phrase in phrases:
+        assert phrase in written[0], written[0]
+    return written[0]
+
+
+def test_nproc_must_be_the_cohort_size(tmp_path: Path) -> None:
+    """0, -1 and a K that is not the cohort size: exit 2 with one line naming the right
+    --nproc, before anything starts (no run folder)."""
+    quiet = sets(f"run.out_dir={tmp_path}", "metrics.enabled=false")
+    cases = [
+        ["--nproc", "0"],
+        ["--nproc", "-1"],
+        ["--nproc", "3"],
+        ["--nproc", "1", "--set", "bus.transport=torch"],
+        ["--nproc", "2", "--max-restarts", "-1"],
+    ]
+    runs = cli_each([["train", CONFIG, *c, *quiet] for c in cases], tmp_path / "cases.json")
+    for case, proc in zip(cases[:4], runs, strict=False):
+        assert proc.returncode == 2, (case, proc.stderr)
+        _one_line(proc, f"--nproc {case[1]}", f"--nproc {SIZE}")
+    assert runs[4].returncode == 2
+    _one_line(runs[4], "--max-restarts -1")
+    assert not list(tmp_path.glob("digits-dml*")), "a refused launch wrote a run folder"
+    # one real process: the status the shell sees
+    proc = train("--nproc", "0", *quiet, timeout=60)
+    assert proc.returncode == 2
+    _one_line(proc, "--nproc 0", f"--nproc {SIZE}")
+
+
+def test_a_world_size_mismatch_under_torchrun_is_reported_once(tmp_path: Path) -> None:
+    """Plain torchrun with 3 processes for a cohort of 2: one line (local rank 0's) that names
+    both ways to start it right, not one per worker; the others exit quietly."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=3", "--nnodes=1",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--monitor-interval=0.2", "-m", "dml_cluster", "train", CONFIG,
+        *sets(f"run.out_dir={tmp_path}", "bus.transport=zmq", "metrics.enabled=false"),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        command, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    reported = lines(output, "WORLD_SIZE is 3")
+    assert len(reported) == 1, output
+    assert f"--nproc {SIZE}" in reported[0] and f"--nproc-per-node {SIZE}" in reported[0]
+    assert "exitcode  : 2" in output  # torchrun's own summary: the cause is the config error
+    # torchrun prints its own traceback; none comes from a peer process
+    assert not [line for line in output.splitlines() if "dml_cluster/" in line], output
+
+
+def test_ctrl_c_under_nproc_stops_everything_in_one_line_and_the_next_run_resumes(
+    tmp_path: Path,
+) -> None:
+    """Ctrl-C (SIGINT to the launcher's process group, peers included) in the middle of a
+    `--nproc 2` run of the default local transport (which --nproc makes zmq, said in one line):
+    exit 130, one line, no traceback, no process left; a run of the same folder resumes."""
+    name = "interrupted"
+    args = sets(
+        f"run.out_dir={tmp_path}", f"run.name={name}", "train.epochs=2",
+        "metrics.enabled=false", "checkpoint.every_steps=5", "checkpoint.keep=100",
+    )  # fmt: skip
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "dml_cluster", "train", CONFIG, *args, "--nproc", str(SIZE)],
+        cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, as a shell's foreground job
+    )  # fmt: skip
+    try:
+        wait_for(tmp_path / name / "checkpoints" / "step-000000005" / "manifest.json", launcher)
+        started = psutil.Process(launcher.pid).children(recursive=True)
+        assert len(started) >= SIZE, started
+        os.killpg(launcher.pid, signal.SIGINT)
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 130, output
+    assert "Traceback" not in output, output
+    assert len(lines(output, "becomes zmq")) == 1, output
+    stopped = lines(output, "stopped")
+    assert len(stopped) == 1 and "stopped by SIGINT" in stopped[0], output
+    assert not lines(output, "closing signal"), output  # torch's relay lines are left out
+    assert not (tmp_path / name / "summary.json").exists(), "the run ended before Ctrl-C"
+    left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"processes outlived the launcher: {left}"
+
+    resumed = train(*args, timeout=120)  # all peers in one process: checkpoints fit any layout
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming at step" in resumed.stdout, resumed.stdout
+    assert (tmp_path / name / "summary.json").exists()
