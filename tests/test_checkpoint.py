@@ -119,6 +119,32 @@ def test_a_torn_checkpoint_is_never_loaded(runs: Path, reference: Path) -> None:
     assert_same_weights(run_dir, reference)
 
 
+def test_steps_that_fail_verification_are_skipped_down_to_one_that_loads(
+    runs: Path, reference: Path
+) -> None:
+    """Step 88's small_cnn-0 file is truncated, step 80's digest of small_cnn-1 is empty: a
+    warning line for each, naming the file; the run resumes from step 70 and ends bitwise as the
+    uninterrupted run, every checkpoint after 70 saved again."""
+    run_dir = runs / "fallback"
+    shutil.copytree(reference, run_dir)
+    cut_back_to(run_dir, 88)  # the final weights and summary go; the checkpoints stay
+    truncated = run_dir / "checkpoints" / "step-000000088" / "small_cnn-0.pt"
+    truncated.write_bytes(truncated.read_bytes()[:4096])
+    emptied = run_dir / "checkpoints" / "step-000000080" / "small_cnn-1.pt.sha256"
+    emptied.write_text("")
+    proc = train(*settings(runs, "fallback", epochs=EPOCHS))
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "warning: checkpoint step" in line]
+    assert len(warnings) == 2, proc.stderr
+    assert warnings[0].startswith("dml-cluster: warning: checkpoint step 88 skipped (resuming")
+    assert f"{truncated} is corrupt or truncated (4096 bytes" in warnings[0]
+    assert warnings[1].startswith("dml-cluster: warning: checkpoint step 80 skipped (resuming")
+    assert f"cannot read the digest of {emptied.with_suffix('')}" in warnings[1]
+    assert "resuming at step 70 (epoch 4, step 4 of it)" in proc.stdout
+    assert_same_weights(run_dir, reference)
+    assert snapshot(run_dir / "checkpoints") == snapshot(reference / "checkpoints")
+
+
 def test_a_finished_run_resumes_at_its_end_and_changes_nothing(runs: Path, reference: Path) -> None:
     run_dir = runs / "finished"
     shutil.copytree(reference, run_dir)

@@ -10,6 +10,7 @@ in one process, each with its own exit status and output (tests/cohort_runs.py -
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import shutil
@@ -29,6 +30,7 @@ from .faults_helpers import (
     assert_same_weights,
     complete_steps,
     cut_back_to,
+    lines,
     one_line_error,
     settings,
     snapshot,
@@ -89,12 +91,29 @@ def _truncate(path: Path) -> None:
 
 
 NEWEST = Path("checkpoints") / "step-000000044" / "small_cnn-1.pt"  # in a copy of the good run
-# refused at start-up by one process: (damage to NEWEST, settings); {port} is `busy_port`
+NEWEST_MANIFEST = NEWEST.with_name("manifest.json")
+DAMAGED = {"corrupt": NEWEST, "truncated": NEWEST, "corrupt-manifest": NEWEST_MANIFEST}
+"""The file each fallback case damages (relative to its run folder)."""
+
+
+def _damage_every_step(run_dir: Path) -> None:
+    """No complete step left that verifies: the newest's manifest is garbage, every step's
+    small_cnn-0 file has a flipped byte."""
+    (run_dir / NEWEST_MANIFEST).write_text("{not json")
+    for path in (run_dir / "checkpoints").glob("step-*/small_cnn-0.pt"):
+        _flip_a_byte(path)
+
+
+# one process each, one after the other: (damage to the run folder, settings); refused at
+# start-up, except the damaged newest checkpoints (DAMAGED): resumed from the step before it;
+# {port} is `busy_port`
 REFUSED = {
     "another-config": (None, ("optim.lr=0.07",)),
     "another-cohort-size": (None, ("cohort.size=3",)),
-    "corrupt": (_flip_a_byte, ()),
-    "truncated": (_truncate, ()),
+    "corrupt": (lambda run_dir: _flip_a_byte(run_dir / NEWEST), ()),
+    "truncated": (lambda run_dir: _truncate(run_dir / NEWEST), ()),
+    "corrupt-manifest": (lambda run_dir: (run_dir / NEWEST_MANIFEST).write_text("{not json"), ()),
+    "all-corrupt": (_damage_every_step, ()),
     "metrics-port": (
         None, ("metrics.enabled=true", "metrics.port={port}", "metrics.address=127.0.0.1"),
     ),
@@ -137,7 +156,7 @@ def refused(
         run_dir = root / name / "good"
         shutil.copytree(good_run, run_dir)
         if damage is not None:
-            damage(run_dir / NEWEST)
+            damage(run_dir)
         cases[name] = Refusal(run_dir, snapshot(run_dir))
         runs.append([CONFIG, *_again(run_dir, *(e.format(port=busy_port) for e in extra))])
     for case, proc in zip(cases.values(), train_each(runs, root / "each.json"), strict=True):
@@ -159,29 +178,57 @@ def test_a_checkpoint_of_another_cohort_size_is_refused(refused: dict[str, Refus
     assert snapshot(case.run_dir) == case.before
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
-def test_a_corrupt_or_truncated_checkpoint_is_refused(
-    refused: dict[str, Refusal], damage: str
+@pytest.mark.parametrize("damage", sorted(DAMAGED))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_step_before(
+    refused: dict[str, Refusal], good_run: Path, damage: str
 ) -> None:
+    """Step 44 fails verification: one warning naming the bad file, the run resumes from step
+    40 and ends as the uninterrupted run did, its checkpoints (step 44 saved again) included."""
     case = refused[damage]
-    assert case.proc.returncode == 2
+    assert case.proc.returncode == 0, case.proc.stdout + case.proc.stderr
+    warnings = lines(case.proc.stderr, "warning: checkpoint step 44 skipped")
+    assert len(warnings) == 1, case.proc.stderr
+    assert f"{case.run_dir / DAMAGED[damage]} is corrupt" in warnings[0], warnings
+    assert "Traceback" not in case.proc.stderr
+    assert "resuming at step 40 (epoch 2, step 18 of it)" in case.proc.stdout
+    assert_same_weights(case.run_dir, good_run)
+    assert snapshot(case.run_dir / "checkpoints") == snapshot(good_run / "checkpoints")
+
+
+def test_no_checkpoint_that_verifies_is_refused_and_nothing_changes(
+    refused: dict[str, Refusal],
+) -> None:
+    case = refused["all-corrupt"]
+    assert case.proc.returncode == 2, case.proc.stdout + case.proc.stderr
     one_line_error(
-        case.proc, "step-000000044/small_cnn-1.pt is corrupt or truncated", "remove",
-        "to resume from",
+        case.proc, "holds no checkpoint that can be loaded: step 44: ",
+        "step-000000044/manifest.json is corrupt", "older steps 40, 30, 22, 20, 10 cannot be",
+        "restore the damaged or missing files, or remove",
     )  # fmt: skip
+    assert len(case.proc.stderr.strip().splitlines()) == 1, case.proc.stderr
     assert snapshot(case.run_dir) == case.before
 
 
-def test_a_corrupt_checkpoint_stops_every_peer_process(existing: Path) -> None:
-    """Only small_cnn-1's process finds the damage; both stop, neither touches the folder."""
-    _flip_a_byte(existing / "checkpoints" / "step-000000044" / "small_cnn-1.pt")
-    before = snapshot(existing)
+def test_every_peer_process_falls_back_when_one_finds_its_file_corrupt(
+    existing: Path, good_run: Path
+) -> None:
+    """Only small_cnn-1's process finds the damage in step 44; the cohort agrees to skip it, and
+    both processes resume from step 40 (the reporting process names the file, once)."""
+    _flip_a_byte(existing / NEWEST)
     proc = train(*_again(existing, "bus.transport=zmq"), "--nproc", "2")
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    one_line_error(
-        proc, "small_cnn-1.pt is corrupt or truncated", "peer small_cnn-1 could not load"
-    )
-    assert snapshot(existing) == before
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warnings = lines(proc.stderr, "warning: checkpoint step 44 skipped")
+    assert len(warnings) == 1, proc.stderr
+    assert f"{existing / NEWEST} is corrupt or truncated" in warnings[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    resumed = [
+        json.loads(line)["step"]
+        for log in sorted((existing / "peers").glob("*.jsonl"))
+        for line in log.read_text().splitlines()
+        if json.loads(line)["event"] == "resume"
+    ]
+    assert resumed == [40, 40]  # small_cnn-0, small_cnn-1
+    assert_same_weights(existing, good_run)
 
 
 # -- data -----------------------------------------------------------------------------------------
