@@ -3,8 +3,9 @@
 A run that holds its folder is paused (SIGSTOP) right after it took its locks; a second run of
 that folder, in one process and under `--nproc 2`, must exit 2 with one line naming the holder's
 pid and leave every file and folder as it was (names, sizes, mtimes, contents); resumed, the
-first run ends bitwise equal to the one-process reference. A run killed with SIGKILL leaves its
-lock files behind, but not its locks: the next run of the folder runs.
+first run ends bitwise equal to the one-process reference and removes its lock files. A run
+killed with SIGKILL leaves its lock files behind, but not its locks: the next run of the folder
+runs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from .cohort_runs import sets
 from .conftest import References
@@ -89,7 +92,7 @@ def test_a_second_run_of_a_busy_folder_exits_2_and_touches_nothing(
     _refused(two_processes, run_dir, first.pid)
     assert after == before
     assert_same_weights(run_dir, reference)
-    assert [p.read_bytes() for p in sorted((run_dir / "locks").iterdir())] == [b"", b""]
+    assert not (run_dir / "locks").exists()  # a run that ends takes its lock files with it
 
 
 def test_a_killed_runs_lock_does_not_block_the_next_run(
@@ -114,3 +117,18 @@ def test_a_killed_runs_lock_does_not_block_the_next_run(
     assert again.returncode == 0, again.stdout + again.stderr
     assert IN_USE not in again.stdout + again.stderr
     assert_same_weights(run_dir, reference)
+
+
+def test_a_refused_claim_makes_no_file(tmp_path: Path) -> None:
+    """A run holding only peer 1 here (one node's share of a cohort): a run that needs peers 0
+    and 1 fails on peer 1's lock (an existing file, tried first) before it makes peer 0's."""
+    from dml_cluster.run_lock import RunFolderInUse, RunFolderLock, claim_run_folder
+
+    run_dir = tmp_path / "shared"
+    with claim_run_folder(run_dir, {1: "b"}):
+        before = _state(run_dir)
+        second = RunFolderLock(run_dir, {0: "a", 1: "b"})
+        with pytest.raises(RunFolderInUse, match=rf"pid {os.getpid()} on host "):
+            second.acquire()
+        assert _state(run_dir) == before
+    assert not (run_dir / "locks").exists()
