@@ -53,6 +53,7 @@ class Topic(IntEnum):
     RESUME_LOAD = 3  # resume: whether a process loaded the agreed step
     SAVED = 4  # checkpoint save: the digests of the files a process wrote for a step
     RESUME_VERIFY = 5  # resume: whether a process's files of a step verify (and why not)
+    RUN_FOLDER = 6  # start-up: whether a process could claim its share of the run folder
 
 
 _DOING = {
@@ -61,6 +62,7 @@ _DOING = {
     Topic.RESUME_LOAD: "loading the checkpoint of step {about}",
     Topic.SAVED: "confirming the checkpoint of step {about}",
     Topic.RESUME_VERIFY: "verifying the checkpoint of step {about}",
+    Topic.RUN_FOLDER: "claiming the run folder",
 }
 
 

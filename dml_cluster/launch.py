@@ -153,6 +153,30 @@ def _check_layout(cfg: Config, world: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def _claim_together(cfg: Config, rank: int, control: Control) -> Iterator[None]:
+    """Each peer process claims its share of the run folder (run_lock.py), then the cohort
+    compares notes: when any was refused (another run holds the folder, it is not writable),
+    the first refused peer reports why and every process exits with its status, the others
+    quietly, before any of them writes a file. Every process gets there: no one waits alone."""
+    with contextlib.ExitStack() as held:
+        refusal: DmlError | None = None
+        try:
+            held.enter_context(claim_run_folder(cfg.run.dir, {rank: cfg.peers[rank].name}))
+        except DmlError as err:
+            refusal = err
+        note = f"{refusal.exit_code} {refusal}" if refusal is not None else ""
+        notes = control.all_gather_bytes(Topic.RUN_FOLDER, 0, note.encode())
+        refused = [i for i, theirs in enumerate(notes) if theirs]
+        if refusal is not None and refused[0] == rank:
+            raise refusal
+        if refused:
+            code = notes[refused[0]].split(b" ", 1)[0]
+            _let_the_cause_exit_first()
+            raise ReportedElsewhere(int(code) if code.isdigit() else 1)
+        yield
+
+
 def run_peer(cfg: Config) -> dict[str, Any]:
     """This process is one peer of a cohort started by torchrun (or a compatible launcher)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -173,7 +197,7 @@ def run_peer(cfg: Config) -> dict[str, Any]:
         control = TorchControl([p.name for p in cfg.peers], cfg.bus.timeout_s)
         _check_same_config(cfg, control)
         with (
-            claim_run_folder(cfg.run.dir, {rank: cfg.peers[rank].name}),
+            _claim_together(cfg, rank, control),
             metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers,
         ):
             bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
