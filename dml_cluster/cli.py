@@ -49,6 +49,7 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
         return
     cfg = load_config(config, list(overrides))
     if nproc is None and cfg.bus.transport == "local":
+        stop_on_signals()
         run_local(cfg)
         return
     size = len(cfg.peers)

@@ -300,6 +300,8 @@ def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: 
         error = PeerError(f"peer process rank {rank} failed with exit code {code}")
         error.exit_code = code
         raise error from None
+    finally:
+        os.environ.pop(LAUNCHER_ENV, None)
     return 0
 
 

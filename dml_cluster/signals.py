@@ -3,19 +3,28 @@
 
 Who reports: the `--nproc` launcher for its peer processes (it sets `LAUNCHER_ENV` for them);
 under a launcher of one's own (plain torchrun), the peer of local rank 0, once per node; a peer
-started by hand (one per pod) for itself. The others stop quietly with the same status.
+started by hand (one per pod), or the one-process run, for itself. The others stop quietly with
+the same status.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 from types import FrameType
 
 LAUNCHER_ENV = "DML_CLUSTER_LAUNCHER"
 """Set by `dml-cluster train --nproc` in its peer processes: the launcher reports for them."""
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+HARD_STOP_S = 5.0
+"""A process that has not stopped this long after the signal (its main thread held in a
+blocking C++ call, where Python handlers cannot run) exits at once, with the same status."""
+
+_watching = False
 
 
 class Interrupted(BaseException):
@@ -49,8 +58,9 @@ def reports_signals() -> bool:
 
 def stop_on_signals() -> None:
     """From now on SIGINT / SIGTERM raise `Interrupted` once; later ones (the launcher passing
-    the terminal's Ctrl-C on) are ignored, so that cleanup runs to its end. The launcher still
-    kills a peer that does not stop in time."""
+    the terminal's Ctrl-C on) are ignored, so that cleanup runs to its end; a process still
+    there HARD_STOP_S later ends at once (a Python handler cannot run while C++ holds the main
+    thread)."""
 
     def interrupted(signum: int, frame: FrameType | None) -> None:
         for stop in STOP_SIGNALS:
@@ -59,3 +69,26 @@ def stop_on_signals() -> None:
 
     for stop in STOP_SIGNALS:
         signal.signal(stop, interrupted)
+    _watch_for_a_stuck_stop()
+
+
+def _watch_for_a_stuck_stop() -> None:
+    """The C-level signal handler writes the signal's number to the wakeup pipe at once, even
+    while the main thread is held in C++ (joining a process group, a gloo collective); a thread
+    that reads it ends the process HARD_STOP_S later if it is still there."""
+    global _watching
+    if _watching:
+        return
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        signum = os.read(wake_read, 1)[0]
+        time.sleep(HARD_STOP_S)
+        if reports_signals():
+            os.write(2, f"dml-cluster: stopped by {signal_name(signum)}\n".encode())
+        os._exit(128 + signum)
+
+    threading.Thread(target=watch, name="dml-cluster-stop-watch", daemon=True).start()
+    _watching = True
