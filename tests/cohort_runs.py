@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +39,8 @@ def train_many(
     """Train `runs` (argument lists after `train`) in one process, or under one torchrun launch
     of `nproc` peer processes; stdout and stderr captured as text."""
     spec.write_text(json.dumps([["train", *r] for r in runs]))
+    for stale in spec.parent.glob(f"{spec.stem}.*.port"):  # ports of an earlier launch
+        stale.unlink()
     entry = ["-m", "tests.cohort_runs", str(spec)]
     if nproc is None:
         command = [sys.executable, *entry]
@@ -127,6 +130,26 @@ def _cli_captured(command: Sequence[str], spec: Path, index: int) -> None:
     spec.with_name(f"{name}.code").write_text(str(code))
 
 
+def _own_master_port(spec: Path, index: int, timeout: float = 120) -> None:
+    """Under torchrun, give entry `index` a rendezvous port of its own: rank 0 picks a free one
+    and writes it beside the spec, the others read it (one node). With one port for every entry,
+    a peer that finished an entry early could connect to rank 0's store of the entry before, just
+    before it closed, and rank 0's new store then waits for it in vain."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    path = spec.with_name(f"{spec.stem}.{index}.port")
+    if os.environ["RANK"] == "0":
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(_free_port()))
+        tmp.replace(path)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"cohort_runs: rank 0 never chose a port for entry {index}")
+        time.sleep(0.01)
+    os.environ["MASTER_PORT"] = path.read_text()
+
+
 def main(argv: list[str]) -> None:
     each = argv[0] == "--each"
     spec = Path(argv[-1])
@@ -134,6 +157,7 @@ def main(argv: list[str]) -> None:
         if each:
             _cli_captured(command, spec, index)
             continue
+        _own_master_port(spec, index)
         code = _cli(command)
         sys.stdout.flush()
         if code != 0:
