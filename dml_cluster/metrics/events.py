@@ -9,6 +9,7 @@ Observers read what they need from the event, never the trainer's internals.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -113,7 +114,7 @@ def build_step_event(
         step_seconds=step_seconds,
         exchange_seconds=exchange_seconds,
         wait_seconds=wait_seconds,
-        bus=BusStats(**vars(bus)),
+        bus=dataclasses.replace(bus),
         peers={i: PeerStep(lrs[i], losses.get(i), stats.get(i)) for i in hosted},
         log_ps=log_ps,
         target=target,
