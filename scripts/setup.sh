@@ -41,4 +41,17 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         || .venv/bin/pip install --quiet "torch==${TORCH_VERSION}" \
             --index-url https://download.pytorch.org/whl/cpu
 fi
+# torchvision must be the release built for the installed torch; named explicitly so that pip
+# never resolves a newer one that would replace torch with a CUDA build. PyPI's wheel is built
+# against CUDA torch: its compiled operators do not load beside the CPU build, which
+# dml_cluster/vision.py handles (models, datasets and transforms are pure Python).
+TORCHVISION_VERSION=${TORCHVISION_VERSION:-$(.venv/bin/python - <<'PY'
+import torch
+major, minor = (int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+print(f"0.{minor + 15}.0" if major == 2 else "")
+PY
+)}
+if ! .venv/bin/python -c "import torchvision.version as v, sys; sys.exit(v.__version__.split('+')[0] != '${TORCHVISION_VERSION}')" 2>/dev/null; then
+    .venv/bin/pip install --quiet --no-deps "torchvision==${TORCHVISION_VERSION}"
+fi
 .venv/bin/pip install --quiet -e ".[test]"
