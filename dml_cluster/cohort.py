@@ -10,7 +10,6 @@ peer can be handled alike by the loop and by checkpoints.
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ import torch
 from torch import nn
 
 from dml_cluster.config import Config, OptimConfig, PeerConfig, ScheduleConfig
+from dml_cluster.determinism import apply_mode, prepare_environment, resolve_mode
+from dml_cluster.devices import cohort_device_type
 from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model
 
@@ -46,16 +47,18 @@ class Peer:
         return self.config.role == "teacher"
 
 
-def set_determinism(cfg: Config) -> None:
-    """Seed every RNG and, if asked, make torch's kernels deterministic."""
+def set_determinism(cfg: Config) -> str:
+    """Seed every RNG and set torch's kernels to the run's determinism mode (returned; see
+    dml_cluster.determinism). Called before CUDA initialises."""
     torch.set_num_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
     np.random.seed(cfg.run.seed % 2**32)
     torch.manual_seed(cfg.run.seed)
-    if cfg.run.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    prepare_environment(cfg.run.deterministic)
+    device_type = cohort_device_type(cfg)
+    mode = resolve_mode(cfg.run.deterministic, device_type, [p.model for p in cfg.peers])
+    apply_mode(mode)
+    return mode
 
 
 def build_optimizer(

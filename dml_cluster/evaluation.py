@@ -22,10 +22,22 @@ def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     return torch.cat(out)
 
 
+def class_counts(y: Tensor, num_classes: int, weights: Tensor | None = None) -> Tensor:
+    """Per-class sums of `weights` (default: 1 per sample) as a float tensor [num_classes].
+
+    A one-hot sum rather than torch.bincount(weights=...), which raises on CUDA under
+    deterministic algorithms; the counts are whole numbers, so the float sum is exact.
+    """
+    one_hot = F.one_hot(y, num_classes).float()
+    if weights is not None:
+        one_hot = one_hot * weights.float()[:, None]
+    return one_hot.sum(0)
+
+
 def per_class_accuracy(log_p: Tensor, y: Tensor, num_classes: int) -> list[float]:
     correct = (log_p.argmax(1) == y).float()
-    total = torch.bincount(y, minlength=num_classes).float()
-    hits = torch.bincount(y, weights=correct, minlength=num_classes)
+    total = class_counts(y, num_classes)
+    hits = class_counts(y, num_classes, weights=correct)
     return (hits / total.clamp(min=1)).tolist()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from dml_cluster.errors import ConfigError
 
@@ -42,3 +42,15 @@ def positive_float(model: str, option: str, value: Any) -> float:
 def conv_out(size: int, stride: int) -> int:
     """Output size of a 3x3 conv with padding 1 (or 1x1, padding 0): never below 1."""
     return (size - 1) // stride + 1
+
+
+class GlobalAvgPool(nn.Module):
+    """Global average pooling to [B, C, 1, 1]: the mean over the spatial dims.
+
+    The same numbers as nn.AdaptiveAvgPool2d(1), whose CUDA backward has no deterministic
+    kernel (it raises under torch.use_deterministic_algorithms); a mean's backward is a plain
+    broadcast, deterministic on every device.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)

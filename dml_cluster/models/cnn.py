@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dml_cluster.models._common import init_weights, positive_int
+from dml_cluster.models._common import GlobalAvgPool, init_weights, positive_int
 from dml_cluster.models.registry import InputShape, register
 
 
@@ -35,7 +35,7 @@ class SmallCNN(nn.Module):
             )
             in_ch = out_ch
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.fc = nn.Linear(in_ch, num_classes)
         init_weights(self)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dml_cluster.models._common import init_weights, positive_float
+from dml_cluster.models._common import GlobalAvgPool, init_weights, positive_float
 from dml_cluster.models.registry import InputShape, register
 
 # (expansion t, output channels c, repeats n, first stride s), as in the paper's table 2,
@@ -75,7 +75,7 @@ class MobileNetV2(nn.Module):
                 ch = out_ch
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Sequential(*conv_bn(ch, last, 1), nn.ReLU6(inplace=True))
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.fc = nn.Linear(last, num_classes)
         init_weights(self)
 

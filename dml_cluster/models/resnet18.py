@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dml_cluster.models._common import init_weights, positive_float
+from dml_cluster.models._common import GlobalAvgPool, init_weights, positive_float
 from dml_cluster.models.registry import InputShape, register
 from dml_cluster.models.resnet_cifar import make_stage
 
@@ -29,7 +29,7 @@ class ResNet18(nn.Module):
             stages.append(make_stage(ch, out_ch, 2, stride))
             ch = out_ch
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.fc = nn.Linear(ch, num_classes)
         init_weights(self)
 

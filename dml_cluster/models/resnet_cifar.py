@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dml_cluster.errors import ConfigError
-from dml_cluster.models._common import init_weights
+from dml_cluster.models._common import GlobalAvgPool, init_weights
 from dml_cluster.models.registry import InputShape, register
 
 
@@ -75,7 +75,7 @@ class CifarResNet(nn.Module):
             stages.append(make_stage(ch, out_ch, n, stride))
             ch = out_ch
         self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.fc = nn.Linear(ch, num_classes)
         init_weights(self)
 

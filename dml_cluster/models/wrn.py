@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dml_cluster.errors import ConfigError
-from dml_cluster.models._common import init_weights, positive_int
+from dml_cluster.models._common import GlobalAvgPool, init_weights, positive_int
 from dml_cluster.models.registry import InputShape, register
 
 
@@ -52,7 +52,7 @@ class WideResNet(nn.Module):
             ch = out_ch
         self.stages = nn.Sequential(*stages)
         self.bn = nn.BatchNorm2d(ch)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.fc = nn.Linear(ch, num_classes)
         init_weights(self)
 

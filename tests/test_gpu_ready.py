@@ -1,0 +1,167 @@
+"""GPU-ready peers, the parts a CPU can check: determinism modes, the deterministic replacements
+of AdaptiveAvgPool2d and weighted bincount (same numbers as before), placement, precision."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dml_cluster.config import parse_config
+from dml_cluster.determinism import apply_mode, current_mode, is_builtin_model, resolve_mode
+from dml_cluster.evaluation import class_counts, per_class_accuracy
+from dml_cluster.models import build_model, model_names
+from dml_cluster.models._common import GlobalAvgPool
+
+from .conftest import REPO, cli_env
+
+COHORT = {"size": 2, "model": "small_cnn"}
+
+
+@pytest.fixture
+def restore_torch():
+    """apply_mode sets process-wide torch switches; put them back for the other tests."""
+    flags = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    yield
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[2:]
+
+
+# -- determinism modes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "enabled", "warn_only", "benchmark"),
+    [("strict", True, False, False), ("warn", True, True, False), ("off", False, False, True)],
+)
+def test_each_mode_sets_torch_flags(restore_torch, mode, enabled, warn_only, benchmark) -> None:
+    apply_mode(mode)
+    assert torch.are_deterministic_algorithms_enabled() is enabled
+    assert torch.is_deterministic_algorithms_warn_only_enabled() is warn_only
+    assert torch.backends.cudnn.deterministic is enabled
+    assert torch.backends.cudnn.benchmark is benchmark
+    assert current_mode() == mode
+
+
+def test_older_spellings_and_bad_values() -> None:
+    def mode(value):
+        return parse_config({"cohort": COHORT, "run": {"deterministic": value}}).run.deterministic
+
+    assert (mode(True), mode(False), mode("warn")) == ("strict", "off", "warn")
+    assert parse_config({"cohort": COHORT}).run.deterministic == "auto"
+    with pytest.raises(Exception, match="run.deterministic"):
+        mode("sometimes")
+
+
+def test_auto_is_strict_on_cpu_and_for_builtin_models_warn_for_others_on_cuda() -> None:
+    outside = "torchvision.resnet18"  # a model the project does not own (not built-in)
+    assert all(is_builtin_model(m) for m in model_names())
+    assert not is_builtin_model(outside) and not is_builtin_model("my_pkg.nets:build")
+    assert resolve_mode("auto", "cpu", ["resnet20", outside]) == "strict"
+    assert resolve_mode("auto", "cuda", ["resnet20", "small_cnn"]) == "strict"
+    assert resolve_mode("auto", "cuda", ["resnet20", outside]) == "warn"
+    assert resolve_mode("off", "cuda", ["resnet20"]) == "off"
+    assert resolve_mode("strict", "cuda", [outside]) == "strict"
+
+
+def test_engine_start_sets_the_cublas_workspace_and_the_mode_in_a_fresh_process() -> None:
+    """set_determinism (what both engines call first): the environment before CUDA, then the
+    flags; a workspace the user exported is kept."""
+    script = (
+        "import json, os, torch\n"
+        "from dml_cluster.cohort import set_determinism\n"
+        "from dml_cluster.config import parse_config\n"
+        "out = {}\n"
+        "for mode in ('off', 'warn', 'strict', 'auto', True):\n"
+        "    os.environ.pop('CUBLAS_WORKSPACE_CONFIG', None)\n"
+        "    cfg = parse_config({'cohort': {'size': 2, 'model': 'mlp'},\n"
+        "                        'run': {'deterministic': mode}})\n"
+        "    got = set_determinism(cfg)\n"
+        "    out[str(mode)] = [got, os.environ.get('CUBLAS_WORKSPACE_CONFIG'),\n"
+        "        torch.are_deterministic_algorithms_enabled(),\n"
+        "        torch.is_deterministic_algorithms_warn_only_enabled()]\n"
+        "os.environ['CUBLAS_WORKSPACE_CONFIG'] = ':16:8'\n"
+        "set_determinism(cfg)\n"
+        "out['kept'] = os.environ['CUBLAS_WORKSPACE_CONFIG']\n"
+        "print(json.dumps(out))\n"
+    )
+    env = cli_env()
+    env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["off"] == ["off", None, False, False]
+    assert out["warn"] == ["warn", ":4096:8", True, True]
+    assert out["strict"] == ["strict", ":4096:8", True, False]
+    assert out["auto"] == ["strict", ":4096:8", True, False]  # CPU: auto is strict
+    assert out["True"] == ["strict", ":4096:8", True, False]
+    assert out["kept"] == ":16:8"
+
+
+# -- the deterministic replacements give the old numbers ---------------------------------------
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_global_pool_equals_adaptive_avg_pool(channels_last: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 5, 7, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, 16, 1, 1, generator=g)
+    outs, grads = [], []
+    for pool in (GlobalAvgPool(), nn.AdaptiveAvgPool2d(1)):
+        xi = x.clone().requires_grad_(True)
+        y = pool(xi)
+        y.backward(grad)
+        outs.append(y)
+        grads.append(xi.grad)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet20", "wrn16_2", "mobilenetv2", "resnet18"])
+def test_builtin_models_pool_with_a_mean_and_give_the_old_numbers(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, (3, 16, 16), 10, **({"width": 0.25} if name == "resnet18" else {}))
+    pools = [m for m in model.modules() if isinstance(m, GlobalAvgPool)]
+    assert pools, f"{name} has no GlobalAvgPool"
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    new = model(x)
+    for parent in model.modules():  # put the old pooling back, same weights
+        for child_name, child in parent.named_children():
+            if isinstance(child, GlobalAvgPool):
+                setattr(parent, child_name, nn.AdaptiveAvgPool2d(1))
+    assert torch.equal(new, model(x))
+
+
+def test_class_counts_equal_bincount() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (1000,), generator=g)
+    weights = (torch.rand(1000, generator=g) < 0.7).float()
+    assert torch.equal(class_counts(y, 12), torch.bincount(y, minlength=12).float())
+    assert torch.equal(
+        class_counts(y, 12, weights), torch.bincount(y, weights=weights, minlength=12).float()
+    )
+
+
+def test_per_class_accuracy_equals_the_bincount_formula() -> None:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 7, (500,), generator=g)
+    log_p = F.log_softmax(torch.randn(500, 9, generator=g), dim=1)
+    correct = (log_p.argmax(1) == y).float()
+    total = torch.bincount(y, minlength=9).float()
+    hits = torch.bincount(y, weights=correct, minlength=9)
+    assert per_class_accuracy(log_p, y, 9) == (hits / total.clamp(min=1)).tolist()
