@@ -20,6 +20,12 @@ class PeerConfig(Strict):
     name: str | None = None
     model: str
     args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(
+        None,
+        description="students: initial weights, a local state_dict file (a plain state_dict, or "
+        "one under 'model'/'state_dict') that fits the model as built for this data; loaded "
+        "strictly after the seeded initialisation; nothing is ever downloaded",
+    )
     lr: float | None = Field(None, gt=0.0, description="overrides optim.lr for this peer")
     role: Literal["student", "teacher"] = Field(
         "student", description="a teacher is frozen: it publishes its predictions and never learns"
@@ -35,7 +41,12 @@ class PeerConfig(Strict):
         if self.role == "teacher" and not self.checkpoint:
             raise ValueError("a teacher needs a checkpoint (the trained weights to load)")
         if self.role == "student" and self.checkpoint:
-            raise ValueError("checkpoint is for teachers (role: teacher); students start fresh")
+            raise ValueError(
+                "checkpoint is for teachers (role: teacher); a student's initial weights are "
+                "`weights`"
+            )
+        if self.role == "teacher" and self.weights:
+            raise ValueError("weights is for students; a teacher loads its `checkpoint`")
         return self
 
 

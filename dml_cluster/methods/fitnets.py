@@ -19,6 +19,7 @@ Fellow students are not mimicked, and teacher peers on the bus are refused (they
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import torch
@@ -35,11 +36,17 @@ from dml_cluster.models import build_model
 
 
 def find_module(model: nn.Module, name: str, what: str, model_name: str) -> nn.Module:
+    """The submodule of `model` called `name` (as in `model.named_modules()`: "layer2",
+    "layer2.1.conv2", "features.3"), for any model: built-in, torchvision, timm or the user's."""
     modules = dict(model.named_modules())
     if name not in modules or name == "":
-        known = ", ".join(n for n in modules if n and n.count(".") <= 1)
+        names = [n for n in modules if n]
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+        top = [n for n in names if "." not in n]
+        listed = f"close: {', '.join(close)}" if close else f"top-level: {', '.join(top)}"
         raise ConfigError(
-            f"config error: method.{what}: {model_name} has no module {name!r} (some: {known})"
+            f"config error: method.{what}: {model_name} has no module {name!r} ({listed}; "
+            "names as in model.named_modules())"
         )
     return modules[name]
 

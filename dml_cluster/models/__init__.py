@@ -2,30 +2,55 @@
 
 >>> model = build_model("resnet20", (3, 32, 32), num_classes=10)
 
-Each family module registers its builders when imported; all of them are imported here.
+Each family module registers its builders when imported; all of them are imported here, and so
+are the sources of models built elsewhere: `torchvision.<builder>`, `timm.<name>` (the optional
+extra `[timm]`) and `package.module:factory` (the user's own nn.Module).
 """
 
 from __future__ import annotations
 
-from dml_cluster.models import cnn, mlp, mobilenetv2, resnet18, resnet_cifar, wrn
+from dml_cluster.models import (
+    cnn,
+    factory_source,
+    mlp,
+    mobilenetv2,
+    resnet18,
+    resnet_cifar,
+    searched,
+    timm_source,
+    torchvision_source,
+    wrn,
+)
 from dml_cluster.models.registry import (
     InputShape,
+    ModelSource,
     build_model,
+    check_model_name,
+    is_builtin,
     model_names,
     model_options,
     register,
+    register_source,
 )
 
 __all__ = [
     "InputShape",
+    "ModelSource",
     "build_model",
+    "check_model_name",
     "cnn",
+    "factory_source",
+    "is_builtin",
     "mlp",
     "mobilenetv2",
     "model_names",
     "model_options",
     "register",
+    "register_source",
     "resnet18",
     "resnet_cifar",
+    "searched",
+    "timm_source",
+    "torchvision_source",
     "wrn",
 ]

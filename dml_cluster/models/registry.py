@@ -1,24 +1,48 @@
-"""Name -> builder registry for the model zoo.
+"""Name -> builder registry for the model zoo, and the sources of models built elsewhere.
 
 A builder has the signature ``builder(input_shape, num_classes, *, <options>) -> nn.Module``;
 its keyword-only options (all with defaults) are what ``build_model`` accepts as ``**kwargs``.
+
+A name that is not a built-in one belongs to a `ModelSource`, chosen by its form:
+``<scheme>.<name>`` (``torchvision.resnet18``, ``timm.resnet18``) or ``package.module:factory``
+(the scheme ``:``). A source checks names cheaply (`check_model_name`, at config time) and builds
+models; whatever it builds must map [B, *input_shape] to logits [B, num_classes], which
+`build_model` checks with one forward pass of a two-sample batch.
 """
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from dml_cluster.errors import ConfigError
 
 InputShape = tuple[int, int, int]
 Builder = Callable[..., nn.Module]
+FACTORY_SCHEME = ":"
 
 _REGISTRY: dict[str, Builder] = {}
 _OPTIONS: dict[str, tuple[str, ...]] = {}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Models built outside the zoo. `check(name)` raises ConfigError for a name the source
+    cannot build (cheaply: no model is built); `build(name, input_shape, num_classes, **args)`
+    builds one. `name` is what follows the scheme (the whole reference for factories)."""
+
+    form: str  # how its names look, for messages: "torchvision.<builder>"
+    check: Callable[[str], None]
+    build: Callable[..., nn.Module]
+
+
+_SOURCES: dict[str, ModelSource] = {}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
@@ -40,22 +64,77 @@ def register(name: str) -> Callable[[Builder], Builder]:
     return decorator
 
 
+def register_source(scheme: str, source: ModelSource) -> None:
+    """Models named `<scheme>.<name>` (or `module:factory` for FACTORY_SCHEME) come from
+    `source` (a duplicate scheme is a programming error)."""
+    if scheme in _SOURCES:
+        raise ValueError(f"model source '{scheme}' is registered twice")
+    _SOURCES[scheme] = source
+
+
 def model_names() -> list[str]:
-    """All registered model names, sorted."""
+    """All registered (built-in) model names, sorted."""
     return sorted(_REGISTRY)
 
 
+def is_builtin(name: str) -> bool:
+    """Is `name` one of the project's own architectures (not torchvision, timm or user code)?"""
+    return name in _REGISTRY
+
+
 def model_options(name: str) -> tuple[str, ...]:
-    """The keyword options the model `name` accepts."""
+    """The keyword options the built-in model `name` accepts."""
     _lookup(name)
     return _OPTIONS[name]
+
+
+def close_names(name: str, known: list[str], n: int = 3) -> str:
+    """' (did you mean a, b?)' for the names of `known` close to `name`, or ''."""
+    close = difflib.get_close_matches(name, known, n=n, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _split(name: str) -> tuple[str | None, str]:
+    """(scheme, the name within it); scheme None for a built-in name."""
+    if FACTORY_SCHEME in name:
+        return FACTORY_SCHEME, name
+    scheme, dot, rest = name.partition(".")
+    return (scheme, rest) if dot else (None, name)
+
+
+def _unknown(name: str) -> ConfigError:
+    forms = ", ".join(s.form for s in _SOURCES.values())
+    return ConfigError(
+        f"unknown model {name!r} (known: {', '.join(model_names())}; or {forms})"
+        f"{close_names(name, model_names())}"
+    )
+
+
+def _source(name: str) -> tuple[ModelSource, str] | None:
+    scheme, rest = _split(name)
+    if scheme is None:
+        return None
+    if scheme not in _SOURCES:
+        raise _unknown(name)
+    return _SOURCES[scheme], rest
+
+
+def check_model_name(name: str) -> None:
+    """Raise ConfigError (one line, without the config key) if `name` names no model that can
+    be built here. Builds nothing."""
+    found = _source(name)
+    if found is None:
+        _lookup(name)
+        return
+    source, rest = found
+    source.check(rest)
 
 
 def _lookup(name: str) -> Builder:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ConfigError(f"unknown model '{name}' (known: {', '.join(model_names())})") from None
+        raise _unknown(name) from None
 
 
 def _check_input_shape(name: str, input_shape: Any) -> InputShape:
@@ -72,19 +151,60 @@ def _check_input_shape(name: str, input_shape: Any) -> InputShape:
 
 
 def build_model(name: str, input_shape: InputShape, num_classes: int, **kwargs: Any) -> nn.Module:
-    """Build the registered model `name` for inputs [B, *input_shape] -> logits [B, num_classes].
+    """Build model `name` for inputs [B, *input_shape] -> logits [B, num_classes].
 
-    Raises ConfigError for an unknown name, an option the model does not take, or a bad value.
+    Raises ConfigError for an unknown name, an option the model does not take, or a bad value;
+    for a model from a source, also when what it built is no nn.Module or does not map such a
+    batch to such logits.
     """
+    shape = _check_input_shape(name, input_shape)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(
+            f"model '{name}': num_classes must be a positive int, got {num_classes!r}"
+        )
+    found = _source(name)
+    if found is not None:
+        source, rest = found
+        source.check(rest)
+        model = source.build(rest, shape, num_classes, **kwargs)
+        return _probed(name, model, shape, num_classes)
     builder = _lookup(name)
     unexpected = sorted(set(kwargs) - set(_OPTIONS[name]))
     if unexpected:
         accepted = ", ".join(_OPTIONS[name]) or "none"
         bad = ", ".join(f"'{k}'" for k in unexpected)
         raise ConfigError(f"model '{name}' got unexpected argument {bad} (accepted: {accepted})")
-    shape = _check_input_shape(name, input_shape)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ConfigError(
-            f"model '{name}': num_classes must be a positive int, got {num_classes!r}"
-        )
     return builder(shape, num_classes, **kwargs)
+
+
+def _probed(name: str, model: Any, shape: InputShape, num_classes: int) -> nn.Module:
+    """`model` if it is an nn.Module mapping a [2, *shape] batch to [2, num_classes] logits in
+    training mode. The probe leaves no trace: no graph, buffers (BN statistics) restored, torch's
+    RNG state restored."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r} built a {type(model).__name__}, not a torch nn.Module")
+    saved = [b.clone() for b in model.buffers()]
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.train()
+            out = model(torch.zeros(2, *shape))
+    except Exception as err:  # noqa: BLE001 - any failure here is the same user error
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"model {name!r} cannot take a batch of shape [B, {', '.join(map(str, shape))}] "
+            f"({type(err).__name__}: {first}); small images may need a model made for them, or "
+            "larger images (see the README, 'Your own models')"
+        ) from None
+    finally:
+        with torch.no_grad():
+            for buf, old in zip(model.buffers(), saved, strict=True):
+                buf.copy_(old)
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"model {name!r} must return logits of shape [B, {num_classes}] in training mode, "
+            f"got {got} for a batch of 2"
+        )
+    return model
