@@ -7,6 +7,7 @@ import sys
 import click
 import yaml
 
+from dml_cluster.console import write_whole_lines
 from dml_cluster.errors import ConfigError, DmlError, ReportedElsewhere
 from dml_cluster.signals import Interrupted, reports_signals, stop_on_signals
 
@@ -94,6 +95,30 @@ def report(run_dir: str, out_dir: str | None) -> None:
     click.echo(f"report: {files[0]}")
     for path in files[1:]:
         click.echo(f"  {path}")
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_SET
+@click.option("--nproc", is_flag=True,
+              help="Train each round's cohort one process per peer (torch's elastic launcher).")
+@click.option("--retrain", "retrain_best", is_flag=True,
+              help="Then train the best architecture fully with KD; report its test accuracy.")
+@click.option("--compare", multiple=True, type=click.Path(file_okay=False),
+              help="Another search's run folder to overlay on the Pareto plot (repeatable).")
+def search(
+    config: str, overrides: tuple[str, ...], nproc: bool, retrain_best: bool,
+    compare: tuple[str, ...],
+) -> None:
+    """Search the student architecture that distils best from a teacher (AKD), per CONFIG."""
+    from pathlib import Path
+
+    from dml_cluster.search.run import run_search
+
+    stop_on_signals()
+    run_search(config, list(overrides), nproc=nproc, retrain_best=retrain_best,
+               compare=[Path(c) for c in compare], say=lambda line: click.echo(line))
+    # fmt: skip
 
 
 @cli.group()
@@ -186,6 +211,7 @@ def keys_generate(folder: str, name: str) -> None:
 
 def main() -> None:
     """Entry point: user errors are one line on stderr and an exit status, never a traceback."""
+    write_whole_lines()  # peer processes share a terminal or log: no line split by another's
     try:
         cli.main(standalone_mode=False)
     except ReportedElsewhere as err:

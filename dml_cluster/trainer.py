@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
 from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_step_event
+from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, RunPlan
 from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.run_folder import JsonlLog, write_json_atomic
 
@@ -104,6 +106,12 @@ class CohortTrainer:
             self.peer_logs, self.cohort_log, self.names, cfg.run.log_every, cfg.train.epochs
         )
         self.observers.insert(0, run_log)
+        self.clock = RunClock(self.run_dir / CLOCK_FILE if placement.reporter else None)
+        if placement.reporter and cfg.run.progress_every_s > 0:
+            max_steps = cfg.train.max_steps or cfg.train.epochs * self.per_epoch
+            plan = RunPlan(self.per_epoch, max_steps, cfg.train.epochs)
+            every = cfg.run.progress_every_s
+            self.observers.append(ProgressDisplay(plan, self.names, self.clock, every, sys.stderr))
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -260,6 +268,7 @@ class CohortTrainer:
         """Save the hosted peers; the cohort confirms over the control channel. Every process
         saves at the same steps, so a teacher running ahead waits there for the students."""
         self.checkpoints.save(at, self.peers, history, self.control)
+        self.clock.record(at.step)
 
     def _resume(self) -> Restored | None:
         """Load the newest checkpoint complete for the whole cohort, if there is one."""
@@ -268,6 +277,7 @@ class CohortTrainer:
         restored = self.checkpoints.restore(self.peers, self.control)
         if restored is None:
             return None
+        self.clock.carry_on()
         at = restored.position
         where = dict(step=at.step, epoch=at.epoch, step_in_epoch=at.step_in_epoch)
         for log in self.peer_logs.values():
