@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from dml_cluster.errors import ConfigError
 from dml_cluster.method_config import (
@@ -34,7 +35,21 @@ class RunConfig(Strict):
     name: str = "dml"
     seed: int = 0
     out_dir: str = "runs"
-    deterministic: bool = True
+    deterministic: Literal["auto", "strict", "warn", "off"] = Field(
+        "auto",
+        description="strict: ops without a deterministic kernel raise; warn: they warn; off: "
+        "fastest kernels (cuDNN benchmarking); auto: strict, but warn on CUDA when a peer's "
+        "model is not built-in. true/false: the older spellings of strict/off",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="autocast dtype of forward passes (fp16: CUDA only, with a loss scaler); "
+        "the exchanged log-probabilities are always float32",
+    )
+    channels_last: bool = Field(False, description="models and batches in channels_last layout")
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune"] = Field(
+        False, description="torch.compile each peer's model (true: the default mode, or a mode)"
+    )
     threads: int = Field(1, ge=1, description="torch intra-op threads per peer process")
     log_every: int = Field(10, ge=1, description="steps between per-step log records")
     progress_every_s: float = Field(
@@ -42,6 +57,14 @@ class RunConfig(Strict):
         description="off a terminal (a log, a pod), seconds between progress lines of the "
         "reporting process; a terminal shows a live bar instead; 0: no progress output",
     )  # fmt: skip
+
+    @field_validator("deterministic", mode="before")
+    @classmethod
+    def _older_spelling(cls, value: Any) -> Any:
+        """true/false, the setting's earlier type: strict/off."""
+        if isinstance(value, bool):
+            return "strict" if value else "off"
+        return value
 
     @property
     def dir(self) -> Path:
@@ -71,6 +94,19 @@ class CohortConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     peers: list[PeerConfig] | None = None
     update: Literal["simultaneous", "sequential"] = "simultaneous"
+    devices: list[str] | None = Field(
+        None,
+        description="one device per peer ('cuda:0', 'cuda', 'cpu'; 'cuda' = the peer's round-robin "
+        "GPU); default: peers spread round-robin over the visible GPUs, else the CPU",
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, devices: list[str] | None) -> list[str] | None:
+        for name in devices or []:
+            if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+                raise ValueError(f"device {name!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+        return devices
 
     @model_validator(mode="after")
     def _one_form(self) -> CohortConfig:
@@ -85,6 +121,9 @@ class CohortConfig(Strict):
                 raise ValueError(
                     f"cohort.size is {self.size} but {len(self.peers)} peers are listed"
                 )
+        count = len(self.peers) if self.peers is not None else self.size
+        if self.devices is not None and len(self.devices) != count:
+            raise ValueError(f"cohort.devices names {len(self.devices)} devices for {count} peers")
         return self
 
     def resolved_peers(self) -> list[NamedPeerConfig]:
@@ -223,19 +262,24 @@ class Config(Strict):
 
     def hash(self) -> str:
         """A short hash of what decides the trained numbers: the config minus where results go
-        (run.name, run.out_dir, run.log_every), how the run is watched (metrics), how it is
-        checkpointed (checkpoint) and how peers are wired and placed (bus, all but its encoding).
+        (run.name, run.out_dir, run.log_every), how the run is watched (run.progress_every_s,
+        metrics), how it is checkpointed (checkpoint) and how peers are wired and placed (bus, all
+        but its encoding).
 
         Two configs with the same hash train the same weights, bitwise: a checkpoint of one
         resumes under the other (one process <-> torchrun, zmq <-> torch), so checkpoints, the
         cohort's start-up agreement, run ids, summaries, metrics and manifests all use it.
         """
         d = self.to_dict()
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "out_dir", "log_every", "progress_every_s")}
+        d["run"] = {k: v for k, v in d["run"].items() if k not in _NOT_HASHED_RUN}
         d["bus"] = {"encoding": d["bus"]["encoding"]}  # float16 messages change the numbers
+        d["cohort"].pop("devices", None)  # where peers run (same hardware: the same numbers)
         for section in ("metrics", "checkpoint"):
             d.pop(section, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_NOT_HASHED_RUN = ("name", "out_dir", "log_every", "progress_every_s")
 
 
 def _format(err: ValidationError) -> str:
