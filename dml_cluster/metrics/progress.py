@@ -95,6 +95,7 @@ class RunningCrossEntropy:
         with torch.no_grad():
             for i, log_p in log_ps.items():
                 y = target.to(log_p.device)
+                # deterministic: [B, C] log-probabilities: nll_loss's 1-D-target kernel
                 loss = F.nll_loss(log_p.float(), y, ignore_index=-1, reduction="sum")
                 labelled = (y >= 0).sum()
                 self.sums[i] = self.sums[i] + loss if i in self.sums else loss
