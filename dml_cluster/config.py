@@ -76,6 +76,20 @@ class AugmentConfig(Strict):
     flip: bool | None = Field(None, description="None: flip where the dataset says it makes sense")
 
 
+class SubsetConfig(Strict):
+    """A seeded, stratified subset of the training set (the rest is dropped, not unlabelled)."""
+
+    per_class: int | None = Field(None, ge=1, description="samples kept of each class")
+    fraction: float | None = Field(None, gt=0.0, le=1.0, description="of each class kept")
+    seed: int | None = Field(None, description="which subset; default: run.seed")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> SubsetConfig:
+        if (self.per_class is None) == (self.fraction is None):
+            raise ValueError("give exactly one of per_class and fraction")
+        return self
+
+
 class DataConfig(Strict):
     name: str = "digits"
     root: str | None = None
@@ -83,6 +97,9 @@ class DataConfig(Strict):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(1024, ge=1)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    train_subset: SubsetConfig | None = Field(
+        None, description="train on a stratified subset (applied before label_fraction)"
+    )
     augment: AugmentConfig = AugmentConfig()
 
 

@@ -1,4 +1,5 @@
-"""Accuracy, per-class accuracy, cohort ensemble accuracy, posterior entropy, peer divergence."""
+"""Accuracy, per-class accuracy, cohort ensemble accuracy, posterior entropy, calibration (test
+NLL, ECE), peer divergence."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dml_cluster import losses
+from dml_cluster.calibration import expected_calibration_error, nll
 
 
 @torch.no_grad()
@@ -63,6 +65,8 @@ def evaluate_cohort(
             "accuracy": accuracy(log_p, y),
             "per_class": per_class_accuracy(log_p, y, num_classes),
             "entropy": losses.entropy(log_p).item(),
+            "nll": nll(log_p, y),
+            "ece": expected_calibration_error(log_p, y),
         }
     members = list(log_ps) if ensemble_of is None else list(ensemble_of)
     ens = losses.ensemble_log_probs([log_ps[n] for n in members])
@@ -71,6 +75,8 @@ def evaluate_cohort(
         "accuracy": accuracy(ens, y),
         "per_class": per_class_accuracy(ens, y, num_classes),
         "entropy": losses.entropy(ens).item(),
+        "nll": nll(ens, y),
+        "ece": expected_calibration_error(ens, y),
     }
     for a, log_a in log_ps.items():
         for b, log_b in log_ps.items():

@@ -68,9 +68,21 @@ def ensemble_log_probs(log_ps: Sequence[Tensor]) -> Tensor:
     return torch.logsumexp(torch.stack(list(log_ps)), dim=0) - math.log(len(log_ps))
 
 
-def ensemble_kl(logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
-    """DML_e mimicry: KL(p_bar || p_k), p_bar the mean of the other peers' probabilities."""
-    target = ensemble_log_probs([tempered(o.detach(), temperature) for o in others])
+def geometric_ensemble_log_probs(log_ps: Sequence[Tensor]) -> Tensor:
+    """log softmax of the mean of log-probabilities: a normalised geometric mean of the
+    probabilities (averaging logits); on average sharper than the arithmetic mean."""
+    return F.log_softmax(torch.stack(list(log_ps)).mean(dim=0), dim=1)
+
+
+ENSEMBLES = {"probs": ensemble_log_probs, "logits": geometric_ensemble_log_probs}
+"""How DML_e combines the other peers' predictions into its target (`method.ensemble`)."""
+
+
+def ensemble_kl(
+    logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0, ensemble: str = "probs"
+) -> Tensor:
+    """DML_e mimicry: KL(p_bar || p_k), p_bar the others' ensemble (`ENSEMBLES[ensemble]`)."""
+    target = ENSEMBLES[ensemble]([tempered(o.detach(), temperature) for o in others])
     return kl_div(target, tempered(logits, temperature)) * temperature**2
 
 

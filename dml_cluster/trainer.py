@@ -28,7 +28,7 @@ from dml_cluster.control import Control, LocalControl
 from dml_cluster.data import load_dataset
 from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, steps_per_epoch
-from dml_cluster.data.split import labelled_mask, mask_labels
+from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
@@ -79,12 +79,15 @@ class CohortTrainer:
         device = placement.device
         data = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
         self.data = data
-        train_y = data.train_y
+        train_x, train_y = data.train_x, data.train_y
+        keep = training_subset(train_y, cfg.data.train_subset, cfg.run.seed)
+        if keep is not None:
+            train_x, train_y = train_x[keep], train_y[keep]
         if cfg.data.label_fraction < 1.0:
             train_y = mask_labels(
                 train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed)
             )
-        self.train_x, self.train_y = data.train_x.to(device), train_y.to(device)
+        self.train_x, self.train_y = train_x.to(device), train_y.to(device)
         self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
         self.test_fingerprint = fingerprint(torch.arange(len(data.test_y)))
         self.flip = data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip

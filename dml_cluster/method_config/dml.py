@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dml_cluster.method_config.base import MethodSettings
 
@@ -18,3 +18,14 @@ class DMLConfig(MethodSettings):
     unlabelled_mimicry: bool = Field(
         True, description="semi-supervised: mimicry on unlabelled samples too"
     )
+    ensemble: Literal["probs", "logits"] = Field(
+        "probs",
+        description="dml_e's target: the mean of the other students' probabilities, or "
+        "softmax of the mean of their log-probabilities (a normalised geometric mean: sharper)",
+    )
+
+    @model_validator(mode="after")
+    def _ensemble_of_dml_e(self) -> DMLConfig:
+        if self.ensemble != "probs" and self.name != "dml_e":
+            raise ValueError(f"ensemble is a setting of dml_e only, not of {self.name}")
+        return self

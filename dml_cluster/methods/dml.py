@@ -10,6 +10,7 @@ refused at config time (use `kd` / `dkd` with `peer_weight` for teacher + DML).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 from torch import Tensor
@@ -64,9 +65,13 @@ class SymmetricMutualLearning(MutualLearning):
 
 
 class EnsembleTeacher(MutualLearning):
-    """DML_e: L_k = CE + weight * KL(p_bar || p_k), p_bar = mean of the other students' p."""
+    """DML_e: L_k = CE + weight * KL(p_bar || p_k), p_bar the other students' ensemble:
+    the mean of their probabilities (`ensemble: probs`; its gradient equals DML's), or softmax
+    of the mean of their log-probabilities (`ensemble: logits`; the sharper target)."""
 
-    divergence = staticmethod(losses.ensemble_kl)
+    def __init__(self, cfg: DMLConfig) -> None:
+        super().__init__(cfg)
+        self.divergence = functools.partial(losses.ensemble_kl, ensemble=cfg.ensemble)
 
 
 class Independent(MutualLearning):
