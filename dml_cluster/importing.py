@@ -54,5 +54,5 @@ def load_callable(reference: str) -> Any:
             raise ConfigError(f"{reference!r}: {module_name!r} has no attribute {part!r}{hint}")
         target = getattr(target, part)
     if not callable(target):
-        raise ConfigError(f"{reference!r} is a {type(target).__name__}, not a callable")
+        raise ConfigError(f"{reference!r} is not callable (it is a {type(target).__name__})")
     return target
