@@ -173,17 +173,42 @@ def k8s() -> None:
 @click.option("--master-port", type=int, default=23456, show_default=True)
 @click.option("--rdzv-port", type=int, default=29400, show_default=True)
 @click.option("--cluster-domain", default="cluster.local", show_default=True)
+@click.option("--curve/--no-curve", default=True, show_default=True,
+              help="Encrypt the zmq bus of a multi-peer cohort with CURVE keys from a Secret "
+              "(see --curve-secret); --no-curve: an open bus (the NetworkPolicy still "
+              "applies).")  # fmt: skip
+@click.option("--curve-secret", default=None,
+              help="The Secret with the cohort's CURVE keys (default: <job>-curve; make it with "
+              "`dml-cluster keys generate DIR --k8s-secret NAME`).")  # fmt: skip
+@click.option("--prometheus-namespace", default="monitoring", show_default=True,
+              help="The namespace whose Prometheus may scrape the peers "
+              "(NetworkPolicy).")  # fmt: skip
+@click.option("--prometheus-label", multiple=True, metavar="KEY=VALUE",
+              help="Labels of the Prometheus pods the NetworkPolicy admits "
+              "(default: app.kubernetes.io/name=prometheus).")  # fmt: skip
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Write one file per resource and a kustomization.yaml here (default: one "
               "YAML stream on stdout).")  # fmt: skip
 def k8s_render(config: str, overrides: tuple[str, ...], out_dir: str | None, **options) -> None:
     """Render the manifests that run CONFIG on Kubernetes, one pod per peer."""
     from dml_cluster.k8s import RenderOptions, parse_labels, pod_config, render, stream, write
+    from dml_cluster.k8s.security import mounted_secrets
 
     options["labels"] = parse_labels(options.pop("label"), "--label")
     options["monitor_labels"] = parse_labels(options.pop("monitor_label"), "--monitor-label")
+    prometheus = parse_labels(options.pop("prometheus_label"), "--prometheus-label")
+    if prometheus:
+        options["prometheus_labels"] = prometheus
     cfg, raw = pod_config(config, list(overrides))
     files = render(cfg, raw, RenderOptions(**options))
+    for secret in mounted_secrets(files):
+        click.echo(
+            f"dml-cluster: note: the pods mount Secret {secret} (the bus's CURVE keys); make it "
+            f"with `dml-cluster keys generate DIR --k8s-secret {secret} --namespace "
+            f"{options['namespace']}` and `kubectl apply -f DIR/{secret}.yaml`, or render with "
+            "--no-curve",
+            err=True,
+        )
     if out_dir is None:
         click.echo(stream(files), nl=False)
         return
@@ -200,12 +225,21 @@ def keys() -> None:
 @click.argument("folder", type=click.Path(file_okay=False))
 @click.option("--name", default="cohort", show_default=True,
               help="Key pair name: 'cohort' (shared by every peer) or a peer's name.")  # fmt: skip
-def keys_generate(folder: str, name: str) -> None:
+@click.option("--k8s-secret", "secret", default=None, metavar="SECRET",
+              help="Also write FOLDER/SECRET.yaml, a Kubernetes Secret of the folder's keys for "
+              "`k8s render --curve-secret SECRET` (default SECRET: <job>-curve).")  # fmt: skip
+@click.option("--namespace", default="default", show_default=True,
+              help="The Secret's namespace (the job's).")  # fmt: skip
+def keys_generate(folder: str, name: str, secret: str | None, namespace: str) -> None:
     """Write a key pair NAME.key / NAME.key_secret into FOLDER (e.g. for a Kubernetes Secret)."""
     from dml_cluster.bus.curve import generate_keys
+    from dml_cluster.k8s.security import write_curve_secret
 
-    public, secret = generate_keys(folder, name)
-    click.echo(f"public key: {public}\nsecret key: {secret} (keep it secret)")
+    public, private = generate_keys(folder, name)
+    click.echo(f"public key: {public}\nsecret key: {private} (keep it secret)")
+    if secret is not None:
+        path = write_curve_secret(folder, secret, namespace)
+        click.echo(f"kubernetes secret: {path} (kubectl apply -f {path}; keep it secret)")
     click.echo(f"use it with: --set bus.curve_keys={folder}")
 
 

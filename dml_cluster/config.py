@@ -208,6 +208,19 @@ class BusConfig(Strict):
         return self
 
 
+class OnSignalConfig(Strict):
+    """What the cohort does on SIGTERM, the way Kubernetes and Slurm preempt a job."""
+
+    save: bool = Field(
+        True, description="every peer finishes its step and the cohort saves a checkpoint there"
+    )
+    grace_s: float = Field(
+        60.0, gt=0.0,
+        description="seconds the cohort has from SIGTERM to a saved checkpoint and exit (k8s "
+        "render sets the pods' terminationGracePeriodSeconds from it)",
+    )  # fmt: skip
+
+
 class CheckpointConfig(Strict):
     """Cohort checkpoints (dml_cluster.checkpoint): saved every `every_steps` and at epoch ends."""
 
@@ -220,6 +233,10 @@ class CheckpointConfig(Strict):
         "auto",
         description="auto: continue from the newest step complete for the whole cohort; "
         "never: start at step 0 (refused if the run folder already holds checkpoints)",
+    )
+    on_signal: OnSignalConfig = Field(
+        OnSignalConfig(),
+        description="SIGTERM (preemption by Kubernetes, Slurm): finish the step, save, exit",
     )
 
 

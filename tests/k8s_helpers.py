@@ -10,6 +10,7 @@ volumes (ConfigMap files and the workspace) as folders, and the cluster's DNS na
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import signal
@@ -75,15 +76,44 @@ def expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_]*)\)", one, text)
 
 
-def _mounts(manifests: dict[str, list[dict[str, Any]]], root: Path) -> dict[str, Path]:
-    """The pod's volumes as local folders: the ConfigMap's files, a shared workspace."""
+def _mounts(
+    manifests: dict[str, list[dict[str, Any]]], root: Path, spec: dict[str, Any]
+) -> dict[str, Path]:
+    """The pod's volumes as local folders: the ConfigMap's files, a shared workspace, the
+    Secrets' files (paths into a Secret's mount in the config name the local folder)."""
+    secrets = _secret_mounts(manifests, spec, root)
     config = root / "config"
     config.mkdir(parents=True, exist_ok=True)
     for name, text in find(manifests, "ConfigMap")["data"].items():
+        for inside, outside in secrets.items():
+            text = text.replace(inside, str(outside))
         (config / name).write_text(text)
     workspace = root / "workspace"
     workspace.mkdir(parents=True, exist_ok=True)
-    return {CONFIG_DIR: config, WORKDIR: workspace}
+    return {CONFIG_DIR: config, WORKDIR: workspace, **secrets}
+
+
+def _secret_mounts(
+    manifests: dict[str, list[dict[str, Any]]], spec: dict[str, Any], root: Path
+) -> dict[str, Path]:
+    """The pod's Secret volumes as local folders of the Secret's files (the Secret must be among
+    the manifests, as the cluster must hold it)."""
+    secrets = {d["metadata"]["name"]: d for docs in manifests.values() for d in docs
+               if d["kind"] == "Secret"}  # fmt: skip
+    mounts = {}
+    (container,) = spec["containers"]
+    for volume in spec.get("volumes", []):
+        if "secret" not in volume:
+            continue
+        name = volume["secret"]["secretName"]
+        assert name in secrets, f"the pods mount Secret {name}, which is not among the manifests"
+        folder = root / f"secret-{name}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, data in secrets[name]["data"].items():
+            (folder / key).write_bytes(base64.b64decode(data))
+        (path,) = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        mounts[path] = folder
+    return mounts
 
 
 def _remap(text: str, mounts: dict[str, Path]) -> str:
@@ -120,7 +150,7 @@ def pytorchjob_pods(
     total = sum(s["replicas"] for s in specs.values())
     nproc = job["spec"].get("nprocPerNode", "auto")
     world = total * (int(nproc) if nproc.isdigit() else 1)
-    mounts = _mounts(manifests, root)
+    mounts = _mounts(manifests, root, specs["Master"]["template"]["spec"])
     pods = []
     for kind in ("Master", "Worker"):
         spec = specs.get(kind)
@@ -154,7 +184,7 @@ def indexed_job_pods(
     job = find(manifests, "Job")
     assert job["spec"]["completionMode"] == "Indexed"
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    mounts = _mounts(manifests, root)
+    mounts = _mounts(manifests, root, job["spec"]["template"]["spec"])
     name = job["metadata"]["name"]
     return [
         _pod(f"{name}-{i}", container, {"JOB_COMPLETION_INDEX": str(i)}, mounts, hosts)

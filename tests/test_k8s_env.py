@@ -33,6 +33,9 @@ def free_port() -> int:
 
 
 def render(out: Path, engine: str, *extra: str) -> dict:
+    """The manifests, and the Secret of CURVE keys they mount (the bus is sealed by default)."""
+    keys = run_cli("keys", "generate", str(out), "--k8s-secret", "digits-dml-curve")
+    assert keys.returncode == 0, keys.stderr
     result = run_cli(
         "k8s", "render", str(CONFIG), *SETS, "--image", "dml-cluster:test", "--engine", engine,
         "--gpus-per-peer", "0", "--out", str(out), *extra,

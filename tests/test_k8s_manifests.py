@@ -8,6 +8,7 @@ the same way, since an API server silently prunes a field its schema does not na
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -118,7 +119,9 @@ def test_every_manifest_validates(engine: str, monitor: str, dashboard: str) -> 
     kinds = sorted(d["kind"] for docs in files.values() for d in docs)
     monitor_kinds = ["PodMonitor"] if monitor == "pod" else ["Service", "ServiceMonitor"]
     engine_kinds = ["PyTorchJob"] if engine == "pytorchjob" else ["Job", "Service"]
-    expected = ["ConfigMap", "ConfigMap", "Kustomization", *engine_kinds, *monitor_kinds]
+    expected = [
+        "ConfigMap", "ConfigMap", "Kustomization", "NetworkPolicy", *engine_kinds, *monitor_kinds
+    ]  # fmt: skip
     assert kinds == sorted(expected)
     for docs in files.values():
         for doc in docs:
@@ -246,6 +249,7 @@ def test_yaml_output_has_no_aliases() -> None:
 
 BAD_INPUT = [
     ([], "bus.transport is 'local'"),
+    (["--set", "bus.transport=torch", "--curve-secret", "keys"], "CURVE encrypts the zmq bus"),
     (["--set", "bus.transport=zmq", "--set", "metrics.port=0"], "metrics.port"),
     (["--set", "bus.transport=zmq", "--name", "Not_A_Name"], "not a valid job name"),
     (["--set", "bus.transport=zmq", "--label", "novalue"], "expected KEY=VALUE"),
@@ -272,3 +276,137 @@ def test_bad_input_is_one_line_and_exit_2(
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- the sealed deployment: NetworkPolicy, CURVE keys from a Secret, the preemption grace ---------
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels / matchExpressions In, Exists) applied to labels."""
+    match = selector.get("matchLabels", {})
+    if not match.items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        present = expr["key"] in labels
+        if expr["operator"] == "Exists" and not present:
+            return False
+        if expr["operator"] == "In" and labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def _admits(policy: dict[str, Any], source: tuple[str, dict[str, str]], port: int) -> bool:
+    """Whether `policy` lets a pod (namespace, labels) reach `port` of the pods it selects
+    (NetworkPolicy semantics: any rule; in a rule, any peer and any port; a peer with both
+    selectors needs both; a podSelector alone means the policy's own namespace)."""
+    namespace, labels = source
+    own = policy["metadata"]["namespace"]
+    for rule in policy["spec"]["ingress"]:
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if ports and port not in ports:
+            continue
+        for peer in rule["from"]:
+            ns_selector = peer.get("namespaceSelector")
+            ns_labels = {"kubernetes.io/metadata.name": namespace}
+            in_namespace = _selects(ns_selector, ns_labels) if ns_selector else namespace == own
+            pod_ok = _selects(peer["podSelector"], labels) if "podSelector" in peer else True
+            if in_namespace and pod_ok:
+                return True
+    return False
+
+
+@pytest.mark.parametrize("engine", ["pytorchjob", "indexed-job"])
+def test_the_network_policy_admits_peers_and_prometheus_only(engine: str) -> None:
+    """The policy selects exactly the job's peer pods; into them: the cohort's own pods on any
+    port (rendezvous, bus, gloo's ephemeral connections), Prometheus's pods in their namespace on
+    the metrics port only; another job's pods, other pods of Prometheus's namespace, Prometheus
+    in another namespace, and anything else: nothing."""
+    files = rendered(engine=engine, prometheus_namespace="monitoring")
+    policy = find(files, "NetworkPolicy")
+    validate(policy)
+    templates = [t for docs in files.values() for d in docs for t in _templates(d)]
+    assert templates
+    peer = templates[0]["metadata"]["labels"]
+    for template in templates:
+        assert _selects(policy["spec"]["podSelector"], template["metadata"]["labels"])
+    other_job = {**peer, "app.kubernetes.io/instance": "another-job"}
+    assert not _selects(policy["spec"]["podSelector"], other_job)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    ports = {"metrics": 9400, "rendezvous": 29400, "master": 23456, "bus": 5555, "gloo": 41234}
+    for port in ports.values():
+        assert _admits(policy, ("dml", peer), port)
+        assert not _admits(policy, ("dml", other_job), port)
+        assert not _admits(policy, ("dml", {"app": "debug-shell"}), port)
+        assert not _admits(policy, ("other", peer), port)  # the same labels elsewhere
+    assert _admits(policy, ("monitoring", prometheus), ports["metrics"])
+    for name, port in ports.items():
+        if name != "metrics":
+            assert not _admits(policy, ("monitoring", prometheus), port)
+    assert not _admits(policy, ("monitoring", {"app": "grafana"}), ports["metrics"])
+    assert not _admits(policy, ("default", prometheus), ports["metrics"])
+    closed = find(rendered([*SETS, "metrics.enabled=false"], engine=engine), "NetworkPolicy")
+    assert not _admits(closed, ("monitoring", prometheus), ports["metrics"])
+
+
+def _templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    if doc["kind"] == "Job":
+        return [doc["spec"]["template"]]
+    return pod_templates(doc)
+
+
+def _pod_spec(files: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    docs = [d for docs in files.values() for d in docs if d["kind"] in ("Job", "PyTorchJob")]
+    (doc,) = docs
+    return _templates(doc)[0]["spec"]
+
+
+@pytest.mark.parametrize("engine", ["pytorchjob", "indexed-job"])
+def test_curve_is_on_for_a_multi_peer_zmq_cohort(engine: str) -> None:
+    """By default the pods mount the Secret <job>-curve at the path the shipped config's
+    bus.curve_keys names; --curve-secret names another; --no-curve, the torch transport and a
+    cohort of one leave the bus open (no Secret, no curve_keys). The pods' grace period is
+    checkpoint.on_signal.grace_s plus the exit margin."""
+    from dml_cluster.k8s.security import CURVE_DIR, EXIT_MARGIN_S
+
+    def sealed(files: dict[str, list[dict[str, Any]]]) -> str | None:
+        spec = _pod_spec(files)
+        secrets = [v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v]
+        mounts = [m["mountPath"] for m in spec["containers"][0]["volumeMounts"]]
+        shipped = yaml.safe_load(find(files, "ConfigMap")["data"]["config.yaml"])
+        keys = shipped["bus"].get("curve_keys")
+        assert (keys == CURVE_DIR) == bool(secrets) == (CURVE_DIR in mounts)
+        return secrets[0] if secrets else None
+
+    files = rendered([*SETS, "checkpoint.on_signal.grace_s=42.5"], engine=engine)
+    assert sealed(files) == "digits-dml-curve"
+    assert _pod_spec(files)["terminationGracePeriodSeconds"] == 43 + EXIT_MARGIN_S
+    assert sealed(rendered(engine=engine, curve_secret="team-keys")) == "team-keys"
+    assert sealed(rendered(engine=engine, curve=False)) is None
+    assert sealed(rendered(["bus.transport=torch"], engine=engine)) is None
+    assert sealed(rendered([*SETS, "cohort.size=1"], engine=engine)) is None
+
+
+def test_keys_generate_writes_a_secret_the_pods_can_use(tmp_path: Path) -> None:
+    """`keys generate DIR --k8s-secret NAME`: DIR/NAME.yaml is a valid Secret (owner-only file)
+    whose files, mounted as a folder, are the key pair the bus loads."""
+    from dml_cluster.bus.curve import generate_keys, load_curve_keys
+    from dml_cluster.k8s.security import write_curve_secret
+
+    generate_keys(tmp_path / "keys")  # the command's steps, in this process (test_k8s_env runs it)
+    write_curve_secret(tmp_path / "keys", "digits-dml-curve", "dml")
+    path = tmp_path / "keys" / "digits-dml-curve.yaml"
+    assert path.stat().st_mode & 0o077 == 0
+    secret = yaml.safe_load(path.read_text())
+    validate(secret)
+    assert secret["metadata"] == {
+        **secret["metadata"],
+        "name": "digits-dml-curve",
+        "namespace": "dml",
+    }
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    for name, data in secret["data"].items():
+        (mounted / name).write_bytes(base64.b64decode(data))
+    keys = load_curve_keys(mounted, "small_cnn-0", ["small_cnn-0", "small_cnn-1"])
+    assert keys.peers["small_cnn-1"] == keys.public

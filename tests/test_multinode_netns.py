@@ -142,6 +142,8 @@ def test_launch_script_across_two_hosts(hosts: Hosts, reference: dict, tmp_path:
 def test_indexed_job_pods_across_two_hosts(hosts: Hosts, reference: dict, tmp_path: Path) -> None:
     """The rendered Indexed Job's pods, named and resolved as Kubernetes names them: pod i is
     host i, and the rendezvous is pod 0's DNS name from the manifest."""
+    keys = run_cli("keys", "generate", str(tmp_path / "manifests"), "--k8s-secret", f"{RUN}-curve")
+    assert keys.returncode == 0, keys.stderr  # the Secret of CURVE keys the pods mount
     result = run_cli(
         "k8s", "render", str(CONFIG), *SETS, "--image", "dml-cluster:test",
         "--engine", "indexed-job", "--gpus-per-peer", "0", "--out", str(tmp_path / "manifests"),

@@ -22,6 +22,7 @@ MONITORS: tuple[str, ...] = ("pod", "service", "none")
 # room for the longest suffix a name gets ("-worker-NNN", "-metrics") within 63 characters
 MAX_NAME = 45
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _LABEL_KEY = re.compile(
     r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -49,6 +50,12 @@ class RenderOptions:
     master_port: int = 23456
     rdzv_port: int = 29400
     cluster_domain: str = "cluster.local"
+    curve: bool = True  # seal the zmq bus of a multi-peer cohort with CURVE keys from a Secret
+    curve_secret: str | None = None  # default: <job>-curve
+    prometheus_namespace: str = "monitoring"  # the NetworkPolicy lets its Prometheus scrape
+    prometheus_labels: dict[str, str] = field(
+        default_factory=lambda: {"app.kubernetes.io/name": "prometheus"}
+    )
 
     def check(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
@@ -57,11 +64,22 @@ class RenderOptions:
             raise ConfigError(f"k8s render: --engine must be one of {', '.join(ENGINES)}")
         if self.monitor not in MONITORS:
             raise ConfigError(f"k8s render: --monitor must be one of {', '.join(MONITORS)}")
-        if not _DNS_LABEL.match(self.namespace) or len(self.namespace) > 63:
+        for what, namespace in (("--namespace", self.namespace),
+                                ("--prometheus-namespace", self.prometheus_namespace)):  # fmt: skip
+            if not _DNS_LABEL.match(namespace) or len(namespace) > 63:
+                raise ConfigError(
+                    f"k8s render: {what} {namespace!r} is not a valid namespace "
+                    "(lower-case letters, digits and '-', starting with a letter)"
+                )
+        if self.curve_secret is not None and (
+            not _DNS_SUBDOMAIN.match(self.curve_secret) or len(self.curve_secret) > 253
+        ):
             raise ConfigError(
-                f"k8s render: --namespace {self.namespace!r} is not a valid namespace "
-                "(lower-case letters, digits and '-', starting with a letter)"
+                f"k8s render: --curve-secret {self.curve_secret!r} is not a valid Secret name "
+                "(lower-case letters, digits, '-' and '.')"
             )
+        if self.curve_secret is not None and not self.curve:
+            raise ConfigError("k8s render: --curve-secret and --no-curve contradict each other")
         if self.name is not None:
             check_name(self.name, "--name")
         for what, value in (("--gpus-per-peer", self.gpus_per_peer),
@@ -72,7 +90,8 @@ class RenderOptions:
         for what, port in (("--master-port", self.master_port), ("--rdzv-port", self.rdzv_port)):
             if not 1 <= port <= 65535:
                 raise ConfigError(f"k8s render: {what} must be a port 1-65535 (got {port})")
-        for what, labels in (("--label", self.labels), ("--monitor-label", self.monitor_labels)):
+        for what, labels in (("--label", self.labels), ("--monitor-label", self.monitor_labels),
+                             ("--prometheus-label", self.prometheus_labels)):  # fmt: skip
             for key, value in labels.items():
                 if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value) or len(value) > 63:
                     raise ConfigError(f"k8s render: {what} {key}={value}: not a valid label")

@@ -23,6 +23,7 @@ from dml_cluster.k8s.monitoring import (
 )
 from dml_cluster.k8s.options import RenderOptions, check_name, job_name
 from dml_cluster.k8s.pod import metrics_port
+from dml_cluster.k8s.security import curve_secret, network_policy, sealed_config
 from dml_cluster.k8s.workloads import headless_service, indexed_job, pytorchjob
 
 Manifests = dict[str, list[dict[str, Any]]]  # file name -> its YAML documents
@@ -66,7 +67,7 @@ def render(cfg: Config, raw: dict[str, Any], opts: RenderOptions) -> Manifests:
     opts.check()
     name = check_name(opts.name, "--name") if opts.name else job_name(cfg.run.name)
     job = Job(name, cfg, opts)
-    files: Manifests = {"configmap.yaml": [config_map(job, raw)]}
+    files: Manifests = {"configmap.yaml": [config_map(job, sealed_config(raw, curve_secret(job)))]}
     if opts.engine == "pytorchjob":
         files["pytorchjob.yaml"] = [pytorchjob(job)]
     else:
@@ -76,6 +77,7 @@ def render(cfg: Config, raw: dict[str, Any], opts: RenderOptions) -> Manifests:
         files["podmonitor.yaml"] = [pod_monitor(job)]
     elif port is not None and opts.monitor == "service":
         files["servicemonitor.yaml"] = [metrics_service(job, port), service_monitor(job)]
+    files["networkpolicy.yaml"] = [network_policy(job)]
     if opts.dashboard:
         files["dashboard.yaml"] = [dashboard_config_map(job, opts.dashboard)]
     files["kustomization.yaml"] = [

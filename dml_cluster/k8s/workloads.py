@@ -17,6 +17,7 @@ from typing import Any
 
 from dml_cluster.k8s.meta import Job
 from dml_cluster.k8s.pod import CONFIG_PATH, base_env, container, pod_spec
+from dml_cluster.k8s.security import seal_pod
 
 RDZV_PORT_NAME = "c10d"
 MASTER_PORT_NAME = "pytorchjob-port"  # the port name the training operator reads MASTER_PORT from
@@ -35,7 +36,7 @@ def pytorchjob(job: Job) -> dict[str, Any]:
     )  # fmt: skip
     template = {
         "metadata": {"labels": job.labels("peer")},
-        "spec": pod_spec(opts, job.config_map, main),
+        "spec": seal_pod(job, pod_spec(opts, job.config_map, main)),
     }
 
     def replicas(count: int) -> dict[str, Any]:
@@ -126,8 +127,9 @@ def indexed_job(job: Job) -> dict[str, Any]:
             },
             "template": {
                 "metadata": {"labels": job.labels("peer")},
-                "spec": pod_spec(
-                    opts, job.config_map, main, restartPolicy="Never", subdomain=job.name
+                "spec": seal_pod(
+                    job,
+                    pod_spec(opts, job.config_map, main, restartPolicy="Never", subdomain=job.name),
                 ),
             },
         },
