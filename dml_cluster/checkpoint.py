@@ -264,6 +264,8 @@ class CohortCheckpoints:
             "rng": rng,
             "history": json.dumps(history),
         }
+        if peer.scaler is not None:  # fp16's loss scale and its growth tracker
+            state["scaler"] = peer.scaler.state_dict()
         return state
 
     def _read_confirmations(self, messages: list[bytes], step: int) -> dict[int, bytes | None]:
@@ -635,6 +637,8 @@ def _apply(peer: Peer, state: dict[str, Any], folder: Path) -> None:
         peer.optimizer.load_state_dict(state["optimizer"])  # moves its state to the params
         peer.scheduler.load_state_dict(state["scheduler"])
         peer.extras.load_state_dict(to_device(state["extra"]))
+        if peer.scaler is not None and "scaler" in state:
+            peer.scaler.load_state_dict(state["scaler"])
     except (RuntimeError, ValueError, KeyError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(

@@ -24,6 +24,7 @@ from dml_cluster.determinism import apply_mode, prepare_environment, resolve_mod
 from dml_cluster.devices import cohort_device_type
 from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model
+from dml_cluster.precision import make_scaler, prepare_model
 
 if TYPE_CHECKING:
     from dml_cluster.methods.base import Method
@@ -41,6 +42,8 @@ class Peer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     extras: nn.ModuleDict = field(default_factory=nn.ModuleDict)
+    scaler: torch.amp.GradScaler | None = None
+    """fp16's loss scaler (run.precision: fp16; checkpointed with the peer)."""
 
     @property
     def is_teacher(self) -> bool:
@@ -114,7 +117,9 @@ def build_peer(
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.epochs)
     if peer_cfg.role == "teacher":
         optimizer.step()  # no parameter has a gradient: changes nothing, marks the optimizer used
-    return Peer(index, peer_cfg.name, peer_cfg, model, optimizer, scheduler, extras)
+    prepare_model(model, cfg.run, device)  # layout, autocast, compile: after weights and probes
+    scaler = make_scaler(cfg.run.precision, device) if peer_cfg.role == "student" else None
+    return Peer(index, peer_cfg.name, peer_cfg, model, optimizer, scheduler, extras, scaler)
 
 
 def refresh_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

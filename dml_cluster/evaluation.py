@@ -16,10 +16,15 @@ from dml_cluster.calibration import expected_calibration_error, nll
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
-    """Log-probabilities of `model` on `x`, in eval mode, batch by batch."""
+    """Float32 log-probabilities of `model` on `x` (on x's device), in eval mode, batch by
+    batch, each batch run on the model's device."""
     was_training = model.training
     model.eval()
-    out = [F.log_softmax(model(x[i : i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
+    device = next(iter(model.parameters()), x).device
+    out = []
+    for i in range(0, len(x), batch_size):
+        batch = x[i : i + batch_size].to(device, non_blocking=True)
+        out.append(F.log_softmax(model(batch).float(), dim=1).to(x.device))
     model.train(was_training)
     return torch.cat(out)
 

@@ -28,8 +28,10 @@ from dml_cluster.bus.local import LocalBus
 from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic, TorchControl
+from dml_cluster.devices import cohort_device_type, hosted_devices, process_group_backend
 from dml_cluster.errors import ConfigError, DmlError, PeerError, ReportedElsewhere
 from dml_cluster.metrics import metrics_observers
+from dml_cluster.precision import check_precision
 from dml_cluster.run_lock import claim_run_folder
 from dml_cluster.signals import LAUNCHER_ENV, local_reporter, signal_name
 from dml_cluster.trainer import CohortTrainer, Placement
@@ -45,11 +47,11 @@ def run_id(cfg: Config) -> bytes:
     return hashlib.sha256(f"{cfg.run.name}/{cfg.hash()}/{launch}".encode()).digest()[:8]
 
 
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def _use(device: torch.device) -> torch.device:
+    """Make `device` this process's current CUDA device (when it is one)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _zmq_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
@@ -182,9 +184,13 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     with reported_once():
         _check_layout(cfg, world)
+        check_precision(cfg, cohort_device_type(cfg))
     set_determinism(cfg)
-    device = _device(int(os.environ.get("LOCAL_RANK", "0")))
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _use(hosted_devices(cfg, (rank,), local_rank)[rank])
+    backend = process_group_backend(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    # NCCL moves CUDA tensors GPU to GPU; over gloo the torch transport stages on the CPU
+    bus_device = device if backend == "nccl" else torch.device("cpu")
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.timeout_s))
     except (RuntimeError, ValueError, dist.DistError) as err:
@@ -192,7 +198,6 @@ def run_peer(cfg: Config) -> dict[str, Any]:
         raise PeerError(f"cannot join the cohort's process group: {first}") from None
     bus: Bus | None = None
     control: Control | None = None
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     try:
         control = TorchControl([p.name for p in cfg.peers], cfg.bus.timeout_s)
         _check_same_config(cfg, control)
@@ -200,7 +205,7 @@ def run_peer(cfg: Config) -> dict[str, Any]:
             _claim_together(cfg, rank, control),
             metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers,
         ):
-            bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, device)
+            bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, bus_device)
             placement = Placement((rank,), device, reporter=rank == 0)
             return CohortTrainer(cfg, bus, placement, observers, control).run()
     except PeerError:
@@ -234,14 +239,16 @@ def _leave_group() -> None:
 
 def run_local(cfg: Config) -> dict[str, Any]:
     """Every peer in this process: the one-device mode, and the oracle for the others."""
+    check_precision(cfg, cohort_device_type(cfg))
     set_determinism(cfg)
-    device = _device(0)
     hosted = tuple(range(len(cfg.peers)))
+    devices = hosted_devices(cfg, hosted)  # peer i on GPU i % n, or cohort.devices
+    device = _use(devices[hosted[0]])
     with (
         claim_run_folder(cfg.run.dir, {i: cfg.peers[i].name for i in hosted}),
         metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers,
     ):
-        placement = Placement(hosted, device, reporter=True)
+        placement = Placement(hosted, device, reporter=True, devices=devices)
         return CohortTrainer(cfg, LocalBus(), placement, observers).run()
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import gc
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,12 +29,14 @@ from dml_cluster.data import load_dataset
 from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, steps_per_epoch
 from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
+from dml_cluster.determinism import current_mode
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
 from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_step_event
 from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, RunPlan
 from dml_cluster.metrics.run_log import RunLog
+from dml_cluster.precision import autocast, to_layout
 from dml_cluster.run_folder import JsonlLog, write_json_atomic
 
 
@@ -52,11 +54,18 @@ class StepResult:
 
 @dataclass(frozen=True)
 class Placement:
-    """Which peers this process hosts, on which device, and whether it reports for the cohort."""
+    """Which peers this process hosts, on which device, and whether it reports for the cohort.
+
+    `device` holds the data and what the bus exchanges; `devices` gives a hosted peer another
+    one (the one-process engine spreading peers over GPUs; dml_cluster.devices)."""
 
     hosted: tuple[int, ...]
     device: torch.device
     reporter: bool
+    devices: Mapping[int, torch.device] = dataclasses.field(default_factory=dict)
+
+    def device_of(self, peer: int) -> torch.device:
+        return self.devices.get(peer, self.device)
 
 
 class CohortTrainer:
@@ -93,7 +102,9 @@ class CohortTrainer:
         self.flip = data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip
         self.method = build_method(cfg.method)
         self.peers: dict[int, Peer] = {
-            i: build_peer(cfg, i, data.input_shape, data.num_classes, device, self.method)
+            i: build_peer(
+                cfg, i, data.input_shape, data.num_classes, placement.device_of(i), self.method
+            )
             for i in placement.hosted
         }
         self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
@@ -104,6 +115,11 @@ class CohortTrainer:
         self.peer_logs = {
             i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
         }
+        for i, log in self.peer_logs.items():  # where and how each peer runs
+            log.write(
+                "placement", peer=self.names[i], device=str(placement.device_of(i)),
+                precision=cfg.run.precision, deterministic=current_mode(),
+            )  # fmt: skip
         self.cohort_log = JsonlLog(self.run_dir / "cohort.jsonl") if placement.reporter else None
         run_log = RunLog(
             self.peer_logs, self.cohort_log, self.names, cfg.run.log_every, cfg.train.epochs
@@ -123,17 +139,35 @@ class CohortTrainer:
     ) -> LossParts:
         """Student i's loss on the step, backward, optimizer step."""
         progress = Progress(step // self.per_epoch, step, self.per_epoch)
-        peers = [log_ps[j] for j in self.students if j != i]
-        view = StepView(i, peers, [log_ps[j] for j in self.teachers], progress)
-        parts = self.method(logits, y, view)
+        on = logits.device  # the others' predictions come to this peer's device
+        peers = [log_ps[j].to(on) for j in self.students if j != i]
+        view = StepView(i, peers, [log_ps[j].to(on) for j in self.teachers], progress)
+        with autocast(self.cfg.run.precision, on):  # a method's own modules (hints) too
+            parts = self.method(logits.float(), y.to(on), view)  # losses in float32
         peer = self.peers[i]
         peer.optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        peer.optimizer.step()
+        if peer.scaler is None:
+            parts.total.backward()
+            peer.optimizer.step()
+        else:  # fp16: scaled loss, unscaled step skipped on inf/nan, scale adapted
+            peer.scaler.scale(parts.total).backward()
+            peer.scaler.step(peer.optimizer)
+            peer.scaler.update()
         return parts
+
+    def _input(self, i: int, x: Tensor) -> Tensor:
+        """The batch on peer i's device, in its model's memory layout."""
+        x = x.to(self.placement.device_of(i), non_blocking=True)
+        return to_layout(x, self.cfg.run.channels_last)
+
+    def _log_probs(self, logits: Tensor) -> Tensor:
+        """What a peer publishes: float32 log-probabilities (whatever its autocast dtype), on
+        the process's exchange device."""
+        return F.log_softmax(logits.detach().float(), dim=1).to(self.placement.device)
 
     def _forward(self, peer: Peer, x: Tensor) -> Tensor:
         """A student's training forward; a teacher's in eval mode without a graph."""
+        x = self._input(peer.index, x)
         if not peer.is_teacher:
             return peer.model(x)
         with torch.no_grad():
@@ -156,7 +190,7 @@ class CohortTrainer:
         """
         self._exchange_seconds = self._wait_seconds = 0.0
         logits = {i: self._forward(p, x) for i, p in self.peers.items()}
-        local = {i: F.log_softmax(z.detach(), dim=1) for i, z in logits.items()}
+        local = {i: self._log_probs(z) for i, z in logits.items()}
         log_ps = self._exchange(StepKey(step, 0, fp), local, range(self.size))
         batch_log_ps = dict(log_ps)
         learners = [i for i in self.students if i in self.peers]
@@ -176,7 +210,8 @@ class CohortTrainer:
                     fresh = {}
                     if prev in self.peers:
                         model = self.peers[prev].model
-                        fresh = {prev: F.log_softmax(refresh_predictions(model, x), dim=1)}
+                        fresh_logits = refresh_predictions(model, self._input(prev, x))
+                        fresh = {prev: self._log_probs(fresh_logits)}
                     log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [prev]))
                 if i in self.peers:
                     parts[i] = self._update(i, logits[i], x, y, log_ps, step)

@@ -6,21 +6,29 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dml_cluster.checkpoint import CohortCheckpoints, Position
+from dml_cluster.cohort import build_peer
 from dml_cluster.config import parse_config
+from dml_cluster.control import LocalControl
 from dml_cluster.determinism import apply_mode, current_mode, is_builtin_model, resolve_mode
-from dml_cluster.evaluation import class_counts, per_class_accuracy
+from dml_cluster.devices import cohort_device_type, hosted_devices, process_group_backend
+from dml_cluster.errors import ConfigError
+from dml_cluster.evaluation import class_counts, per_class_accuracy, predict
 from dml_cluster.models import build_model, model_names
 from dml_cluster.models._common import GlobalAvgPool
+from dml_cluster.precision import check_precision, make_scaler, prepare_model
 
 from .conftest import REPO, cli_env
 
 COHORT = {"size": 2, "model": "small_cnn"}
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
@@ -165,3 +173,120 @@ def test_per_class_accuracy_equals_the_bincount_formula() -> None:
     total = torch.bincount(y, minlength=9).float()
     hits = torch.bincount(y, weights=correct, minlength=9)
     assert per_class_accuracy(log_p, y, 9) == (hits / total.clamp(min=1)).tolist()
+
+
+# -- placement --------------------------------------------------------------------------------
+
+
+def _cfg(size: int, devices: list[str] | None = None):
+    cohort = {"size": size, "model": "mlp", **({"devices": devices} if devices else {})}
+    return parse_config({"cohort": cohort})
+
+
+@pytest.mark.parametrize(
+    ("gpus", "peers", "expected"),
+    [
+        (1, 4, ["cuda:0", "cuda:0", "cuda:0", "cuda:0"]),
+        (2, 2, ["cuda:0", "cuda:1"]),
+        (4, 2, ["cuda:0", "cuda:1"]),
+        (2, 4, ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]),
+        (0, 3, ["cpu", "cpu", "cpu"]),
+    ],
+)
+def test_placement_one_process_engine_and_one_peer_per_process(gpus, peers, expected) -> None:
+    """The same peer -> device map whether the one-process engine hosts every peer or torchrun
+    starts one process per peer (LOCAL_RANK = the peer's rank on a one-node cohort)."""
+    cfg = _cfg(peers)
+    engine = hosted_devices(cfg, tuple(range(peers)), gpus=gpus)
+    assert [str(engine[i]) for i in range(peers)] == expected
+    for rank in range(peers):
+        (device,) = hosted_devices(cfg, (rank,), local_rank=rank, gpus=gpus).values()
+        assert str(device) == expected[rank]
+
+
+def test_placement_across_nodes_uses_the_local_rank() -> None:
+    """Peer 3 of a 2 x 2 cohort is local rank 1 on the second node: its GPU 1."""
+    (device,) = hosted_devices(_cfg(4), (3,), local_rank=1, gpus=2).values()
+    assert str(device) == "cuda:1"
+
+
+def test_explicit_devices_and_their_errors() -> None:
+    cfg = _cfg(3, ["cuda:1", "cpu", "cuda"])
+    got = hosted_devices(cfg, (0, 1, 2), gpus=2)
+    assert [str(got[i]) for i in range(3)] == ["cuda:1", "cpu", "cuda:0"]  # 'cuda': slot 2 % 2
+    with pytest.raises(ConfigError, match="this node has 1 GPU"):
+        hosted_devices(cfg, (0, 1, 2), gpus=1)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        hosted_devices(cfg, (0, 1, 2), gpus=0)
+    with pytest.raises(ConfigError, match="cohort.devices"):
+        _cfg(2, ["cuda:0", "tpu"])
+
+
+@pytest.mark.parametrize(
+    ("gpus", "local_world", "devices", "backend"),
+    [
+        (2, 2, None, "nccl"),  # one GPU per process
+        (4, 2, None, "nccl"),
+        (1, 4, None, "gloo"),  # 4 processes share a GPU: NCCL cannot
+        (2, 4, None, "gloo"),
+        (0, 2, None, "gloo"),  # CPU
+        (2, 2, ["cuda:1", "cuda:0"], "nccl"),
+        (2, 2, ["cuda:0", "cuda:0"], "gloo"),
+        (2, 2, ["cuda:0", "cpu"], "gloo"),
+    ],
+)
+def test_process_group_backend(gpus, local_world, devices, backend) -> None:
+    cfg = _cfg(local_world, devices)
+    assert process_group_backend(cfg, local_world, gpus=gpus) == backend
+    assert cohort_device_type(cfg, gpus=gpus) == ("cuda" if gpus else "cpu")
+
+
+# -- precision ------------------------------------------------------------------------------
+
+
+def test_bf16_autocasts_the_forward_and_publishes_float32() -> None:
+    cfg = parse_config({"cohort": COHORT, "run": {"precision": "bf16", "channels_last": True}})
+    torch.manual_seed(0)
+    model = prepare_model(build_model("small_cnn", (1, 8, 8), 10, width=4), cfg.run, CPU)
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.dtype == torch.float32
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 1, 8, 8)
+    assert model(x).dtype == torch.bfloat16
+    log_p = predict(model, x, 2)
+    assert log_p.dtype == torch.float32 and torch.allclose(log_p.exp().sum(1), torch.ones(4))
+    assert list(model.state_dict()) == list(
+        build_model("small_cnn", (1, 8, 8), 10, width=4).state_dict()
+    )
+
+
+def test_fp16_needs_cuda() -> None:
+    cfg = parse_config({"cohort": COHORT, "run": {"precision": "fp16"}})
+    with pytest.raises(ConfigError, match=r"^config error: run.precision: fp16 needs CUDA"):
+        check_precision(cfg, "cpu")
+    check_precision(cfg, "cuda")
+    assert make_scaler("bf16", CPU) is None
+
+
+def test_a_checkpoint_keeps_the_fp16_loss_scaler(tmp_path: Path) -> None:
+    """The save/restore path of fp16's GradScaler, on the CPU (a CPU scaler stands in for the
+    CUDA one: the same state_dict)."""
+    cfg = parse_config({"cohort": COHORT, "run": {"out_dir": str(tmp_path), "name": "r"}})
+    state = {"scale": 2048.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+             "growth_interval": 2000, "_growth_tracker": 37}  # fmt: skip
+
+    def peers(scale_state):
+        built = {i: build_peer(cfg, i, (1, 8, 8), 10, CPU) for i in range(2)}
+        for peer in built.values():
+            peer.scaler = torch.amp.GradScaler("cpu")
+            if scale_state:
+                peer.scaler.load_state_dict(scale_state)
+        return built
+
+    checkpoints = CohortCheckpoints(cfg, cfg.run.dir)
+    checkpoints.save(Position(1, 0, 5), peers(state), [], LocalControl())
+    fresh = peers(None)
+    restored = CohortCheckpoints(cfg, cfg.run.dir).restore(fresh, LocalControl())
+    assert restored is not None and restored.position.step == 5
+    for peer in fresh.values():
+        assert peer.scaler.state_dict() == state

@@ -39,6 +39,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from dml_cluster.bus.base import BusStats
 from dml_cluster.config import Config
+from dml_cluster.devices import hosted_devices
 from dml_cluster.errors import ConfigError
 from dml_cluster.run_folder import write_atomic
 
@@ -107,9 +108,11 @@ class PrometheusExporter:
                 "update": cfg.cohort.update,
             }
         )
+        devices = hosted_devices(cfg, hosted, local_rank)
         for i in hosted:
             peer = cfg.peers[i]
-            self._peer.labels(self.names[i]).info({"model": peer.model, "index": str(i)})
+            info = {"model": peer.model, "index": str(i), "device": str(devices[i])}
+            self._peer.labels(self.names[i]).info(info)
         self.registry = CollectorRegistry()
         self.registry.register(_Snapshot(self._lock, self._all, self._publish))
         ProcessCollector(registry=self.registry)

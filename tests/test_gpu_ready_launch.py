@@ -1,0 +1,53 @@
+"""bf16 and channels_last cohorts train and stay bitwise equal between the one-process engine
+and torchrun (CPU, gloo / zmq); fp16 on the CPU is a one-line config error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .cohort_runs import sets, train_many
+from .conftest import final_weights, max_weight_diff, run_cli
+
+CONFIG = "configs/digits-dml.yaml"
+BASE = ("cohort.args.width=8", "train.max_steps=8", "metrics.enabled=false")
+RUNS = {  # name: (transport under torchrun, settings)
+    "bf16": ("torch", ("run.precision=bf16",)),
+    "channels-last": ("zmq", ("run.channels_last=true",)),
+}
+
+
+def _runs(out: Path, launched: bool) -> list[list[str]]:
+    return [
+        [CONFIG, *sets(*BASE, *items, f"run.out_dir={out}", f"run.name={name}",
+                       f"bus.transport={transport if launched else 'local'}")]
+        for name, (transport, items) in RUNS.items()
+    ]  # fmt: skip
+
+
+def test_bf16_and_channels_last_match_across_processes(tmp_path: Path) -> None:
+    one, many = tmp_path / "one", tmp_path / "many"
+    done = train_many(_runs(one, False), tmp_path / "one.json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = train_many(_runs(many, True), tmp_path / "many.json", nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in RUNS:
+        expected, got = final_weights(one / name), final_weights(many / name)
+        assert max_weight_diff(expected, got) == 0.0, name
+        records = [
+            json.loads(line) for line in (many / name / "peers" / "small_cnn-0.jsonl").open()
+        ]
+        placement = next(r for r in records if r["event"] == "placement")
+        assert placement["device"] == "cpu" and placement["deterministic"] == "strict"
+        losses = [r["ce"] for r in records if r["event"] == "train"]
+        assert all(loss == loss for loss in losses), losses  # no NaN: it trains
+    placement = json.loads((one / "bf16" / "peers" / "small_cnn-1.jsonl").open().readline())
+    assert placement["precision"] == "bf16"
+
+
+def test_fp16_on_the_cpu_is_a_config_error(tmp_path: Path) -> None:
+    done = run_cli("train", CONFIG, *sets("run.precision=fp16", f"run.out_dir={tmp_path}"))
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "run.precision: fp16 needs CUDA" in lines[0], done.stderr
+    assert not any(tmp_path.iterdir())
