@@ -1,16 +1,24 @@
-"""Re-run the accuracy table of benchmarks/ACCURACY.md: what each way of distilling buys.
+"""The paired-seed accuracy benchmark of benchmarks/ACCURACY.md: what each method buys over
+students trained alone, in the regime the papers study (students that fit their training data).
 
-    .venv/bin/python benchmarks/accuracy.py               # the full table (~30-40 min, 2 CPU cores)
-    .venv/bin/python benchmarks/accuracy.py --quick       # a smoke run on digits (~1 min)
-    .venv/bin/python benchmarks/accuracy.py --rows e2     # re-run some rows, keep the others
+    .venv/bin/python benchmarks/accuracy.py                    # the Fashion-MNIST protocol
+    .venv/bin/python benchmarks/accuracy.py --epochs 15        # ... with a shorter schedule
+    .venv/bin/python benchmarks/accuracy.py --quick            # a smoke run on digits (seconds)
+    .venv/bin/python benchmarks/accuracy.py --analyze          # + `dml-cluster analyze` of K=2
+    .venv/bin/python benchmarks/accuracy.py --render-only      # rewrite ACCURACY.md from JSON
+    .venv/bin/python benchmarks/accuracy.py --suite cifar100 --root DIR   # the CIFAR-100 recipes
 
-Trains the teacher (configs/fmnist-teacher.yaml), then every row for every seed with the
-one-process engine (`run_local`: bitwise the same numbers as one process per peer, far cheaper
-on 2 cores), each run exactly what `dml-cluster train CONFIG --set ...` would run. Writes the
-raw results to benchmarks/accuracy_results.json and the tables into ACCURACY.md between the
-`results` markers (the text around them is kept). With `--rows`, the other rows' results are
-taken from the existing JSON and the teacher already trained is reused. One process for all
-runs: torch is imported and the dataset read once.
+Every run is one `dml-cluster train CONFIG --set run.seed=S [--set ...]` (the commands are
+listed in ACCURACY.md), run with the one-process engine (the same numbers as one process per
+peer, tests/test_multiprocess.py; cheaper on a CPU), `--workers` runs at a time, each in its own
+process (niced). The script only turns off the Prometheus endpoint and mid-run checkpoints, and
+writes the resolved config into each run folder (for `dml-cluster analyze`). Results are saved
+after every run into the JSON file; a re-run skips the (row, seed) pairs already there unless
+`--fresh`, so an interrupted benchmark continues where it stopped.
+
+Paired comparisons: peer k of a cohort starts from weights that depend only on (seed, k) and
+every peer sees the batches of (seed, epoch), whatever the method (tests/test_accuracy.py), so
+row R's student k at seed s is compared with the independent row's student k at seed s.
 """
 
 from __future__ import annotations
@@ -18,10 +26,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
+import multiprocessing as mp
+import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,326 +43,757 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-import dml_cluster.trainer  # noqa: E402
-from dml_cluster.config import Config, apply_overrides, parse_config  # noqa: E402
-from dml_cluster.data import load_dataset  # noqa: E402
-from dml_cluster.launch import run_local  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+FULL_EPOCHS = 40  # the protocol's schedule, which the fmnist3k configs hold
 
 
 @dataclass(frozen=True)
 class Row:
+    """One line of a table: a config, its overrides, how many seeds, what it is compared with."""
+
     key: str
     label: str
     config: str
     overrides: tuple[str, ...] = ()
     section: str = "main"
-    notes: str = ""
+    seeds: int = 5
+    baseline: str | None = "ind"
+    teacher: bool = False  # the run needs the suite's teacher
+    scaled: tuple[str, ...] = ()  # epoch counts of the config scaled with --epochs
 
 
-ROWS = [
-    Row("a", "(a) alone (CE)", "configs/fmnist-alone.yaml"),
-    Row("b", "(b) DML, 2 students", "configs/fmnist-dml.yaml"),
-    Row("c1", "(c) DML, 3 students", "configs/fmnist-dml-k3.yaml"),
-    Row("c2", "(c) DML_e, 3 students", "configs/fmnist-dml-k3.yaml", ("method.name=dml_e",)),
-    Row("d", "(d) KD from the teacher", "configs/fmnist-kd.yaml"),
-    Row("e", "(e) DKD from the teacher", "configs/fmnist-dkd.yaml"),
-    Row(
-        "e2",
-        "(e) DKD, mdistiller's 20-epoch warm-up",
-        "configs/fmnist-dkd.yaml",
-        ("method.warmup_epochs=20",),
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    teacher: Row | None
+    rows: tuple[Row, ...]
+    sections: dict[str, str]  # section -> heading
+    quick: tuple[str, ...] = ()  # overrides of --quick
+    epoch_rows: tuple[str, ...] = ()  # sections whose train.epochs --epochs sets
+
+
+_SCALED_KD = ("method.warmup_epochs",)
+FMNIST = Suite(
+    name="fmnist3k",
+    teacher=Row(
+        "teacher",
+        "teacher (small_cnn width 64)",
+        "configs/fmnist3k-teacher.yaml",
+        section="teacher",
+        seeds=1,
+        baseline=None,
     ),
-    Row("f", "(f) FitNets hints + KD", "configs/fmnist-fitnets.yaml"),
-    Row(
-        "s1",
-        "independent, 5% labels",
-        "configs/fmnist-semi.yaml",
-        ("method.name=independent",),
-        "semi",
-    ),
-    Row(
-        "s2",
-        "DML on labelled samples only",
-        "configs/fmnist-semi.yaml",
-        ("method.unlabelled_mimicry=false",),
-        "semi",
-    ),
-    Row("s3", "DML, mimicry on all samples", "configs/fmnist-semi.yaml", (), "semi"),
-    # the full-label learning rate, 0.05: unstable with ~6 labelled samples per batch
-    *(
+    rows=(
         Row(
-            f"{r}x",
-            f"{label}, lr 0.05",
-            "configs/fmnist-semi.yaml",
-            (*o, "optim.lr=0.05"),
-            "semi05",
-        )
-        for r, label, o in (
-            ("s1", "independent, 5% labels", ("method.name=independent",)),
-            ("s2", "DML on labelled samples only", ("method.unlabelled_mimicry=false",)),
-            ("s3", "DML, mimicry on all samples", ()),
-        )
+            "ind",
+            "independent, K = 2 (each alone)",
+            "configs/fmnist3k-independent.yaml",
+            baseline=None,
+        ),
+        Row("dml2", "DML, K = 2", "configs/fmnist3k-dml.yaml"),
+        Row("dml3", "DML, K = 3", "configs/fmnist3k-dml.yaml", ("cohort.size=3",)),
+        Row(
+            "dmle-p",
+            "DML_e, K = 3, ensemble of probabilities",
+            "configs/fmnist3k-dml-e.yaml",
+            ("method.ensemble=probs",),
+        ),
+        Row("dmle-l", "DML_e, K = 3, ensemble of logits", "configs/fmnist3k-dml-e.yaml"),
+        Row(
+            "kd",
+            "KD from the teacher",
+            "configs/fmnist3k-kd.yaml",
+            section="teacher",
+            seeds=3,
+            teacher=True,
+        ),
+        Row(
+            "dkd",
+            "DKD from the teacher",
+            "configs/fmnist3k-dkd.yaml",
+            section="teacher",
+            seeds=3,
+            teacher=True,
+            scaled=_SCALED_KD,
+        ),
+        Row(
+            "fitnets",
+            "FitNets hints + KD",
+            "configs/fmnist3k-fitnets.yaml",
+            section="teacher",
+            seeds=3,
+            teacher=True,
+            scaled=("method.hint_epochs",),
+        ),
+        Row(
+            "tdml",
+            "teacher + 2 students (KD + DML)",
+            "configs/fmnist3k-teacher-dml.yaml",
+            section="teacher",
+            seeds=3,
+            teacher=True,
+        ),
+        Row(
+            "semi-ind",
+            "independent, 5% labels",
+            "configs/fmnist-semi-cnn.yaml",
+            ("method.name=independent",),
+            "semi",
+            3,
+            None,
+            scaled=("train.epochs",),
+        ),
+        Row(
+            "semi-lab",
+            "DML on the labelled samples only",
+            "configs/fmnist-semi-cnn.yaml",
+            ("method.unlabelled_mimicry=false",),
+            "semi",
+            3,
+            "semi-ind",
+            scaled=("train.epochs",),
+        ),
+        Row(
+            "semi-all",
+            "DML, mimicry on every sample",
+            "configs/fmnist-semi-cnn.yaml",
+            (),
+            "semi",
+            3,
+            "semi-ind",
+            scaled=("train.epochs",),
+        ),
+        Row(
+            "mlp-alone", "MLP 784-64-10 alone", "configs/fmnist-alone.yaml", (), "control", 3, None
+        ),
+        Row(
+            "mlp-dml",
+            "MLP 784-64-10, DML K = 2",
+            "configs/fmnist-dml.yaml",
+            (),
+            "control",
+            3,
+            "mlp-alone",
+        ),
     ),
-]
+    sections={
+        "main": "Students alone and learning from each other",
+        "teacher": "Distillation from a wider teacher trained on the same subset",
+        "semi": "Semi-supervised: 5% of the full training set's labels (3,000), 60,000 images",
+        "control": "Negative control (the previous table's regime): MLP students, all 60,000 "
+        "labels, 5 epochs",
+    },
+    quick=("data.name=digits", "data.batch_size=32", "train.eval_every=1"),
+    epoch_rows=("main", "teacher"),
+)
+
+CIFAR = Suite(
+    name="cifar100",
+    teacher=Row(
+        "teacher",
+        "teacher resnet32x4 (mdistiller recipe)",
+        "configs/cifar100-resnet32x4-teacher.yaml",
+        section="teacher",
+        seeds=1,
+        baseline=None,
+    ),
+    rows=(
+        Row(
+            "ind",
+            "ResNet-32 alone, K = 2",
+            "configs/cifar100-dml-resnet32.yaml",
+            ("method.name=independent",),
+            "main",
+            1,
+            None,
+        ),
+        Row("dml2", "DML ResNet-32, K = 2", "configs/cifar100-dml-resnet32.yaml", (), "main", 1),
+        Row(
+            "r8x4",
+            "resnet8x4 alone",
+            "configs/cifar100-kd-res32x4-res8x4.yaml",
+            ("method.kd_weight=0.0",),
+            "teacher",
+            1,
+            None,
+            teacher=True,
+        ),
+        Row(
+            "kd",
+            "KD resnet32x4 -> resnet8x4",
+            "configs/cifar100-kd-res32x4-res8x4.yaml",
+            (),
+            "teacher",
+            1,
+            "r8x4",
+            teacher=True,
+        ),
+        Row(
+            "dkd",
+            "DKD resnet32x4 -> resnet8x4",
+            "configs/cifar100-dkd-res32x4-res8x4.yaml",
+            (),
+            "teacher",
+            1,
+            "r8x4",
+            teacher=True,
+        ),
+    ),
+    sections={
+        "main": "DML paper: ResNet-32 pair (200 epochs)",
+        "teacher": "mdistiller: resnet32x4 -> resnet8x4 (240 epochs)",
+    },
+    quick=("train.epochs=1", "train.max_steps=2", "data.batch_size=8"),
+)
+SUITES = {s.name: s for s in (FMNIST, CIFAR)}
 
 
-@dataclass
-class Result:
+@dataclass(frozen=True)
+class Job:
     row: Row
     seed: int
-    summary: dict[str, Any]
-    wall: float
-    students: dict[str, dict[str, Any]] = field(default_factory=dict)
+    overrides: tuple[str, ...]
+    run_dir: str
+    teacher_file: str | None
 
 
-def quiet_runs(raw: dict[str, Any]) -> dict[str, Any]:
-    """No Prometheus endpoint, no mid-run checkpoints in table runs (where configs have them)."""
-    if "metrics" in Config.model_fields:
-        raw.setdefault("metrics", {})["enabled"] = False
-    if "checkpoint" in Config.model_fields:
-        raw.setdefault("checkpoint", {})["enabled"] = False
-    return raw
+# -- one run (in a worker process) --------------------------------------------------------------
 
 
-def build(path: str, overrides: list[str]) -> Config:
-    raw = yaml.safe_load((ROOT / path).read_text())
-    return parse_config(quiet_runs(apply_overrides(raw, overrides)))
+def _setup_worker(nice: int) -> None:
+    """A worker: niced, one thread, and the dataset read once for all its runs."""
+    if nice:
+        os.nice(nice)
+    import dml_cluster.trainer as trainer
+
+    if hasattr(trainer, "load_dataset"):
+        trainer.load_dataset = functools.lru_cache(maxsize=2)(trainer.load_dataset)
 
 
-def common_overrides(args: argparse.Namespace, name: str, seed: int, teacher: str) -> list[str]:
-    out = [f"run.name={name}", f"run.seed={seed}", f"run.out_dir={args.out}"]
-    if args.quick:
-        out += ["data.name=digits", "data.batch_size=64", "train.epochs=2"]
-    return out
+def build_config(row: Row, overrides: Sequence[str]) -> Any:
+    """What `dml-cluster train row.config --set ...` runs, without the endpoint or checkpoints."""
+    from dml_cluster.config import Config, apply_overrides, parse_config
+
+    raw = apply_overrides(yaml.safe_load((ROOT / row.config).read_text()), list(overrides))
+    for section in ("metrics", "checkpoint"):
+        if section in Config.model_fields:
+            raw.setdefault(section, {})["enabled"] = False
+    return parse_config(raw)
 
 
-def teacher_overrides(cfg_path: str, teacher: str, quick: bool) -> list[str]:
-    """Point a student config at the teacher trained by this script."""
-    raw = yaml.safe_load((ROOT / cfg_path).read_text())
-    out = []
-    for i, peer in enumerate(raw["cohort"].get("peers") or []):
-        if peer.get("role") == "teacher":
-            out.append(f"cohort.peers.{i}.checkpoint={teacher}")
-    if (raw.get("method") or {}).get("teacher"):
-        out.append(f"method.teacher.checkpoint={teacher}")
-    return out
+def run_job(job: Job) -> dict[str, Any]:
+    """Train one (row, seed); return what the tables need."""
+    from dml_cluster.launch import run_local
 
-
-def from_json(run: dict[str, Any]) -> Result:
-    row = next(r for r in ROWS if r.key == run["row"])
-    summary = {"ensemble": run["ensemble"]}
-    return Result(row, run["seed"], summary, run["wall_seconds"], run["students"])
-
-
-def run_one(cfg: Config) -> tuple[dict[str, Any], float]:
+    if job.teacher_file is not None:
+        _wait_for(Path(job.teacher_file))
+    cfg = build_config(job.row, job.overrides)
     shutil.rmtree(cfg.run.dir, ignore_errors=True)
     t0 = time.perf_counter()
     summary = run_local(cfg)
-    return summary, time.perf_counter() - t0
-
-
-def mean_std(values: list[float]) -> str:
-    pct = [100 * v for v in values]
-    if len(pct) == 1:
-        return f"{pct[0]:.2f}"
-    return f"{statistics.mean(pct):.2f} ± {statistics.stdev(pct):.2f}"
-
-
-def command(row: Row, seed: int, teacher_cmd: bool) -> str:
-    sets = " ".join(f"--set {o}" for o in (*row.overrides, f"run.seed={seed}"))
-    return f"dml-cluster train {row.config} {sets}".strip()
-
-
-def table(results: list[Result], section: str, alone: float | None) -> list[str]:
-    lines = [
-        "| method | students × seeds | final acc. % (mean ± std) | best acc. % | "
-        "Δ final | ensemble final % | wall-clock per run, s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+    wall = time.perf_counter() - t0
+    (cfg.run.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    evals = [
+        json.loads(line)
+        for line in (cfg.run.dir / "cohort.jsonl").read_text().splitlines()
+        if '"eval"' in line[:20]
     ]
-    for row in [r for r in ROWS if r.section == section]:
-        rs = [r for r in results if r.row.key == row.key]
-        if not rs:
+    students = [p.name for p in cfg.peers if p.role == "student"]
+    last = evals[-1]
+    record: dict[str, Any] = {
+        "row": job.row.key,
+        "seed": job.seed,
+        "wall_seconds": round(wall, 1),
+        "run_dir": str(cfg.run.dir),
+        "epochs": cfg.train.epochs,
+        "students": {},
+        "ensemble": _metrics(last["ensemble"]),
+        "history": [
+            {"epoch": e["epoch"], **{n: e["peers"][n]["accuracy"] for n in students}} for e in evals
+        ],
+    }
+    for k, name in enumerate(students):
+        record["students"][name] = {
+            "index": k,
+            **_metrics(last["peers"][name]),
+            "best_accuracy": summary["peers"][name]["best_accuracy"],
+        }
+    teachers = [p.name for p in cfg.peers if p.role == "teacher"]
+    record["teachers"] = {n: _metrics(last["peers"][n]) for n in teachers}
+    return record
+
+
+def _metrics(report: dict[str, Any]) -> dict[str, float]:
+    return {k: report[k] for k in ("accuracy", "entropy", "nll", "ece") if k in report}
+
+
+def _wait_for(path: Path, timeout_s: float = 7200) -> None:
+    """A teacher-dependent run waits for the teacher's weights (trained by another worker)."""
+    end = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > end:
+            raise TimeoutError(f"no teacher at {path}")
+        time.sleep(2)
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+
+def scaled_value(row: Row, key: str, epochs: int) -> int:
+    """A schedule length of `row`'s config scaled from the protocol's 40 epochs to `epochs`."""
+    node: Any = yaml.safe_load((ROOT / row.config).read_text())
+    for part in key.split("."):
+        node = node[part]
+    return max(1, round(int(node) * epochs / FULL_EPOCHS))
+
+
+def job_overrides(
+    suite: Suite, row: Row, seed: int, args: argparse.Namespace, teacher_file: str
+) -> tuple[str, ...]:
+    out = [*row.overrides]
+    if row.teacher:
+        out += teacher_overrides(row.config, teacher_file)
+    if args.epochs and row.section in suite.epoch_rows:
+        out.append(f"train.epochs={args.epochs}")
+    if args.epochs:
+        out += [f"{key}={scaled_value(row, key, args.epochs)}" for key in row.scaled]
+    if args.root:
+        out.append(f"data.root={args.root}")
+    if args.quick:
+        out += [*suite.quick, *QUICK_ROWS.get(row.section, ())]
+    name = f"{suite.name}-{row.key}-s{seed}"
+    out += [f"run.name={name}", f"run.seed={seed}", f"run.out_dir={args.out}"]
+    return tuple(out)
+
+
+QUICK_ROWS = {  # --quick: a few steps each, on digits
+    "main": ("train.epochs=2", "data.train_subset.per_class=10"),
+    "teacher": ("train.epochs=2", "data.train_subset.per_class=10"),
+    "semi": ("train.epochs=1", "train.max_steps=3"),
+    "control": ("train.epochs=1", "train.max_steps=3"),
+}
+
+
+def teacher_overrides(cfg_path: str, teacher_file: str) -> list[str]:
+    """Point a student config at the teacher this script trained."""
+    raw = yaml.safe_load((ROOT / cfg_path).read_text())
+    out = [
+        f"cohort.peers.{i}.checkpoint={teacher_file}"
+        for i, peer in enumerate(raw["cohort"].get("peers") or [])
+        if peer.get("role") == "teacher"
+    ]
+    if (raw.get("method") or {}).get("teacher"):
+        out.append(f"method.teacher.checkpoint={teacher_file}")
+    return out
+
+
+def plan(suite: Suite, args: argparse.Namespace, done: set[tuple[str, int]]) -> list[Job]:
+    """Every (row, seed) not done yet, cheapest-to-lose last: the teacher, then the first three
+    seeds of every row, then the further seeds of the rows that have them."""
+    seeds = args.seeds
+    teacher_file = ""
+    jobs: list[Job] = []
+    if suite.teacher is not None:
+        t = suite.teacher
+        tov = job_overrides(suite, t, 0, args, "")
+        teacher_dir = Path(args.out) / f"{suite.name}-{t.key}-s0"
+        teacher_file = str(teacher_dir / "final" / "teacher.pt")
+        if (t.key, 0) not in done or not Path(teacher_file).exists():
+            jobs.append(Job(t, 0, tov, str(teacher_dir), None))
+    wanted = [r for r in suite.rows if not args.rows or r.key in args.rows]
+    limit = lambda row: min(row.seeds, seeds) if seeds else row.seeds  # noqa: E731
+    for tier in (range(0, 3), range(3, 10**6)):
+        for seed_row in _interleave(wanted, tier, limit):
+            row, seed = seed_row
+            if (row.key, seed) in done:
+                continue
+            ov = job_overrides(suite, row, seed, args, teacher_file)
+            run_dir = str(Path(args.out) / f"{suite.name}-{row.key}-s{seed}")
+            jobs.append(Job(row, seed, ov, run_dir, teacher_file if row.teacher else None))
+    return jobs
+
+
+def _interleave(rows: Sequence[Row], tier: range, limit: Any) -> Iterable[tuple[Row, int]]:
+    for seed in tier:
+        for row in rows:
+            if seed < limit(row):
+                yield row, seed
+
+
+# -- statistics and tables ----------------------------------------------------------------------
+
+
+@dataclass
+class RowStats:
+    row: Row
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [s[key] for r in self.runs for s in r["students"].values() if key in s]
+
+    def by_seed(self) -> dict[int, dict[int, float]]:
+        """seed -> student index -> final test accuracy."""
+        return {
+            r["seed"]: {s["index"]: s["accuracy"] for s in r["students"].values()}
+            for r in self.runs
+        }
+
+
+def paired(row: RowStats, base: RowStats) -> list[tuple[int, float]]:
+    """(seed, mean over the students k both rows have of acc_row[s, k] - acc_base[s, k])."""
+    mine, theirs = row.by_seed(), base.by_seed()
+    out = []
+    for seed in sorted(set(mine) & set(theirs)):
+        common = sorted(set(mine[seed]) & set(theirs[seed]))
+        if common:
+            out.append((seed, statistics.mean(mine[seed][k] - theirs[seed][k] for k in common)))
+    return out
+
+
+def fmt(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
+    if not values:
+        return "–"
+    vals = [scale * v for v in values]
+    if any(math.isnan(v) for v in vals):
+        return "nan"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
+def table(stats: dict[str, RowStats], rows: Sequence[Row]) -> list[str]:
+    lines = [
+        "| row | students × seeds | test acc. % | paired Δ vs baseline, pts (seeds > 0) | "
+        "per-seed Δ | test NLL | ECE % | test entropy, nats | ensemble acc. % | s/run |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        st = stats.get(row.key)
+        if st is None or not st.runs:
             continue
-        final = [s["final_accuracy"] for r in rs for s in r.students.values()]
-        best = [s["best_accuracy"] for r in rs for s in r.students.values()]
-        ens = [r.summary["ensemble"]["final_accuracy"] for r in rs]
-        walls = [r.wall for r in rs]
-        delta = ""
-        if alone is not None:
-            delta = f"{100 * (statistics.mean(final) - alone):+.2f}"
-        ens_s = mean_std(ens) if len(rs[0].students) > 1 else "–"
+        n_students = len(st.runs[0]["students"])
+        delta, per_seed = "(baseline)", ""
+        if row.baseline and row.baseline in stats:
+            pairs = paired(st, stats[row.baseline])
+            if pairs:
+                ds = [d for _, d in pairs]
+                pos = sum(d > 0 for d in ds)
+                delta = f"{fmt(ds)} ({pos}/{len(ds)})"
+                per_seed = " ".join(f"{100 * d:+.2f}" for _, d in pairs)
+        ens = [r["ensemble"]["accuracy"] for r in st.runs] if n_students > 1 else []
+        walls = [r["wall_seconds"] for r in st.runs]
         lines.append(
-            f"| {row.label} | {len(rs[0].students)} × {len(rs)} | {mean_std(final)} | "
-            f"{mean_std(best)} | {delta} | {ens_s} | {statistics.mean(walls):.0f} |"
+            f"| {row.label} | {n_students} × {len(st.runs)} | {fmt(st.values('accuracy'))} | "
+            f"{delta} | {per_seed} | {fmt(st.values('nll'), 1, 3)} | {fmt(st.values('ece'))} | "
+            f"{fmt(st.values('entropy'), 1, 3)} | {fmt(ens)} | {statistics.mean(walls):.0f} |"
         )
     return lines
 
 
-def per_class(results: list[Result], teacher: dict[str, Any], class_names: list[str]) -> list[str]:
-    """Per-class accuracy of the teacher and of the (a), (d), (e), (f) students, seed means."""
-    cols = {"teacher": [teacher["per_class"]]}
-    for key in ("a", "b", "d", "e", "e2", "f"):
-        rs = [r for r in results if r.row.key == key]
-        if rs:
-            cols[next(r.label for r in ROWS if r.key == key)] = [
-                s["per_class"] for r in rs for s in r.students.values()
+def command(suite: Suite, row: Row, meta: dict[str, Any]) -> str:
+    """The `dml-cluster train` line of a row (the script adds run.name/out_dir and the teacher
+    path it trained)."""
+    ns = argparse.Namespace(epochs=meta.get("epochs"), root=meta.get("root"), quick=False, out="")
+    ov = [o for o in job_overrides(suite, row, 0, ns, "T") if not o.startswith("run.")]
+    ov = [o for o in ov if "checkpoint=T" not in o]
+    sets = " ".join(f"--set {o}" for o in ov)
+    return f"dml-cluster train {row.config} {sets} --set run.seed=S".replace("  ", " ")
+
+
+def render(suite: Suite, saved: dict[str, Any]) -> str:
+    meta = saved["meta"]
+    rows = [suite.teacher, *suite.rows] if suite.teacher else list(suite.rows)
+    stats = {r.key: RowStats(r) for r in rows}
+    for run in saved["runs"]:
+        if run["row"] in stats:
+            stats[run["row"]].runs.append(run)
+    for st in stats.values():
+        st.runs.sort(key=lambda r: r["seed"])
+    out = [
+        BEGIN,
+        f"_Generated by `{meta['command']}` at commit `{meta['commit']}` on {meta['date']}; "
+        f"{meta['runs']} runs, {meta['total_minutes']:.0f} min of wall-clock with "
+        f"{meta['workers']} runs at a time on {meta['machine']}._",
+        "",
+    ]
+    if meta.get("epochs"):
+        out += [
+            f"**Schedule**: {meta['epochs']} epochs (the protocol's {FULL_EPOCHS}, cut "
+            "to fit the budget; see above), warm-up/hint epochs and the semi-supervised "
+            "rows' epochs scaled alike.",
+            "",
+        ]
+    teacher = stats.get("teacher")
+    if teacher and teacher.runs:
+        t = next(iter(teacher.runs[0]["students"].values()))
+        out += [
+            f"**Teacher**: test accuracy {100 * t['accuracy']:.2f}%, NLL {t['nll']:.3f}, "
+            f"ECE {100 * t['ece']:.2f}% ({teacher.runs[0]['wall_seconds']:.0f} s).",
+            "",
+        ]
+    for section, heading in suite.sections.items():
+        sec_rows = [r for r in suite.rows if r.section == section]
+        lines = table(stats, sec_rows)
+        if len(lines) > 2:
+            bases = sorted({r.baseline for r in sec_rows if r.baseline})
+            base = ", ".join(next(x.label for x in rows if x.key == b) for b in bases)
+            out += [f"**{heading}** (paired Δ against: {base})", "", *lines, ""]
+    history = history_table(stats, [r for r in suite.rows if r.section == "main"])
+    if history:
+        out += [
+            "**Test accuracy % at each evaluation** (mean over seeds × students):",
+            "",
+            *history,
+            "",
+        ]
+    if saved.get("analysis"):
+        out += analysis_block(saved["analysis"])
+    out += [
+        "Commands (S = each seed; the script adds run.name / run.out_dir and points the "
+        "teacher's `checkpoint` at the teacher it trained):",
+        "",
+        "```",
+    ]
+    if suite.teacher:
+        out.append(command(suite, suite.teacher, meta).replace(" --set run.seed=S", ""))
+    out += [command(suite, r, meta) for r in suite.rows if stats[r.key].runs]
+    if saved.get("analysis"):
+        out.append("dml-cluster analyze RUN_DIR   # each K = 2 run folder, see above")
+    out += ["```", END]
+    return "\n".join(out)
+
+
+def history_table(stats: dict[str, RowStats], rows: Sequence[Row]) -> list[str]:
+    epochs = sorted({h["epoch"] for r in rows for run in stats[r.key].runs for h in run["history"]})
+    if not epochs:
+        return []
+    lines = [
+        "| row | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+        "|---|" + "---:|" * len(epochs),
+    ]
+    for r in rows:
+        cells = []
+        for e in epochs:
+            accs = [
+                v
+                for run in stats[r.key].runs
+                for h in run["history"]
+                if h["epoch"] == e
+                for k, v in h.items()
+                if k != "epoch"
             ]
-    head = "| class | " + " | ".join(cols) + " |"
-    lines = [head, "|---|" + "---:|" * len(cols)]
-    for c, name in enumerate(class_names):
-        cells = [statistics.mean(100 * pc[c] for pc in runs) for runs in cols.values()]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
+            cells.append(f"{100 * statistics.mean(accs):.2f}" if accs else "–")
+        if any(c != "–" for c in cells):
+            lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return lines
 
 
-def render(results: list[Result], teacher: dict[str, Any], meta: dict[str, Any]) -> str:
-    alone_rs = [
-        s["final_accuracy"] for r in results if r.row.key == "a" for s in r.students.values()
+def analysis_block(analysis: dict[str, Any]) -> list[str]:
+    """`dml-cluster analyze` of the K = 2 rows: training-set entropy and flatness."""
+    sigmas = analysis["sigmas"]
+    lines = [
+        "**The DML paper's analysis (§4.8)**, `dml-cluster analyze` on the K = 2 run folders "
+        f"({analysis['draws']} noise draws per σ; mean over seeds × peers): training-set "
+        "accuracy, mean posterior entropy on the training set, and the increase of the "
+        "training loss when Gaussian noise of std σ is added to every weight.",
+        "",
+        "| row | runs | train acc. % | train entropy, nats | train loss | "
+        + " | ".join(f"Δloss σ={s:g}" for s in sigmas)
+        + " |",
+        "|---|---:|---:|---:|---:|" + "---:|" * len(sigmas),
     ]
-    alone = statistics.mean(alone_rs) if alone_rs else None
+    for label, peers in analysis["rows"].items():
 
-    def base(key: str) -> float | None:
-        accs = [
-            s["final_accuracy"] for r in results if r.row.key == key for s in r.students.values()
-        ]
-        return statistics.mean(accs) if accs else None
+        def mean(key: str, peers: list = peers) -> float:
+            return statistics.mean(p[key] for p in peers)
 
-    out = [
-        BEGIN,
-        f"_Generated by `{meta['command']}` on {meta['date']}; {meta['seeds']} seeds; "
-        f"total wall-clock {meta['total_minutes']:.1f} min._",
-        "",
-        f"**Teacher** ({meta['teacher_model']}, {meta['teacher_epochs']} epochs, seed 0): "
-        f"final {100 * teacher['final_accuracy']:.2f}%, best {100 * teacher['best_accuracy']:.2f}% "
-        f"(epoch {teacher['best_epoch']}); trained in {meta['teacher_wall']:.0f} s.",
-        "",
-        f"**Students** ({meta['student_model']}, {meta['student_epochs']} epochs), full labels; "
-        "Δ is against row (a):",
-        "",
-        *table(results, "main", alone),
-        "",
-        "**Semi-supervised**, 5% of the labels (CE on those only), same students and epochs; "
-        "Δ is against the independent row:",
-        "",
-        *table(results, "semi", base("s1")),
-        "",
-        "The same three with the full-label learning rate, 0.05 (Δ against its independent row):",
-        "",
-        *table(results, "semi05", base("s1x")),
-        "",
-        "**Per-class test accuracy %** at the last epoch (mean over the runs of each row):",
-        "",
-        *per_class(results, teacher, meta["class_names"]),
-        "",
-        "Commands, one run each (add `--set run.seed=S` for S in the seeds):",
-        "",
-        "```",
-        "dml-cluster train configs/fmnist-teacher.yaml",
-        *sorted({command(r.row, 0, True).removesuffix(" --set run.seed=0") for r in results}),
-        "```",
-        END,
-    ]
-    return "\n".join(out)
+        rises = [statistics.mean(p["flatness"][str(s)] for p in peers) for s in sigmas]
+        lines.append(
+            f"| {label} | {len(peers)} | {100 * mean('train_accuracy'):.2f} | "
+            f"{mean('train_entropy'):.4f} | {mean('train_loss'):.4f} | "
+            + " | ".join(f"{r:.4f}" for r in rises)
+            + " |"
+        )
+    lines += ["", f"Plot: `{analysis['plot']}`.", ""] if analysis.get("plot") else [""]
+    return lines
 
 
 def write_markdown(path: Path, block: str) -> None:
     text = path.read_text() if path.exists() else "# Accuracy\n\n" + BEGIN + "\n" + END + "\n"
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1]
-        text = head + block + tail
+        text = head + block + rest.split(END, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--rows", default="", help="comma-separated row keys (default: all)")
-    parser.add_argument("--out", default="runs/accuracy", help="where the runs go")
-    parser.add_argument("--quick", action="store_true", help="digits, 2 epochs: a smoke test")
-    parser.add_argument(
-        "--render-only", action="store_true", help="rewrite ACCURACY.md from the JSON, run nothing"
-    )
-    parser.add_argument("--markdown", default=str(ROOT / "benchmarks" / "ACCURACY.md"))
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "accuracy_results.json"))
-    args = parser.parse_args()
-    if args.render_only:
-        saved = json.loads(Path(args.json).read_text())
-        runs = [from_json(r) for r in saved["runs"]]
-        write_markdown(Path(args.markdown), render(runs, saved["teacher"], saved["meta"]))
-        return
-    # every run reads the same dataset: read it once for the whole table
-    dml_cluster.trainer.load_dataset = functools.lru_cache(maxsize=2)(load_dataset)
-    start = time.perf_counter()
-    name = "fmnist-teacher"
-    tcfg = build("configs/fmnist-teacher.yaml", common_overrides(args, name, 0, ""))
-    if args.quick:
-        tcfg = parse_config(quiet_runs(apply_overrides(tcfg.to_dict(), ["train.epochs=3"])))
-    teacher_path = str(tcfg.run.dir / "final" / "teacher.pt")
-    wanted = set(filter(None, args.rows.split(",")))
-    results, previous = [], {}
-    if wanted and Path(args.json).exists() and Path(teacher_path).exists():
-        previous = json.loads(Path(args.json).read_text())
-        results = [from_json(r) for r in previous["runs"] if r["row"] not in wanted]
-        tsum = {"peers": {"teacher": previous["teacher"]}, "class_names": None}
-        twall = previous["meta"]["teacher_wall"]
-        print(f"== teacher: reusing {teacher_path}", flush=True)
-    else:
-        print(f"== teacher ({name})", flush=True)
-        tsum, twall = run_one(tcfg)
-    for row in ROWS:
-        if wanted and row.key not in wanted:
+# -- analysis of the K = 2 rows -----------------------------------------------------------------
+
+
+def analyze_pairs(suite: Suite, saved: dict[str, Any], args: argparse.Namespace) -> None:
+    """Run `dml-cluster analyze` on every kept K = 2 independent and DML run folder."""
+    from dml_cluster.analyze import analyze_run, flatness_plot
+
+    labels = {r.key: r.label for r in suite.rows}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for run in saved["runs"]:
+        if run["row"] not in ("ind", "dml2") or not Path(run["run_dir"]).exists():
             continue
-        for seed in range(args.seeds):
-            run = f"{Path(row.config).stem}-{row.key}-s{seed}"
-            overrides = [
-                *teacher_overrides(row.config, teacher_path, args.quick),
-                *row.overrides,
-                *common_overrides(args, run, seed, teacher_path),
-            ]
-            cfg = build(row.config, overrides)
-            print(f"== {row.label} seed {seed} ({run})", flush=True)
-            summary, wall = run_one(cfg)
-            students = {n: p for n, p in summary["peers"].items() if p.get("role") != "teacher"}
-            results.append(Result(row, seed, summary, wall, students))
-    total = (time.perf_counter() - start) / 60
-    if previous:
-        total += previous["meta"]["total_minutes"]
-        tsum["class_names"] = previous["meta"]["class_names"]
-    scfg = build("configs/fmnist-alone.yaml", common_overrides(args, "x", 0, ""))
-    meta = {
-        "command": "python benchmarks/accuracy.py" + (" --quick" if args.quick else ""),
-        "date": time.strftime("%Y-%m-%d"),
-        "seeds": args.seeds,
-        "total_minutes": total,
-        "teacher_model": f"{tcfg.peers[0].model} {tcfg.peers[0].args}",
-        "teacher_epochs": tcfg.train.epochs,
-        "teacher_wall": twall,
-        "student_model": f"{scfg.peers[0].model} {scfg.peers[0].args}",
-        "student_epochs": scfg.train.epochs,
-        "class_names": tsum["class_names"],
+        result = analyze_run(Path(run["run_dir"]), sigmas=args.sigmas, draws=args.draws)
+        rows.setdefault(labels[run["row"]], []).extend(result["peers"].values())
+        print(f"== analyzed {run['run_dir']}", flush=True)
+    plot = Path(args.markdown).parent / "accuracy_flatness.png"
+    flatness_plot(rows, args.sigmas, plot)
+    saved["analysis"] = {
+        "sigmas": args.sigmas,
+        "draws": args.draws,
+        "rows": rows,
+        "plot": plot.name,
     }
-    teacher = tsum["peers"]["teacher"]
-    block = render(results, teacher, meta)
-    raw = {
-        "meta": meta,
-        "teacher": teacher,
-        "runs": [
-            {
-                "row": r.row.key, "label": r.row.label, "seed": r.seed, "wall_seconds": r.wall,
-                "students": r.students, "ensemble": r.summary["ensemble"],
-            }
-            for r in results
-        ],
-    }  # fmt: skip
-    Path(args.json).write_text(json.dumps(raw, indent=1))
+
+
+# -- main ---------------------------------------------------------------------------------------
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+        ).stdout.strip()
+        return sha + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_saved(path: Path) -> dict[str, Any]:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"meta": {}, "runs": []}
+
+
+def save(path: Path, saved: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(saved, indent=1))
+    tmp.replace(path)
+
+
+def run_all(jobs: list[Job], workers: int, nice: int, on_result: Any) -> None:
+    if workers <= 1:
+        _setup_worker(0)
+        for job in jobs:
+            print(f"== {job.row.label}, seed {job.seed}", flush=True)
+            on_result(run_job(job))
+        return
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_setup_worker, initargs=(nice,)) as pool:
+        for result in pool.imap_unordered(run_job, jobs, chunksize=1):
+            on_result(result)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=sorted(SUITES), default="fmnist3k")
+    p.add_argument("--seeds", type=int, default=0, help="at most this many seeds per row")
+    p.add_argument("--epochs", type=int, default=0, help="shorter schedule (fmnist3k rows)")
+    p.add_argument("--rows", type=lambda s: set(s.split(",")), default=set())
+    p.add_argument("--root", default=None, help="data.root (the CIFAR-100 folder)")
+    p.add_argument("--out", default="runs/accuracy", help="where the run folders go")
+    p.add_argument("--workers", type=int, default=2, help="runs at a time")
+    p.add_argument("--nice", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="digits, a few steps: a smoke test")
+    p.add_argument("--fresh", action="store_true", help="forget earlier results in the JSON")
+    p.add_argument("--analyze", action="store_true", help="analyze the K = 2 run folders")
+    p.add_argument(
+        "--sigmas",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[0.01, 0.02, 0.04, 0.08],
+    )
+    p.add_argument("--draws", type=int, default=5)
+    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown only")
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    default = "ACCURACY.md" if args.suite == "fmnist3k" else f"ACCURACY_{args.suite}.md"
+    args.markdown = args.markdown or str(ROOT / "benchmarks" / default)
+    stem = "accuracy_results" if args.suite == "fmnist3k" else f"accuracy_{args.suite}"
+    args.json = args.json or str(ROOT / "benchmarks" / f"{stem}.json")
+    if args.quick:
+        args.seeds = args.seeds or 1
+        args.workers = 1
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    suite = SUITES[args.suite]
+    json_path = Path(args.json)
+    saved = {"meta": {}, "runs": []} if args.fresh else load_saved(json_path)
+    if not args.render_only:
+        done = {(r["row"], r["seed"]) for r in saved["runs"]}
+        jobs = plan(suite, args, done)
+        print(f"== {len(jobs)} runs to do ({len(done)} done before)", flush=True)
+        start = time.perf_counter()
+        elapsed_before = saved["meta"].get("total_minutes", 0.0)
+
+        def on_result(result: dict[str, Any]) -> None:
+            key = (result["row"], result["seed"])
+            saved["runs"] = [r for r in saved["runs"] if (r["row"], r["seed"]) != key]
+            saved["runs"].append(result)
+            accs = " ".join(f"{100 * s['accuracy']:.2f}" for s in result["students"].values())
+            print(
+                f"== done {result['row']} seed {result['seed']}: {accs} "
+                f"({result['wall_seconds']:.0f} s)",
+                flush=True,
+            )
+            saved["meta"].update(
+                meta(args, elapsed_before + (time.perf_counter() - start) / 60, len(saved["runs"]))
+            )
+            save(json_path, saved)
+
+        run_all(jobs, args.workers, args.nice, on_result)
+        saved["meta"].update(
+            meta(args, elapsed_before + (time.perf_counter() - start) / 60, len(saved["runs"]))
+        )
+    if args.analyze:
+        analyze_pairs(suite, saved, args)
+    save(json_path, saved)
+    block = render(suite, saved)
     write_markdown(Path(args.markdown), block)
     print(block)
+
+
+def meta(args: argparse.Namespace, minutes: float, runs: int) -> dict[str, Any]:
+    from bench_common import machine
+
+    flags = " ".join(f for f, on in (("--quick", args.quick),) if on)
+    epochs = f" --epochs {args.epochs}" if args.epochs else ""
+    return {
+        "command": f"python benchmarks/accuracy.py --suite {args.suite}{epochs} {flags}".strip(),
+        "commit": commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "total_minutes": minutes,
+        "runs": runs,
+        "workers": args.workers,
+        "epochs": args.epochs or None,
+        "root": args.root,
+        "machine": machine().split(",")[0],
+        "seeds": args.seeds or "per row",
+        "args": {k: v for k, v in vars(args).items() if k in ("seeds", "rows")}
+        | {"rows": sorted(args.rows)},
+    }
 
 
 if __name__ == "__main__":
