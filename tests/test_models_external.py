@@ -103,6 +103,11 @@ def _bad_cases(root: Path) -> dict[str, tuple[list[dict[str, Any]], dict[str, An
             dml,
             "never downloaded",
         ),
+        "num-classes": (
+            [{"model": "timm.test_resnet", "args": {"num_classes": 3}}, cnn],
+            dml,
+            "args.num_classes: the number comes from the data",
+        ),
         "weights-missing": (
             [own | {"weights": str(root / "none.pt")}, cnn],
             dml,
@@ -182,7 +187,7 @@ def test_fitnets_takes_module_names_of_torchvision_and_timm_models(runs: dict[st
     "case",
     [
         "tv-unknown", "timm-unknown", "no-module", "no-attribute", "not-callable",
-        "not-a-module", "factory-raises", "too-small", "download", "weights-missing",
+        "not-a-module", "factory-raises", "too-small", "download", "num-classes", "weights-missing",
         "weights-junk", "weights-list", "weights-misfit", "guided-layer", "hint-layer",
     ],
 )  # fmt: skip

@@ -1,6 +1,6 @@
 """Model zoo: every architecture is registered by name and built with `build_model`.
 
->>> model = build_model("resnet20", (3, 32, 32), num_classes=10)
+>>> model = build_model("resnet20", (3, 32, 32), 10)  # name, input shape, classes
 
 Each family module registers its builders when imported; all of them are imported here, and so
 are the sources of models built elsewhere: `torchvision.<builder>`, `timm.<name>` (the optional

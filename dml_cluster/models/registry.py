@@ -150,7 +150,9 @@ def _check_input_shape(name: str, input_shape: Any) -> InputShape:
     return shape  # type: ignore[return-value]
 
 
-def build_model(name: str, input_shape: InputShape, num_classes: int, **kwargs: Any) -> nn.Module:
+def build_model(
+    name: str, input_shape: InputShape, num_classes: int, /, **kwargs: Any
+) -> nn.Module:
     """Build model `name` for inputs [B, *input_shape] -> logits [B, num_classes].
 
     Raises ConfigError for an unknown name, an option the model does not take, or a bad value;
@@ -166,6 +168,8 @@ def build_model(name: str, input_shape: InputShape, num_classes: int, **kwargs: 
     if found is not None:
         source, rest = found
         source.check(rest)
+        if "num_classes" in kwargs:
+            raise ConfigError(f"model {name!r}: args.num_classes: the number comes from the data")
         model = source.build(rest, shape, num_classes, **kwargs)
         return _probed(name, model, shape, num_classes)
     builder = _lookup(name)

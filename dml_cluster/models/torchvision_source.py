@@ -66,6 +66,4 @@ def build(name: str, input_shape: InputShape, num_classes: int, **args: Any) -> 
     return model
 
 
-register_source(
-    "torchvision", ModelSource(form="torchvision.<builder>", check=check, build=build)
-)
+register_source("torchvision", ModelSource(form="torchvision.<builder>", check=check, build=build))
