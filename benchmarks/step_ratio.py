@@ -100,7 +100,7 @@ def interleaved_worker(
     from dml_cluster.bus.local import LocalBus
     from dml_cluster.cohort import set_determinism
     from dml_cluster.config import parse_config
-    from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint
+    from dml_cluster.data.sampler import fingerprint
     from dml_cluster.launch import TRANSPORTS
     from dml_cluster.trainer import CohortTrainer, Placement
 
@@ -124,8 +124,8 @@ def interleaved_worker(
             bus = TRANSPORTS[c](cfg, rank, world, cpu)
             trainers[c] = CohortTrainer(cfg, bus, Placement((rank,), cpu, reporter=False))
     first = trainers[INDEPENDENT]
-    order = epoch_order(len(first.train_y), cfgs[INDEPENDENT].run.seed, 0)
-    per_epoch = len(order) // args.batch_size
+    per_epoch = first.batches.num_train // args.batch_size
+    epoch = list(first.batches.epoch(0, 0, per_epoch))  # (step, indices, x, y) on the device
     steps = dict.fromkeys(conditions, 0)
     records = []
     for block in range(args.blocks + 1):  # block 0 is the warm-up
@@ -133,8 +133,7 @@ def interleaved_worker(
             trainer = trainers[c]
             dist.barrier()
             for _ in range(per_block):
-                idx = batch_indices(order, steps[c] % per_epoch, args.batch_size)
-                x, y = trainer.train_x[idx], trainer.train_y[idx]
+                _, idx, x, y = epoch[steps[c] % per_epoch]
                 fp = fingerprint(idx)
                 t0, cpu0 = time.perf_counter(), time.process_time()
                 if c == BARRIER:

@@ -90,10 +90,40 @@ class SubsetConfig(Strict):
         return self
 
 
+class NormalizeConfig(Strict):
+    """Per-channel statistics, in pixel values scaled to [0, 1] (torchvision's convention)."""
+
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> NormalizeConfig:
+        if len(self.mean) != len(self.std):
+            raise ValueError("give mean and std with one value per channel each")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("every std must be > 0")
+        return self
+
+
 class DataConfig(Strict):
     name: str = "digits"
     root: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    factory: str | None = Field(
+        None, description="name: python: 'package.module:function' returning the datasets"
+    )
+    image_size: int | None = Field(
+        None, ge=1, description="imagefolder/python: resize the shorter side, centre-crop square"
+    )
+    normalize: NormalizeConfig | None = Field(
+        None, description="imagefolder/python: mean/std; default: computed from the train split"
+    )
+    workers: int | None = Field(
+        None, ge=0,
+        description="DataLoader worker processes per peer process (0: read in the peer); "
+        "default: 0 for in-memory datasets, else from the CPU count (at most 4)",
+    )  # fmt: skip
+    prefetch: int = Field(2, ge=1, description="batches each worker reads ahead")
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(1024, ge=1)
     label_fraction: float = Field(1.0, gt=0.0, le=1.0)
@@ -109,6 +139,7 @@ class CohortConfig(Strict):
     size: int | None = Field(None, ge=1)
     model: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    weights: str | None = Field(None, description="every peer's initial weights (see peers' key)")
     peers: list[PeerConfig] | None = None
     update: Literal["simultaneous", "sequential"] = "simultaneous"
     devices: list[str] | None = Field(
@@ -130,8 +161,8 @@ class CohortConfig(Strict):
         if self.peers is None and (self.size is None or self.model is None):
             raise ValueError("give either cohort.peers or both cohort.size and cohort.model")
         if self.peers is not None:
-            if self.model is not None:
-                raise ValueError("give cohort.peers or cohort.model, not both")
+            if self.model is not None or self.weights is not None:
+                raise ValueError("give cohort.peers or cohort.model (and weights), not both")
             if len(self.peers) < 1:
                 raise ValueError("cohort.peers must name at least one peer")
             if self.size is not None and self.size != len(self.peers):
@@ -145,7 +176,9 @@ class CohortConfig(Strict):
 
     def resolved_peers(self) -> list[NamedPeerConfig]:
         """The peer list with every peer named (name defaults to `<model>-<index>`)."""
-        peers = self.peers or [PeerConfig(model=self.model, args=self.args)] * (self.size or 0)
+        peers = self.peers or [
+            PeerConfig(model=self.model, args=self.args, weights=self.weights)
+        ] * (self.size or 0)
         named = [
             NamedPeerConfig.model_validate(p.model_dump() | {"name": p.name or f"{p.model}-{i}"})
             for i, p in enumerate(peers)
@@ -308,6 +341,8 @@ class Config(Strict):
         d["run"] = {k: v for k, v in d["run"].items() if k not in _NOT_HASHED_RUN}
         d["bus"] = {"encoding": d["bus"]["encoding"]}  # float16 messages change the numbers
         d["cohort"].pop("devices", None)  # where peers run (same hardware: the same numbers)
+        for key in ("workers", "prefetch"):  # how batches are read, not which
+            d["data"].pop(key, None)
         for section in ("metrics", "checkpoint"):
             d.pop(section, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -424,18 +459,40 @@ def check_teachers(cfg: Config) -> None:
 def check_names(cfg: Config) -> None:
     """Check model and dataset names against their registries."""
     from dml_cluster.data import dataset_names
-    from dml_cluster.models import model_names
+    from dml_cluster.models import check_model_name
 
-    known_models = model_names()
-    for i, peer in enumerate(cfg.peers):
-        if peer.model not in known_models:
-            key = f"cohort.peers.{i}.model" if cfg.cohort.peers else "cohort.model"
-            raise ConfigError(
-                f"config error: {key}: unknown model {peer.model!r} "
-                f"(known: {', '.join(known_models)})"
-            )
+    keyed = {
+        f"cohort.peers.{i}.model" if cfg.cohort.peers else "cohort.model": peer.model
+        for i, peer in enumerate(cfg.peers)
+    }
+    keyed |= {f"method.{k}.model": v.model for k, v in cfg.method if isinstance(v, PeerConfig)}
+    for key, model in keyed.items():  # building nothing: torchvision/timm names, factory imports
+        try:
+            check_model_name(model)
+        except ConfigError as err:
+            raise ConfigError(f"config error: {key}: {err}") from None
     if cfg.data.name not in dataset_names():
         raise ConfigError(
             f"config error: data.name: unknown dataset {cfg.data.name!r} "
             f"(known: {', '.join(dataset_names())})"
+        )
+    check_data_settings(cfg)
+
+
+def check_data_settings(cfg: Config) -> None:
+    """data.factory / image_size / normalize only for the datasets that take them."""
+    from dml_cluster.data import dataset_options
+
+    accepted = dataset_options(cfg.data.name)
+    for key in ("factory", "image_size", "normalize"):
+        if getattr(cfg.data, key) is not None and key not in accepted:
+            takers = "python" if key == "factory" else "imagefolder and python"
+            raise ConfigError(
+                f"config error: data.{key}: dataset {cfg.data.name!r} does not take it "
+                f"(only {takers} do)"
+            )
+    if "factory" in accepted and cfg.data.factory is None:
+        raise ConfigError(
+            f"config error: data.factory: dataset {cfg.data.name!r} needs it: "
+            "'package.module:function' returning (train, test, num_classes[, class_names])"
         )

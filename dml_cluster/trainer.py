@@ -25,10 +25,12 @@ from dml_cluster.checkpoint import CohortCheckpoints, Position, Restored
 from dml_cluster.cohort import Peer, build_peer, refresh_predictions
 from dml_cluster.config import Config
 from dml_cluster.control import Control, LocalControl
-from dml_cluster.data import load_dataset
-from dml_cluster.data.augment import augment_batch
-from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, steps_per_epoch
+from dml_cluster.data import load_dataset, loader_options
+from dml_cluster.data.dataset import take, targets
+from dml_cluster.data.loader import DataPath, default_workers
+from dml_cluster.data.sampler import fingerprint, steps_per_epoch
 from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
+from dml_cluster.data.stats import DATA_FILE, record_data, resolve_normalisation
 from dml_cluster.determinism import current_mode
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
@@ -86,20 +88,33 @@ class CohortTrainer:
         self.size = len(cfg.peers)
         self.names = [p.name for p in cfg.peers]
         device = placement.device
-        data = load_dataset(cfg.data.name, cfg.data.root, **cfg.data.options)
-        self.data = data
-        train_x, train_y = data.train_x, data.train_y
-        keep = training_subset(train_y, cfg.data.train_subset, cfg.run.seed)
-        if keep is not None:
-            train_x, train_y = train_x[keep], train_y[keep]
+        data = load_dataset(cfg.data.name, cfg.data.root, **loader_options(cfg.data))
+        train, labels = data.train, None
+        if cfg.data.train_subset is not None:
+            keep = training_subset(targets(train), cfg.data.train_subset, cfg.run.seed)
+            train = take(train, keep)
         if cfg.data.label_fraction < 1.0:
-            train_y = mask_labels(
+            train_y = targets(train)
+            labels = mask_labels(
                 train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed)
             )
-        self.train_x, self.train_y = train_x.to(device), train_y.to(device)
-        self.test_x, self.test_y = data.test_x.to(device), data.test_y.to(device)
-        self.test_fingerprint = fingerprint(torch.arange(len(data.test_y)))
-        self.flip = data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip
+        self.data = data = dataclasses.replace(data, train=train)
+        workers = default_workers(data) if cfg.data.workers is None else cfg.data.workers
+        self.normalisation = resolve_normalisation(data, self.cfg.run.dir / DATA_FILE, workers)
+        self.batches = DataPath(
+            data,
+            self.normalisation,
+            device,
+            batch_size=cfg.data.batch_size,
+            eval_batch_size=cfg.data.eval_batch_size,
+            seed=cfg.run.seed,
+            workers=workers,
+            prefetch=cfg.data.prefetch,
+            crop_padding=cfg.data.augment.crop_padding,
+            flip=data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip,
+            labels=labels,
+        )
+        self.test_fingerprint = fingerprint(torch.arange(self.batches.num_test))
         self.method = build_method(cfg.method)
         self.peers: dict[int, Peer] = {
             i: build_peer(
@@ -109,7 +124,7 @@ class CohortTrainer:
         }
         self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
         self.teachers = [i for i, p in enumerate(cfg.peers) if p.role == "teacher"]
-        self.per_epoch = max(steps_per_epoch(len(self.train_y), cfg.data.batch_size), 1)
+        self.per_epoch = max(steps_per_epoch(self.batches.num_train, cfg.data.batch_size), 1)
         self.run_dir = cfg.run.dir
         self.checkpoints = CohortCheckpoints(cfg, self.run_dir)
         self.peer_logs = {
@@ -222,12 +237,19 @@ class CohortTrainer:
     def evaluate(self, after_step: int) -> dict[str, Any]:
         """Every hosted peer predicts the test set; the bus brings the others' predictions."""
         bs = self.cfg.data.eval_batch_size
-        local = {i: predict(p.model, self.test_x, bs) for i, p in self.peers.items()}
+        parts: dict[int, list[Tensor]] = {i: [] for i in self.peers}
+        labels = []
+        for x, y in self.batches.test_batches():  # read once for every hosted peer
+            for i, p in self.peers.items():
+                parts[i].append(predict(p.model, x, bs))
+            labels.append(y)
+        local = {i: torch.cat(chunks) for i, chunks in parts.items()}
         key = StepKey(after_step, EVAL_ROUND, self.test_fingerprint)
         log_ps = self.bus.exchange(key, local, range(self.size))
         named = {self.names[i]: log_ps[i] for i in range(self.size)}
         students = [self.names[i] for i in self.students]
-        return evaluate_cohort(named, self.test_y, self.data.num_classes, ensemble_of=students)
+        test_y = torch.cat(labels)
+        return evaluate_cohort(named, test_y, self.data.num_classes, ensemble_of=students)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -244,7 +266,7 @@ class CohortTrainer:
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        bs, n = cfg.data.batch_size, len(self.train_y)
+        bs, n = cfg.data.batch_size, self.batches.num_train
         per_epoch = steps_per_epoch(n, bs)
         if per_epoch == 0:
             raise ConfigError(
@@ -252,6 +274,8 @@ class CohortTrainer:
             )
         max_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
         start = time.perf_counter()
+        if self.placement.reporter:
+            record_data(self.run_dir / DATA_FILE, self.data, self.normalisation)
         restored = self._resume()
         at = restored.position if restored else Position(0, 0, 0)
         history: list[dict[str, Any]] = restored.history if restored else []
@@ -259,19 +283,9 @@ class CohortTrainer:
         for epoch in range(at.epoch, cfg.train.epochs):
             if step >= max_steps:
                 break
-            order = epoch_order(n, cfg.run.seed, epoch)
             first = at.step_in_epoch if epoch == at.epoch else 0
-            for s in range(first, min(per_epoch, first + max_steps - step)):
-                idx = batch_indices(order, s, bs)
-                x = augment_batch(
-                    self.train_x[idx.to(self.train_x.device)],
-                    seed=cfg.run.seed,
-                    epoch=epoch,
-                    step=s,
-                    crop_padding=cfg.data.augment.crop_padding,
-                    flip=self.flip,
-                )
-                y = self.train_y[idx.to(self.train_y.device)]
+            stop = min(per_epoch, first + max_steps - step)
+            for s, idx, x, y in self.batches.epoch(epoch, first, stop):
                 t0 = time.perf_counter()
                 result = self.train_step(x, y, step, fingerprint(idx))
                 self._observe_step(step, epoch, y, result, time.perf_counter() - t0)

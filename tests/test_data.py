@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dml_cluster.data import (
+    Dataset,
     augment_batch,
     batch_indices,
     dataset_names,
@@ -72,6 +73,11 @@ def cifar_images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
 
 
+def as_seen(ds: Dataset, split: str) -> torch.Tensor:
+    """A split's images as the peer sees them: float32, normalised with train statistics."""
+    return ds.normalisation.apply(getattr(ds, split).x)
+
+
 def unnormalise(x: torch.Tensor, raw_train: torch.Tensor) -> torch.Tensor:
     """Invert the per-channel normalisation using the raw train pixels."""
     raw = raw_train.to(torch.float32)
@@ -98,17 +104,19 @@ def test_digits_shapes_and_normalisation():
     ds = load_dataset("digits")
     assert ds.name == "digits" and ds.num_classes == 10 and not ds.flip
     assert ds.input_shape == (1, 8, 8)
-    assert ds.train_x.dtype == torch.float32 and ds.train_y.dtype == torch.int64
-    assert ds.train_x.shape[0] + ds.test_x.shape[0] == 1797
-    assert ds.test_x.shape[0] == 360  # ceil(0.2 * 1797)
-    assert abs(ds.train_x.mean().item()) < 1e-4
-    assert abs(ds.train_x.std(correction=0).item() - 1.0) < 1e-3
+    assert as_seen(ds, "train").dtype == torch.float32 and ds.train.targets.dtype == torch.int64
+    assert as_seen(ds, "train").shape[0] + as_seen(ds, "test").shape[0] == 1797
+    assert as_seen(ds, "test").shape[0] == 360  # ceil(0.2 * 1797)
+    assert abs(as_seen(ds, "train").mean().item()) < 1e-4
+    assert abs(as_seen(ds, "train").std(correction=0).item() - 1.0) < 1e-3
     # stratified: every class in both splits, in proportion
-    assert ds.test_y.bincount(minlength=10).min() >= 30
+    assert ds.test.targets.bincount(minlength=10).min() >= 30
     again = load_dataset("digits")
-    assert torch.equal(ds.test_y, again.test_y) and torch.equal(ds.train_x, again.train_x)
+    assert torch.equal(ds.test.targets, again.test.targets) and torch.equal(
+        as_seen(ds, "train"), as_seen(again, "train")
+    )
     other = load_dataset("digits", test_fraction=0.5, split_seed=3)
-    assert other.test_x.shape[0] in (898, 899)
+    assert as_seen(other, "test").shape[0] in (898, 899)
     with pytest.raises(DataError, match="test_fraction"):
         load_dataset("digits", test_fraction=1.5)
 
@@ -151,10 +159,10 @@ def test_mnist_folder_loads(tmp_path, gz):
     arrays = write_mnist_folder(tmp_path, gz=gz)
     ds = load_dataset("mnist", root=str(tmp_path))
     assert ds.input_shape == (1, 28, 28) and not ds.flip
-    assert ds.train_x.shape[0] == 12 and ds.test_x.shape[0] == 5
-    assert ds.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert as_seen(ds, "train").shape[0] == 12 and as_seen(ds, "test").shape[0] == 5
+    assert ds.train.targets.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
     raw = torch.from_numpy(arrays["train-images-idx3-ubyte"]).unsqueeze(1)
-    assert torch.allclose(unnormalise(ds.train_x, raw), raw.float(), atol=1e-3)
+    assert torch.allclose(unnormalise(as_seen(ds, "train"), raw), raw.float(), atol=1e-3)
 
 
 def test_fashion_mnist_missing_folder_says_how_to_get_it(tmp_path):
@@ -185,10 +193,11 @@ def test_mnist_truncated_file_in_folder(tmp_path):
 )
 def test_real_fashion_mnist():
     ds = load_dataset("fashion-mnist")
-    assert ds.train_x.shape == (60000, 1, 28, 28) and ds.test_x.shape == (10000, 1, 28, 28)
-    assert ds.train_y.shape == (60000,) and ds.test_y.shape == (10000,)
+    assert ds.train.x.shape == (60000, 1, 28, 28) and ds.test.x.shape == (10000, 1, 28, 28)
+    assert ds.train.x.dtype == torch.uint8  # kept compact: normalised per batch on the device
+    assert ds.train.targets.shape == (60000,) and ds.test.targets.shape == (10000,)
     assert ds.class_names == FASHION_MNIST_CLASSES and ds.num_classes == 10
-    assert ds.train_y.bincount().tolist() == [6000] * 10
+    assert ds.train.targets.bincount().tolist() == [6000] * 10
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -209,20 +218,22 @@ def test_cifar10_binary(tmp_path):
     ds = load_dataset("cifar10", root=str(tmp_path))  # finds the sub-folder
     assert ds.flip and ds.num_classes == 10 and ds.input_shape == (3, 32, 32)
     assert ds.class_names[0] == "airplane" and ds.class_names[9] == "truck"
-    assert ds.train_y.tolist() == np.concatenate([b[1] for b in batches]).tolist()
-    assert ds.test_y.tolist() == [4, 7]
+    assert ds.train.targets.tolist() == np.concatenate([b[1] for b in batches]).tolist()
+    assert ds.test.targets.tolist() == [4, 7]
     raw_train = torch.from_numpy(np.concatenate([b[0] for b in batches]))
-    assert torch.allclose(unnormalise(ds.train_x, raw_train), raw_train.float(), atol=1e-3)
+    assert torch.allclose(
+        unnormalise(as_seen(ds, "train"), raw_train), raw_train.float(), atol=1e-3
+    )
 
     # Pixel order: byte 1 + (c * 1024 + r * 32 + col) of a record is channel c, row r, column col.
     record = (folder / "data_batch_1.bin").read_bytes()[:3073]
-    sample = unnormalise(ds.train_x, raw_train)[0].round().to(torch.uint8)
+    sample = unnormalise(as_seen(ds, "train"), raw_train)[0].round().to(torch.uint8)
     assert sample[0, 0, 1].item() == record[1 + 1]  # R, row 0, column 1
     assert sample[1, 2, 5].item() == record[1 + 1024 + 2 * 32 + 5]  # G, row 2, column 5
     assert sample[2, 31, 31].item() == record[3072]  # B, last pixel
 
     ds_direct = load_dataset("cifar10", root=str(folder))
-    assert torch.equal(ds_direct.train_x, ds.train_x)
+    assert torch.equal(as_seen(ds_direct, "train"), as_seen(ds, "train"))
 
 
 def test_cifar100_binary_fine_labels(tmp_path):
@@ -233,9 +244,9 @@ def test_cifar100_binary_fine_labels(tmp_path):
     write_cifar(tmp_path / "test.bin", test_images, [coarse[:2], np.array([3, 88], np.uint8)])
     ds = load_dataset("cifar100", root=str(tmp_path))
     assert ds.num_classes == 100 and len(ds.class_names) == 100 and ds.flip
-    assert ds.train_y.tolist() == fine.tolist() and ds.test_y.tolist() == [3, 88]
+    assert ds.train.targets.tolist() == fine.tolist() and ds.test.targets.tolist() == [3, 88]
     raw = torch.from_numpy(train_images)
-    back = unnormalise(ds.train_x, raw).round().to(torch.uint8)
+    back = unnormalise(as_seen(ds, "train"), raw).round().to(torch.uint8)
     record = (tmp_path / "train.bin").read_bytes()[3074 : 2 * 3074]  # second record
     assert back[1, 0, 0, 0].item() == record[2]  # R plane starts after the two label bytes
     assert back[1, 1, 0, 0].item() == record[2 + 1024]
@@ -260,13 +271,15 @@ def test_synthetic_deterministic_and_learnable():
     a = load_dataset("synthetic", shape=[1, 6, 6], num_classes=4, train_size=400, test_size=100)
     b = load_dataset("synthetic", shape=(1, 6, 6), num_classes=4, train_size=400, test_size=100)
     c = load_dataset("synthetic", shape=(1, 6, 6), num_classes=4, train_size=400, seed=1)
-    assert a.input_shape == (1, 6, 6) and a.num_classes == 4 and a.test_x.shape[0] == 100
-    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
-    assert not torch.equal(a.train_x[:100], c.train_x[:100])
+    assert a.input_shape == (1, 6, 6) and a.num_classes == 4 and as_seen(a, "test").shape[0] == 100
+    assert torch.equal(as_seen(a, "train"), as_seen(b, "train")) and torch.equal(
+        a.test.targets, b.test.targets
+    )
+    assert not torch.equal(as_seen(a, "train")[:100], as_seen(c, "train")[:100])
     # nearest class mean (from train) classifies the test split well above chance
-    means = torch.stack([a.train_x[a.train_y == k].mean(0) for k in range(4)])
-    dist = ((a.test_x[:, None] - means[None]) ** 2).flatten(2).sum(-1)
-    assert (dist.argmin(1) == a.test_y).float().mean() > 0.8
+    means = torch.stack([as_seen(a, "train")[a.train.targets == k].mean(0) for k in range(4)])
+    dist = ((as_seen(a, "test")[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+    assert (dist.argmin(1) == a.test.targets).float().mean() > 0.8
     with pytest.raises(DataError, match="num_classes"):
         load_dataset("synthetic", num_classes=1)
 

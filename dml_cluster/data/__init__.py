@@ -1,4 +1,5 @@
-"""Data layer: in-memory datasets, the shared batch order, seeded augmentation, label splits."""
+"""Data layer: the dataset registry, the one loader path, the shared batch order, seeded
+augmentation, label splits."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.cifar import load_cifar10, load_cifar100
-from dml_cluster.data.dataset import Dataset
+from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.digits import load_digits
 from dml_cluster.data.idx import load_fashion_mnist, load_mnist
 from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, steps_per_epoch
@@ -18,6 +19,7 @@ from dml_cluster.errors import DataError
 
 __all__ = [
     "Dataset",
+    "Normalisation",
     "augment_batch",
     "batch_indices",
     "dataset_names",
@@ -25,6 +27,7 @@ __all__ = [
     "fingerprint",
     "labelled_mask",
     "load_dataset",
+    "loader_options",
     "mask_labels",
     "steps_per_epoch",
 ]
@@ -67,3 +70,18 @@ def load_dataset(name: str, root: str | None = None, **options: Any) -> Dataset:
         known = ", ".join(allowed) or "none"
         raise DataError(f"dataset {name!r} has no option {', '.join(unknown)}; known: {known}")
     return loader(root, **options)
+
+
+# data.<key> settings passed to the dataset's loader as keyword options when they are set
+_SETTINGS = ("image_size", "factory", "normalize")
+
+
+def loader_options(data: Any) -> dict[str, Any]:
+    """The keyword options a `DataConfig` gives its dataset's loader: `data.options` and the
+    settings of `_SETTINGS` that are set (the config checks that the dataset takes them)."""
+    options = dict(data.options)
+    for key in _SETTINGS:
+        value = getattr(data, key, None)
+        if value is not None:
+            options[key] = value.model_dump() if hasattr(value, "model_dump") else value
+    return options

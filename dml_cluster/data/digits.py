@@ -33,8 +33,8 @@ def load_digits(
     except ValueError as exc:
         raise DataError(f"digits: cannot split with test_fraction={test_fraction}: {exc}") from exc
 
-    def to_images(a: object) -> torch.Tensor:
-        return torch.as_tensor(a, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    def to_images(a: object) -> torch.Tensor:  # whole numbers 0..16: kept as uint8
+        return torch.as_tensor(a).to(torch.uint8).reshape(-1, 1, 8, 8)
 
     return Dataset.from_raw(
         name="digits",

@@ -1,0 +1,274 @@
+"""The one data path: a torch DataLoader per epoch, fed the step's indices by a batch sampler.
+
+Every peer derives the same index list for every step from (seed, epoch) (`StepSampler`), so
+every peer reads the same batch; a run resumed mid-epoch starts the sampler at the step it stopped
+at and never reads the skipped batches. Worker processes (`data.workers`) read and decode items
+into compact host tensors (uint8 images); the peer's device does the rest: the copy (pinned and
+non-blocking on CUDA), float32 + normalisation, and the seeded augmentation (augment.py), whose
+random draws depend on (seed, epoch, step) only, never on which worker read what.
+
+A sample that cannot be read does not kill a worker with a traceback: the worker hands back a
+`LoadFailure` naming it, and the peer stops with one line (`DataError`, exit 2).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
+
+from dml_cluster.data.augment import augment_batch
+from dml_cluster.data.dataset import Dataset, Normalisation
+from dml_cluster.data.sampler import batch_indices, epoch_order
+from dml_cluster.data.seeding import seeded_generator
+from dml_cluster.errors import DataError
+
+MAX_AUTO_WORKERS = 4
+"""The most worker processes `data.workers: null` gives a peer process."""
+
+
+class Batch(NamedTuple):
+    """One batch as read on the host: sample indices [B], images [B, C, H, W], labels [B]."""
+
+    indices: Tensor
+    x: Tensor
+    y: Tensor
+
+
+class LoadFailure(NamedTuple):
+    """A batch that could not be read: the one line to stop with."""
+
+    message: str
+
+
+class StepSampler(Sampler[list[int]]):
+    """The index lists of steps `first`..`stop - 1` of `epoch`: the same in every peer."""
+
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int, epoch: int, first: int, stop: int
+    ) -> None:
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.epoch, self.first, self.stop = epoch, first, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(self.num_samples, self.seed, self.epoch)
+        for step in range(self.first, self.stop):
+            yield batch_indices(order, step, self.batch_size).tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.first)
+
+
+class InOrder(Sampler[list[int]]):
+    """Consecutive index lists of `batch_size` over the whole split (evaluation)."""
+
+    def __init__(self, num_samples: int, batch_size: int) -> None:
+        self.num_samples, self.batch_size = num_samples, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, self.num_samples, self.batch_size):
+            yield list(range(start, min(start + self.batch_size, self.num_samples)))
+
+    def __len__(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+
+def _describe(split: Any, index: int, name: str) -> str:
+    """The file behind sample `index` where the split knows it (ImageFolder's `samples`)."""
+    samples = getattr(split, "samples", None)
+    if isinstance(samples, Sequence) and 0 <= index < len(samples):
+        return str(samples[index][0])
+    return f"sample {index} of the {name} split"
+
+
+class BatchReader(TorchDataset):
+    """Reads a whole batch per call (DataLoader's `__getitems__`), in a worker or in the peer.
+
+    A split with `gather` (in memory) is read with one index operation, any other item by item.
+    """
+
+    def __init__(self, split: Any, name: str, dataset: str) -> None:
+        self.split, self.name, self.dataset = split, name, dataset
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])
+
+    def __getitems__(self, indices: list[int]) -> Batch | LoadFailure:
+        gather = getattr(self.split, "gather", None)
+        if gather is not None:
+            x, y = gather(indices)
+            return Batch(torch.as_tensor(indices, dtype=torch.int64), x, y)
+        images, labels = [], []
+        for i in indices:
+            try:
+                image, label = self.split[i]
+            except DataError as err:
+                return LoadFailure(str(err))
+            except Exception as err:  # a user's dataset may raise anything: name the sample
+                first = (str(err).strip().splitlines() or [""])[0]
+                return LoadFailure(
+                    f"{self.dataset}: cannot read {_describe(self.split, i, self.name)}: "
+                    f"{type(err).__name__}: {first}"
+                )
+            problem = _item_problem(image, label, images[0] if images else None)
+            if problem:
+                where = _describe(self.split, i, self.name)
+                return LoadFailure(f"{self.dataset}: {where}: {problem}")
+            images.append(image)
+            labels.append(int(label))
+        return Batch(
+            torch.as_tensor(indices, dtype=torch.int64),
+            torch.stack(images),
+            torch.as_tensor(labels, dtype=torch.int64),
+        )
+
+
+def _item_problem(image: Any, label: Any, first: Tensor | None) -> str:
+    """Why an item is not (image tensor [C, H, W], integer label) like the batch's first; ''."""
+    if not isinstance(image, Tensor) or image.ndim != 3:
+        got = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+        return f"an item's image must be a tensor [C, H, W], got {got}"
+    if first is not None and (image.shape != first.shape or image.dtype != first.dtype):
+        return (
+            f"image {tuple(image.shape)} {image.dtype} differs from the batch's first "
+            f"{tuple(first.shape)} {first.dtype} (data.image_size resizes images to one size)"
+        )
+    if isinstance(label, Tensor) and label.numel() == 1:
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, int):
+        return f"an item's label must be an integer, got {type(label).__name__}"
+    return ""
+
+
+def _as_is(batch: Batch | LoadFailure) -> Batch | LoadFailure:
+    """The collate step: `BatchReader` already made the batch."""
+    return batch
+
+
+def read_batches(
+    reader: BatchReader,
+    sampler: Sampler[list[int]],
+    workers: int,
+    *,
+    seed: tuple[int, ...] = (),
+    prefetch: int = 2,
+    pin_memory: bool = False,
+) -> Iterator[Batch]:
+    """The batches `sampler` asks for, read by `workers` processes (0: in this one); a sample
+    that cannot be read stops the run with one line (`DataError`).
+
+    The loader draws its workers' seeds from a generator of its own, seeded from `seed`: left
+    to itself it would draw them from torch's global generator, whose state a checkpoint saves,
+    so a resumed run (fewer loaders made) would not end like an uninterrupted one."""
+    loader = DataLoader(
+        reader,
+        batch_sampler=sampler,
+        collate_fn=_as_is,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers else None,
+        generator=seeded_generator("loader", *seed),
+    )
+    for batch in loader:
+        if isinstance(batch, LoadFailure):
+            raise DataError(batch.message)
+        yield batch
+
+
+def default_workers(dataset: Dataset) -> int:
+    """`data.workers: null`: none for an in-memory dataset (a worker would only copy a slice),
+    else the CPUs this process may use, shared among the peer processes of the node, at most
+    `MAX_AUTO_WORKERS` and at least 1."""
+    if dataset.in_memory:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_AUTO_WORKERS, (cpus or 1) // local))
+
+
+class DataPath:
+    """A peer process's batches: training steps from (seed, epoch), evaluation in order.
+
+    `labels`: train labels to use instead of the dataset's (a semi-supervised run's, with -1 for
+    the unlabelled samples), looked up by sample index.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        normalisation: Normalisation,
+        device: torch.device,
+        *,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        workers: int,
+        prefetch: int,
+        crop_padding: int,
+        flip: bool,
+        labels: Tensor | None = None,
+    ) -> None:
+        self.dataset, self.normalisation, self.device = dataset, normalisation, device
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.workers, self.prefetch = workers, prefetch
+        self.crop_padding, self.flip = crop_padding, flip
+        self.labels = labels
+        self.train = BatchReader(dataset.train, "train", dataset.name)
+        self.test = BatchReader(dataset.test, "test", dataset.name)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test)
+
+    def _host_batches(
+        self, reader: BatchReader, sampler: Sampler[list[int]], seed: tuple[int, ...]
+    ) -> Iterator[Batch]:
+        pin = self.device.type == "cuda"
+        return read_batches(
+            reader, sampler, self.workers, seed=seed, prefetch=self.prefetch, pin_memory=pin
+        )
+
+    def _to_device(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        x = batch.x.to(self.device, non_blocking=True)
+        y = batch.y.to(self.device, non_blocking=True)
+        return self.normalisation.apply(x), y
+
+    def epoch(
+        self, epoch: int, first: int, stop: int
+    ) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
+        """Steps `first`..`stop - 1` of `epoch`: (step in epoch, indices, x, y) on the device,
+        x normalised and augmented from (seed, epoch, step)."""
+        sampler = StepSampler(self.num_train, self.batch_size, self.seed, epoch, first, stop)
+        for step, batch in enumerate(
+            self._host_batches(self.train, sampler, (self.seed, epoch, first)), start=first
+        ):
+            x, y = self._to_device(batch)
+            if self.labels is not None:
+                y = self.labels[batch.indices].to(self.device, non_blocking=True)
+            x = augment_batch(
+                x,
+                seed=self.seed,
+                epoch=epoch,
+                step=step,
+                crop_padding=self.crop_padding,
+                flip=self.flip,
+            )
+            yield step, batch.indices, x, y
+
+    def test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test split in order, `eval_batch_size` at a time: (x, y) on the device."""
+        sampler = InOrder(self.num_test, self.eval_batch_size)
+        for batch in self._host_batches(self.test, sampler, (self.seed,)):
+            yield self._to_device(batch)
