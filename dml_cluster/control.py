@@ -54,6 +54,7 @@ class Topic(IntEnum):
     SAVED = 4  # checkpoint save: the digests of the files a process wrote for a step
     RESUME_VERIFY = 5  # resume: whether a process's files of a step verify (and why not)
     RUN_FOLDER = 6  # start-up: whether a process could claim its share of the run folder
+    RUN_NONCE = 7  # start-up: the launch's random nonce in the wire's run id (rank 0 draws it)
 
 
 _DOING = {
@@ -63,6 +64,7 @@ _DOING = {
     Topic.SAVED: "confirming the checkpoint of step {about}",
     Topic.RESUME_VERIFY: "verifying the checkpoint of step {about}",
     Topic.RUN_FOLDER: "claiming the run folder",
+    Topic.RUN_NONCE: "agreeing on the run id",
 }
 
 

@@ -12,6 +12,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -41,10 +42,26 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def run_id(cfg: Config) -> bytes:
-    """8 bytes naming this run on the wire: same config, same name and same launch -> same id."""
+NONCE_BYTES = 16
+
+
+def run_id(cfg: Config, nonce: bytes = b"") -> bytes:
+    """8 bytes naming this run: the config, the name and the launch, and on the wire a random
+    `nonce` the cohort agreed on at start-up (`agree_on_nonce`), so that a process knowing the
+    config cannot forge a message the peers would take. Without a nonce: the config's id (the
+    metrics' run_id label, the same across restarts)."""
     launch = os.environ.get("TORCHELASTIC_RUN_ID", "")
-    return hashlib.sha256(f"{cfg.run.name}/{cfg.hash()}/{launch}".encode()).digest()[:8]
+    return hashlib.sha256(f"{cfg.run.name}/{cfg.hash()}/{launch}".encode() + nonce).digest()[:8]
+
+
+def agree_on_nonce(control: Control) -> bytes:
+    """Rank 0 draws a nonce for this launch (a restarted group draws a new one) and the cohort
+    takes it over the control channel."""
+    mine = secrets.token_bytes(NONCE_BYTES) if control.rank == 0 else b""
+    nonce = control.all_gather_bytes(Topic.RUN_NONCE, 0, mine)[0]
+    if len(nonce) != NONCE_BYTES:
+        raise PeerError(f"rank 0 sent a run-id nonce of {len(nonce)} bytes, not {NONCE_BYTES}")
+    return nonce
 
 
 def _use(device: torch.device) -> torch.device:
@@ -54,7 +71,10 @@ def _use(device: torch.device) -> torch.device:
     return device
 
 
-def _zmq_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
+def _zmq_bus(
+    cfg: Config, rank: int, world: int, device: torch.device, wire_id: bytes | None = None
+) -> Bus:
+    """Peer `rank`'s zmq bus; `wire_id`: the run id its messages carry (default: the config's)."""
     from dml_cluster.bus.zmq_bus import ZmqBus, bind_address
 
     master = os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -69,7 +89,7 @@ def _zmq_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
         curve = load_curve_keys(cfg.bus.curve_keys, names[rank], names)
     port = cfg.bus.port + int(os.environ.get("LOCAL_RANK", "0")) if cfg.bus.port else None
     bus = ZmqBus(
-        rank=rank, world=world, names=names, run_id=run_id(cfg),
+        rank=rank, world=world, names=names, run_id=wire_id or run_id(cfg),
         config_hash=cfg.hash(), store=dist.distributed_c10d._get_default_store(),
         address=address, timeout_s=cfg.bus.timeout_s, encoding=cfg.bus.encoding,
         ipc=cfg.bus.ipc, port=port, curve=curve, window=cfg.bus.window,
@@ -97,7 +117,9 @@ def _warn_if_unreachable(master: str, address: str, world: int) -> None:
     )
 
 
-def _torch_bus(cfg: Config, rank: int, world: int, device: torch.device) -> Bus:
+def _torch_bus(
+    cfg: Config, rank: int, world: int, device: torch.device, wire_id: bytes | None = None
+) -> Bus:
     from dml_cluster.bus.torch_bus import TorchBus
 
     names = [p.name for p in cfg.peers]
@@ -201,11 +223,13 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     try:
         control = TorchControl([p.name for p in cfg.peers], cfg.bus.timeout_s)
         _check_same_config(cfg, control)
+        wire_id = run_id(cfg, agree_on_nonce(control))
         with (
             _claim_together(cfg, rank, control),
             metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers,
         ):
-            bus = TRANSPORTS[cfg.bus.transport](cfg, rank, world, bus_device)
+            make_bus = TRANSPORTS[cfg.bus.transport]
+            bus = make_bus(cfg, rank, world, wire_id=wire_id, device=bus_device)
             placement = Placement((rank,), device, reporter=rank == 0)
             return CohortTrainer(cfg, bus, placement, observers, control).run()
     except PeerError:
