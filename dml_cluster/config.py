@@ -496,3 +496,10 @@ def check_data_settings(cfg: Config) -> None:
             f"config error: data.factory: dataset {cfg.data.name!r} needs it: "
             "'package.module:function' returning (train, test, num_classes[, class_names])"
         )
+    if cfg.data.factory is not None:
+        from dml_cluster.importing import load_callable
+
+        try:
+            load_callable(cfg.data.factory)
+        except ConfigError as err:
+            raise ConfigError(f"config error: data.factory: {err}") from None

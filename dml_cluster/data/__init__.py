@@ -11,7 +11,9 @@ from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.cifar import load_cifar10, load_cifar100
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.digits import load_digits
+from dml_cluster.data.factory import load_python
 from dml_cluster.data.idx import load_fashion_mnist, load_mnist
+from dml_cluster.data.imagefolder import load_imagefolder
 from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, steps_per_epoch
 from dml_cluster.data.split import labelled_mask, mask_labels
 from dml_cluster.data.synthetic import load_synthetic
@@ -38,7 +40,9 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "cifar100": load_cifar100,
     "digits": load_digits,
     "fashion-mnist": load_fashion_mnist,
+    "imagefolder": load_imagefolder,
     "mnist": load_mnist,
+    "python": load_python,
     "synthetic": load_synthetic,
 }
 
@@ -50,8 +54,14 @@ def dataset_names() -> tuple[str, ...]:
 
 def dataset_options(name: str) -> tuple[str, ...]:
     """The options (keyword arguments besides `root`) that dataset `name` accepts."""
-    params = inspect.signature(_loader(name)).parameters
-    return tuple(p for p in params if p != "root")
+    params = inspect.signature(_loader(name)).parameters.values()
+    return tuple(p.name for p in params if p.name != "root" and p.kind != p.VAR_KEYWORD)
+
+
+def _takes_any_option(name: str) -> bool:
+    """Does dataset `name` pass options it does not name on (the python factory's)?"""
+    params = inspect.signature(_loader(name)).parameters.values()
+    return any(p.kind == p.VAR_KEYWORD for p in params)
 
 
 def _loader(name: str) -> Callable[..., Dataset]:
@@ -66,7 +76,7 @@ def load_dataset(name: str, root: str | None = None, **options: Any) -> Dataset:
     loader = _loader(name)
     allowed = dataset_options(name)
     unknown = sorted(set(options) - set(allowed))
-    if unknown:
+    if unknown and not _takes_any_option(name):
         known = ", ".join(allowed) or "none"
         raise DataError(f"dataset {name!r} has no option {', '.join(unknown)}; known: {known}")
     return loader(root, **options)

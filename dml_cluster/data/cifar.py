@@ -1,4 +1,9 @@
-"""CIFAR-10 and CIFAR-100 from the official binary distribution in a local folder."""
+"""CIFAR-10 and CIFAR-100 from the official binary distribution in a local folder.
+
+Read here, not by torchvision: torchvision's CIFAR10/CIFAR100 read only the python version
+(cifar-10-batches-py), whose files are pickles, and this project unpickles nothing it did not
+write; the binary version is plain records of label bytes and pixels.
+"""
 
 from __future__ import annotations
 

@@ -89,10 +89,44 @@ def _find(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _torchvision_layout(folder: Path, tv_name: str) -> bool:
+    """Does `folder` hold torchvision's layout (<folder>/<tv_name>/raw/, files uncompressed)?"""
+    raw = folder / tv_name / "raw"
+    return all((raw / stem).is_file() for stem in _FILES.values())
+
+
+def _read_with_torchvision(folder: Path, tv_name: str) -> dict[str, Tensor]:
+    """The four arrays read by torchvision's MNIST / FashionMNIST dataset."""
+    from dml_cluster.vision import import_torchvision
+
+    cls = getattr(import_torchvision().datasets, tv_name)
+    arrays = {}
+    for split, train in (("train", True), ("test", False)):
+        try:
+            ds = cls(str(folder), train=train, download=False)
+        except (OSError, RuntimeError, ValueError) as err:
+            raise DataError(
+                f"{tv_name}: torchvision cannot read {folder / tv_name}: {err}"
+            ) from err
+        arrays[f"{split}_x"], arrays[f"{split}_y"] = ds.data, ds.targets
+    return arrays
+
+
 def load_idx_dataset(
-    name: str, folder: Path, class_names: tuple[str, ...], how_to_get: str
+    name: str, folder: Path, class_names: tuple[str, ...], how_to_get: str, tv_name: str
 ) -> Dataset:
-    """Load the four standard IDX files from `folder` as a 1-channel dataset."""
+    """Load the four standard IDX files from `folder` as a 1-channel dataset.
+
+    torchvision's reader where `folder` has its layout (<folder>/<tv_name>/raw/, as its
+    download=True leaves it); the reader of this module for the flat layouts torchvision cannot
+    read: the four files directly in `folder`, gzipped or not (Debian's dataset-fashion-mnist
+    package at /usr/share/datasets/fashion-mnist, the files as the MNIST site serves them).
+    """
+    if _torchvision_layout(folder, tv_name):
+        arrays = _read_with_torchvision(folder, tv_name)
+        return _checked(
+            name, arrays, {k: folder / tv_name / "raw" / v for k, v in _FILES.items()}, class_names
+        )
     expected = ", ".join(_FILES.values())
     if not folder.is_dir():
         raise DataError(
@@ -107,6 +141,13 @@ def load_idx_dataset(
             )
         paths[key] = found
     arrays = {key: read_idx(path) for key, path in paths.items()}
+    return _checked(name, arrays, paths, class_names)
+
+
+def _checked(
+    name: str, arrays: dict[str, Tensor], paths: dict[str, Path], class_names: tuple[str, ...]
+) -> Dataset:
+    """The dataset of the four arrays, after checking they are images and labels that match."""
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
@@ -136,6 +177,7 @@ def load_fashion_mnist(root: str | None = None) -> Dataset:
         Path(root or FASHION_MNIST_ROOT),
         FASHION_MNIST_CLASSES,
         "run 'apt-get install dataset-fashion-mnist' or set data.root to a folder holding them",
+        "FashionMNIST",
     )
 
 
@@ -146,4 +188,5 @@ def load_mnist(root: str | None = None) -> Dataset:
         Path(root or MNIST_ROOT),
         MNIST_CLASSES,
         "download them from http://yann.lecun.com/exdb/mnist/ and set data.root to their folder",
+        "MNIST",
     )
