@@ -121,6 +121,43 @@ def search(
     # fmt: skip
 
 
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="The config the runs were trained with (default: RUN_DIR/config.yaml).",
+)  # fmt: skip
+@_SET
+@click.option("--sigma", "sigmas", default="0.01,0.02,0.04,0.08", show_default=True,
+              help="Comma-separated std values of the weight noise.")  # fmt: skip
+@click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Noise draws averaged per sigma.")  # fmt: skip
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="The figure comparing the runs (default: FIRST_RUN_DIR/analysis.png).",
+)  # fmt: skip
+def analyze(
+    run_dirs: tuple[str, ...], config_path: str | None, overrides: tuple[str, ...],
+    sigmas: str, draws: int, plot: str | None,
+) -> None:  # fmt: skip
+    """The DML paper's analysis of trained runs: training-set posterior entropy per student and
+    flatness (training-loss rise under Gaussian weight noise); one figure for all RUN_DIRS."""
+    from pathlib import Path
+
+    from dml_cluster.analyze import analyze_run, flatness_plot, summary_table
+
+    try:
+        values = [float(v) for v in sigmas.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sigma {sigmas!r}: expected comma-separated numbers") from None
+    if not values or min(values) <= 0:
+        raise ConfigError(f"--sigma {sigmas!r}: every sigma must be > 0")
+    results = [analyze_run(Path(d), values, draws, config_path, list(overrides)) for d in run_dirs]
+    click.echo(summary_table(results))
+    groups = {Path(r["run"]).name: list(r["peers"].values()) for r in results}
+    figure = flatness_plot(groups, values, Path(plot or Path(run_dirs[0]) / "analysis.png"))
+    click.echo(f"analysis: {', '.join(str(Path(d) / 'analysis.json') for d in run_dirs)}")
+    click.echo(f"figure: {figure}")
+
+
 @cli.group()
 def config() -> None:
     """Inspect experiment configs."""

@@ -1,0 +1,223 @@
+"""The DML paper's analysis (Zhang et al. 2018, §4.8) of a trained run: how confident the students
+are on their training data (mean posterior entropy) and how flat the minimum they found is (the
+rise of the training loss when Gaussian noise of std sigma is added to every weight).
+
+`dml-cluster analyze RUN_DIR...` reads each run folder's final weights and its resolved config
+(RUN_DIR/config.yaml, or the config given with --config and --set), writes RUN_DIR/analysis.json,
+and draws the runs side by side (independent vs DML) in one figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from dml_cluster import losses
+from dml_cluster.config import Config, apply_overrides, parse_config
+from dml_cluster.data.dataset import Dataset
+from dml_cluster.data.seeding import seeded_generator
+from dml_cluster.errors import ConfigError
+
+SIGMAS = (0.01, 0.02, 0.04, 0.08)
+"""Default noise levels: std of the Gaussian noise added to every weight."""
+CONFIG_FILE = "config.yaml"
+ANALYSIS_FILE = "analysis.json"
+
+Batches = Sequence[tuple[Tensor, Tensor]]
+
+
+# -- the measures, on a model and its training batches -------------------------------------------
+
+
+@torch.no_grad()
+def loss_and_entropy(model: nn.Module, batches: Batches) -> dict[str, float]:
+    """Mean CE, mean posterior entropy (nats) and accuracy over `batches`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = entropy = correct = 0.0
+    count = 0
+    for x, y in batches:
+        log_p = F.log_softmax(model(x), dim=1)
+        # deterministic: [B, C] inputs: nll_loss's 1-D-target CUDA kernels reduce in one block
+        total += F.nll_loss(log_p, y, reduction="sum").item()
+        entropy += losses.entropy(log_p).item() * len(y)
+        correct += (log_p.argmax(1) == y).sum().item()
+        count += len(y)
+    model.train(was_training)
+    return {"loss": total / count, "entropy": entropy / count, "accuracy": correct / count}
+
+
+@torch.no_grad()
+def add_noise(model: nn.Module, sigma: float, generator: torch.Generator) -> None:
+    """Add N(0, sigma^2) to every parameter, in `model.parameters()` order, drawn on the CPU
+    from `generator` (the same numbers on any device); buffers (BN statistics) are untouched."""
+    for param in model.parameters():
+        noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+        param.add_(noise.to(param.device, param.dtype), alpha=sigma)
+
+
+@torch.no_grad()
+def flatness(
+    model: nn.Module, batches: Batches, sigmas: Iterable[float], draws: int, seed: int = 0
+) -> dict[str, Any]:
+    """For each sigma: the training loss with noise of std sigma on every weight minus the loss
+    without, averaged over `draws` draws (draw d of sigma i seeded by (seed, i, d)). The model
+    is left as it was."""
+    clean = loss_and_entropy(model, batches)["loss"]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    rises: dict[str, float] = {}
+    spread: dict[str, float] = {}
+    for i, sigma in enumerate(sigmas):
+        noisy = []
+        for d in range(draws):
+            add_noise(model, sigma, seeded_generator("analyze.flatness", seed, i, d))
+            noisy.append(loss_and_entropy(model, batches)["loss"] - clean)
+            model.load_state_dict(saved)
+        rises[f"{sigma:g}"] = statistics.mean(noisy)
+        spread[f"{sigma:g}"] = statistics.stdev(noisy) if len(noisy) > 1 else 0.0
+    return {"rise": rises, "rise_std": spread}
+
+
+def analyze_model(
+    model: nn.Module, batches: Batches, sigmas: Sequence[float], draws: int, seed: int = 0
+) -> dict[str, Any]:
+    """Training accuracy, loss and mean posterior entropy, and the flatness of the minimum."""
+    clean = loss_and_entropy(model, batches)
+    flat = flatness(model, batches, sigmas, draws, seed)
+    return {
+        "train_accuracy": clean["accuracy"],
+        "train_loss": clean["loss"],
+        "train_entropy": clean["entropy"],
+        "flatness": flat["rise"],
+        "flatness_std": flat["rise_std"],
+    }
+
+
+# -- a run folder ------------------------------------------------------------------------------
+
+
+def run_config(run_dir: Path, config: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The run's resolved config: `config` (+ overrides) if given, else RUN_DIR/config.yaml."""
+    path = Path(config) if config else run_dir / CONFIG_FILE
+    if not path.exists():
+        raise ConfigError(
+            f"analyze: {run_dir} has no {CONFIG_FILE}; give the config it was trained with "
+            "(--config CONFIG, and the same --set overrides)"
+        )
+    raw = yaml.safe_load(path.read_text()) or {}
+    return parse_config(apply_overrides(raw, list(overrides)))
+
+
+def training_batches(cfg: Config, run_dir: Path, device: torch.device) -> tuple[Batches, Dataset]:
+    """The run's training set (its subset, if it had one) in order, normalised as the run saw
+    it, without augmentation, with its true labels, held on `device`; and the dataset."""
+    from dml_cluster.data import load_dataset, loader_options
+    from dml_cluster.data.dataset import take, targets
+    from dml_cluster.data.loader import DataPath
+    from dml_cluster.data.split import training_subset
+    from dml_cluster.data.stats import DATA_FILE, resolve_normalisation
+
+    data = load_dataset(cfg.data.name, cfg.data.root, **loader_options(cfg.data))
+    train = data.train
+    keep = training_subset(targets(train), cfg.data.train_subset, cfg.run.seed)
+    if keep is not None:
+        train = take(train, keep)
+    data = dataclasses.replace(data, train=train)
+    normalisation = resolve_normalisation(data, run_dir / DATA_FILE, 0)
+    in_order = dataclasses.replace(data, test=train)  # the in-order split reader, on train
+    path = DataPath(
+        in_order, normalisation, device, batch_size=cfg.data.eval_batch_size,
+        eval_batch_size=cfg.data.eval_batch_size, seed=cfg.run.seed, workers=0, prefetch=2,
+        crop_padding=0, flip=False,
+    )  # fmt: skip
+    return list(path.test_batches()), data
+
+
+def analyze_run(
+    run_dir: Path,
+    sigmas: Sequence[float] = SIGMAS,
+    draws: int = 5,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Analyze every student of the run in `run_dir`; the result is also written to
+    RUN_DIR/analysis.json."""
+    from dml_cluster.cohort import read_weights
+    from dml_cluster.models import build_model
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir, config, overrides)
+    torch.set_num_threads(cfg.run.threads)
+    device = torch.device("cpu")
+    batches, data = training_batches(cfg, run_dir, device)
+    result: dict[str, Any] = {"run": str(run_dir), "sigmas": list(sigmas), "draws": draws,
+                              "peers": {}}  # fmt: skip
+    for k, peer in enumerate(cfg.peers):
+        if peer.role != "student":
+            continue
+        weights = run_dir / "final" / f"{peer.name}.pt"
+        if not weights.exists():
+            raise ConfigError(f"analyze: {weights}: no such file (has the run finished?)")
+        model = build_model(peer.model, data.input_shape, data.num_classes, **peer.args)
+        model.load_state_dict(read_weights(weights))
+        result["peers"][peer.name] = analyze_model(model, batches, sigmas, draws, seed=k)
+    (run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
+    return result
+
+
+# -- the figure -------------------------------------------------------------------------------
+
+
+def flatness_plot(
+    groups: dict[str, list[dict[str, Any]]], sigmas: Sequence[float], path: Path
+) -> Path:
+    """Left: training-loss rise against sigma (mean ± std over the peers of each group); right:
+    mean posterior entropy on the training set. One group per line (e.g. independent, DML)."""
+    fig = Figure(figsize=(10, 3.8))
+    rise_ax, ent_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    for i, (label, peers) in enumerate(groups.items()):
+        means = [statistics.mean(p["flatness"][f"{s:g}"] for p in peers) for s in sigmas]
+        stds = [
+            statistics.stdev([p["flatness"][f"{s:g}"] for p in peers]) if len(peers) > 1 else 0
+            for s in sigmas
+        ]
+        rise_ax.errorbar(sigmas, means, yerr=stds, marker="o", capsize=3, label=label)
+        entropies = [p["train_entropy"] for p in peers]
+        ent_ax.bar(i, statistics.mean(entropies), yerr=statistics.pstdev(entropies), capsize=3)
+    rise_ax.set_xscale("log")
+    rise_ax.set_xlabel("σ of the Gaussian noise on every weight")
+    rise_ax.set_ylabel("training loss rise (nats)")
+    rise_ax.set_title("Flatness: loss rise under weight noise (lower: flatter)")
+    rise_ax.legend()
+    ent_ax.set_xticks(range(len(groups)), list(groups), rotation=15)
+    ent_ax.set_ylabel("nats")
+    ent_ax.set_title("Mean posterior entropy, training set")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def summary_table(results: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table: one row per analyzed student."""
+    sigmas = results[0]["sigmas"] if results else []
+    head = ["run", "peer", "train acc. %", "train loss", "train entropy"]
+    head += [f"rise σ={s:g}" for s in sigmas]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for result in results:
+        for name, p in result["peers"].items():
+            cells = [Path(result["run"]).name, name, f"{100 * p['train_accuracy']:.2f}",
+                     f"{p['train_loss']:.4f}", f"{p['train_entropy']:.4f}"]  # fmt: skip
+            cells += [f"{p['flatness'][f'{s:g}']:.4f}" for s in sigmas]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
