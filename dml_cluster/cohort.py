@@ -11,6 +11,7 @@ peer can be handled alike by the loop and by checkpoints.
 from __future__ import annotations
 
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,13 @@ def set_determinism(cfg: Config) -> str:
     prepare_environment(cfg.run.deterministic)
     device_type = cohort_device_type(cfg)
     mode = resolve_mode(cfg.run.deterministic, device_type, [p.model for p in cfg.peers])
+    if mode != cfg.run.deterministic and mode == "warn":
+        print(
+            "dml-cluster: run.deterministic auto -> warn on CUDA: a peer's model is not built in "
+            "(its ops were not checked); ops without a deterministic kernel warn and run anyway "
+            "(set run.deterministic: strict to make them errors)",
+            file=sys.stderr,
+        )
     apply_mode(mode)
     return mode
 

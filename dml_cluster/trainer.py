@@ -31,7 +31,6 @@ from dml_cluster.data.loader import DataPath, default_workers
 from dml_cluster.data.sampler import fingerprint, steps_per_epoch
 from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
 from dml_cluster.data.stats import DATA_FILE, record_data, resolve_normalisation
-from dml_cluster.determinism import current_mode
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
@@ -130,15 +129,12 @@ class CohortTrainer:
         self.peer_logs = {
             i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
         }
-        for i, log in self.peer_logs.items():  # where and how each peer runs
-            log.write(
-                "placement", peer=self.names[i], device=str(placement.device_of(i)),
-                precision=cfg.run.precision, deterministic=current_mode(),
-            )  # fmt: skip
         self.cohort_log = JsonlLog(self.run_dir / "cohort.jsonl") if placement.reporter else None
+        devices = {i: str(placement.device_of(i)) for i in self.peers}
         run_log = RunLog(
-            self.peer_logs, self.cohort_log, self.names, cfg.run.log_every, cfg.train.epochs
-        )
+            self.peer_logs, self.cohort_log, self.names, cfg.run.log_every, cfg.train.epochs,
+            devices,
+        )  # fmt: skip
         self.observers.insert(0, run_log)
         self.clock = RunClock(self.run_dir / CLOCK_FILE if placement.reporter else None)
         if placement.reporter and cfg.run.progress_every_s > 0:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dml_cluster.bus.staging import to_device, to_host
 from dml_cluster.checkpoint import CohortCheckpoints, Position
 from dml_cluster.cohort import build_peer
 from dml_cluster.config import parse_config
@@ -290,3 +291,18 @@ def test_a_checkpoint_keeps_the_fp16_loss_scaler(tmp_path: Path) -> None:
     assert restored is not None and restored.position.step == 5
     for peer in fresh.values():
         assert peer.scaler.state_dict() == state
+
+
+# -- transports: what the CPU can check of the device copies ---------------------------------
+
+
+def test_staging_on_the_cpu_converts_once_and_keeps_values() -> None:
+    """zmq's device -> host copy: the wire dtype, contiguous, the same values; received tensors
+    come back to the peer's device (the CUDA branches, pinned memory with an event and a
+    non_blocking copy back, need a GPU: benchmarks/gpu_check.py runs them)."""
+    x = torch.randn(6, 4).t()  # not contiguous
+    for dtype in (torch.float32, torch.bfloat16):
+        host = to_host(x, dtype)
+        assert host.dtype == dtype and host.is_contiguous() and host.device == CPU
+        assert torch.equal(host, x.to(dtype))
+    assert to_device(x, CPU) is x

@@ -1,5 +1,10 @@
 """The torch transport: collectives over the default process group (NCCL on GPUs, gloo on CPU).
 
+Under NCCL (every peer process on a GPU of its own) messages are built, gathered and decoded on
+the GPU: the payload never visits the host; the received headers (40 bytes per sender) are read
+on the host in one copy per exchange, to check that every peer is at the same step and batch.
+Under gloo the messages live on the CPU (`device`: where the launcher says messages live).
+
 Each message is one flat byte tensor: a 5 x int64 header (step, round, fingerprint, rows, cols)
 followed by the encoded payload, so an exchange is a single all_gather (or, for a sequential
 round with one sender, a broadcast of the header then of the payload). Collectives involve every
@@ -41,8 +46,9 @@ class TorchBus(Bus):
         body = tensor.detach().to(self.device, self.dtype).contiguous().view(-1).view(torch.uint8)
         return torch.cat([head.to(self.device).view(torch.uint8), body])
 
-    def _unpack(self, key: StepKey, sender: int, buf: Tensor) -> Tensor:
-        step, rnd, fp, rows, cols = buf[:_HEADER_BYTES].cpu().view(torch.int64).tolist()
+    def _unpack(self, key: StepKey, sender: int, buf: Tensor, header: list[int]) -> Tensor:
+        """The payload of `buf`, whose header (read on the host) is `header`."""
+        step, rnd, fp, rows, cols = header
         if (step, rnd) != (key.step, key.round) or fp != _signed(key.fingerprint):
             raise PeerError(
                 f"peers out of sync at step {key.step}: peer {sender} ({self.names[sender]}) "
@@ -81,11 +87,17 @@ class TorchBus(Bus):
         except (RuntimeError, dist.DistBackendError) as err:
             raise self._lost(key, err) from None
         out = {}
+        others = [s for s in senders if s != self.rank]
+        home = local[self.rank].device if self.rank in local else self.device
+        if others:  # every sender's header in one device -> host copy
+            heads = torch.stack([bufs[s][:_HEADER_BYTES] for s in others]).cpu()
+            headers = dict(zip(others, heads.view(torch.int64).tolist(), strict=True))
         for s in senders:
             if s == self.rank:
                 out[s] = local[s]
                 continue
-            out[s] = self._unpack(key, s, bufs[s])
+            # on the peer's own device (a GPU shared over gloo: the messages are on the CPU)
+            out[s] = self._unpack(key, s, bufs[s], headers[s]).to(home)
             self.stats.bytes_received += bufs[s].numel()
         self.stats.bytes_sent += (len(senders) - 1) * bufs[senders[0]].numel() if (
             self.rank in senders) else 0  # fmt: skip

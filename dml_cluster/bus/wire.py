@@ -83,6 +83,11 @@ def unpack_header(raw: bytes | memoryview) -> Header:
     return Header(Kind(kind), encoding, run_id, step, rnd, rank, peer, fp, rows, cols)
 
 
+def wire_dtype(encoding: str) -> torch.dtype:
+    """The dtype a bus.encoding puts on the wire."""
+    return ENCODINGS[ENCODING_IDS[encoding]]
+
+
 def encode(tensor: Tensor, encoding: str) -> tuple[int, Tensor]:
     """The payload tensor to send (contiguous, on the CPU) and its encoding id."""
     eid = ENCODING_IDS[encoding]

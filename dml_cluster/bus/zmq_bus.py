@@ -36,7 +36,8 @@ from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
 from dml_cluster.bus.curve import CurveGuard, CurveKeys
-from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode, unpack_header
+from dml_cluster.bus.staging import to_device, to_host
+from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode, unpack_header, wire_dtype
 from dml_cluster.errors import ConfigError, PeerError
 
 MESSAGES_PER_STEP = 4
@@ -222,7 +223,8 @@ class ZmqBus(Bus):
                     f"peers out of sync at step {key.step}: {self._who(s)} computed on batch "
                     f"{fp:016x}, this peer on {key.fingerprint:016x}"
                 )
-            out[s] = tensor.to(local[self.rank].device if self.rank in local else "cpu")
+            home = local[self.rank].device if self.rank in local else torch.device("cpu")
+            out[s] = to_device(tensor, home)
         return out
 
     def _publish(
@@ -232,7 +234,8 @@ class ZmqBus(Bus):
         the same exchange (told of its progress before it waits, so two senders never wait on
         each other)."""
         self._await_credit(key, to, wanted)
-        eid, payload = encode(tensor, self.encoding)
+        host = to_host(tensor, wire_dtype(self.encoding))  # one device -> host copy per step
+        eid, payload = encode(host, self.encoding)
         rows, cols = payload.shape
         header = Header(
             Kind.DATA, eid, self.run_id, key.step, key.round, self.rank, self.rank,

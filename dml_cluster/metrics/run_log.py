@@ -22,10 +22,13 @@ class RunLog:
         names: Sequence[str],
         every: int,
         epochs: int,
+        devices: Mapping[int, str] | None = None,
     ) -> None:
-        """`peer_logs`: by hosted peer; `cohort_log`: None outside the reporting process."""
+        """`peer_logs`: by hosted peer; `cohort_log`: None outside the reporting process;
+        `devices`: where each hosted peer runs (in its train records)."""
         self.peer_logs, self.cohort_log = peer_logs, cohort_log
         self.names, self.every, self.epochs = list(names), every, epochs
+        self.devices = dict(devices or {})
 
     def wants_batch_stats(self, step: int) -> bool:
         return step % self.every == 0
@@ -42,6 +45,7 @@ class RunLog:
                 step=event.step,
                 epoch=event.epoch,
                 peer=self.names[i],
+                device=self.devices.get(i, "cpu"),
                 loss=peer.losses.total,
                 ce=peer.losses.ce,
                 mimicry=peer.losses.mimicry,

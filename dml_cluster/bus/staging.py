@@ -1,0 +1,35 @@
+"""Moving exchanged predictions between an accelerator and the host, for transports that send
+from host memory (zmq): one device -> pinned host copy per published tensor, and back on receipt.
+
+A CUDA tensor is converted to its wire dtype on the device, copied into page-locked memory with
+`non_blocking=True` and waited for by a CUDA event (only that copy, not the whole device); a
+received tensor is pinned and copied to the device asynchronously, ordered before the losses
+that use it by the current stream. CPU tensors take the plain path (no pinned memory: it needs
+CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def to_host(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """`tensor` as a contiguous CPU tensor of `dtype` (pinned when it comes from a GPU)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cuda":
+        return tensor.to("cpu", dtype).contiguous()
+    on_device = tensor.to(dtype).contiguous()
+    host = torch.empty(on_device.shape, dtype=dtype, pin_memory=True)
+    host.copy_(on_device, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    copied.synchronize()
+    return host
+
+
+def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A received CPU tensor on `device` (asynchronously, from pinned memory, for a GPU)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
