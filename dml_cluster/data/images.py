@@ -49,9 +49,10 @@ class DecodeImage:
             with Image.open(path) as image:
                 rgb = image.convert("RGB")
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            said = str(err) if str(path) not in str(err) else ""  # Pillow often repeats the path
+            why = f"{type(err).__name__}: {said}" if said else type(err).__name__
             raise DataError(
-                f"{path}: cannot read the image ({type(err).__name__}: {err}); replace or "
-                "remove the file"
+                f"{path}: cannot read the image ({why}); replace or remove the file"
             ) from None
         return to_tensor(fit(rgb, self.size))
 
