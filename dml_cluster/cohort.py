@@ -93,6 +93,9 @@ def build_scheduler(
     schedules = {
         "constant": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
         "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_epochs, cfg.gamma),
+        "multistep": lambda: torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, cfg.milestones, cfg.gamma
+        ),
         "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs),
     }
     return schedules[cfg.name]()
@@ -113,11 +116,18 @@ def build_peer(
     """
     peer_cfg = cfg.peers[index]
     torch.manual_seed(cfg.run.seed * 1009 + index)
-    model = build_model(peer_cfg.model, input_shape, num_classes, **peer_cfg.args).to(device)
+    try:
+        model = build_model(peer_cfg.model, input_shape, num_classes, **peer_cfg.args)
+    except ConfigError as err:
+        key = f"cohort.peers.{index}.model" if cfg.cohort.peers else "cohort.model"
+        raise ConfigError(f"config error: {key}: {err}") from None
+    model = model.to(device)
     extras = nn.ModuleDict()
     if peer_cfg.role == "teacher":
         load_teacher(model, peer_cfg)
-    elif method is not None:
+    elif peer_cfg.weights:
+        load_weights(model, peer_cfg, "weights")
+    if peer_cfg.role == "student" and method is not None:
         torch.manual_seed(cfg.run.seed * 1009 + index + 7919)
         extras.update(method.extra_modules(index, model, input_shape, num_classes))
     params = [*model.parameters(), *extras.parameters()]
@@ -145,28 +155,30 @@ def refresh_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def read_weights(path: str | Path, peer_name: str | None = None) -> dict[str, torch.Tensor]:
+def read_weights(
+    path: str | Path, peer_name: str | None = None, key: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """A model state_dict from a file: a plain state_dict (final/<peer>.pt), a {"model": ...}
     dict (a cohort checkpoint's step-N/<peer>.pt), or a checkpoint's step-N folder (the file of
     the peer called `peer_name`, or of its only peer). Loaded with weights_only=True: tensors
-    and plain containers, no arbitrary objects."""
+    and plain containers, no arbitrary objects. `key`: the config key named in errors."""
     path = Path(path)
     if path.is_dir():
         path = _peer_file(path, peer_name)
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise ConfigError(f"config error: checkpoint {path}: no such file") from None
+        raise ConfigError(f"config error: {key} {path}: no such file") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
-            f"config error: checkpoint {path}: not a readable torch file ({first})"
+            f"config error: {key} {path}: not a readable torch file ({first})"
         ) from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    for inner in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(inner), dict):
+            obj = obj[inner]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ConfigError(f"config error: checkpoint {path}: no model state_dict in it")
+        raise ConfigError(f"config error: {key} {path}: no model state_dict in it")
     return obj
 
 
@@ -190,16 +202,22 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_teacher(model: nn.Module, peer_cfg: PeerConfig) -> nn.Module:
-    """Load a teacher's weights into `model` (strictly) and freeze it."""
-    state = read_weights(peer_cfg.checkpoint or "", peer_cfg.name)
+def load_weights(model: nn.Module, peer_cfg: PeerConfig, key: str = "checkpoint") -> nn.Module:
+    """Load the file of the peer's `key` (checkpoint or weights) into `model`, strictly."""
+    path = getattr(peer_cfg, key) or ""
+    state = read_weights(path, peer_cfg.name, key)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).strip().splitlines()]
         first = lines[1] if len(lines) > 1 else lines[0]
         raise ConfigError(
-            f"config error: checkpoint {peer_cfg.checkpoint} does not fit model "
+            f"config error: {key} {path} does not fit model "
             f"{peer_cfg.model!r} {peer_cfg.args or ''}: {first}"
         ) from None
-    return freeze(model)
+    return model
+
+
+def load_teacher(model: nn.Module, peer_cfg: PeerConfig) -> nn.Module:
+    """Load a teacher's weights into `model` (strictly) and freeze it."""
+    return freeze(load_weights(model, peer_cfg))
