@@ -41,6 +41,7 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
         run_peer,
         under_launcher,
     )
+    from dml_cluster.preemption import launcher_wait_s
 
     if under_launcher():  # one peer of a cohort; its launcher's --nproc is not ours to check
         stop_on_signals()
@@ -63,7 +64,8 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
             "becomes zmq (choose with --set bus.transport=zmq|torch)",
             err=True,
         )
-    sys.exit(launch_elastic(config, list(overrides), size, max_restarts))
+    wait_s = launcher_wait_s(cfg)
+    sys.exit(launch_elastic(config, list(overrides), size, max_restarts, wait_s))
 
 
 def _check_nproc(nproc: int | None, size: int, max_restarts: int) -> None:

@@ -33,6 +33,7 @@ from dml_cluster.devices import cohort_device_type, hosted_devices, process_grou
 from dml_cluster.errors import ConfigError, DmlError, PeerError, ReportedElsewhere
 from dml_cluster.metrics import metrics_observers
 from dml_cluster.precision import check_precision
+from dml_cluster.preemption import CohortStop, stop_margin
 from dml_cluster.run_lock import claim_run_folder
 from dml_cluster.signals import LAUNCHER_ENV, local_reporter, signal_name
 from dml_cluster.trainer import CohortTrainer, Placement
@@ -231,7 +232,8 @@ def run_peer(cfg: Config) -> dict[str, Any]:
             make_bus = TRANSPORTS[cfg.bus.transport]
             bus = make_bus(cfg, rank, world, wire_id=wire_id, device=bus_device)
             placement = Placement((rank,), device, reporter=rank == 0)
-            return CohortTrainer(cfg, bus, placement, observers, control).run()
+            stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
+            return CohortTrainer(cfg, bus, placement, observers, control, stop).run()
     except PeerError:
         _let_the_cause_exit_first()
         raise
@@ -253,6 +255,11 @@ def _let_the_cause_exit_first() -> None:
     takes a second or more), so the launcher reports the cause and its exit code."""
     if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         time.sleep(CAUSE_GRACE_S)
+
+
+def _store() -> dist.Store:
+    """The rendezvous store of the default process group (shared by the cohort's processes)."""
+    return dist.distributed_c10d._get_default_store()
 
 
 def _leave_group() -> None:
@@ -292,11 +299,14 @@ def _root_cause(err: Any) -> tuple[int, Any]:
     return rank, pool[rank]
 
 
-def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: int = 0) -> int:
+def launch_elastic(
+    config: str, overrides: list[str], nproc: int, max_restarts: int = 0, wait_s: int = 30
+) -> int:
     """Start `nproc` peer processes with torch.distributed.run (torchrun), one node, c10d store.
 
     An explicit c10d endpoint (not --standalone) keeps restarts working with gloo
-    (pytorch/pytorch#135712). Returns the exit code to use.
+    (pytorch/pytorch#135712). Returns the exit code to use. `wait_s`: how long the launcher
+    waits for the peers after passing a SIGTERM on (their checkpoint save) before killing them.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -310,6 +320,7 @@ def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: 
     for item in overrides:
         argv += ["--set", item]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(wait_s))
     # a fresh worker store for every restart: keys left by the failed attempt in a shared store
     # break the restarted group's gloo set-up (pytorch/pytorch#135712, DESIGN.md section 8)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -329,6 +340,11 @@ def launch_elastic(config: str, overrides: list[str], nproc: int, max_restarts: 
         rank, failure = _root_cause(err)
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
         error = PeerError(f"peer process rank {rank} failed with exit code {code}")
+        if {f.exitcode for f in err.failures.values()} == {128 + signal.SIGTERM}:
+            error = PeerError(
+                f"the peers stopped on SIGTERM (exit {code}), after saving a checkpoint where the "
+                "cohort stopped (checkpoint.on_signal): run the same command again to resume"
+            )
         error.exit_code = code
         raise error from None
     finally:

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 LAUNCHER_ENV = "DML_CLUSTER_LAUNCHER"
@@ -25,14 +26,15 @@ HARD_STOP_S = 5.0
 blocking C++ call, where Python handlers cannot run) exits at once, with the same status."""
 
 _watching = False
+_hard_stop_after: dict[int, float] = {}  # a signal's own delay (a deferred SIGTERM's grace)
 
 
 class Interrupted(BaseException):
     """A stop signal reached this process. A BaseException, as KeyboardInterrupt is: no
     `except Exception` on the way stops it, every `finally` (bus, process group) still runs."""
 
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal_name(signum))
+    def __init__(self, signum: int, message: str | None = None) -> None:
+        super().__init__(message or signal_name(signum))
         self.signum = signum
         self.exit_code = 128 + signum
 
@@ -62,14 +64,36 @@ def stop_on_signals() -> None:
     there HARD_STOP_S later ends at once (a Python handler cannot run while C++ holds the main
     thread)."""
 
-    def interrupted(signum: int, frame: FrameType | None) -> None:
-        for stop in STOP_SIGNALS:
-            signal.signal(stop, signal.SIG_IGN)
-        raise Interrupted(signum)
-
     for stop in STOP_SIGNALS:
-        signal.signal(stop, interrupted)
+        signal.signal(stop, _interrupted)
     _watch_for_a_stuck_stop()
+
+
+def _interrupted(signum: int, frame: FrameType | None) -> None:
+    for stop in STOP_SIGNALS:
+        signal.signal(stop, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def defer_sigterm(requested: Callable[[int], None], grace_s: float) -> None:
+    """From now on SIGTERM calls `requested` (once; later ones are ignored) instead of stopping
+    the process: the trainer stops at a step the cohort agrees on and saves there. The hard stop
+    after a SIGTERM waits `grace_s` rather than HARD_STOP_S. SIGINT still stops at once."""
+
+    def deferred(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        requested(signum)
+
+    _hard_stop_after[signal.SIGTERM] = grace_s
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:  # not stopping already
+        signal.signal(signal.SIGTERM, deferred)
+
+
+def undefer_sigterm() -> None:
+    """SIGTERM stops at once again (stop_on_signals), unless one has come already."""
+    _hard_stop_after.pop(signal.SIGTERM, None)
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 def _watch_for_a_stuck_stop() -> None:
@@ -85,7 +109,7 @@ def _watch_for_a_stuck_stop() -> None:
 
     def watch() -> None:
         signum = os.read(wake_read, 1)[0]
-        time.sleep(HARD_STOP_S)
+        time.sleep(_hard_stop_after.get(signum, HARD_STOP_S))
         if reports_signals():
             os.write(2, f"dml-cluster: stopped by {signal_name(signum)}\n".encode())
         os._exit(128 + signum)

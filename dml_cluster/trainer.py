@@ -38,6 +38,7 @@ from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_ste
 from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, RunPlan
 from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.precision import autocast, to_layout
+from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.run_folder import JsonlLog, write_json_atomic
 
 
@@ -77,11 +78,14 @@ class CohortTrainer:
         placement: Placement,
         observers: Sequence[Observer] = (),
         control: Control | None = None,
+        stop: CohortStop | None = None,
     ) -> None:
         """`control`: the channel the cohort's processes agree on checkpoints through (default:
-        `LocalControl`, for a process hosting the whole cohort)."""
+        `LocalControl`, for a process hosting the whole cohort); `stop`: where the cohort stops
+        and saves after a SIGTERM (default: this process alone decides)."""
         self.cfg, self.bus, self.placement = cfg, bus, placement
         self.control = control if control is not None else LocalControl()
+        self.stop = stop if stop is not None else CohortStop(cfg)
         self.observers = list(observers)
         self._exchange_seconds = self._wait_seconds = 0.0
         self.size = len(cfg.peers)
@@ -258,6 +262,7 @@ class CohortTrainer:
         try:
             return self._run()
         finally:
+            self.stop.disarm()
             gc.unfreeze()
 
     def _run(self) -> dict[str, Any]:
@@ -273,6 +278,7 @@ class CohortTrainer:
         if self.placement.reporter:
             record_data(self.run_dir / DATA_FILE, self.data, self.normalisation)
         restored = self._resume()
+        self.stop.arm()  # from here a SIGTERM stops the cohort at an agreed step, saved
         at = restored.position if restored else Position(0, 0, 0)
         history: list[dict[str, Any]] = restored.history if restored else []
         step = at.step
@@ -286,6 +292,10 @@ class CohortTrainer:
                 result = self.train_step(x, y, step, fingerprint(idx))
                 self._observe_step(step, epoch, y, result, time.perf_counter() - t0)
                 step += 1
+                stopping = self.stop.after(step)
+                if s + 1 < per_epoch and step < max_steps and stopping:
+                    self._checkpoint(Position(epoch, s + 1, step), history)
+                    raise self._preempted(step)
                 if s + 1 < per_epoch and step < max_steps and self.checkpoints.due(step):
                     self._checkpoint(Position(epoch, s + 1, step), history)
             for peer in self.peers.values():
@@ -305,12 +315,21 @@ class CohortTrainer:
                     observer.on_eval(evaluated)
             if self.checkpoints.enabled:
                 self._checkpoint(Position(epoch + 1, 0, step), history)
+            if self.stop.stop_at is not None and step >= self.stop.stop_at and step < max_steps:
+                raise self._preempted(step)  # asked to stop at this epoch's end: saved just now
         summary = self._finish(history, step, time.perf_counter() - start)
         for observer in self.observers:
             observer.on_end(summary)
         return summary
 
     # -- checkpoints ------------------------------------------------------------------------
+
+    def _preempted(self, step: int) -> Preempted:
+        """The cohort stopped on SIGTERM after saving at `step`: a record in every log."""
+        for log in [*self.peer_logs.values(), self.cohort_log]:
+            if log is not None:
+                log.write("preempted", step=step, signal="SIGTERM")
+        return Preempted(step)
 
     def _checkpoint(self, at: Position, history: list[dict[str, Any]]) -> None:
         """Save the hosted peers; the cohort confirms over the control channel. Every process

@@ -18,6 +18,7 @@ from typing import Any
 from dml_cluster.k8s.meta import Job
 from dml_cluster.k8s.pod import CONFIG_PATH, base_env, container, pod_spec
 from dml_cluster.k8s.security import seal_pod
+from dml_cluster.preemption import launcher_wait_s
 
 RDZV_PORT_NAME = "c10d"
 MASTER_PORT_NAME = "pytorchjob-port"  # the port name the training operator reads MASTER_PORT from
@@ -74,6 +75,8 @@ def torchrun_env(job: Job) -> list[dict[str, str]]:
         {"name": "PET_MAX_RESTARTS", "value": str(opts.max_restarts)},
         # a restarted group needs a fresh store: stale keys in the shared one break gloo
         {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
+        # after passing a SIGTERM on, wait for the peers' checkpoint save before killing them
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(launcher_wait_s(job.cfg))},
     ]
 
 
