@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,8 @@ class Suite:
     sections: dict[str, str]  # section -> heading
     quick: tuple[str, ...] = ()  # overrides of --quick
     epoch_rows: tuple[str, ...] = ()  # sections whose train.epochs --epochs sets
+    core: tuple[str, ...] = ()  # the rows run first (their first three seeds)
+    steps_per_epoch: int = 0  # of the epoch_rows: --epochs caps the other rows' steps alike
 
 
 _SCALED_KD = ("method.warmup_epochs",)
@@ -187,66 +189,35 @@ FMNIST = Suite(
     },
     quick=("data.name=digits", "data.batch_size=32", "train.eval_every=1"),
     epoch_rows=("main", "teacher"),
+    core=("ind", "dml2"),
+    steps_per_epoch=3000 // 128,  # the 3,000-image subset at batch 128
 )
 
 CIFAR = Suite(
     name="cifar100",
     teacher=Row(
         "teacher",
-        "teacher resnet32x4 (mdistiller recipe)",
+        "teacher resnet32x4 (mdistiller's recipe)",
         "configs/cifar100-resnet32x4-teacher.yaml",
         section="teacher",
         seeds=1,
         baseline=None,
     ),
     rows=(
-        Row(
-            "ind",
-            "ResNet-32 alone, K = 2",
-            "configs/cifar100-dml-resnet32.yaml",
-            ("method.name=independent",),
-            "main",
-            1,
-            None,
-        ),
+        Row("ind", "ResNet-32 alone, K = 2", "configs/cifar100-dml-resnet32.yaml",
+            ("method.name=independent",), "main", 1, None),
         Row("dml2", "DML ResNet-32, K = 2", "configs/cifar100-dml-resnet32.yaml", (), "main", 1),
-        Row(
-            "r8x4",
-            "resnet8x4 alone",
-            "configs/cifar100-kd-res32x4-res8x4.yaml",
-            ("method.kd_weight=0.0",),
-            "teacher",
-            1,
-            None,
-            teacher=True,
-        ),
-        Row(
-            "kd",
-            "KD resnet32x4 -> resnet8x4",
-            "configs/cifar100-kd-res32x4-res8x4.yaml",
-            (),
-            "teacher",
-            1,
-            "r8x4",
-            teacher=True,
-        ),
-        Row(
-            "dkd",
-            "DKD resnet32x4 -> resnet8x4",
-            "configs/cifar100-dkd-res32x4-res8x4.yaml",
-            (),
-            "teacher",
-            1,
-            "r8x4",
-            teacher=True,
-        ),
+        Row("r8x4", "resnet8x4 alone", "configs/cifar100-resnet8x4.yaml", (), "teacher", 1, None),
+        Row("kd", "KD resnet32x4 -> resnet8x4", "configs/cifar100-kd-res32x4-res8x4.yaml", (),
+            "teacher", 1, "r8x4", teacher=True),
+        Row("dkd", "DKD resnet32x4 -> resnet8x4", "configs/cifar100-dkd-res32x4-res8x4.yaml",
+            (), "teacher", 1, "r8x4", teacher=True),
     ),
     sections={
         "main": "DML paper: ResNet-32 pair (200 epochs)",
         "teacher": "mdistiller: resnet32x4 -> resnet8x4 (240 epochs)",
     },
-    quick=("train.epochs=1", "train.max_steps=2", "data.batch_size=8"),
-)
+)  # fmt: skip
 SUITES = {s.name: s for s in (FMNIST, CIFAR)}
 
 
@@ -359,6 +330,8 @@ def job_overrides(
         out.append(f"train.epochs={args.epochs}")
     if args.epochs:
         out += [f"{key}={scaled_value(row, key, args.epochs)}" for key in row.scaled]
+    if args.epochs and suite.steps_per_epoch and row.section == "semi":
+        out.append(f"train.max_steps={args.epochs * suite.steps_per_epoch}")
     if args.root:
         out.append(f"data.root={args.root}")
     if args.quick:
@@ -390,9 +363,7 @@ def teacher_overrides(cfg_path: str, teacher_file: str) -> list[str]:
 
 
 def plan(suite: Suite, args: argparse.Namespace, done: set[tuple[str, int]]) -> list[Job]:
-    """Every (row, seed) not done yet, cheapest-to-lose last: the teacher, then the first three
-    seeds of every row, then the further seeds of the rows that have them."""
-    seeds = args.seeds
+    """Every (row, seed) not done yet, in `run_order`, after the teacher."""
     teacher_file = ""
     jobs: list[Job] = []
     if suite.teacher is not None:
@@ -403,23 +374,22 @@ def plan(suite: Suite, args: argparse.Namespace, done: set[tuple[str, int]]) -> 
         if (t.key, 0) not in done or not Path(teacher_file).exists():
             jobs.append(Job(t, 0, tov, str(teacher_dir), None))
     wanted = [r for r in suite.rows if not args.rows or r.key in args.rows]
-    limit = lambda row: min(row.seeds, seeds) if seeds else row.seeds  # noqa: E731
-    for tier in (range(0, 3), range(3, 10**6)):
-        for seed_row in _interleave(wanted, tier, limit):
-            row, seed = seed_row
-            if (row.key, seed) in done:
-                continue
-            ov = job_overrides(suite, row, seed, args, teacher_file)
-            run_dir = str(Path(args.out) / f"{suite.name}-{row.key}-s{seed}")
-            jobs.append(Job(row, seed, ov, run_dir, teacher_file if row.teacher else None))
+    for row, seed in run_order(wanted, lambda row: args.seeds or row.seeds, suite.core):
+        if (row.key, seed) in done:
+            continue
+        ov = job_overrides(suite, row, seed, args, teacher_file)
+        run_dir = str(Path(args.out) / f"{suite.name}-{row.key}-s{seed}")
+        jobs.append(Job(row, seed, ov, run_dir, teacher_file if row.teacher else None))
     return jobs
 
 
-def _interleave(rows: Sequence[Row], tier: range, limit: Any) -> Iterable[tuple[Row, int]]:
-    for seed in tier:
-        for row in rows:
-            if seed < limit(row):
-                yield row, seed
+def run_order(rows: Sequence[Row], seeds: Any, core: Sequence[str]) -> list[tuple[Row, int]]:
+    """The core comparison's first three seeds, then every other (row, seed) seed by seed: cut
+    short, the benchmark still holds the core comparison and one seed of every row."""
+    first = [(r, s) for s in range(3) for r in rows if r.key in core and s < seeds(r)]
+    most = max((seeds(r) for r in rows), default=0)
+    rest = [(r, s) for s in range(most) for r in rows if s < seeds(r) and (r, s) not in first]
+    return first + rest
 
 
 # -- statistics and tables ----------------------------------------------------------------------
@@ -659,23 +629,24 @@ def analyze_pairs(suite: Suite, saved: dict[str, Any], args: argparse.Namespace)
 
 
 def commit() -> str:
+    """The commit measured; a working tree changed beyond benchmarks/ says so."""
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            text=True,
-            capture_output=True,
-        ).stdout.strip()
-        return sha + ("+uncommitted changes" if dirty else "")
+        sha = git("rev-parse", "--short", "HEAD")
+        dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no")
+                 .splitlines()]  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    if any(not path.startswith("benchmarks/") for path in dirty):
+        return sha + " + uncommitted changes"
+    if dirty:
+        return sha + " (the benchmark script itself changed since: " + ", ".join(dirty) + ")"
+    return sha
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, text=True, capture_output=True, check=True
+    ).stdout.strip()
 
 
 def load_saved(path: Path) -> dict[str, Any]:
@@ -706,7 +677,7 @@ def run_all(jobs: list[Job], workers: int, nice: int, on_result: Any) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--suite", choices=sorted(SUITES), default="fmnist3k")
-    p.add_argument("--seeds", type=int, default=0, help="at most this many seeds per row")
+    p.add_argument("--seeds", type=int, default=0, help="seeds per row (default: the row's)")
     p.add_argument("--epochs", type=int, default=0, help="shorter schedule (fmnist3k rows)")
     p.add_argument("--rows", type=lambda s: set(s.split(",")), default=set())
     p.add_argument("--root", default=None, help="data.root (the CIFAR-100 folder)")
@@ -723,6 +694,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--draws", type=int, default=5)
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown only")
+    p.add_argument("--dry-run", action="store_true", help="print the runs' commands, run none")
     p.add_argument("--markdown", default=None)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -744,6 +716,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.render_only:
         done = {(r["row"], r["seed"]) for r in saved["runs"]}
         jobs = plan(suite, args, done)
+        if args.dry_run:
+            for job in jobs:
+                sets = " ".join(f"--set {o}" for o in job.overrides)
+                print(f"dml-cluster train {job.row.config} {sets}")
+            return
         print(f"== {len(jobs)} runs to do ({len(done)} done before)", flush=True)
         start = time.perf_counter()
         elapsed_before = saved["meta"].get("total_minutes", 0.0)

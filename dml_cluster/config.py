@@ -190,9 +190,20 @@ class CohortConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    name: Literal["constant", "step", "cosine"] = "constant"
+    name: Literal["constant", "step", "multistep", "cosine"] = "constant"
     step_epochs: int = Field(60, ge=1)
+    milestones: list[int] = Field(
+        default_factory=list, description="multistep: the epochs after which lr *= gamma"
+    )
     gamma: float = Field(0.1, gt=0.0)
+
+    @model_validator(mode="after")
+    def _milestones(self) -> ScheduleConfig:
+        if self.name == "multistep" and not self.milestones:
+            raise ValueError("the multistep schedule needs milestones (epochs, e.g. [150, 180])")
+        if self.milestones != sorted(set(self.milestones)) or min(self.milestones, default=1) < 1:
+            raise ValueError("milestones must be increasing epochs >= 1")
+        return self
 
 
 class OptimConfig(Strict):

@@ -3,7 +3,9 @@ and batch order across methods, and DML_e's two ensembles."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from dml_cluster.method_config.dml import DMLConfig
 from dml_cluster.methods import StepView, build_method
 
 from .cohort_runs import train_each
-from .conftest import final_weights
+from .conftest import REPO, final_weights
 
 LABELS = torch.arange(1000) % 10
 LABELS = LABELS[torch.randperm(1000, generator=torch.Generator().manual_seed(3))]
@@ -154,3 +156,70 @@ def test_dml_e_logits_pulls_towards_the_geometric_mean() -> None:
     with pytest.raises(ConfigError, match="ensemble is a setting of dml_e only"):
         parse_config({"cohort": {"size": 2, "model": "mlp"},
                       "method": {"name": "dml", "ensemble": "logits"}})  # fmt: skip
+
+
+CIFAR_RECIPES = {
+    # config: (models, epochs, batch, lr, nesterov, schedule, method)
+    "configs/cifar100-dml-resnet32.yaml": (["resnet32"] * 2, 200, 64, 0.1, True, "step", "dml"),
+    "configs/cifar100-resnet32x4-teacher.yaml": (["resnet32x4"], 240, 64, 0.05, False,
+                                                  "multistep", "independent"),
+    "configs/cifar100-resnet8x4.yaml": (["resnet8x4"], 240, 64, 0.05, False, "multistep",
+                                        "independent"),
+    "configs/cifar100-kd-res32x4-res8x4.yaml": (["resnet8x4", "resnet32x4"], 240, 64, 0.05, False,
+                                                "multistep", "kd"),
+    "configs/cifar100-dkd-res32x4-res8x4.yaml": (["resnet8x4", "resnet32x4"], 240, 64, 0.05,
+                                                 False, "multistep", "dkd"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", sorted(CIFAR_RECIPES))
+def test_cifar100_recipes_validate(path: str) -> None:
+    models, epochs, batch, lr, nesterov, schedule, method = CIFAR_RECIPES[path]
+    cfg = load_config(REPO / path)
+    assert [p.model for p in cfg.peers] == models and cfg.method.name == method
+    assert (cfg.train.epochs, cfg.data.batch_size, cfg.optim.lr) == (epochs, batch, lr)
+    assert cfg.optim.nesterov is nesterov and cfg.optim.weight_decay == 5e-4
+    assert cfg.optim.schedule.name == schedule and cfg.optim.schedule.gamma == 0.1
+    if schedule == "multistep":
+        assert cfg.optim.schedule.milestones == [150, 180, 210]
+    assert cfg.data.name == "cifar100" and cfg.data.augment.crop_padding == 4
+    assert cfg.data.augment.flip is True
+
+
+def test_multistep_schedule_divides_at_the_milestones() -> None:
+    from dml_cluster.cohort import build_scheduler
+
+    cfg = load_config(REPO / "configs/cifar100-resnet8x4.yaml").optim.schedule
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    sched = build_scheduler(opt, cfg, 240)
+    lrs = []
+    for _ in range(240):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[149] == pytest.approx(0.05) and lrs[150] == pytest.approx(0.005)
+    assert lrs[180] == pytest.approx(5e-4) and lrs[239] == pytest.approx(5e-5)
+    with pytest.raises(ConfigError, match="multistep schedule needs milestones"):
+        parse_config({"cohort": {"size": 1, "model": "mlp"},
+                      "optim": {"schedule": {"name": "multistep"}}})  # fmt: skip
+
+
+def test_cifar100_suite_lists_one_command_per_run(capsys: pytest.CaptureFixture) -> None:
+    spec = importlib.util.spec_from_file_location("accuracy", REPO / "benchmarks/accuracy.py")
+    accuracy = importlib.util.module_from_spec(spec)
+    sys.modules["accuracy"] = accuracy  # its dataclasses look their module up
+    spec.loader.exec_module(accuracy)
+    accuracy.main(["--suite", "cifar100", "--root", "/data/c100", "--out", "R", "--dry-run",
+                   "--json", "/nonexistent/none.json"])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    assert [line.split()[2] for line in lines] == [
+        "configs/cifar100-resnet32x4-teacher.yaml",
+        "configs/cifar100-dml-resnet32.yaml",
+        "configs/cifar100-dml-resnet32.yaml",
+        "configs/cifar100-resnet8x4.yaml",
+        "configs/cifar100-kd-res32x4-res8x4.yaml",
+        "configs/cifar100-dkd-res32x4-res8x4.yaml",
+    ]
+    assert all("--set data.root=/data/c100" in line for line in lines)
+    teacher = "--set cohort.peers.1.checkpoint=R/cifar100-teacher-s0/final/teacher.pt"
+    assert all(teacher in line for line in lines[-2:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,3 +53,22 @@ def test_step_ratio_quick() -> None:
 def test_step_ratio_cli_mode_quick() -> None:
     out = run_script("step_ratio.py", "--mode", "cli", "--transports", "zmq")
     assert "| lockstep, zmq |" in out
+
+
+@pytest.mark.timeout(400)
+def test_gpu_check_dry_run(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py's code path on CPU devices and gloo (the zmq parity run is left
+    out here: tests/test_multiprocess.py covers it)."""
+    out_json = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--dry-run",
+         "--transports", "torch", "--out", str(out_json)],
+        cwd=REPO, capture_output=True, text=True, timeout=380,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "## GPU check (dry run" in proc.stdout and "### (c) samples/s per peer" in proc.stdout
+    assert "| 2 | processes (torch) | resnet20 |" in proc.stdout
+    assert "| 1 | plain PyTorch loop | small_cnn |" in proc.stdout
+    results = json.loads(out_json.read_text())
+    assert results["parity"]["max_abs_diff"] == {"torch": 0.0}  # bitwise, as on the GPU
+    assert all(p["falls"] for p in results["mixed"]["peers"].values())
