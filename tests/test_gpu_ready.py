@@ -306,3 +306,18 @@ def test_staging_on_the_cpu_converts_once_and_keeps_values() -> None:
         assert host.dtype == dtype and host.is_contiguous() and host.device == CPU
         assert torch.equal(host, x.to(dtype))
     assert to_device(x, CPU) is x
+
+
+def test_the_installed_torch_is_in_the_declared_range() -> None:
+    """pyproject declares torch >=2.11,<2.15; the suite runs on what is installed (2.13 here)."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    text = (REPO / "pyproject.toml").read_text()
+    spec = next(
+        Requirement(line.strip().strip('",'))
+        for line in text.splitlines()
+        if line.strip().startswith('"torch>=')
+    )
+    assert str(spec.specifier) == "<2.15,>=2.11"
+    assert Version(torch.__version__.split("+")[0]) in spec.specifier
