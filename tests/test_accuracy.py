@@ -211,7 +211,7 @@ def test_cifar100_suite_lists_one_command_per_run(capsys: pytest.CaptureFixture)
     spec.loader.exec_module(accuracy)
     accuracy.main(["--suite", "cifar100", "--root", "/data/c100", "--out", "R", "--dry-run",
                    "--json", "/nonexistent/none.json"])  # fmt: skip
-    lines = capsys.readouterr().out.strip().splitlines()[1:]
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[2] for line in lines] == [
         "configs/cifar100-resnet32x4-teacher.yaml",
         "configs/cifar100-dml-resnet32.yaml",
