@@ -15,7 +15,8 @@ import importlib.util
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -66,13 +67,13 @@ def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | 
 
 class _AutocastForward:
     """A model's forward run under autocast: an instance attribute, so state_dict, parameters
-    and hooks are the model's own."""
+    and hooks are the model's own (`torch.autocast` itself inside, which torch.compile traces)."""
 
-    def __init__(self, forward: nn.Module, precision: str, device: torch.device) -> None:
-        self.forward, self.precision, self.device = forward, precision, device
+    def __init__(self, forward: Callable[..., Tensor], dtype: torch.dtype, device_type: str):
+        self.forward, self.dtype, self.device_type = forward, dtype, device_type
 
-    def __call__(self, *args, **kwargs):
-        with autocast(self.precision, self.device):
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        with torch.autocast(device_type=self.device_type, dtype=self.dtype):
             return self.forward(*args, **kwargs)
 
 
@@ -80,8 +81,9 @@ def prepare_model(model: nn.Module, run: RunConfig, device: torch.device) -> nn.
     """Layout, autocast and compilation of a peer's model, in place (the same module back)."""
     if run.channels_last:
         model.to(memory_format=torch.channels_last)
-    if AUTOCAST_DTYPES[run.precision] is not None:
-        model.forward = _AutocastForward(model.forward, run.precision, device)
+    dtype = AUTOCAST_DTYPES[run.precision]
+    if dtype is not None:
+        model.forward = _AutocastForward(model.forward, dtype, device.type)
     if run.compile:
         compile_model(model, run.compile, device)
     return model
