@@ -3,6 +3,7 @@ of AdaptiveAvgPool2d and weighted bincount (same numbers as before), placement, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import class_counts, per_class_accuracy, predict
 from dml_cluster.models import build_model, model_names
 from dml_cluster.models._common import GlobalAvgPool
-from dml_cluster.precision import check_precision, make_scaler, prepare_model
+from dml_cluster.precision import check_precision, compile_model, make_scaler, prepare_model
 
 from .conftest import REPO, cli_env
 
@@ -321,3 +322,20 @@ def test_the_installed_torch_is_in_the_declared_range() -> None:
     )
     assert str(spec.specifier) == "<2.15,>=2.11"
     assert Version(torch.__version__.split("+")[0]) in spec.specifier
+
+
+def test_compile_settings_and_a_platform_that_cannot_compile(capsys) -> None:
+    def setting(value):
+        return parse_config({"cohort": COHORT, "run": {"compile": value}}).run.compile
+
+    assert (setting(False), setting(True), setting("max-autotune")) == (False, True, "max-autotune")
+    with pytest.raises(ConfigError, match="run.compile"):
+        setting("fastest")
+    model = nn.Linear(3, 2)
+    missing = importlib.util.find_spec("triton") is None
+    if missing:  # this machine: no triton, so CUDA models cannot be compiled -> eager, one line
+        assert compile_model(model, True, torch.device("cuda")) is False
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["dml-cluster: run.compile: torch.compile needs triton for CUDA, which is "
+                       "not installed; running eagerly"]  # fmt: skip
+        assert model(torch.ones(1, 3)).shape == (1, 2)
