@@ -21,13 +21,17 @@ from dml_cluster.config import parse_config
 from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model, check_model_name, is_builtin, timm_source
 
-from .cohort_runs import cli_each
-from .conftest import final_weights
+from .cohort_runs import cli_each, sets, train_many
+from .conftest import final_weights, max_weight_diff
 from .faults_helpers import snapshot
 from .model_factories import tiny_net
 
 DIGITS = (1, 8, 8)
 FACTORY = "tests.model_factories:tiny_net"
+PAIR = [  # a torchvision model and a factory's, in one process and one process each
+    {"name": "tv", "model": "torchvision.shufflenet_v2_x0_5"},
+    {"name": "own", "model": FACTORY},
+]
 MIXED = [
     {"name": "tv", "model": "torchvision.mobilenet_v3_small"},
     {"name": "timm", "model": "timm.test_resnet"},
@@ -145,6 +149,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     mixed = [p | {"weights": str(root / "own.pt")} if p["name"] == "own" else p for p in MIXED]
     good = {
         "mixed": _config(root, "mixed", mixed),
+        "pair": _config(root, "pair", PAIR),
         "fitnets": _config(
             root,
             "fitnets",
@@ -174,6 +179,20 @@ def test_a_mixed_cohort_trains_from_a_config(runs: dict[str, Any]) -> None:
     cohort = [json.loads(line) for line in (run_dir / "cohort.jsonl").read_text().splitlines()]
     evals = [r["ensemble"] for r in cohort if "ensemble" in r]
     assert evals and evals[-1]["members"] == [p["name"] for p in MIXED]
+
+
+def test_a_mixed_cohort_in_one_process_per_peer_ends_bitwise_as_in_one(
+    runs: dict[str, Any],
+) -> None:
+    """torch.distributed (gloo), a process per peer: the same final weights, bitwise (each
+    peer's initialisation and its build-time probe depend on nothing of the layout)."""
+    root = runs["root"]
+    assert runs["results"]["pair"].returncode == 0, runs["results"]["pair"].stderr[-2000:]
+    settings = sets("run.name=pair-torch", "bus.transport=torch")
+    proc = train_many([[str(root / "pair.yaml"), *settings]], root / "pair.json", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = final_weights(root / "runs" / "pair")
+    assert max_weight_diff(final_weights(root / "runs" / "pair-torch"), reference) == 0.0
 
 
 def test_fitnets_takes_module_names_of_torchvision_and_timm_models(runs: dict[str, Any]) -> None:
