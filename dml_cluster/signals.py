@@ -108,7 +108,11 @@ def _watch_for_a_stuck_stop() -> None:
     signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
 
     def watch() -> None:
+        # every signal with a Python handler is written here, not only the stop signals: the
+        # SIGCHLD of a DataLoader worker that ends (torch installs a handler) must not stop us
         signum = os.read(wake_read, 1)[0]
+        while signum not in STOP_SIGNALS:
+            signum = os.read(wake_read, 1)[0]
         time.sleep(_hard_stop_after.get(signum, HARD_STOP_S))
         if reports_signals():
             os.write(2, f"dml-cluster: stopped by {signal_name(signum)}\n".encode())

@@ -17,12 +17,17 @@ def write_imagefolder(
     val_per_class: int = 12,
     size: tuple[int, int] = (12, 10),
     seed: int = 0,
+    classes: int = len(CLASSES),
 ) -> Path:
-    """Write len(CLASSES) * (per_class + val_per_class) RGB PNGs of `size` (w, h); returns root."""
+    """Write `classes` * (per_class + val_per_class) RGB PNGs of `size` (w, h); returns root.
+    The class folders are CLASSES, or class00, class01, ... for more than four classes."""
     rng = np.random.default_rng(seed)
-    colours = rng.integers(40, 216, size=(len(CLASSES), 3))
+    names = (
+        CLASSES[:classes] if classes <= len(CLASSES) else [f"class{i:02d}" for i in range(classes)]
+    )
+    colours = rng.integers(40, 216, size=(classes, 3))
     for split, count in (("train", per_class), ("val", val_per_class)):
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(names):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):

@@ -4,6 +4,8 @@ MNIST layout), normalisation recorded once, unreadable images named."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +123,15 @@ def test_mnist_in_torchvision_layout_is_read_by_torchvision(tmp_path: Path) -> N
     flat = load_dataset("mnist", str(tmp_path / "flat"))
     assert torch.equal(via_tv.train.x, flat.train.x) and via_tv.normalisation == flat.normalisation
     assert via_tv.train.targets.tolist() == np.asarray(arrays["train-labels-idx1-ubyte"]).tolist()
+
+
+def test_a_loader_worker_ending_does_not_stop_the_run() -> None:
+    """The stop-signal watcher reads every signal Python handles from the wakeup pipe; the
+    SIGCHLD of a DataLoader worker that ends (torch handles it) is not a stop signal."""
+    code = (
+        "import os, signal, time; from dml_cluster import signals; signals.HARD_STOP_S = 0.05; "
+        "signals.stop_on_signals(); signal.signal(signal.SIGCHLD, lambda *a: None); "
+        "os.kill(os.getpid(), signal.SIGCHLD); time.sleep(0.5); print('still running')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "still running" in done.stdout, done.stderr
