@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 FULL_EPOCHS = 40  # the protocol's schedule, which the fmnist3k configs hold
+SUBSET_BATCH = 128  # the fmnist3k configs' batch size
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Suite:
     quick: tuple[str, ...] = ()  # overrides of --quick
     epoch_rows: tuple[str, ...] = ()  # sections whose train.epochs --epochs sets
     core: tuple[str, ...] = ()  # the rows run first (their first three seeds)
-    steps_per_epoch: int = 0  # of the epoch_rows: --epochs caps the other rows' steps alike
+    subset_classes: int = 0  # classes of the epoch_rows' training subset (--per-class sets it)
 
 
 _SCALED_KD = ("method.warmup_epochs",)
@@ -190,7 +191,7 @@ FMNIST = Suite(
     quick=("data.name=digits", "data.batch_size=32", "train.eval_every=1"),
     epoch_rows=("main", "teacher"),
     core=("ind", "dml2"),
-    steps_per_epoch=3000 // 128,  # the 3,000-image subset at batch 128
+    subset_classes=10,
 )
 
 CIFAR = Suite(
@@ -330,8 +331,14 @@ def job_overrides(
         out.append(f"train.epochs={args.epochs}")
     if args.epochs:
         out += [f"{key}={scaled_value(row, key, args.epochs)}" for key in row.scaled]
-    if args.epochs and suite.steps_per_epoch and row.section == "semi":
-        out.append(f"train.max_steps={args.epochs * suite.steps_per_epoch}")
+    if args.per_class and row.section in suite.epoch_rows:
+        out.append(f"data.train_subset.per_class={args.per_class}")
+    if args.eval_every and row.section in suite.epoch_rows:
+        out.append(f"train.eval_every={args.eval_every}")
+    reduced = args.epochs or args.per_class
+    if reduced and suite.subset_classes and row.section == "semi":  # the subset rows' steps
+        per_epoch = (args.per_class or 300) * suite.subset_classes // SUBSET_BATCH
+        out.append(f"train.max_steps={(args.epochs or FULL_EPOCHS) * per_epoch}")
     if args.root:
         out.append(f"data.root={args.root}")
     if args.quick:
@@ -465,7 +472,10 @@ def table(stats: dict[str, RowStats], rows: Sequence[Row]) -> list[str]:
 def command(suite: Suite, row: Row, meta: dict[str, Any]) -> str:
     """The `dml-cluster train` line of a row (the script adds run.name/out_dir and the teacher
     path it trained)."""
-    ns = argparse.Namespace(epochs=meta.get("epochs"), root=meta.get("root"), quick=False, out="")
+    ns = argparse.Namespace(
+        epochs=meta.get("epochs"), root=meta.get("root"), quick=False, out="",
+        per_class=meta.get("per_class"), eval_every=meta.get("eval_every"),
+    )  # fmt: skip
     ov = [o for o in job_overrides(suite, row, 0, ns, "T") if not o.startswith("run.")]
     ov = [o for o in ov if "checkpoint=T" not in o]
     sets = " ".join(f"--set {o}" for o in ov)
@@ -679,6 +689,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--suite", choices=sorted(SUITES), default="fmnist3k")
     p.add_argument("--seeds", type=int, default=0, help="seeds per row (default: the row's)")
     p.add_argument("--epochs", type=int, default=0, help="shorter schedule (fmnist3k rows)")
+    p.add_argument("--per-class", type=int, default=0, help="smaller subset (fmnist3k rows)")
+    p.add_argument("--eval-every", type=int, default=0, help="epochs between evaluations")
     p.add_argument("--rows", type=lambda s: set(s.split(",")), default=set())
     p.add_argument("--root", default=None, help="data.root (the CIFAR-100 folder)")
     p.add_argument("--out", default="runs/accuracy", help="where the run folders go")
@@ -756,7 +768,12 @@ def meta(args: argparse.Namespace, minutes: float, runs: int) -> dict[str, Any]:
     from bench_common import machine
 
     flags = " ".join(f for f, on in (("--quick", args.quick),) if on)
-    epochs = f" --epochs {args.epochs}" if args.epochs else ""
+    epochs = "".join(
+        f" --{flag} {value}"
+        for flag, value in (("epochs", args.epochs), ("per-class", args.per_class),
+                            ("eval-every", args.eval_every))
+        if value
+    )  # fmt: skip
     return {
         "command": f"python benchmarks/accuracy.py --suite {args.suite}{epochs} {flags}".strip(),
         "commit": commit(),
@@ -765,6 +782,8 @@ def meta(args: argparse.Namespace, minutes: float, runs: int) -> dict[str, Any]:
         "runs": runs,
         "workers": args.workers,
         "epochs": args.epochs or None,
+        "per_class": args.per_class or None,
+        "eval_every": args.eval_every or None,
         "root": args.root,
         "machine": machine().split(",")[0],
         "seeds": args.seeds or "per row",
