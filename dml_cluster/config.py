@@ -342,7 +342,7 @@ class Config(Strict):
         """A short hash of what decides the trained numbers: the config minus where results go
         (run.name, run.out_dir, run.log_every), how the run is watched (run.progress_every_s,
         metrics), how it is checkpointed (checkpoint) and how peers are wired and placed (bus, all
-        but its encoding).
+        but its encoding; cohort.devices).
 
         Two configs with the same hash train the same weights, bitwise: a checkpoint of one
         resumes under the other (one process <-> torchrun, zmq <-> torch), so checkpoints, the
