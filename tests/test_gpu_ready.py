@@ -222,6 +222,7 @@ def test_explicit_devices_and_their_errors() -> None:
         hosted_devices(cfg, (0, 1, 2), gpus=0)
     with pytest.raises(ConfigError, match="cohort.devices"):
         _cfg(2, ["cuda:0", "tpu"])
+    assert _cfg(2, ["cuda:1", "cpu"]).hash() == _cfg(2).hash()  # where, not what, is trained
 
 
 @pytest.mark.parametrize(
