@@ -117,9 +117,14 @@ def train(cfg: dict, workdir: Path, timeout_s: float, **settings: Any) -> Run:
         command += ["--set", f"{key.replace('__', '.')}={json.dumps(value)}"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     start = time.perf_counter()
-    done = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
-    )
+    try:
+        done = subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        raise SystemExit(
+            f"gpu_check: run {cfg['run']['name']} took over {timeout_s:.0f} s"
+        ) from None
     run = Run(
         cfg["run"]["name"],
         Path(cfg["run"]["out_dir"]) / cfg["run"]["name"],
