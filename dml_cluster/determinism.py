@@ -23,31 +23,17 @@ from collections.abc import Iterable
 
 import torch
 
-from dml_cluster.errors import ConfigError
-
 MODES = ("strict", "warn", "off")
 CUBLAS_WORKSPACE = ":4096:8"
 """cuBLAS's fixed workspace for deterministic GEMMs (CUDA's documented setting)."""
 
 
 def is_builtin_model(name: str) -> bool:
-    """Is `name` one of the project's own architectures (its ops are checked for determinism)?
+    """Is `name` one of the project's own architectures (its ops are checked for determinism),
+    not a torchvision, timm or user model? The model registry knows."""
+    from dml_cluster.models.registry import is_builtin
 
-    Asks the model registry (`is_builtin`) when it says; otherwise a model is the project's when
-    its builder lives in a `dml_cluster.models` module other than the wrappers of outside
-    libraries.
-    """
-    from dml_cluster.models import registry
-
-    says = getattr(registry, "is_builtin", None)
-    if says is not None:
-        return bool(says(name))
-    try:
-        builder = registry._lookup(name)
-    except ConfigError:  # not in the zoo: built by an outside library or a user's code
-        return False
-    module = getattr(builder, "__module__", "")
-    return module.startswith("dml_cluster.models.") and not module.endswith(".external")
+    return is_builtin(name)
 
 
 def resolve_mode(setting: str, device_type: str, models: Iterable[str]) -> str:
