@@ -102,25 +102,41 @@ def report(run_dir: str, out_dir: str | None) -> None:
 @cli.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @_SET
-@click.option("--nproc", is_flag=True,
-              help="Train each round's cohort one process per peer (torch's elastic launcher).")
-@click.option("--retrain", "retrain_best", is_flag=True,
-              help="Then train the best architecture fully with KD; report its test accuracy.")
-@click.option("--compare", multiple=True, type=click.Path(file_okay=False),
-              help="Another search's run folder to overlay on the Pareto plot (repeatable).")
+@click.option(
+    "--nproc",
+    is_flag=True,
+    help="Train each round's cohort one process per peer (torch's elastic launcher).",
+)
+@click.option(
+    "--retrain",
+    "retrain_best",
+    is_flag=True,
+    help="Then train the best architecture fully with KD; report its test accuracy.",
+)
+@click.option(
+    "--compare",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="Another search's run folder to overlay on the Pareto plot (repeatable).",
+)
 def search(
-    config: str, overrides: tuple[str, ...], nproc: bool, retrain_best: bool,
+    config: str,
+    overrides: tuple[str, ...],
+    nproc: bool,
+    retrain_best: bool,
     compare: tuple[str, ...],
 ) -> None:
     """Search the student architecture that distils best from a teacher (AKD), per CONFIG."""
     from pathlib import Path
 
+    from dml_cluster.search.settings import load_search_config
+
+    scfg = load_search_config(config, list(overrides))  # torch-free: a bad config fails fast
     from dml_cluster.search.run import run_search
 
     stop_on_signals()
-    run_search(config, list(overrides), nproc=nproc, retrain_best=retrain_best,
-               compare=[Path(c) for c in compare], say=lambda line: click.echo(line))
-    # fmt: skip
+    options = dict(nproc=nproc, retrain_best=retrain_best, compare=[Path(c) for c in compare])
+    run_search(scfg, say=click.echo, **options)
 
 
 @cli.command()

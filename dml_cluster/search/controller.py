@@ -30,12 +30,16 @@ class Sample:
 class Policy(nn.Module):
     """An LSTM over the decision sequence; one embedding table and one head per decision kind."""
 
-    def __init__(self, vocab: tuple[int, ...], kinds: tuple[int, ...], hidden: int) -> None:
+    def __init__(
+        self, vocab: tuple[int, ...], kinds: tuple[int, ...], hidden: int, bound: float
+    ) -> None:
         super().__init__()
-        self.vocab, self.kinds = vocab, kinds
+        self.vocab, self.kinds, self.bound = vocab, kinds, bound
         sizes = {k: n for k, n in zip(kinds, vocab, strict=True)}
         order = sorted(sizes)
         self.start = nn.Parameter(torch.zeros(1, hidden))
+        # which token is being decided (block b's op vs block b+1's): heads are per decision kind
+        self.position = nn.Parameter(0.1 * torch.randn(len(kinds), hidden))
         self.embeds = nn.ModuleList(nn.Embedding(sizes[k], hidden) for k in order)
         self.heads = nn.ModuleList(nn.Linear(hidden, sizes[k]) for k in order)
         self.cell = nn.LSTMCell(hidden, hidden)
@@ -52,8 +56,10 @@ class Policy(nn.Module):
         state: tuple[Tensor, Tensor] | None = None
         picked, log_prob, entropy = [], torch.zeros(count), torch.zeros(count)
         for t, kind in enumerate(self.kinds):
-            state = self.cell(x, state)
+            state = self.cell(x + self.position[t], state)
             logits = self.heads[kind](state[0])
+            if self.bound > 0:  # ENAS's tanh constant: no choice's odds fall below e^(-2 bound)
+                logits = self.bound * torch.tanh(logits / self.bound)
             log_p = torch.log_softmax(logits, dim=1)
             if tokens is None:
                 choice = torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(1)
@@ -76,7 +82,7 @@ class Controller:
     ) -> None:
         self.cfg = cfg
         torch.manual_seed(seed)
-        self.policy = Policy(vocab, kinds, cfg.hidden)
+        self.policy = Policy(vocab, kinds, cfg.hidden, cfg.logit_bound)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.baseline: float | None = None

@@ -82,6 +82,9 @@ class ControllerSettings(Strict):
     hidden: int = Field(64, ge=1, description="LSTM width")
     lr: float = Field(0.02, gt=0.0, description="Adam learning rate of the policy")
     entropy: float = Field(0.01, ge=0.0, description="entropy bonus weight")
+    logit_bound: float = Field(
+        2.5, ge=0.0, description="logits = b tanh(logits / b) (ENAS; keeps exploring); 0: off"
+    )
     clip: float = Field(0.2, gt=0.0, lt=1.0, description="PPO ratio clip")
     ppo_epochs: int = Field(4, ge=1, description="PPO passes over a round's samples")
     baseline_decay: float = Field(0.9, ge=0.0, lt=1.0, description="moving-average baseline")
