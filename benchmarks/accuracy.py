@@ -622,7 +622,7 @@ def analyze_pairs(suite: Suite, saved: dict[str, Any], args: argparse.Namespace)
     for run in saved["runs"]:
         if run["row"] not in ("ind", "dml2") or not Path(run["run_dir"]).exists():
             continue
-        result = analyze_run(Path(run["run_dir"]), sigmas=args.sigmas, draws=args.draws)
+        result = _analysis(Path(run["run_dir"]), args.sigmas, args.draws, analyze_run)
         rows.setdefault(labels[run["row"]], []).extend(result["peers"].values())
         print(f"== analyzed {run['run_dir']}", flush=True)
     plot = Path(args.markdown).parent / "accuracy_flatness.png"
@@ -635,6 +635,16 @@ def analyze_pairs(suite: Suite, saved: dict[str, Any], args: argparse.Namespace)
     }
 
 
+def _analysis(run_dir: Path, sigmas: list[float], draws: int, analyze_run: Any) -> dict:
+    """RUN_DIR/analysis.json when `dml-cluster analyze` already wrote it with these settings."""
+    done = run_dir / "analysis.json"
+    if done.exists():
+        saved = json.loads(done.read_text())
+        if saved.get("sigmas") == sigmas and saved.get("draws") == draws:
+            return saved
+    return analyze_run(run_dir, sigmas=sigmas, draws=draws)
+
+
 # -- main ---------------------------------------------------------------------------------------
 
 
@@ -642,8 +652,8 @@ def commit() -> str:
     """The commit measured; a working tree changed beyond benchmarks/ says so."""
     try:
         sha = git("rev-parse", "--short", "HEAD")
-        dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no")
-                 .splitlines()]  # fmt: skip
+        status = git("status", "--porcelain", "--untracked-files=no")
+        dirty = [line.split(maxsplit=1)[1] for line in status.splitlines() if line.strip()]
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     if any(not path.startswith("benchmarks/") for path in dirty):
