@@ -340,6 +340,12 @@ def launch_elastic(
         rank, failure = _root_cause(err)
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
         error = PeerError(f"peer process rank {rank} failed with exit code {code}")
+        sigterm = {128 + signal.SIGTERM, -signal.SIGTERM}  # a peer's own exit, or the agent's
+        if code == 128 + signal.SIGTERM and {f.exitcode for f in err.failures.values()} <= sigterm:
+            error = PeerError(
+                f"the peers stopped on SIGTERM (exit {code}), after saving a checkpoint where the "
+                "cohort stopped (checkpoint.on_signal): run the same command again to resume"
+            )
         if {f.exitcode for f in err.failures.values()} == {128 + signal.SIGTERM}:
             error = PeerError(
                 f"the peers stopped on SIGTERM (exit {code}), after saving a checkpoint where the "

@@ -57,7 +57,13 @@ class CohortStop:
             defer_sigterm(self._requested, self.grace_s)
 
     def disarm(self) -> None:
-        if self.enabled:
+        """SIGTERM stops at once again; after a stop, on the way out, it is ignored (the
+        launcher passing it on to a process that is already stopping)."""
+        if not self.enabled:
+            return
+        if self.stop_at is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        else:
             undefer_sigterm()
 
     def _requested(self, signum: int) -> None:

@@ -309,7 +309,7 @@ class CohortTrainer:
                     step,
                     report,
                     dataclasses.replace(self.bus.stats),
-                    time.perf_counter() - start,
+                    self.clock.elapsed(),  # the run's, resumes included
                 )
                 for observer in self.observers:
                     observer.on_eval(evaluated)

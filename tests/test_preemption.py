@@ -78,6 +78,9 @@ def test_sigterm_saves_where_the_cohort_stopped_and_the_next_run_resumes_there(
     assert f"resuming at step {second} " in final.stdout, final.stdout
     assert_same_weights(run_dir, checkpointed_reference)
     _check_progress_lines(final.stdout)
+    records = [json.loads(line) for line in (run_dir / "cohort.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_seconds"] for r in records if r["event"] == "eval"]
+    assert len(elapsed) == 4 and elapsed == sorted(elapsed), elapsed  # the clock carried on
 
 
 def _check_progress_lines(output: str) -> None:

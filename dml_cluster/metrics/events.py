@@ -70,7 +70,7 @@ class EvalEvent:
     step: int  # steps completed
     report: dict[str, Any]  # evaluation.evaluate_cohort's report
     bus: BusStats  # this process's bus counters after the evaluation's exchange (a copy)
-    elapsed_seconds: float  # since this process started (or resumed) the run
+    elapsed_seconds: float  # the run's, earlier attempts included (metrics/progress.RunClock)
 
 
 class Observer(Protocol):
