@@ -10,10 +10,9 @@ streamed rather than held?
    batch 64. A peer is data-bound where the loader delivers fewer samples/s than its step eats.
 3. Peak RSS of one peer process training on a generated ImageFolder whose decoded size
    (uint8 and float32) is several times the RSS growth: small PNGs scaled to `image_size` by the
-   loader, so the decoded set is large while the files are small. RSS (main process + loader
-   workers: proportional set size, as workers share pages with the main process; sampled every
-   50 ms with psutil) is compared with the same run on a 20x smaller
-   folder: the growth is what the data costs in memory.
+   loader, so the decoded set is large while the files are small. The peak RSS (the kernel's
+   high-water mark) of the peer's main process and of its loader workers is compared with the
+   same run on a 20x smaller folder: the growth is what the data costs in memory.
 
 Run from the repo root (niced, from a snapshot clone on a shared machine):
     nice -n 10 .venv/bin/python benchmarks/data_path.py [--quick] [--json out.json]
@@ -91,25 +90,36 @@ def step_rate(model_name: str, steps: int, repeats: int) -> float:
     return median(rates)
 
 
+def _high_water_mib(pid: int) -> float:
+    """The kernel's peak resident set of a live process (VmHWM), in MiB; 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next(x for x in f if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0.0
+    return int(line.split()[1]) / 1024
+
+
 def peak_rss(command: list[str]) -> tuple[float, float, float]:
-    """Run `command`; peak RSS (MiB) of its main process, peak PSS of main + children (MiB),
-    and seconds."""
+    """Run `command`: the peak RSS (MiB, the kernel's high-water mark) of its main process, the
+    largest peak RSS of its children (loader workers; pages shared with the main process
+    included), and seconds. The high-water mark only grows, so polling it every 20 ms misses at
+    most the last 20 ms of a process."""
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    main_peak = tree_peak = 0.0  # bytes
+    peaks = {"main": 0.0, "worker": 0.0}
     done = threading.Event()
 
     def sample() -> None:
-        nonlocal main_peak, tree_peak
         root = psutil.Process(proc.pid)
         while not done.is_set():
+            peaks["main"] = max(peaks["main"], _high_water_mib(proc.pid))
             try:
-                own = root.memory_info().rss
-                # proportional set size: the workers share most pages with the main process
-                tree = sum(p.memory_full_info().pss for p in [root, *root.children(True)])
+                children = root.children(recursive=True)
             except psutil.Error:
-                break
-            main_peak, tree_peak = max(main_peak, own), max(tree_peak, tree)
-            time.sleep(0.05)
+                children = []
+            for child in children:
+                peaks["worker"] = max(peaks["worker"], _high_water_mib(child.pid))
+            time.sleep(0.02)
 
     t0 = time.perf_counter()
     watcher = threading.Thread(target=sample, daemon=True)
@@ -119,7 +129,7 @@ def peak_rss(command: list[str]) -> tuple[float, float, float]:
     watcher.join()
     if proc.returncode != 0:
         raise SystemExit(f"training failed ({proc.returncode}): {err.decode()[-2000:]}")
-    return main_peak / 2**20, tree_peak / 2**20, time.perf_counter() - t0
+    return peaks["main"], peaks["worker"], time.perf_counter() - t0
 
 
 def rss_run(root: Path, out: Path, name: str, image_size: int, steps: int) -> list[str]:
@@ -192,14 +202,14 @@ def main() -> None:
             rss[name] = peak_rss(rss_run(root, tmp / "runs", name, size, rss_steps))
         n_big, n_small = 4 * big_per_class, 4 * small_per_class
         decoded = {n: count * 3 * size * size for n, count in (("big", n_big), ("small", n_small))}
-        growth = rss["big"][1] - rss["small"][1]
+        growth = rss["big"][0] - rss["small"][0]
         results["rss"] = {
             "image_size": size, "train_images": {"big": n_big, "small": n_small},
             "decoded_uint8_mib": {k: v / 2**20 for k, v in decoded.items()},
             "peak_main_mib": {k: v[0] for k, v in rss.items()},
-            "peak_pss_tree_mib": {k: v[1] for k, v in rss.items()},
-            "seconds": {k: v[2] for k, v in rss.items()}, "growth_pss_tree_mib": growth,
-            "growth_main_rss_mib": rss["big"][0] - rss["small"][0],
+            "peak_worker_mib": {k: v[1] for k, v in rss.items()},
+            "seconds": {k: v[2] for k, v in rss.items()}, "growth_main_mib": growth,
+            "growth_worker_mib": rss["big"][1] - rss["small"][1],
         }  # fmt: skip
 
     print(f"machine: {results['machine']}\n")
@@ -216,15 +226,15 @@ def main() -> None:
     print(f"\n### Peak RSS of a peer on a generated ImageFolder (decoded at {size}x{size})\n")
     rows = [
         [k, r["train_images"][k], r["decoded_uint8_mib"][k], 4 * r["decoded_uint8_mib"][k],
-         r["peak_main_mib"][k], r["peak_pss_tree_mib"][k], r["seconds"][k]]
+         r["peak_main_mib"][k], r["peak_worker_mib"][k], r["seconds"][k]]
         for k in ("small", "big")
     ]  # fmt: skip
     header = ["folder", "train images", "decoded uint8 MiB", "as float32 MiB",
-              "peak RSS main MiB", "peak PSS main + workers MiB", "seconds"]  # fmt: skip
+              "peak RSS main MiB", "peak RSS of a worker MiB", "seconds"]  # fmt: skip
     print(markdown_table(header, rows))
     print(
-        f"\nGrowth big - small: main RSS {r['growth_main_rss_mib']:.0f} MiB, main + workers PSS "
-        f"{growth:.0f} MiB, for "
+        f"\nGrowth big - small: main {growth:.0f} MiB, a worker {r['growth_worker_mib']:.0f} MiB, "
+        "for "
         f"{r['decoded_uint8_mib']['big'] - r['decoded_uint8_mib']['small']:.0f} MiB more decoded "
         "uint8 data"
     )
