@@ -4,9 +4,7 @@ of AdaptiveAvgPool2d and weighted bincount (same numbers as before), placement, 
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
-import sys
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from torch import nn
 
 from dml_cluster.bus.staging import to_device, to_host
 from dml_cluster.checkpoint import CohortCheckpoints, Position
-from dml_cluster.cohort import build_peer
+from dml_cluster.cohort import build_peer, set_determinism
 from dml_cluster.config import parse_config
 from dml_cluster.control import LocalControl
 from dml_cluster.determinism import apply_mode, current_mode, is_builtin_model, resolve_mode
@@ -27,7 +25,7 @@ from dml_cluster.models import build_model, model_names
 from dml_cluster.models._common import GlobalAvgPool
 from dml_cluster.precision import check_precision, compile_model, make_scaler, prepare_model
 
-from .conftest import REPO, cli_env
+from .conftest import REPO
 
 COHORT = {"size": 2, "model": "small_cnn"}
 CPU = torch.device("cpu")
@@ -84,40 +82,30 @@ def test_auto_is_strict_on_cpu_and_for_builtin_models_warn_for_others_on_cuda() 
     assert resolve_mode("strict", "cuda", [outside]) == "strict"
 
 
-def test_engine_start_sets_the_cublas_workspace_and_the_mode_in_a_fresh_process() -> None:
-    """set_determinism (what both engines call first): the environment before CUDA, then the
-    flags; a workspace the user exported is kept."""
-    script = (
-        "import json, os, torch\n"
-        "from dml_cluster.cohort import set_determinism\n"
-        "from dml_cluster.config import parse_config\n"
-        "out = {}\n"
-        "for mode in ('off', 'warn', 'strict', 'auto', True):\n"
-        "    os.environ.pop('CUBLAS_WORKSPACE_CONFIG', None)\n"
-        "    cfg = parse_config({'cohort': {'size': 2, 'model': 'mlp'},\n"
-        "                        'run': {'deterministic': mode}})\n"
-        "    got = set_determinism(cfg)\n"
-        "    out[str(mode)] = [got, os.environ.get('CUBLAS_WORKSPACE_CONFIG'),\n"
-        "        torch.are_deterministic_algorithms_enabled(),\n"
-        "        torch.is_deterministic_algorithms_warn_only_enabled()]\n"
-        "os.environ['CUBLAS_WORKSPACE_CONFIG'] = ':16:8'\n"
-        "set_determinism(cfg)\n"
-        "out['kept'] = os.environ['CUBLAS_WORKSPACE_CONFIG']\n"
-        "print(json.dumps(out))\n"
-    )
-    env = cli_env()
-    env.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
-    assert out["off"] == ["off", None, False, False]
-    assert out["warn"] == ["warn", ":4096:8", True, True]
-    assert out["strict"] == ["strict", ":4096:8", True, False]
-    assert out["auto"] == ["strict", ":4096:8", True, False]  # CPU: auto is strict
-    assert out["True"] == ["strict", ":4096:8", True, False]
-    assert out["kept"] == ":16:8"
+def test_engine_start_sets_the_cublas_workspace_and_the_mode(restore_torch, monkeypatch) -> None:
+    """set_determinism (what both engines call first): the environment before CUDA (not started
+    in this CPU process), then the flags; a workspace the user exported is kept."""
+    threads = torch.get_num_threads()
+    got = {}
+    for mode in ("off", "warn", "strict", "auto", True):
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+        cfg = parse_config({"cohort": COHORT, "run": {"deterministic": mode}})
+        got[str(mode)] = [
+            set_determinism(cfg),
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        ]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    set_determinism(cfg)
+    torch.set_num_threads(threads)
+    assert not torch.cuda.is_initialized()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # kept
+    assert got["off"] == ["off", None, False, False]
+    assert got["warn"] == ["warn", ":4096:8", True, True]
+    assert got["strict"] == ["strict", ":4096:8", True, False]
+    assert got["auto"] == ["strict", ":4096:8", True, False]  # CPU: auto is strict
+    assert got["True"] == ["strict", ":4096:8", True, False]
 
 
 # -- the deterministic replacements give the old numbers ---------------------------------------

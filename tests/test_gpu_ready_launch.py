@@ -1,5 +1,5 @@
 """bf16 and channels_last cohorts train and stay bitwise equal between the one-process engine
-and torchrun (CPU, gloo / zmq); fp16 on the CPU is a one-line config error."""
+and torchrun (CPU, gloo / zmq); fp16 on the CPU is a one-line config error (exit 2)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .cohort_runs import sets, train_many
-from .conftest import final_weights, max_weight_diff, run_cli
+from .conftest import final_weights, max_weight_diff
 
 CONFIG = "configs/digits-dml.yaml"
 BASE = ("cohort.args.width=8", "train.max_steps=8", "metrics.enabled=false")
@@ -26,9 +26,15 @@ def _runs(out: Path, launched: bool) -> list[list[str]]:
 
 
 def test_bf16_and_channels_last_match_across_processes(tmp_path: Path) -> None:
+    """One process trains both configs, then meets fp16 on the CPU: a one-line config error,
+    exit 2, nothing written (the batch stops there, with that status)."""
     one, many = tmp_path / "one", tmp_path / "many"
-    done = train_many(_runs(one, False), tmp_path / "one.json")
-    assert done.returncode == 0, done.stderr[-3000:]
+    fp16 = [CONFIG, *sets("run.precision=fp16", f"run.out_dir={tmp_path / 'fp16'}")]
+    done = train_many([*_runs(one, False), fp16], tmp_path / "one.json")
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert "config error: run.precision: fp16 needs CUDA" in lines[-1], done.stderr[-3000:]
+    assert not (tmp_path / "fp16").exists()
     done = train_many(_runs(many, True), tmp_path / "many.json", nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in RUNS:
@@ -39,11 +45,3 @@ def test_bf16_and_channels_last_match_across_processes(tmp_path: Path) -> None:
         assert records and all(r["device"] == "cpu" for r in records)  # the peer's device
         losses = [r["ce"] for r in records if r["event"] == "train"]
         assert all(loss == loss for loss in losses), losses  # no NaN: it trains
-
-
-def test_fp16_on_the_cpu_is_a_config_error(tmp_path: Path) -> None:
-    done = run_cli("train", CONFIG, *sets("run.precision=fp16", f"run.out_dir={tmp_path}"))
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "run.precision: fp16 needs CUDA" in lines[0], done.stderr
-    assert not any(tmp_path.iterdir())
