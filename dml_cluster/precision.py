@@ -32,11 +32,13 @@ AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
 
 
 def check_precision(cfg: Config, device_type: str) -> None:
-    """fp16 only on CUDA: a one-line config error elsewhere."""
-    if cfg.run.precision == "fp16" and device_type != "cuda":
+    """fp16 only with every peer on CUDA (`device_type`: the cohort's): a one-line config error
+    otherwise."""
+    on_cpu = device_type != "cuda" or "cpu" in (cfg.cohort.devices or [])
+    if cfg.run.precision == "fp16" and on_cpu:
         raise ConfigError(
             "config error: run.precision: fp16 needs CUDA GPUs (its loss scaler and kernels); "
-            "this cohort runs on the CPU: use bf16 or fp32"
+            "a peer of this cohort runs on the CPU: use bf16 or fp32"
         )
 
 

@@ -256,6 +256,11 @@ def test_fp16_needs_cuda() -> None:
     with pytest.raises(ConfigError, match=r"^config error: run.precision: fp16 needs CUDA"):
         check_precision(cfg, "cpu")
     check_precision(cfg, "cuda")
+    mixed = parse_config(
+        {"cohort": {**COHORT, "devices": ["cuda:0", "cpu"]}, "run": {"precision": "fp16"}}
+    )
+    with pytest.raises(ConfigError, match="a peer of this cohort runs on the CPU"):
+        check_precision(mixed, "cuda")
     assert make_scaler("bf16", CPU) is None
 
 
