@@ -26,6 +26,7 @@ from dml_cluster.devices import cohort_device_type
 from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model
 from dml_cluster.precision import make_scaler, prepare_model
+from dml_cluster.signals import local_reporter
 
 if TYPE_CHECKING:
     from dml_cluster.methods.base import Method
@@ -61,7 +62,7 @@ def set_determinism(cfg: Config) -> str:
     prepare_environment(cfg.run.deterministic)
     device_type = cohort_device_type(cfg)
     mode = resolve_mode(cfg.run.deterministic, device_type, [p.model for p in cfg.peers])
-    if mode != cfg.run.deterministic and mode == "warn":
+    if mode != cfg.run.deterministic and mode == "warn" and local_reporter():  # once per node
         print(
             "dml-cluster: run.deterministic auto -> warn on CUDA: a peer's model is not built in "
             "(its ops were not checked); ops without a deterministic kernel warn and run anyway "
