@@ -333,3 +333,15 @@ def test_compile_settings_and_a_platform_that_cannot_compile(capsys) -> None:
         assert err == ["dml-cluster: run.compile: torch.compile needs triton for CUDA, which is "
                        "not installed; running eagerly"]  # fmt: skip
         assert model(torch.ones(1, 3)).shape == (1, 2)
+
+
+def test_auto_on_cuda_with_an_outside_model_warns_once(restore_torch, monkeypatch, capsys) -> None:
+    """A fake CUDA cohort (the device type is all that changes): auto -> warn, said in one line."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr("dml_cluster.cohort.cohort_device_type", lambda cfg: "cuda")
+    peers = [{"model": "small_cnn"}, {"model": "torchvision.resnet18"}]
+    cfg = parse_config({"cohort": {"peers": peers}, "data": {"name": "synthetic"}})
+    assert set_determinism(cfg) == "warn" and current_mode() == "warn"
+    torch.set_num_threads(threads)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "run.deterministic auto -> warn on CUDA" in err[0]
