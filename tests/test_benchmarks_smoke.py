@@ -90,3 +90,9 @@ def test_accuracy_quick(tmp_path: Path) -> None:
     assert all({"accuracy", "nll", "ece", "entropy"} <= set(s)
                for r in saved["runs"] for s in r["students"].values())  # fmt: skip
     assert "<!-- results:begin -->" in md.read_text()
+
+
+@pytest.mark.timeout(120)
+def test_stop_check_quick() -> None:
+    out = run_script("stop_check.py")
+    assert "| loopback TCPStore, another process |" in out
