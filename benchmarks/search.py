@@ -44,9 +44,9 @@ FULL = {
                  "B": {"model": "mlp", "args": {"hidden": [512, 256]}}},
     "teacher_epochs": 12,
     "space": {"channels": [12, 24, 48], "strides": [2, 2, 1], "stem": 8, "head": 64},
-    "rounds": 6, "candidates": 4, "proxy_epochs": 3,
+    "rounds": 4, "candidates": 4, "proxy_epochs": 3,
     "cost": {"metric": "flops", "target": 3.0, "batch": 64, "repeats": 10, "warmup": 2},
-    "retrain_epochs": 8, "seeds": 3,
+    "retrain_epochs": 5, "seeds": 3,
 }  # fmt: skip
 QUICK = {
     **FULL,
