@@ -52,11 +52,13 @@ class Proposal:
 
 
 def fingerprint(scfg: SearchConfig) -> str:
-    """What must not change when a search resumes (all but rounds, top and retrain)."""
+    """What must not change when a search resumes: all but rounds, top, retrain, metrics and
+    train.epochs (the retraining's)."""
     d = scfg.model_dump(mode="json")
     for key in ("rounds", "top", "retrain"):
         d["search"].pop(key)
     d["base"].pop("metrics", None)
+    (d["base"].get("train") or {}).pop("epochs", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
