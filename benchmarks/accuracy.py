@@ -498,13 +498,16 @@ def render(suite: Suite, saved: dict[str, Any]) -> str:
         f"{meta['workers']} runs at a time on {meta['machine']}._",
         "",
     ]
-    if meta.get("epochs"):
-        out += [
-            f"**Schedule**: {meta['epochs']} epochs (the protocol's {FULL_EPOCHS}, cut "
-            "to fit the budget; see above), warm-up/hint epochs and the semi-supervised "
-            "rows' epochs scaled alike.",
-            "",
-        ]
+    cuts = [
+        f"{meta['epochs']} epochs instead of {FULL_EPOCHS} (warm-up and hint epochs scaled alike)"
+        if meta.get("epochs") else "",
+        f"a training subset of {meta['per_class']} images per class instead of 300"
+        if meta.get("per_class") else "",
+        f"evaluation every {meta['eval_every']} epochs" if meta.get("eval_every") else "",
+    ]  # fmt: skip
+    if any(cuts):
+        out += ["**Reduced protocol** (see above): " + "; ".join(c for c in cuts if c) + "; "
+                "the semi-supervised rows take as many steps as the subset rows.", ""]  # fmt: skip
     teacher = stats.get("teacher")
     if teacher and teacher.runs:
         t = next(iter(teacher.runs[0]["students"].values()))
