@@ -19,7 +19,7 @@ import yaml
 from dml_cluster.config import parse_config
 from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model
-from dml_cluster.search.settings import parse_search_config
+from dml_cluster.search.settings import load_search_config, parse_search_config
 
 from .conftest import CLI, REPO, cli_env, run_cli
 
@@ -195,3 +195,10 @@ def test_a_bad_config_on_the_command_line_is_one_line_and_exit_2(root: Path) -> 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dml-cluster: config error: search.rounds")
     assert not (root / "runs" / "bad-cli").exists()
+
+
+def test_the_shipped_search_configs_are_valid() -> None:
+    paths = sorted((REPO / "configs" / "search").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        assert load_search_config(path).search.rounds >= 1
