@@ -23,6 +23,10 @@ RDZV_PORT=${RDZV_PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bin
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # restarts with gloo need a fresh store per attempt (stale keys in the shared one break them)
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+# after passing a SIGTERM on, wait for the peers' checkpoint save (checkpoint.on_signal.grace_s
+# + 5 s) before killing them; torch's default, 30 s, would cut a longer grace
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$("$PYTHON" "$here/stop_wait.py" "$CONFIG" "$@")}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes 1 \
