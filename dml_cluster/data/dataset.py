@@ -36,11 +36,16 @@ class Normalisation:
         std = torch.where(std > 0, std, torch.ones_like(std))
         return cls(tuple(mean.tolist()), tuple(std.tolist()))
 
-    def apply(self, x: Tensor) -> Tensor:
-        """A float32 copy of the [B, C, H, W] batch `x`, normalised, on `x`'s device."""
+    def on(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Mean and std as float32 [1, C, 1, 1] tensors on `device` (made once per data path)."""
         shape = (1, len(self.mean), 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape).to(x.device)
-        std = torch.tensor(self.std, dtype=torch.float32).view(shape).to(x.device)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(shape).to(device)
+        return mean, torch.tensor(self.std, dtype=torch.float32).view(shape).to(device)
+
+    def apply(self, x: Tensor, stats: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """A float32 copy of the [B, C, H, W] batch `x`, normalised, on `x`'s device (`stats`:
+        `on(x.device)`, if already made)."""
+        mean, std = stats if stats is not None else self.on(x.device)
         return x.to(torch.float32, copy=True).sub_(mean).div_(std)
 
     def to_json(self) -> dict[str, list[float]]:

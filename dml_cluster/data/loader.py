@@ -221,6 +221,7 @@ class DataPath:
         self.workers, self.prefetch = workers, prefetch
         self.crop_padding, self.flip = crop_padding, flip
         self.labels = labels
+        self._stats = normalisation.on(device)
         self.train = BatchReader(dataset.train, "train", dataset.name)
         self.test = BatchReader(dataset.test, "test", dataset.name)
 
@@ -243,7 +244,7 @@ class DataPath:
     def _to_device(self, batch: Batch) -> tuple[Tensor, Tensor]:
         x = batch.x.to(self.device, non_blocking=True)
         y = batch.y.to(self.device, non_blocking=True)
-        return self.normalisation.apply(x), y
+        return self.normalisation.apply(x, self._stats), y
 
     def epoch(
         self, epoch: int, first: int, stop: int
