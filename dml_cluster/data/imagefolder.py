@@ -18,22 +18,22 @@ TEST_SPLITS = ("val", "test")
 LAYOUT = "root/train/<class>/<image> and root/val/<class>/<image> (or root/test/...)"
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def _classes(train: Path) -> list[str]:
-    """The class folders of the train split, sorted; each must hold at least one image."""
+    """The class folders of the train split, sorted."""
     classes = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data.root: {train} has no class folders (expected {LAYOUT})")
-    for name in classes:
-        if not any(_is_image(f.name) for f in (train / name).rglob("*") if f.is_file()):
+    return classes
+
+
+def _check_every_class_has_images(train: FolderSplit, folder: Path, classes: list[str]) -> None:
+    found = set(train.targets)
+    for index, name in enumerate(classes):
+        if index not in found:
             raise DataError(
-                f"data.root: class folder {train / name} holds no images "
+                f"data.root: class folder {folder / name} holds no images "
                 f"({', '.join(IMAGE_EXTENSIONS)}): add images or remove the folder"
             )
-    return classes
 
 
 class FolderSplit(TorchDataset):
@@ -91,6 +91,7 @@ def load_imagefolder(
     classes = _classes(train_dir)
     class_to_idx = {name: i for i, name in enumerate(classes)}
     train = FolderSplit(train_dir, class_to_idx, image_size)
+    _check_every_class_has_images(train, train_dir, classes)
     test = FolderSplit(test_dir, class_to_idx, image_size)
     first = train.loader(train.samples[0][0])
     stats = None
