@@ -23,7 +23,7 @@ def data_record(dataset: Dataset, normalisation: Normalisation) -> dict[str, Any
     """What `data.json` holds: where the data came from, its size, classes and statistics."""
     return {
         "dataset": dataset.name,
-        "source": dataset.source,
+        "source": json.loads(json.dumps(dataset.source, default=str)),  # JSON-safe options
         "num_train": len(dataset.train),
         "num_test": len(dataset.test),
         "input_shape": list(dataset.input_shape),
