@@ -4,6 +4,8 @@ MNIST layout), normalisation recorded once, unreadable images named."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from dml_cluster.data import load_dataset
-from dml_cluster.data.loader import DataPath, StepSampler
+from dml_cluster.data.loader import BatchReader, DataPath, InOrder, StepSampler, read_batches
 from dml_cluster.data.sampler import batch_indices, epoch_order
 from dml_cluster.data.stats import DATA_FILE, record_data, resolve_normalisation
 from dml_cluster.errors import DataError
@@ -135,3 +137,22 @@ def test_a_loader_worker_ending_does_not_stop_the_run() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "still running" in done.stdout, done.stderr
+
+
+class _SignalsItself(torch.utils.data.Dataset):
+    """Each item read sends SIGTERM and SIGINT to the process reading it."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        return torch.zeros(1, 2, 2, dtype=torch.uint8), index % 2
+
+
+def test_loader_workers_ignore_the_stop_signals_their_peer_handles() -> None:
+    """torchrun's killpg reaches the workers too: they must leave the stop to the peer."""
+    reader = BatchReader(_SignalsItself(), "train", "signals")
+    batches = list(read_batches(reader, InOrder(8, 4), 1))
+    assert [b.indices.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]

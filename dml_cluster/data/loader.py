@@ -14,6 +14,7 @@ A sample that cannot be read does not kill a worker with a traceback: the worker
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -153,6 +154,15 @@ def _as_is(batch: Batch | LoadFailure) -> Batch | LoadFailure:
     return batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """A loader worker ignores SIGINT and SIGTERM: torchrun stops a peer with `killpg`, which
+    reaches its workers too, and a worker dying first would turn the peer's orderly stop (the
+    cohort's agreed stop step and checkpoint) into a "DataLoader worker exited" crash. The peer
+    ends its workers itself; a worker whose peer is gone exits on its own (torch's watchdog)."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
+
+
 def read_batches(
     reader: BatchReader,
     sampler: Sampler[list[int]],
@@ -176,6 +186,7 @@ def read_batches(
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers else None,
         generator=seeded_generator("loader", *seed),
+        worker_init_fn=_worker_init if workers else None,
     )
     for batch in loader:
         if isinstance(batch, LoadFailure):
