@@ -10,6 +10,7 @@ scale). Seeded by its own generator; `state_dict` holds everything a resumed sea
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -133,14 +134,19 @@ class Controller:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "policy": self.policy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "baseline": self.baseline,
-            "spread": self.spread,
-            "updates": self.updates,
-        }
+        """A copy of everything that decides what comes next (torch's state dicts share their
+        tensors with the live ones: a controller loaded from them would train the same Adam
+        moments in place)."""
+        return copy.deepcopy(
+            {
+                "policy": self.policy.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "baseline": self.baseline,
+                "spread": self.spread,
+                "updates": self.updates,
+            }
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])

@@ -37,12 +37,13 @@ class DataShape:
     input_shape: tuple[int, int, int]
     num_classes: int
     normalize: dict[str, list[float]] | None = None
+    flip: bool = False
 
 
 def data_shape(scfg: SearchConfig) -> DataShape:
-    """The dataset's input shape and classes, and its own normalisation (as `data.normalize`
-    gives it: [0, 1] units for 8-bit pixels) so that the proxy runs normalise as the teacher's
-    training did, not by the subset's statistics."""
+    """The dataset's input shape, classes and flip default, and its own normalisation (as
+    `data.normalize` gives it: [0, 1] units for 8-bit pixels) so that the proxy runs normalise
+    as the teacher's training did, not by the subset's statistics."""
     data = DataConfig.model_validate(scfg.base.get("data") or {})
     loaded = load_dataset(data.name, data.root, **loader_options(data))
     normalize = None
@@ -54,7 +55,7 @@ def data_shape(scfg: SearchConfig) -> DataShape:
             "mean": [m / scale for m in stats.mean],
             "std": [s / scale for s in stats.std],
         }
-    return DataShape(loaded.input_shape, loaded.num_classes, normalize)
+    return DataShape(loaded.input_shape, loaded.num_classes, normalize, loaded.flip)
 
 
 def proxy_data(scfg: SearchConfig, shape: DataShape) -> dict[str, Any]:
@@ -72,6 +73,8 @@ def proxy_data(scfg: SearchConfig, shape: DataShape) -> dict[str, Any]:
         "validation_per_class": scfg.search.validation_per_class,
     }
     data = base.model_dump(exclude={"train_subset", "options", "factory", "image_size"})
+    if base.augment.flip is None:  # the factory's splits do not say; the dataset does
+        data["augment"] = {**data["augment"], "flip": shape.flip}
     return {**data, "name": "python", "factory": FACTORY, "options": options, "root": base.root,
             "workers": 0, "normalize": shape.normalize}  # fmt: skip
 
