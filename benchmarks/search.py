@@ -60,11 +60,15 @@ QUICK = {
     "cost": {"metric": "flops", "target": 0.3, "batch": 32, "repeats": 3, "warmup": 1},
     "retrain_epochs": 2, "seeds": 2,
 }  # fmt: skip
-SEARCHES = {  # name: (reward, controller, teacher)
-    "akd-A": ("kd", "ppo", "A"),
-    "nas-ce": ("ce", "ppo", "A"),
-    "random-A": ("kd", "random", "A"),
-    "akd-B": ("kd", "ppo", "B"),
+SEARCHES = {  # name: (reward, controller, teacher, controller seed)
+    "akd-A": ("kd", "ppo", "A", 0),
+    "nas-ce": ("ce", "ppo", "A", 0),
+    "random-A": ("kd", "random", "A", 0),
+    "akd-B": ("kd", "ppo", "B", 0),
+}
+REPLICATES = {  # --replicate: AKD and NAS again with another controller seed
+    "akd-A-s1": ("kd", "ppo", "A", 1),
+    "nas-ce-s1": ("ce", "ppo", "A", 1),
 }
 COMMON = {
     "method": {"name": "kd", "temperature": 4.0, "kd_weight": 0.9},
@@ -97,13 +101,13 @@ def train_teacher(out: Path, plan: dict[str, Any], key: str) -> Path:
 
 
 def run_search(out: Path, plan: dict[str, Any], name: str, teachers: dict[str, Path]) -> Path:
-    reward, controller, key = SEARCHES[name]
+    reward, controller, key, seed = {**SEARCHES, **REPLICATES}[name]
     raw = {
         **COMMON, "run": {**COMMON["run"], "name": name, "out_dir": str(out / "searches")},
         "data": plan["data"], "train": {"epochs": plan["retrain_epochs"]},
         "search": {
             "teacher": {**plan["teachers"][key], "checkpoint": str(teachers[key])},
-            "reward": reward, "controller": {"name": controller, "seed": 0},
+            "reward": reward, "controller": {"name": controller, "seed": seed},
             "rounds": plan["rounds"], "candidates": plan["candidates"],
             "proxy_epochs": plan["proxy_epochs"], "space": plan["space"], "cost": plan["cost"],
             "validation_per_class": plan["validation_per_class"],
@@ -122,10 +126,15 @@ def run_search(out: Path, plan: dict[str, Any], name: str, teachers: dict[str, P
 
 
 def retrain_cohort(
-    out: Path, plan: dict[str, Any], key: str, teacher: Path, winners: dict[str, dict[str, Any]]
+    out: Path,
+    plan: dict[str, Any],
+    key: str,
+    teacher: Path,
+    winners: dict[str, dict[str, Any]],
+    suffix: str = "",
 ) -> dict[str, list[float]]:
     """Teacher `key` and `seeds` copies of each winner in one KD cohort: test accuracies."""
-    folder = out / "retrain" / f"teacher-{key}"
+    folder = out / "retrain" / f"teacher-{key}{suffix}"
     peers = [{"name": "teacher", **plan["teachers"][key], "role": "teacher",
               "checkpoint": str(teacher)}]  # fmt: skip
     for label, record in winners.items():
@@ -160,6 +169,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="digits, tiny sizes (smoke run)")
+    parser.add_argument(
+        "--replicate", action="store_true", help="also AKD and NAS with controller seed 1"
+    )
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     out = args.out
@@ -177,6 +189,15 @@ def main() -> None:
             out, plan, "B", teachers["B"], {k: winners[k] for k in ("akd-A", "akd-B")}
         ),
     }
+    if args.replicate:
+        for name in REPLICATES:
+            folders[name] = run_search(out, plan, name, teachers)
+            records[name] = read_records(folders[name])
+            winners[name] = best(records[name])
+        replicate = {k: winners[k] for k in REPLICATES}
+        by_teacher["A-replicate"] = retrain_cohort(
+            out, plan, "A", teachers["A"], replicate, suffix="-replicate"
+        )
     results = {
         "plan": plan, "searches": {n: {"winner": w, "candidates": len(records[n]),
                                        "distinct": len({r["hash"] for r in records[n]})}
@@ -189,13 +210,17 @@ def main() -> None:
 
 def print_markdown(results: dict[str, Any]) -> None:
     plan = results["plan"]
-    print("| search | reward | controller | teacher | winner | val acc | MFLOPs | latency ms "
-          "| params | test acc, KD from A (mean +- std) |")  # fmt: skip
+    print("| search | reward | controller (seed) | teacher | winner | val acc | MFLOPs "
+          "| latency ms | params | test acc, KD from A (mean +- std) |")  # fmt: skip
     print("|---|---|---|---|---|---:|---:|---:|---:|---:|")
-    for name, (reward, controller, key) in SEARCHES.items():
+    for name, (reward, controller, key, seed) in {**SEARCHES, **REPLICATES}.items():
+        if name not in results["searches"]:
+            continue
         w = results["searches"][name]["winner"]
-        test = mean_std(results["retrain"]["A"][name])
-        print(f"| {name} | {reward} | {controller} | {key} | `{w['describe']}` (`{w['hash']}`) | "
+        cohort = "A" if name in SEARCHES else "A-replicate"
+        test = mean_std(results["retrain"][cohort][name])
+        winner = f"`{w['describe']}` (`{w['hash']}`)"
+        print(f"| {name} | {reward} | {controller} ({seed}) | {key} | {winner} | "
               f"{100 * w['accuracy']:.2f} | {w['mflops']:.3g} | {w['latency_ms']:.3g} | "
               f"{w['params']:,} | {test} |")  # fmt: skip
     print()

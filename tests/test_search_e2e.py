@@ -19,6 +19,7 @@ import yaml
 from dml_cluster.config import parse_config
 from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model
+from dml_cluster.search.report import pareto_figure, write_report
 from dml_cluster.search.settings import load_search_config, parse_search_config
 
 from .conftest import CLI, REPO, cli_env, run_cli
@@ -155,6 +156,11 @@ def test_a_search_killed_mid_round_resumes_to_the_same_history(root: Path, finis
     assert again.returncode == 0, again.stderr
     assert "resuming after round 1 of 2" in again.stdout
     assert deterministic(records(folder)) == deterministic(records(finished))
+    # the Pareto plot overlays several searches (--compare): one front and legend entry each
+    write_report(folder, 3, [finished])
+    figure = pareto_figure({"killed": records(folder), "whole": records(finished)}, "mflops")
+    assert len(figure.axes[0].get_legend().get_texts()) == 2
+    assert (folder / "pareto.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
