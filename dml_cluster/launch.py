@@ -36,7 +36,7 @@ from dml_cluster.precision import check_precision
 from dml_cluster.preemption import CohortStop, stop_margin
 from dml_cluster.run_lock import claim_run_folder
 from dml_cluster.signals import LAUNCHER_ENV, local_reporter, signal_name
-from dml_cluster.trainer import CohortTrainer, Placement
+from dml_cluster.trainer import CohortTrainer, Placement, prepare_data
 
 
 def under_launcher() -> bool:
@@ -225,15 +225,16 @@ def run_peer(cfg: Config) -> dict[str, Any]:
         control = TorchControl([p.name for p in cfg.peers], cfg.bus.timeout_s)
         _check_same_config(cfg, control)
         wire_id = run_id(cfg, agree_on_nonce(control))
-        with (
-            _claim_together(cfg, rank, control),
-            metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers,
-        ):
-            make_bus = TRANSPORTS[cfg.bus.transport]
-            bus = make_bus(cfg, rank, world, wire_id=wire_id, device=bus_device)
-            placement = Placement((rank,), device, reporter=rank == 0)
-            stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
-            return CohortTrainer(cfg, bus, placement, observers, control, stop).run()
+        with _claim_together(cfg, rank, control):
+            with reported_once():  # bad data: before anything is written to the run folder
+                data = prepare_data(cfg)
+            with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
+                make_bus = TRANSPORTS[cfg.bus.transport]
+                bus = make_bus(cfg, rank, world, wire_id=wire_id, device=bus_device)
+                placement = Placement((rank,), device, reporter=rank == 0)
+                stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
+                trainer = CohortTrainer(cfg, bus, placement, observers, control, stop, data)
+                return trainer.run()
     except PeerError:
         _let_the_cause_exit_first()
         raise
@@ -275,12 +276,11 @@ def run_local(cfg: Config) -> dict[str, Any]:
     hosted = tuple(range(len(cfg.peers)))
     devices = hosted_devices(cfg, hosted)  # peer i on GPU i % n, or cohort.devices
     device = _use(devices[hosted[0]])
-    with (
-        claim_run_folder(cfg.run.dir, {i: cfg.peers[i].name for i in hosted}),
-        metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers,
-    ):
-        placement = Placement(hosted, device, reporter=True, devices=devices)
-        return CohortTrainer(cfg, LocalBus(), placement, observers).run()
+    with claim_run_folder(cfg.run.dir, {i: cfg.peers[i].name for i in hosted}):
+        data = prepare_data(cfg)  # bad data: before anything is written to the run folder
+        with metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers:
+            placement = Placement(hosted, device, reporter=True, devices=devices)
+            return CohortTrainer(cfg, LocalBus(), placement, observers, data=data).run()
 
 
 def _free_port() -> int:

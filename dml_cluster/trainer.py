@@ -26,7 +26,7 @@ from dml_cluster.cohort import Peer, build_peer, refresh_predictions
 from dml_cluster.config import Config
 from dml_cluster.control import Control, LocalControl
 from dml_cluster.data import load_dataset, loader_options
-from dml_cluster.data.dataset import take, targets
+from dml_cluster.data.dataset import Dataset, Normalisation, take, targets
 from dml_cluster.data.loader import DataPath, default_workers
 from dml_cluster.data.sampler import fingerprint, steps_per_epoch
 from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
@@ -70,6 +70,36 @@ class Placement:
         return self.devices.get(peer, self.device)
 
 
+@dataclass(frozen=True)
+class RunData:
+    """The data as a run trains on it: the dataset (its train split subset by
+    `data.train_subset`), its normalisation, the semi-supervised labels (-1: unlabelled) or None,
+    and the number of loader workers."""
+
+    dataset: Dataset
+    normalisation: Normalisation
+    labels: Tensor | None
+    workers: int
+
+
+def prepare_data(cfg: Config) -> RunData:
+    """Load and check the run's data; the launchers call it before the metrics endpoint or the
+    trainer writes into the run folder, so bad data (a folder, a factory, an unreadable image in
+    the statistics pass) is one `DataError` line and the folder is left as it was."""
+    data = load_dataset(cfg.data.name, cfg.data.root, **loader_options(cfg.data))
+    train, labels = data.train, None
+    if cfg.data.train_subset is not None:
+        keep = training_subset(targets(train), cfg.data.train_subset, cfg.run.seed)
+        train = take(train, keep)
+    if cfg.data.label_fraction < 1.0:
+        train_y = targets(train)
+        labels = mask_labels(train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed))
+    data = dataclasses.replace(data, train=train)
+    workers = default_workers(data) if cfg.data.workers is None else cfg.data.workers
+    stats = resolve_normalisation(data, cfg.run.dir / DATA_FILE, workers)
+    return RunData(data, stats, labels, workers)
+
+
 class CohortTrainer:
     def __init__(
         self,
@@ -79,10 +109,12 @@ class CohortTrainer:
         observers: Sequence[Observer] = (),
         control: Control | None = None,
         stop: CohortStop | None = None,
+        data: RunData | None = None,
     ) -> None:
         """`control`: the channel the cohort's processes agree on checkpoints through (default:
         `LocalControl`, for a process hosting the whole cohort); `stop`: where the cohort stops
-        and saves after a SIGTERM (default: this process alone decides)."""
+        and saves after a SIGTERM (default: this process alone decides); `data`: the run's data,
+        prepared before anything is written to the run folder (default: prepared here)."""
         self.cfg, self.bus, self.placement = cfg, bus, placement
         self.control = control if control is not None else LocalControl()
         self.stop = stop if stop is not None else CohortStop(cfg)
@@ -91,19 +123,9 @@ class CohortTrainer:
         self.size = len(cfg.peers)
         self.names = [p.name for p in cfg.peers]
         device = placement.device
-        data = load_dataset(cfg.data.name, cfg.data.root, **loader_options(cfg.data))
-        train, labels = data.train, None
-        if cfg.data.train_subset is not None:
-            keep = training_subset(targets(train), cfg.data.train_subset, cfg.run.seed)
-            train = take(train, keep)
-        if cfg.data.label_fraction < 1.0:
-            train_y = targets(train)
-            labels = mask_labels(
-                train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed)
-            )
-        self.data = data = dataclasses.replace(data, train=train)
-        workers = default_workers(data) if cfg.data.workers is None else cfg.data.workers
-        self.normalisation = resolve_normalisation(data, self.cfg.run.dir / DATA_FILE, workers)
+        prepared = data if data is not None else prepare_data(cfg)
+        self.data = data = prepared.dataset
+        self.normalisation = prepared.normalisation
         self.batches = DataPath(
             data,
             self.normalisation,
@@ -111,11 +133,11 @@ class CohortTrainer:
             batch_size=cfg.data.batch_size,
             eval_batch_size=cfg.data.eval_batch_size,
             seed=cfg.run.seed,
-            workers=workers,
+            workers=prepared.workers,
             prefetch=cfg.data.prefetch,
             crop_padding=cfg.data.augment.crop_padding,
             flip=data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip,
-            labels=labels,
+            labels=prepared.labels,
         )
         self.test_fingerprint = fingerprint(torch.arange(self.batches.num_test))
         self.method = build_method(cfg.method)

@@ -142,7 +142,10 @@ def test_bad_data_inputs_are_one_line_exit_2_nothing_written(images: Path, tmp_p
     out = tmp_path / "runs"
     commands = []
     for case, extra, _ in BAD:
-        items = [*SMALL, *(e.format(**folders) for e in extra)]
+        # the metrics endpoint on (it writes into the run folder once it starts): bad data
+        # must stop the run before that
+        items = [*SMALL, "metrics.enabled=true", "metrics.port=0",
+                 *(e.format(**folders) for e in extra)]  # fmt: skip
         commands.append(["train", CONFIG, *sets(*items, f"run.out_dir={out}", f"run.name={case}")])
     # met during training (the statistics given, so no pass reads the file first): exit 2, the
     # file named; the run folder keeps what the run wrote before (a resumable checkpoint)
