@@ -346,11 +346,6 @@ def launch_elastic(
                 f"the peers stopped on SIGTERM (exit {code}), after saving a checkpoint where the "
                 "cohort stopped (checkpoint.on_signal): run the same command again to resume"
             )
-        if {f.exitcode for f in err.failures.values()} == {128 + signal.SIGTERM}:
-            error = PeerError(
-                f"the peers stopped on SIGTERM (exit {code}), after saving a checkpoint where the "
-                "cohort stopped (checkpoint.on_signal): run the same command again to resume"
-            )
         error.exit_code = code
         raise error from None
     finally:
