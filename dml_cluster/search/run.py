@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dml_cluster.search.engine import Search
-from dml_cluster.search.report import best, write_report
+from dml_cluster.search.report import best, read_records, write_report
 from dml_cluster.search.retrain import retrain
 from dml_cluster.search.settings import SearchConfig
 
@@ -20,6 +20,8 @@ def run_search(
     say: Callable[[str], None] = print,
 ) -> Path:
     """Run (or resume) the search `scfg`, write its report; returns its folder."""
+    for other in compare:  # checked before hours of searching, not after
+        read_records(other)
     search = Search(scfg, nproc=nproc)
     history = search.run(say)
     winner = best(history)
