@@ -184,7 +184,7 @@ FMNIST = Suite(
     sections={
         "main": "Students alone and learning from each other",
         "teacher": "Distillation from a wider teacher trained on the same subset",
-        "semi": "Semi-supervised: 5% of the full training set's labels (3,000), 60,000 images",
+        "semi": "Semi-supervised: 5% of the full training set's labels (3,000 of 60,000 images)",
         "control": "Negative control (the previous table's regime): MLP students, all 60,000 "
         "labels, 5 epochs",
     },
@@ -457,7 +457,7 @@ def table(stats: dict[str, RowStats], rows: Sequence[Row]) -> list[str]:
             if pairs:
                 ds = [d for _, d in pairs]
                 pos = sum(d > 0 for d in ds)
-                delta = f"{fmt(ds)} ({pos}/{len(ds)})"
+                delta = f"{'+' if statistics.mean(ds) > 0 else ''}{fmt(ds)} ({pos}/{len(ds)})"
                 per_seed = " ".join(f"{100 * d:+.2f}" for _, d in pairs)
         ens = [r["ensemble"]["accuracy"] for r in st.runs] if n_students > 1 else []
         walls = [r["wall_seconds"] for r in st.runs]
