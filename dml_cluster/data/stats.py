@@ -33,6 +33,8 @@ def data_record(dataset: Dataset, normalisation: Normalisation) -> dict[str, Any
 
 
 def record_data(path: Path, dataset: Dataset, normalisation: Normalisation) -> None:
+    """Write `data.json` in the run folder (made here when no launcher has made it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data_record(dataset, normalisation))
 
 
