@@ -28,7 +28,7 @@ RUN --mount=type=bind,from=build,source=/dist,target=/dist \
     --mount=type=bind,source=docker/requirements.txt,target=/tmp/requirements.txt \
     python -m pip install --no-cache-dir --no-deps -r /tmp/requirements.txt /dist/*.whl \
     && dml-cluster --help > /dev/null \
-    && python -c "import torch, zmq, prometheus_client, sklearn, dml_cluster.launch" \
+    && python -c "import torch, torchvision, zmq, prometheus_client, sklearn, dml_cluster.launch" \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /workspace \
         --shell /usr/sbin/nologin dml \
     && mkdir -p /workspace \

@@ -1,6 +1,6 @@
 """Pin the image's Python dependencies: the closure of dml-cluster's runtime requirements, at the
-versions installed in this environment (the ones the tests ran with). torch is not pinned here:
-it comes with the PyTorch base image.
+versions installed in this environment (the ones the tests ran with). torch and torchvision are not
+pinned here: they come with the PyTorch base image.
 
     .venv/bin/python docker/lock.py > docker/requirements.txt
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import tomllib
 from packaging.requirements import Requirement
 
-PROVIDED_BY_BASE = {"torch"}
+PROVIDED_BY_BASE = {"torch", "torchvision"}  # the PyTorch image carries its torchvision
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 

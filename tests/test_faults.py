@@ -27,6 +27,7 @@ from .faults_helpers import (
 
 EPOCHS = CHECKPOINTED_EPOCHS  # 88 steps: a kill after step 30 lands mid-run
 TIMEOUT_S = 20  # bus.timeout_s of these runs (faults_helpers.settings)
+EXIT_SLACK_S = 5
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,11 @@ def test_a_peer_killed_mid_run_is_restarted_and_the_cohort_resumes(
         assert sorted(peers) == [0, 1], "the run ended before the kill"
         killed_at = time.monotonic()
         peers[1].kill()  # SIGKILL
-        peers[0].wait(timeout=TIMEOUT_S)  # the survivor stops within the bus timeout
-        assert time.monotonic() - killed_at < TIMEOUT_S
+        # The survivor stops when its exchange times out (bus.timeout_s): the launcher's SIGTERM
+        # only asks for a stop at an agreed step (checkpoint.on_signal), which a dead peer never
+        # reaches. EXIT_SLACK_S covers the process's own exit on a loaded machine.
+        peers[0].wait(timeout=TIMEOUT_S + EXIT_SLACK_S)
+        assert time.monotonic() - killed_at < TIMEOUT_S + EXIT_SLACK_S
         output, _ = launcher.communicate(timeout=300)
     finally:
         if launcher.poll() is None:

@@ -21,7 +21,7 @@ from .conftest import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 PINS = REPO / "docker" / "requirements.txt"
-BASE_PROVIDES = {"torch"}
+BASE_PROVIDES = {"torch", "torchvision"}  # the PyTorch base image carries both
 
 
 def canonical(name: str) -> str:
