@@ -340,6 +340,7 @@ class CohortTrainer:
             if self.stop.stop_at is not None and step >= self.stop.stop_at and step < max_steps:
                 raise self._preempted(step)  # asked to stop at this epoch's end: saved just now
         summary = self._finish(history, step, time.perf_counter() - start)
+        self.stop.disarm()  # trained and saved: a SIGTERM from here on (metrics.linger_s) stops
         for observer in self.observers:
             observer.on_end(summary)
         return summary
