@@ -362,7 +362,7 @@ class Config(Strict):
 _NOT_HASHED_RUN = ("name", "out_dir", "log_every", "progress_every_s")
 
 
-def _format(err: ValidationError) -> str:
+def validation_error_line(err: ValidationError) -> str:
     first = err.errors()[0]
     loc = list(first["loc"])
     method = loc[1] if loc[:1] == ["method"] and len(loc) > 1 else None
@@ -424,18 +424,18 @@ def parse_config(raw: Any) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format(err)) from None
+        raise ConfigError(validation_error_line(err)) from None
     cfg.peers  # noqa: B018 - validates peer names
     check_teachers(cfg)
     check_names(cfg)
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML experiment config, apply overrides, validate."""
+def read_yaml(path: str | Path) -> Any:
+    """The YAML document in `path` ({} when empty), or a one-line `ConfigError`."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config error: {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -444,7 +444,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
         raise ConfigError(f"config error: {path}{line}: not valid YAML") from None
-    return parse_config(apply_overrides(raw, overrides or []))
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML experiment config, apply overrides, validate."""
+    return parse_config(apply_overrides(read_yaml(path), overrides or []))
 
 
 def check_teachers(cfg: Config) -> None:

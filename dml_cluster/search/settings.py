@@ -8,10 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from dml_cluster.config import Config, SubsetConfig, _format, apply_overrides, parse_config
+from dml_cluster.config import (
+    Config,
+    SubsetConfig,
+    apply_overrides,
+    parse_config,
+    read_yaml,
+    validation_error_line,
+)
 from dml_cluster.errors import ConfigError
 from dml_cluster.schema import Strict
 from dml_cluster.search.space import OPS, SKIPS, SearchSpace
@@ -173,7 +179,7 @@ def parse_search_config(raw: Any) -> SearchConfig:
         search = SearchSettings.model_validate(raw["search"])
     except ValidationError as err:
         raise ConfigError(
-            _format(err).replace("config error: ", "config error: search.", 1)
+            validation_error_line(err).replace("config error: ", "config error: search.", 1)
         ) from None
     method = (base.get("method") or {}).get("name", "kd") if search.reward == "kd" else None
     if method is not None and method != "kd":
@@ -198,15 +204,4 @@ def _kd_settings(base: dict[str, Any]) -> dict[str, Any]:
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
     """Read a search config (YAML), apply `--set` overrides, validate."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config error: {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"config error: {path}: cannot read ({err})") from None
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
-        raise ConfigError(f"config error: {path}{line}: not valid YAML") from None
-    return parse_search_config(apply_overrides(raw, overrides or []))
+    return parse_search_config(apply_overrides(read_yaml(path), overrides or []))
