@@ -27,10 +27,10 @@ from dml_cluster.config import Config, apply_overrides, parse_config
 from dml_cluster.data.dataset import Dataset
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import ConfigError
+from dml_cluster.run_folder import CONFIG_FILE
 
 SIGMAS = (0.01, 0.02, 0.04, 0.08)
 """Default noise levels: std of the Gaussian noise added to every weight."""
-CONFIG_FILE = "config.yaml"
 ANALYSIS_FILE = "analysis.json"
 
 Batches = Sequence[tuple[Tensor, Tensor]]

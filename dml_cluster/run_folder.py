@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import yaml
+
 from dml_cluster.errors import DmlError
 
 
@@ -96,6 +98,15 @@ def write_atomic(path: Path, data: bytes | memoryview) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """`write_atomic` of indented JSON."""
     write_atomic(path, json.dumps(data, indent=2).encode())
+
+
+CONFIG_FILE = "config.yaml"  # the run's resolved config, every default and --set applied
+
+
+def record_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Write the run's resolved config (`Config.to_dict()`) as `<run>/config.yaml`."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    write_atomic(run_dir / CONFIG_FILE, text.encode())
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

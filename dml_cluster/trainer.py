@@ -39,7 +39,7 @@ from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, 
 from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
-from dml_cluster.run_folder import JsonlLog, write_json_atomic
+from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -300,6 +300,8 @@ class CohortTrainer:
         if self.placement.reporter:
             record_data(self.run_dir / DATA_FILE, self.data, self.normalisation)
         restored = self._resume()
+        if self.placement.reporter:  # the config of this start (a refused resume leaves it)
+            record_config(self.run_dir, cfg.to_dict())
         self.stop.arm()  # from here a SIGTERM stops the cohort at an agreed step, saved
         at = restored.position if restored else Position(0, 0, 0)
         history: list[dict[str, Any]] = restored.history if restored else []

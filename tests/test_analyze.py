@@ -94,7 +94,8 @@ def test_analyze_command_on_a_run_folder(tmp_path: Path) -> None:
     )
     run_dir = tmp_path / "pair"
     plot = tmp_path / "fig.png"
-    train, ok, no_config, bad_sigma = cli_each(
+    (tmp_path / "elsewhere").mkdir()  # a folder without a run in it
+    train, ok, recorded, no_config, bad_sigma = cli_each(
         [
             ["train", str(config)],
             [
@@ -109,7 +110,8 @@ def test_analyze_command_on_a_run_folder(tmp_path: Path) -> None:
                 "--plot",
                 str(plot),
             ],
-            ["analyze", str(run_dir)],
+            ["analyze", str(run_dir), "--draws", "2", "--sigma", "0.01,0.1"],  # its config.yaml
+            ["analyze", str(tmp_path / "elsewhere")],
             ["analyze", str(run_dir), "--config", str(config), "--sigma", "0,x"],
         ],  # fmt: skip
         tmp_path / "spec.json",
@@ -122,6 +124,9 @@ def test_analyze_command_on_a_run_folder(tmp_path: Path) -> None:
         assert 0.0 <= peer["train_accuracy"] <= 1.0 and 0.0 < peer["train_entropy"] < math.log(10)
         assert set(peer["flatness"]) == {"0.01", "0.1"}
     assert "| pair | mlp-0 |" in ok.stdout and plot.stat().st_size > 0
+    # the run folder records its resolved config: analyze needs no --config, same numbers
+    assert recorded.returncode == 0, recorded.stderr[-2000:]
+    assert json.loads((run_dir / "analysis.json").read_text()) == result
     for bad, words in ((no_config, "has no config.yaml"), (bad_sigma, "--sigma")):
         assert bad.returncode == 2 and words in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
