@@ -11,8 +11,9 @@ scale). Seeded by its own generator; `state_dict` holds everything a resumed sea
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -74,9 +75,8 @@ class Policy(nn.Module):
 
 
 class Controller:
-    """Proposes `sample(n)` sequences, learns from `update(samples, rewards)`."""
-
-    learns: ClassVar[bool] = True
+    """Proposes `sample(n)` sequences and hears their rewards through `update(samples, rewards)`;
+    this base never learns (its policy's heads stay zero: every choice uniform)."""
 
     def __init__(
         self, vocab: tuple[int, ...], kinds: tuple[int, ...], cfg: ControllerSettings, seed: int
@@ -97,6 +97,37 @@ class Controller:
             Sample(tuple(int(v) for v in row), float(lp))
             for row, lp in zip(tokens, log_prob, strict=True)
         ]
+
+    def update(self, samples: list[Sample], rewards: list[float]) -> dict[str, float]:
+        """A round's samples and rewards: counted, nothing learnt."""
+        self.updates += 1
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """A copy of everything that decides what comes next (torch's state dicts share their
+        tensors with the live ones: a controller loaded from them would train the same Adam
+        moments in place)."""
+        return copy.deepcopy(
+            {
+                "policy": self.policy.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "baseline": self.baseline,
+                "spread": self.spread,
+                "updates": self.updates,
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.baseline, self.spread = state["baseline"], state["spread"]
+        self.updates = state["updates"]
+
+
+class PolicyGradient(Controller, ABC):
+    """Learns from each round: `epochs` gradient steps on `objective` over its samples."""
 
     def advantages(self, rewards: list[float]) -> Tensor:
         """(reward - moving-average baseline) / moving-average spread, then both move on."""
@@ -130,33 +161,12 @@ class Controller:
     def epochs(self) -> int:
         return 1
 
+    @abstractmethod
     def objective(self, log_prob: Tensor, old: Tensor, adv: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        """A copy of everything that decides what comes next (torch's state dicts share their
-        tensors with the live ones: a controller loaded from them would train the same Adam
-        moments in place)."""
-        return copy.deepcopy(
-            {
-                "policy": self.policy.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(),
-                "baseline": self.baseline,
-                "spread": self.spread,
-                "updates": self.updates,
-            }
-        )
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.baseline, self.spread = state["baseline"], state["spread"]
-        self.updates = state["updates"]
+        """The loss whose gradient moves the policy towards the round's better samples."""
 
 
-class PPO(Controller):
+class PPO(PolicyGradient):
     """Clipped surrogate objective (Schulman et al. 2017), several epochs per round."""
 
     @property
@@ -169,7 +179,7 @@ class PPO(Controller):
         return -torch.minimum(ratio * adv, clipped * adv).mean()
 
 
-class Reinforce(Controller):
+class Reinforce(PolicyGradient):
     """The score-function gradient (Williams 1992): one step per round."""
 
     def objective(self, log_prob: Tensor, old: Tensor, adv: Tensor) -> Tensor:
@@ -177,13 +187,7 @@ class Reinforce(Controller):
 
 
 class RandomSearch(Controller):
-    """Every choice uniform and independent; never learns (the policy's heads stay zero)."""
-
-    learns: ClassVar[bool] = False
-
-    def update(self, samples: list[Sample], rewards: list[float]) -> dict[str, float]:
-        self.updates += 1
-        return {}
+    """Every choice uniform and independent; never learns: the baseline of every claim."""
 
 
 CONTROLLERS: dict[str, type[Controller]] = {
