@@ -121,19 +121,12 @@ def run_config(run_dir: Path, config: str | None = None, overrides: Sequence[str
 def training_batches(cfg: Config, run_dir: Path, device: torch.device) -> tuple[Batches, Dataset]:
     """The run's training set (its subset, if it had one) in order, normalised as the run saw
     it, without augmentation, with its true labels, held on `device`; and the dataset."""
-    from dml_cluster.data import load_dataset, loader_options
-    from dml_cluster.data.dataset import take, targets
     from dml_cluster.data.loader import DataPath
-    from dml_cluster.data.split import training_subset
-    from dml_cluster.data.stats import DATA_FILE, resolve_normalisation
+    from dml_cluster.trainer import prepare_data
 
-    data = load_dataset(cfg.data.name, cfg.data.root, **loader_options(cfg.data))
+    prepared = prepare_data(cfg, run_dir)  # true labels: semi-supervised masks are not applied
+    data, normalisation = prepared.dataset, prepared.normalisation
     train = data.train
-    keep = training_subset(targets(train), cfg.data.train_subset, cfg.run.seed)
-    if keep is not None:
-        train = take(train, keep)
-    data = dataclasses.replace(data, train=train)
-    normalisation = resolve_normalisation(data, run_dir / DATA_FILE, 0)
     in_order = dataclasses.replace(data, test=train)  # the in-order split reader, on train
     path = DataPath(
         in_order, normalisation, device, batch_size=cfg.data.eval_batch_size,

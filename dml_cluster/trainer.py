@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,10 +83,11 @@ class RunData:
     workers: int
 
 
-def prepare_data(cfg: Config) -> RunData:
+def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
     """Load and check the run's data; the launchers call it before the metrics endpoint or the
     trainer writes into the run folder, so bad data (a folder, a factory, an unreadable image in
-    the statistics pass) is one `DataError` line and the folder is left as it was."""
+    the statistics pass) is one `DataError` line and the folder is left as it was. `run_dir`:
+    where the run's recorded statistics are (default: the config's run folder)."""
     data = load_dataset(cfg.data.name, cfg.data.root, **loader_options(cfg.data))
     train, labels = data.train, None
     if cfg.data.train_subset is not None:
@@ -96,7 +98,7 @@ def prepare_data(cfg: Config) -> RunData:
         labels = mask_labels(train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed))
     data = dataclasses.replace(data, train=train)
     workers = default_workers(data) if cfg.data.workers is None else cfg.data.workers
-    stats = resolve_normalisation(data, cfg.run.dir / DATA_FILE, workers)
+    stats = resolve_normalisation(data, (run_dir or cfg.run.dir) / DATA_FILE, workers)
     return RunData(data, stats, labels, workers)
 
 
@@ -316,12 +318,12 @@ class CohortTrainer:
                 result = self.train_step(x, y, step, fingerprint(idx))
                 self._observe_step(step, epoch, y, result, time.perf_counter() - t0)
                 step += 1
-                stopping = self.stop.after(step)
-                if s + 1 < per_epoch and step < max_steps and stopping:
-                    self._checkpoint(Position(epoch, s + 1, step), history)
-                    raise self._preempted(step)
-                if s + 1 < per_epoch and step < max_steps and self.checkpoints.due(step):
-                    self._checkpoint(Position(epoch, s + 1, step), history)
+                stopping = self.stop.after(step)  # every step: the cohort's agreed stop
+                if s + 1 < per_epoch and step < max_steps:  # mid-epoch (ends save below)
+                    if stopping or self.checkpoints.due(step):
+                        self._checkpoint(Position(epoch, s + 1, step), history)
+                    if stopping:
+                        raise self._preempted(step)
             for peer in self.peers.values():
                 peer.scheduler.step()
             last = epoch == cfg.train.epochs - 1 or step >= max_steps
