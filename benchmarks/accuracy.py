@@ -109,7 +109,6 @@ FMNIST = Suite(
             "KD from the teacher",
             "configs/fmnist3k-kd.yaml",
             section="teacher",
-            seeds=3,
             teacher=True,
         ),
         Row(
@@ -117,7 +116,6 @@ FMNIST = Suite(
             "DKD from the teacher",
             "configs/fmnist3k-dkd.yaml",
             section="teacher",
-            seeds=3,
             teacher=True,
             scaled=_SCALED_KD,
         ),
@@ -126,7 +124,6 @@ FMNIST = Suite(
             "FitNets hints + KD",
             "configs/fmnist3k-fitnets.yaml",
             section="teacher",
-            seeds=3,
             teacher=True,
             scaled=("method.hint_epochs",),
         ),
@@ -135,7 +132,6 @@ FMNIST = Suite(
             "teacher + 2 students (KD + DML)",
             "configs/fmnist3k-teacher-dml.yaml",
             section="teacher",
-            seeds=3,
             teacher=True,
         ),
         Row(
@@ -144,7 +140,7 @@ FMNIST = Suite(
             "configs/fmnist-semi-cnn.yaml",
             ("method.name=independent",),
             "semi",
-            3,
+            5,
             None,
             scaled=("train.epochs",),
         ),
@@ -154,7 +150,7 @@ FMNIST = Suite(
             "configs/fmnist-semi-cnn.yaml",
             ("method.unlabelled_mimicry=false",),
             "semi",
-            3,
+            5,
             "semi-ind",
             scaled=("train.epochs",),
         ),
@@ -164,12 +160,12 @@ FMNIST = Suite(
             "configs/fmnist-semi-cnn.yaml",
             (),
             "semi",
-            3,
+            5,
             "semi-ind",
             scaled=("train.epochs",),
         ),
         Row(
-            "mlp-alone", "MLP 784-64-10 alone", "configs/fmnist-alone.yaml", (), "control", 3, None
+            "mlp-alone", "MLP 784-64-10 alone", "configs/fmnist-alone.yaml", (), "control", 5, None
         ),
         Row(
             "mlp-dml",
@@ -177,7 +173,7 @@ FMNIST = Suite(
             "configs/fmnist-dml.yaml",
             (),
             "control",
-            3,
+            5,
             "mlp-alone",
         ),
     ),
