@@ -68,3 +68,15 @@ def test_a_restored_controller_continues_exactly(name: str) -> None:
         b.update(sb, [reward(s.tokens) for s in sb])
     for pa, pb in zip(a.policy.parameters(), b.policy.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_a_controller_is_seeded_and_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    cfg = ControllerSettings(name="ppo")
+    a, b = build_controller(VOCAB, KINDS, cfg, 5), build_controller(VOCAB, KINDS, cfg, 5)
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream is where it was
+    for pa, pb in zip(a.policy.parameters(), b.policy.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert a.sample(6) == b.sample(6)

@@ -82,8 +82,9 @@ class Controller:
         self, vocab: tuple[int, ...], kinds: tuple[int, ...], cfg: ControllerSettings, seed: int
     ) -> None:
         self.cfg = cfg
-        torch.manual_seed(seed)
-        self.policy = Policy(vocab, kinds, cfg.hidden, cfg.logit_bound)
+        with torch.random.fork_rng(devices=[]):  # seeded weights; the caller's RNG untouched
+            torch.manual_seed(seed)
+            self.policy = Policy(vocab, kinds, cfg.hidden, cfg.logit_bound)
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=cfg.lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.baseline: float | None = None
