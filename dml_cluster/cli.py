@@ -65,7 +65,7 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
             err=True,
         )
     wait_s = launcher_wait_s(cfg)
-    sys.exit(launch_elastic(config, list(overrides), size, max_restarts, wait_s))
+    sys.exit(launch_elastic(config, list(overrides), size, max_restarts, wait_s, cfg.run.dir))
 
 
 def _check_nproc(nproc: int | None, size: int, max_restarts: int) -> None:

@@ -55,6 +55,7 @@ class Topic(IntEnum):
     RESUME_VERIFY = 5  # resume: whether a process's files of a step verify (and why not)
     RUN_FOLDER = 6  # start-up: whether a process could claim its share of the run folder
     RUN_NONCE = 7  # start-up: the launch's random nonce in the wire's run id (rank 0 draws it)
+    BUILD = 8  # start-up: whether a process could build its peers (models, weights, method)
 
 
 _DOING = {
@@ -65,6 +66,7 @@ _DOING = {
     Topic.RESUME_VERIFY: "verifying the checkpoint of step {about}",
     Topic.RUN_FOLDER: "claiming the run folder",
     Topic.RUN_NONCE: "agreeing on the run id",
+    Topic.BUILD: "building the peers",
 }
 
 

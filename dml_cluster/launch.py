@@ -17,9 +17,10 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,7 @@ from dml_cluster.errors import ConfigError, DmlError, PeerError, ReportedElsewhe
 from dml_cluster.metrics import metrics_observers
 from dml_cluster.precision import check_precision
 from dml_cluster.preemption import CohortStop, stop_margin
+from dml_cluster.run_folder import missing_folders, remove_if_empty
 from dml_cluster.run_lock import claim_run_folder
 from dml_cluster.signals import LAUNCHER_ENV, local_reporter, signal_name
 from dml_cluster.trainer import CohortTrainer, Placement, prepare_data
@@ -178,27 +180,39 @@ def _check_layout(cfg: Config, world: int) -> None:
     )
 
 
+T = TypeVar("T")
+
+
+def _together(control: Control, topic: Topic, rank: int, attempt: Callable[[], T]) -> T:
+    """Every process makes `attempt`, then the cohort compares notes: when any met an error a
+    user can act on, the first such process reports it and every process exits with its
+    status, the others quietly. Every process gets there: no one waits alone."""
+    refusal: DmlError | None = None
+    result: Any = None
+    try:
+        result = attempt()
+    except DmlError as err:
+        refusal = err
+    note = f"{refusal.exit_code} {refusal}" if refusal is not None else ""
+    notes = control.all_gather_bytes(topic, 0, note.encode())
+    refused = [i for i, theirs in enumerate(notes) if theirs]
+    if refusal is not None and refused[0] == rank:
+        raise refusal
+    if refused:
+        code = notes[refused[0]].split(b" ", 1)[0]
+        _let_the_cause_exit_first()
+        raise ReportedElsewhere(int(code) if code.isdigit() else 1)
+    return result
+
+
 @contextlib.contextmanager
 def _claim_together(cfg: Config, rank: int, control: Control) -> Iterator[None]:
-    """Each peer process claims its share of the run folder (run_lock.py), then the cohort
-    compares notes: when any was refused (another run holds the folder, it is not writable),
-    the first refused peer reports why and every process exits with its status, the others
-    quietly, before any of them writes a file. Every process gets there: no one waits alone."""
+    """Each peer process claims its share of the run folder (run_lock.py); when any was
+    refused (another run holds the folder, it is not writable) every process exits before
+    any of them writes a file."""
     with contextlib.ExitStack() as held:
-        refusal: DmlError | None = None
-        try:
-            held.enter_context(claim_run_folder(cfg.run.dir, {rank: cfg.peers[rank].name}))
-        except DmlError as err:
-            refusal = err
-        note = f"{refusal.exit_code} {refusal}" if refusal is not None else ""
-        notes = control.all_gather_bytes(Topic.RUN_FOLDER, 0, note.encode())
-        refused = [i for i, theirs in enumerate(notes) if theirs]
-        if refusal is not None and refused[0] == rank:
-            raise refusal
-        if refused:
-            code = notes[refused[0]].split(b" ", 1)[0]
-            _let_the_cause_exit_first()
-            raise ReportedElsewhere(int(code) if code.isdigit() else 1)
+        claim = claim_run_folder(cfg.run.dir, {rank: cfg.peers[rank].name})
+        _together(control, Topic.RUN_FOLDER, rank, lambda: held.enter_context(claim))
         yield
 
 
@@ -228,12 +242,17 @@ def run_peer(cfg: Config) -> dict[str, Any]:
         with _claim_together(cfg, rank, control):
             with reported_once():  # bad data: before anything is written to the run folder
                 data = prepare_data(cfg)
+            make_bus = TRANSPORTS[cfg.bus.transport]
+            bus = make_bus(cfg, rank, world, wire_id=wire_id, device=bus_device)
+            placement = Placement((rank,), device, reporter=rank == 0)
+            stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
+            # the models are built before anything is written: a bad one is one line, once
+            trainer = _together(
+                control, Topic.BUILD, rank,
+                lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
+            )  # fmt: skip
             with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
-                make_bus = TRANSPORTS[cfg.bus.transport]
-                bus = make_bus(cfg, rank, world, wire_id=wire_id, device=bus_device)
-                placement = Placement((rank,), device, reporter=rank == 0)
-                stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
-                trainer = CohortTrainer(cfg, bus, placement, observers, control, stop, data)
+                trainer.observe(observers)
                 return trainer.run()
     except PeerError:
         _let_the_cause_exit_first()
@@ -277,10 +296,12 @@ def run_local(cfg: Config) -> dict[str, Any]:
     devices = hosted_devices(cfg, hosted)  # peer i on GPU i % n, or cohort.devices
     device = _use(devices[hosted[0]])
     with claim_run_folder(cfg.run.dir, {i: cfg.peers[i].name for i in hosted}):
-        data = prepare_data(cfg)  # bad data: before anything is written to the run folder
+        data = prepare_data(cfg)  # bad data, a bad model: before anything is written
+        placement = Placement(hosted, device, reporter=True, devices=devices)
+        trainer = CohortTrainer(cfg, LocalBus(), placement, data=data)
         with metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers:
-            placement = Placement(hosted, device, reporter=True, devices=devices)
-            return CohortTrainer(cfg, LocalBus(), placement, observers, data=data).run()
+            trainer.observe(observers)
+            return trainer.run()
 
 
 def _free_port() -> int:
@@ -300,13 +321,19 @@ def _root_cause(err: Any) -> tuple[int, Any]:
 
 
 def launch_elastic(
-    config: str, overrides: list[str], nproc: int, max_restarts: int = 0, wait_s: int = 30
+    config: str,
+    overrides: list[str],
+    nproc: int,
+    max_restarts: int = 0,
+    wait_s: int = 30,
+    run_dir: Path | None = None,
 ) -> int:
     """Start `nproc` peer processes with torch.distributed.run (torchrun), one node, c10d store.
 
     An explicit c10d endpoint (not --standalone) keeps restarts working with gloo
     (pytorch/pytorch#135712). Returns the exit code to use. `wait_s`: how long the launcher
     waits for the peers after passing a SIGTERM on (their checkpoint save) before killing them.
+    `run_dir`: the run folder; when the peers made it and left it empty, it is removed.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -325,6 +352,7 @@ def launch_elastic(
     # break the restarted group's gloo set-up (pytorch/pytorch#135712, DESIGN.md section 8)
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     os.environ[LAUNCHER_ENV] = "1"  # the peers stop quietly on a signal: this process says it
+    made = missing_folders(run_dir) if run_dir is not None else []
     try:
         with _quiet_signal_relay():
             run(get_args_parser().parse_args(argv))
@@ -347,9 +375,12 @@ def launch_elastic(
                 "cohort stopped (checkpoint.on_signal): run the same command again to resume"
             )
         error.exit_code = code
+        if code == ConfigError.exit_code:  # a permanent error: the peer has said it in one line
+            raise ReportedElsewhere(code) from None
         raise error from None
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
+        remove_if_empty(made)
     return 0
 
 
@@ -360,14 +391,16 @@ _ELASTIC_LOGGERS = (
 
 
 class _NoSignalRelay(logging.Filter):
-    """Drops torch elastic's lines about passing a stop signal on to each peer: the launcher
-    says it in one line. Its warning about a peer that had to be killed stays."""
+    """Drops torch elastic's lines about passing a stop signal on to each peer (the launcher
+    says it in one line) and about a peer that exited 2 (it said why in one line). Its lines
+    about a peer that crashed or had to be killed stay."""
 
     RELAY = ("death signal, shutting down workers", "closing signal", "Closing process")
+    REPORTED = f"failed (exitcode: {ConfigError.exit_code})"  # the peer's own line says why
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return not any(part in message for part in self.RELAY)
+        return not any(part in message for part in self.RELAY) and self.REPORTED not in message
 
 
 @contextlib.contextmanager

@@ -48,6 +48,21 @@ def not_writable(folder: Path, err: OSError) -> DmlError:
     )
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, deepest first."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty: a run that stopped before it
+    wrote anything leaves no trace of the folders made for it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def ensure_writable(folder: Path) -> None:
     """Create the run folder if needed and prove it takes files, before anything is written."""
     try:

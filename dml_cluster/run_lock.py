@@ -25,7 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from dml_cluster.errors import DmlError
-from dml_cluster.run_folder import ensure_writable, not_writable
+from dml_cluster.run_folder import (
+    ensure_writable,
+    missing_folders,
+    not_writable,
+    remove_if_empty,
+)
 
 LOCK_TRIES = 100
 """Attempts at a lock whose file other runs keep removing (each one ending as we start)."""
@@ -52,6 +57,7 @@ class RunFolderLock:
         self.peers = dict(sorted(peers.items()))
         self._fds: dict[int, int] = {}
         self._created: set[Path] = set()  # by this process: removed again if it fails
+        self._made = missing_folders(folder)  # removed again at release if still empty
 
     def acquire(self) -> None:
         """Take every lock or none: a held one raises `RunFolderInUse` and the run folder is
@@ -75,6 +81,8 @@ class RunFolderLock:
         """Remove the lock files and let the locks go (safe to call twice)."""
         held = {lock_path(self.folder, index) for index in self._fds}
         self._drop(remove=held | {self.folder / "locks"})
+        remove_if_empty(self._made)
+        self._made = []
 
     def _take(self, path: Path) -> int:
         for _ in range(LOCK_TRIES):

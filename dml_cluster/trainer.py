@@ -171,6 +171,10 @@ class CohortTrainer:
             every = cfg.run.progress_every_s
             self.observers.append(ProgressDisplay(plan, self.names, self.clock, every, sys.stderr))
 
+    def observe(self, observers: Sequence[Observer]) -> None:
+        """Add observers (the metrics endpoint) after the run log, before the progress line."""
+        self.observers[1:1] = observers
+
     # -- one step ---------------------------------------------------------------------------
 
     def _update(

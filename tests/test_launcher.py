@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import psutil
+import yaml
 
 from .cohort_runs import cli_each, sets
 from .faults_helpers import CONFIG, REPO, env, free_port, lines, train, wait_for
 
+BROKEN = "tests.model_factories:broken"  # raises ValueError("boom")
 SIZE = 2  # CONFIG's cohort: 2 small CNNs on digits, 22 steps per epoch
 
 
@@ -52,6 +54,24 @@ def test_nproc_must_be_the_cohort_size(tmp_path: Path) -> None:
     proc = train("--nproc", "0", *quiet, timeout=60)
     assert proc.returncode == 2
     _one_line(proc, "--nproc 0", f"--nproc {SIZE}")
+
+
+def test_a_peer_that_cannot_build_its_model_under_nproc_is_one_line(tmp_path: Path) -> None:
+    """Only rank 1's model fails to build: rank 1 says why in one line (not rank 0, not the
+    launcher, not torch), the status is 2, and the run folder its claim made is gone."""
+    config = tmp_path / "bad-peer.yaml"
+    peers = [{"name": "good", "model": "small_cnn"}, {"name": "bad", "model": BROKEN}]
+    config.write_text(yaml.safe_dump({"data": {"name": "digits"}, "cohort": {"peers": peers}}))
+    out = tmp_path / "runs"
+    proc = train(
+        "--nproc", "2", *sets(f"run.out_dir={out}", "metrics.enabled=false", "bus.transport=zmq"),
+        config=str(config), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "bus inbox" not in line]
+    assert len(said) == 1, proc.stderr
+    assert "cohort.peers.1.model" in said[0] and "raised ValueError: boom" in said[0], said[0]
+    assert not out.exists(), sorted(out.rglob("*"))
 
 
 def test_a_world_size_mismatch_under_torchrun_is_reported_once(tmp_path: Path) -> None:
