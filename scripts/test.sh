@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -m "not slow" -p no:cacheprovider --timeout=900 "$@"
+.venv/bin/python -m pytest -m "not slow" -p no:cacheprovider --timeout=900 --durations=25 "$@"
