@@ -1,0 +1,119 @@
+"""Why the accuracy benchmark's configs set `run.channels_last: true` and
+`data.eval_batch_size: 128`: the training step and the test pass of `small_cnn` (width 32, the
+students) and width 64 (the teacher) on Fashion-MNIST-sized inputs, one CPU thread, in NCHW and
+NHWC layout, and the test pass at several batch sizes. Variants are measured in turns (A, B, A,
+B, ...) in one process, so the ratios share the machine's load. Run from the repo root:
+
+    .venv/bin/python benchmarks/cpu_layout.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import machine  # noqa: E402
+
+from dml_cluster.models import build_model  # noqa: E402
+
+SHAPE = (1, 28, 28)
+
+
+def variant(width: int, nhwc: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = build_model("small_cnn", SHAPE, 10, width=width)
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def batch(size: int, nhwc: bool) -> torch.Tensor:
+    x = torch.randn(size, *SHAPE)
+    return x.contiguous(memory_format=torch.channels_last) if nhwc else x
+
+
+def train_step(width: int, nhwc: bool) -> Callable[[], None]:
+    model, opt = variant(width, nhwc)
+    x, y = batch(128, nhwc), torch.randint(0, 10, (128,))
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def test_pass(width: int, nhwc: bool, size: int, total: int = 2048) -> Callable[[], None]:
+    model, _ = variant(width, nhwc)
+    model.eval()
+    x = batch(size, nhwc)
+
+    def run() -> None:
+        with torch.no_grad():
+            for _ in range(total // size):
+                model(x)
+
+    return run
+
+
+def timed(fn: Callable[[], None], calls: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, few calls (smoke test)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    calls = 2 if args.quick else 10
+    repeats = 1 if args.quick else args.repeats
+    cases: dict[str, tuple[Callable[[], None], float]] = {}  # name -> (fn, samples per call)
+    for width in (32, 64):
+        for nhwc in (False, True):
+            layout = "NHWC" if nhwc else "NCHW"
+            cases[f"train step, width {width}, {layout}, batch 128"] = (
+                train_step(width, nhwc),
+                128,
+            )
+    for nhwc in (False, True):
+        for size in (128, 1024):
+            layout = "NHWC" if nhwc else "NCHW"
+            cases[f"test pass, width 32, {layout}, batch {size}"] = (
+                test_pass(32, nhwc, size),
+                2048,
+            )
+    seconds: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, (fn, _) in cases.items():
+            seconds[name].append(timed(fn, calls))
+    base_train = statistics.median(seconds["train step, width 32, NCHW, batch 128"])
+    base_test = statistics.median(seconds["test pass, width 32, NCHW, batch 1024"])
+    print(f"machine: {machine()}; torch {torch.__version__}; 1 thread; {repeats} repeats")
+    print("| case | ms per call (median) | µs per sample | speed vs NCHW (same kind) |")
+    print("|---|---:|---:|---:|")
+    for name, (_, samples) in cases.items():
+        median = statistics.median(seconds[name])
+        base = base_train if name.startswith("train") else base_test
+        if "width 64" in name:
+            base = statistics.median(seconds["train step, width 64, NCHW, batch 128"])
+        print(
+            f"| {name} | {1e3 * median:.1f} | {1e6 * median / samples:.0f} | {base / median:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
