@@ -27,6 +27,7 @@ from dml_cluster.config import Config, apply_overrides, parse_config
 from dml_cluster.data.dataset import Dataset
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import ConfigError
+from dml_cluster.precision import to_layout
 from dml_cluster.run_folder import CONFIG_FILE
 
 SIGMAS = (0.01, 0.02, 0.04, 0.08)
@@ -120,7 +121,8 @@ def run_config(run_dir: Path, config: str | None = None, overrides: Sequence[str
 
 def training_batches(cfg: Config, run_dir: Path, device: torch.device) -> tuple[Batches, Dataset]:
     """The run's training set (its subset, if it had one) in order, normalised as the run saw
-    it, without augmentation, with its true labels, held on `device`; and the dataset."""
+    it, without augmentation, with its true labels, held on `device` in the run's memory layout
+    (`run.channels_last`); and the dataset."""
     from dml_cluster.data.loader import DataPath
     from dml_cluster.trainer import prepare_data
 
@@ -133,7 +135,8 @@ def training_batches(cfg: Config, run_dir: Path, device: torch.device) -> tuple[
         eval_batch_size=cfg.data.eval_batch_size, seed=cfg.run.seed, workers=0, prefetch=2,
         crop_padding=0, flip=False,
     )  # fmt: skip
-    return list(path.test_batches()), data
+    layout = cfg.run.channels_last
+    return [(to_layout(x, layout), y) for x, y in path.test_batches()], data
 
 
 def analyze_run(
@@ -163,6 +166,8 @@ def analyze_run(
             raise ConfigError(f"analyze: {weights}: no such file (has the run finished?)")
         model = build_model(peer.model, data.input_shape, data.num_classes, **peer.args)
         model.load_state_dict(read_weights(weights))
+        if cfg.run.channels_last:  # as the run computed (up to float rounding), faster on a CPU
+            model.to(memory_format=torch.channels_last)
         result["peers"][peer.name] = analyze_model(model, batches, sigmas, draws, seed=k)
     (run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
     return result

@@ -7,11 +7,12 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from torch import nn
 
-from dml_cluster.analyze import analyze_model, flatness, loss_and_entropy
+from dml_cluster.analyze import analyze_model, analyze_run, flatness, loss_and_entropy
 from dml_cluster.data.seeding import seeded_generator
 
 from .cohort_runs import cli_each
@@ -130,3 +131,30 @@ def test_analyze_command_on_a_run_folder(tmp_path: Path) -> None:
     for bad, words in ((no_config, "has no config.yaml"), (bad_sigma, "--sigma")):
         assert bad.returncode == 2 and words in bad.stderr, bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_the_runs_memory_layout_gives_the_same_analysis(tmp_path: Path) -> None:
+    """A run trained channels_last is analyzed in that layout: same numbers up to rounding."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "run": {"name": "cnn", "out_dir": str(tmp_path), "channels_last": True},
+                "data": {"name": "digits", "batch_size": 25, "train_subset": {"per_class": 5}},
+                "cohort": {"size": 1, "model": "small_cnn", "args": {"width": 4}},
+                "method": {"name": "independent"},
+                "train": {"epochs": 1},
+                "metrics": {"enabled": False},
+                "checkpoint": {"enabled": False},
+            }
+        )
+    )
+    (train,) = cli_each([["train", str(config)]], tmp_path / "spec.json")
+    assert train.returncode == 0, train.stderr[-2000:]
+    nhwc = analyze_run(tmp_path / "cnn", sigmas=[0.05], draws=2)
+    nchw = analyze_run(
+        tmp_path / "cnn", sigmas=[0.05], draws=2, overrides=["run.channels_last=false"]
+    )
+    for a, b in zip(nhwc["peers"].values(), nchw["peers"].values(), strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["flatness"]["0.05"] == pytest.approx(b["flatness"]["0.05"], rel=1e-4, abs=1e-6)
