@@ -425,6 +425,20 @@ def paired(row: RowStats, base: RowStats) -> list[tuple[int, float]]:
     return out
 
 
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+"""Student's t quantile 0.975 for 1..10 degrees of freedom (two-sided 95% intervals)."""
+
+
+def interval(ds: Sequence[float]) -> str:
+    """The 95% confidence interval of the mean paired difference (t over seeds), in points."""
+    if len(ds) < 2:
+        return ""
+    t = T_975[len(ds) - 2] if len(ds) - 1 <= len(T_975) else 1.96
+    half = t * statistics.stdev(ds) / math.sqrt(len(ds))
+    mean = statistics.mean(ds)
+    return f"[{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]"
+
+
 def fmt(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
     if not values:
         return "–"
@@ -439,15 +453,16 @@ def fmt(values: Sequence[float], scale: float = 100.0, digits: int = 2) -> str:
 def table(stats: dict[str, RowStats], rows: Sequence[Row]) -> list[str]:
     lines = [
         "| row | students × seeds | test acc. % | paired Δ vs baseline, pts (seeds > 0) | "
-        "per-seed Δ | test NLL | ECE % | test entropy, nats | ensemble acc. % | s/run |",
-        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+        "95% CI of Δ | per-seed Δ | test NLL | ECE % | test entropy, nats | ensemble acc. % | "
+        "s/run |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         st = stats.get(row.key)
         if st is None or not st.runs:
             continue
         n_students = len(st.runs[0]["students"])
-        delta, per_seed = "(baseline)", ""
+        delta, per_seed, ci = "(baseline)", "", ""
         if row.baseline and row.baseline in stats:
             pairs = paired(st, stats[row.baseline])
             if pairs:
@@ -455,12 +470,14 @@ def table(stats: dict[str, RowStats], rows: Sequence[Row]) -> list[str]:
                 pos = sum(d > 0 for d in ds)
                 delta = f"{'+' if statistics.mean(ds) > 0 else ''}{fmt(ds)} ({pos}/{len(ds)})"
                 per_seed = " ".join(f"{100 * d:+.2f}" for _, d in pairs)
+                ci = interval(ds)
         ens = [r["ensemble"]["accuracy"] for r in st.runs] if n_students > 1 else []
         walls = [r["wall_seconds"] for r in st.runs]
         lines.append(
             f"| {row.label} | {n_students} × {len(st.runs)} | {fmt(st.values('accuracy'))} | "
-            f"{delta} | {per_seed} | {fmt(st.values('nll'), 1, 3)} | {fmt(st.values('ece'))} | "
-            f"{fmt(st.values('entropy'), 1, 3)} | {fmt(ens)} | {statistics.mean(walls):.0f} |"
+            f"{delta} | {ci} | {per_seed} | {fmt(st.values('nll'), 1, 3)} | "
+            f"{fmt(st.values('ece'))} | {fmt(st.values('entropy'), 1, 3)} | {fmt(ens)} | "
+            f"{statistics.mean(walls):.0f} |"
         )
     return lines
 
