@@ -23,25 +23,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import machine  # noqa: E402
 
 from dml_cluster.models import build_model  # noqa: E402
+from dml_cluster.precision import to_layout, to_model_layout  # noqa: E402
 
 SHAPE = (1, 28, 28)
 
 
-def variant(width: int, nhwc: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+def variant(width: int, nhwc: bool) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = build_model("small_cnn", SHAPE, 10, width=width)
-    if nhwc:
-        model = model.to(memory_format=torch.channels_last)
-    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return to_model_layout(build_model("small_cnn", SHAPE, 10, width=width), nhwc)
 
 
 def batch(size: int, nhwc: bool) -> torch.Tensor:
-    x = torch.randn(size, *SHAPE)
-    return x.contiguous(memory_format=torch.channels_last) if nhwc else x
+    return to_layout(torch.randn(size, *SHAPE), nhwc)
 
 
 def train_step(width: int, nhwc: bool) -> Callable[[], None]:
-    model, opt = variant(width, nhwc)
+    model = variant(width, nhwc)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = batch(128, nhwc), torch.randint(0, 10, (128,))
 
     def step() -> None:
@@ -53,8 +51,7 @@ def train_step(width: int, nhwc: bool) -> Callable[[], None]:
 
 
 def test_pass(width: int, nhwc: bool, size: int, total: int = 2048) -> Callable[[], None]:
-    model, _ = variant(width, nhwc)
-    model.eval()
+    model = variant(width, nhwc).eval()
     x = batch(size, nhwc)
 
     def run() -> None:
@@ -81,38 +78,28 @@ def main() -> None:
     torch.set_num_threads(1)
     calls = 2 if args.quick else 10
     repeats = 1 if args.quick else args.repeats
-    cases: dict[str, tuple[Callable[[], None], float]] = {}  # name -> (fn, samples per call)
+    # name -> (fn, samples per call, the case it is compared with: NCHW of the same kind)
+    cases: dict[str, tuple[Callable[[], None], int, str]] = {}
     for width in (32, 64):
+        base = f"train step, width {width}, NCHW, batch 128"
         for nhwc in (False, True):
-            layout = "NHWC" if nhwc else "NCHW"
-            cases[f"train step, width {width}, {layout}, batch 128"] = (
-                train_step(width, nhwc),
-                128,
-            )
+            name = f"train step, width {width}, {'NHWC' if nhwc else 'NCHW'}, batch 128"
+            cases[name] = (train_step(width, nhwc), 128, base)
     for nhwc in (False, True):
         for size in (128, 1024):
-            layout = "NHWC" if nhwc else "NCHW"
-            cases[f"test pass, width 32, {layout}, batch {size}"] = (
-                test_pass(32, nhwc, size),
-                2048,
-            )
+            name = f"test pass, width 32, {'NHWC' if nhwc else 'NCHW'}, batch {size}"
+            cases[name] = (test_pass(32, nhwc, size), 2048, "test pass, width 32, NCHW, batch 1024")
     seconds: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        for name, (fn, _) in cases.items():
+        for name, (fn, _, _) in cases.items():
             seconds[name].append(timed(fn, calls))
-    base_train = statistics.median(seconds["train step, width 32, NCHW, batch 128"])
-    base_test = statistics.median(seconds["test pass, width 32, NCHW, batch 1024"])
+    median = {name: statistics.median(s) for name, s in seconds.items()}
     print(f"machine: {machine()}; torch {torch.__version__}; 1 thread; {repeats} repeats")
     print("| case | ms per call (median) | µs per sample | speed vs NCHW (same kind) |")
     print("|---|---:|---:|---:|")
-    for name, (_, samples) in cases.items():
-        median = statistics.median(seconds[name])
-        base = base_train if name.startswith("train") else base_test
-        if "width 64" in name:
-            base = statistics.median(seconds["train step, width 64, NCHW, batch 128"])
-        print(
-            f"| {name} | {1e3 * median:.1f} | {1e6 * median / samples:.0f} | {base / median:.2f}x |"
-        )
+    for name, (_, samples, base) in cases.items():
+        m = median[name]
+        print(f"| {name} | {1e3 * m:.1f} | {1e6 * m / samples:.0f} | {median[base] / m:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dml_cluster.config import Config, apply_overrides, parse_config
 from dml_cluster.data.dataset import Dataset
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import ConfigError
-from dml_cluster.precision import to_layout
+from dml_cluster.precision import to_layout, to_model_layout
 from dml_cluster.run_folder import CONFIG_FILE
 
 SIGMAS = (0.01, 0.02, 0.04, 0.08)
@@ -166,8 +166,7 @@ def analyze_run(
             raise ConfigError(f"analyze: {weights}: no such file (has the run finished?)")
         model = build_model(peer.model, data.input_shape, data.num_classes, **peer.args)
         model.load_state_dict(read_weights(weights))
-        if cfg.run.channels_last:  # as the run computed (up to float rounding), faster on a CPU
-            model.to(memory_format=torch.channels_last)
+        to_model_layout(model, cfg.run.channels_last)  # as the run computed it (up to rounding)
         result["peers"][peer.name] = analyze_model(model, batches, sigmas, draws, seed=k)
     (run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
     return result

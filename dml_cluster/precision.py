@@ -60,6 +60,13 @@ def to_layout(x: Tensor, channels_last: bool) -> Tensor:
     return x
 
 
+def to_model_layout(model: nn.Module, channels_last: bool) -> nn.Module:
+    """`model`'s 4-D weights in channels_last when asked, in place (the same module back)."""
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
     """The loss scaler fp16 training needs (None otherwise)."""
     if precision != "fp16":
@@ -81,8 +88,7 @@ class _AutocastForward:
 
 def prepare_model(model: nn.Module, run: RunConfig, device: torch.device) -> nn.Module:
     """Layout, autocast and compilation of a peer's model, in place (the same module back)."""
-    if run.channels_last:
-        model.to(memory_format=torch.channels_last)
+    to_model_layout(model, run.channels_last)
     dtype = AUTOCAST_DTYPES[run.precision]
     if dtype is not None:
         model.forward = _AutocastForward(model.forward, dtype, device.type)
