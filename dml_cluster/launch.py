@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +33,7 @@ from dml_cluster.control import Control, Topic, TorchControl
 from dml_cluster.devices import cohort_device_type, hosted_devices, process_group_backend
 from dml_cluster.errors import ConfigError, DmlError, PeerError, ReportedElsewhere
 from dml_cluster.metrics import metrics_observers
+from dml_cluster.metrics.events import Observer
 from dml_cluster.precision import check_precision
 from dml_cluster.preemption import CohortStop, stop_margin
 from dml_cluster.run_folder import missing_folders, remove_if_empty
@@ -288,8 +289,9 @@ def _leave_group() -> None:
         dist.destroy_process_group()
 
 
-def run_local(cfg: Config) -> dict[str, Any]:
-    """Every peer in this process: the one-device mode, and the oracle for the others."""
+def run_local(cfg: Config, observers: Sequence[Observer] = ()) -> dict[str, Any]:
+    """Every peer in this process: the one-device mode, and the oracle for the others.
+    `observers`: watch the run beside the run log and the metrics (benchmarks' clocks)."""
     check_precision(cfg, cohort_device_type(cfg))
     set_determinism(cfg)
     hosted = tuple(range(len(cfg.peers)))
@@ -299,8 +301,8 @@ def run_local(cfg: Config) -> dict[str, Any]:
         data = prepare_data(cfg)  # bad data, a bad model: before anything is written
         placement = Placement(hosted, device, reporter=True, devices=devices)
         trainer = CohortTrainer(cfg, LocalBus(), placement, data=data)
-        with metrics_observers(cfg, hosted, run_id(cfg).hex()) as observers:
-            trainer.observe(observers)
+        with metrics_observers(cfg, hosted, run_id(cfg).hex()) as metrics:
+            trainer.observe([*observers, *metrics])
             return trainer.run()
 
 
