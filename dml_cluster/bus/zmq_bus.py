@@ -90,6 +90,8 @@ class ZmqBus(Bus):
         self.config_hash = int(config_hash, 16)
         self.window = window
         self.stats = BusStats()
+        # with CUDA a message is decoded straight into page-locked memory (the one host copy)
+        self._pinned = torch.cuda.is_available()
         self._pending: dict[tuple[int, int, int], tuple[int, Tensor]] = {}
         self._current: tuple[int, int] | None = None  # (step, round) of the latest exchange
         self._last_step = {r: -1 for r in range(world)}
@@ -361,7 +363,7 @@ class ZmqBus(Bus):
                 f"message for step {header.step} from rank {sender}, beyond the credit window "
                 f"of {self.window} steps"
             )
-        tensor = decode(header, frames[1].buffer)
+        tensor = decode(header, frames[1].buffer, pinned=self._pinned)
         slot = (header.step, header.round, sender)
         if slot in self._pending:
             raise WireError(f"duplicate message for step {header.step} from rank {sender}")
