@@ -1,0 +1,137 @@
+"""Issue 22's defects a first GPU run would hit, where a CPU can show them: host reads in a
+step's losses, received messages staged once, loader workers kept across epochs and
+evaluations, tensors of different peers moved to one named device, timeouts that tell a warm-up
+from a dead peer, the stop flag without a store round trip every step, device timings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from dml_cluster import losses
+from dml_cluster.bus.wire import ENCODING_IDS, Header, Kind, decode, encode
+from dml_cluster.data.dataset import Dataset, Normalisation
+from dml_cluster.data.loader import DataPath, StepSampler, read_batches
+from dml_cluster.method_config.dkd import DKDConfig
+from dml_cluster.methods import Progress, StepView, build_method
+
+CPU = torch.device("cpu")
+_HOST_READS = {"item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"}
+
+
+class HostReads(TorchFunctionMode):
+    """Records every tensor operation that reads values on the host (a device sync on an
+    accelerator): .item(), bool(t), .tolist(), .cpu(), boolean-mask indexing..."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in _HOST_READS:
+            self.reads.append(name)
+        if name == "__getitem__" and any(
+            isinstance(a, torch.Tensor) and a.dtype == torch.bool for a in _flat(args[1:])
+        ):
+            self.reads.append("boolean index")
+        return func(*args, **(kwargs or {}))
+
+
+def _flat(args: Any) -> list[Any]:
+    out = []
+    for a in args:
+        out.extend(_flat(a) if isinstance(a, (tuple, list)) else [a])
+    return out
+
+
+# -- item 3: no host read in a step's losses ------------------------------------------------------
+
+
+def test_cross_entropy_reads_nothing_on_the_host_and_keeps_its_values() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(8, 5, requires_grad=True)
+    target = torch.tensor([0, -1, 2, 3, -1, 4, 1, 0])
+    with HostReads() as mode:
+        ce = losses.cross_entropy(logits, target)
+        none = losses.cross_entropy(logits, torch.full((8,), -1))
+    assert mode.reads == []
+    keep = target != -1
+    assert torch.allclose(ce, F.cross_entropy(logits[keep], target[keep]), atol=1e-6)
+    assert none.item() == 0.0
+    none.backward()
+    assert logits.grad is not None and torch.count_nonzero(logits.grad) == 0
+
+
+def test_dkd_reads_nothing_on_the_host_and_averages_the_labelled_rows() -> None:
+    torch.manual_seed(1)
+    method = build_method(DKDConfig(warmup_epochs=0))
+    logits, teacher = torch.randn(6, 4), torch.randn(6, 4)
+    target = torch.tensor([1, -1, 3, 0, -1, 2])
+    view = StepView(0, [], [teacher], Progress(0, 0, 10))
+    with HostReads() as mode:
+        parts = method(logits, target, view)
+        empty = method(logits, torch.full((6,), -1), view)
+    assert mode.reads == []
+    keep = target != -1
+    tckd, nckd = losses.dkd_parts(logits[keep], teacher[keep], target[keep], 4.0)
+    assert torch.allclose(parts.extra["tckd"], tckd, atol=1e-6)
+    assert torch.allclose(parts.extra["nckd"], nckd, atol=1e-6)
+    assert empty.extra["tckd"].item() == 0.0 and empty.extra["nckd"].item() == 0.0
+
+
+def test_a_received_message_is_decoded_with_one_copy_in_its_wire_dtype() -> None:
+    """`pinned` (CUDA only) keeps the wire dtype for the device to convert; without it the
+    message comes back as float32, equal to what was sent."""
+    x = torch.randn(3, 4)
+    for encoding in ("float32", "bfloat16"):
+        eid, payload = encode(x, encoding)
+        head = Header(Kind.DATA, ENCODING_IDS[encoding], bytes(16), 0, 0, 0, 0, 0, 3, 4)
+        got = decode(head, memoryview(payload.view(torch.uint8).numpy().tobytes()))
+        assert got.dtype == torch.float32 and torch.equal(got, payload.float())
+        assert eid == ENCODING_IDS[encoding]
+
+
+# -- item 5: loader workers live for the run --------------------------------------------------------
+
+
+class PidSplit(torch.utils.data.Dataset):
+    """Items whose reads note the reading process's id in a file."""
+
+    def __init__(self, n: int, log: Path, offset: int = 0) -> None:
+        self.n, self.log, self.offset = n, log, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return torch.full((1, 2, 2), (i + self.offset) % 251, dtype=torch.uint8), i % 2
+
+
+def test_loader_workers_live_across_epochs_and_evaluations(tmp_path: Path) -> None:
+    log = tmp_path / "pids"
+    train, test = PidSplit(40, log), PidSplit(12, log, offset=100)
+    ds = Dataset("pids", train, test, 2, ("a", "b"), (1, 2, 2), False)
+    stats = Normalisation((0.0,), (1.0,))
+    path = DataPath(ds, stats, CPU, batch_size=8, eval_batch_size=5, seed=4, workers=1,
+                    prefetch=2, crop_padding=0, flip=False)  # fmt: skip
+    seen = []
+    for epoch in range(3):
+        seen.append([(s, i.clone(), y.clone()) for s, i, _, y in path.epoch(epoch, 0, 4)])
+        assert len(list(path.test_batches())) == 3
+    pids = set(log.read_text().split()) - {str(os.getpid())}
+    assert len(pids) == 2  # one worker for training, one for evaluation, for the whole run
+    for epoch, steps in enumerate(seen):  # the batches of a loader made for each epoch
+        fresh = read_batches(path.train, StepSampler(40, 8, 4, epoch, 0, 4), 0)
+        for (s, idx, y), batch in zip(steps, fresh, strict=True):
+            assert torch.equal(idx, batch.indices) and torch.equal(y, batch.y)
+    resumed = [(s, i) for s, i, _, _ in path.epoch(1, 2, 4)]
+    assert [s for s, _ in resumed] == [2, 3]
+    assert all(torch.equal(i, seen[1][s][1]) for s, i in resumed)
