@@ -97,7 +97,7 @@ def test_a_received_message_is_decoded_with_one_copy_in_its_wire_dtype() -> None
         assert eid == ENCODING_IDS[encoding]
 
 
-# -- item 5: loader workers live for the run --------------------------------------------------------
+# -- item 5: loader workers live for the run -----------------------------------------------
 
 
 class PidSplit(torch.utils.data.Dataset):
@@ -130,7 +130,7 @@ def test_loader_workers_live_across_epochs_and_evaluations(tmp_path: Path) -> No
     assert len(pids) == 2  # one worker for training, one for evaluation, for the whole run
     for epoch, steps in enumerate(seen):  # the batches of a loader made for each epoch
         fresh = read_batches(path.train, StepSampler(40, 8, 4, epoch, 0, 4), 0)
-        for (s, idx, y), batch in zip(steps, fresh, strict=True):
+        for (_, idx, y), batch in zip(steps, fresh, strict=True):
             assert torch.equal(idx, batch.indices) and torch.equal(y, batch.y)
     resumed = [(s, i) for s, i, _, _ in path.epoch(1, 2, 4)]
     assert [s for s, _ in resumed] == [2, 3]
