@@ -5,7 +5,11 @@ from a dead peer, the stop flag without a store round trip every step, device ti
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dml_cluster import losses
+from dml_cluster import evaluation, losses
+from dml_cluster.bus.base import StepKey
+from dml_cluster.bus.torch_bus import TorchBus
 from dml_cluster.bus.wire import ENCODING_IDS, Header, Kind, decode, encode
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.loader import DataPath, StepSampler, read_batches
+from dml_cluster.devices import all_on, on_one_device
+from dml_cluster.errors import PeerError
 from dml_cluster.method_config.dkd import DKDConfig
 from dml_cluster.methods import Progress, StepView, build_method
 
@@ -135,3 +143,77 @@ def test_loader_workers_live_across_epochs_and_evaluations(tmp_path: Path) -> No
     resumed = [(s, i) for s, i, _, _ in path.epoch(1, 2, 4)]
     assert [s for s, _ in resumed] == [2, 3]
     assert all(torch.equal(i, seen[1][s][1]) for s, i in resumed)
+
+
+# -- item 1: peers' tensors meet on one named device ----------------------------------------------
+
+
+def test_peers_tensors_meet_on_the_device_named(monkeypatch) -> None:
+    a, b = torch.ones(2), torch.ones(2, device="meta")
+    moved = on_one_device({0: a, 1: b}, "meta")
+    assert all(t.device.type == "meta" for t in moved.values()) and moved[1] is b
+    assert all_on([a, a], CPU)[0] is a  # already there: no copy
+    calls = []
+
+    def spy(tensors, device):
+        calls.append(torch.device(device))
+        return on_one_device(tensors, device)
+
+    monkeypatch.setattr(evaluation, "on_one_device", spy)
+    y = torch.tensor([0, 1, 1])
+    log_ps = {"a": torch.randn(3, 2).log_softmax(1), "b": torch.randn(3, 2).log_softmax(1)}
+    evaluation.evaluate_cohort(log_ps, y, 2)
+    assert calls == [CPU]
+
+
+# -- item 2: a warm-up is not a dead peer; a dead peer is one line ------------------------
+
+
+def _peer(rank: int, port: int, out: Any) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))  # fmt: skip
+    bus = TorchBus(rank=rank, world=2, names=["a", "b"], device=CPU, timeout_s=1.0, store=store)
+    t0 = time.monotonic()
+    try:
+        bus.set_patience(8.0)  # start-up
+        if rank == 1:
+            time.sleep(2.5)  # compiling: longer than timeout_s, within the start-up timeout
+        bus.exchange(StepKey(0, 0, 7), {rank: torch.full((2, 3), float(rank))}, range(2))
+        bus.set_patience(None)
+        if rank == 1:
+            os._exit(0)  # dies before step 1
+        t0 = time.monotonic()
+        bus.exchange(StepKey(1, 0, 7), {rank: torch.zeros(2, 3)}, range(2))
+        out.send("no error")
+    except PeerError as err:
+        out.send(f"{time.monotonic() - t0:.1f} {err}")
+    except BaseException as err:  # noqa: BLE001 - reported to the test
+        out.send(f"-1 {type(err).__name__}: {err}")
+    os._exit(0)
+
+
+def test_a_slow_start_waits_and_a_dead_peer_is_one_line_naming_it() -> None:
+    ctx = mp.get_context("fork")
+    out, into = ctx.Pipe(duplex=False)  # a pipe: sent at once (a Queue's thread is not)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_peer, args=(r, port, into)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        assert out.poll(30), "rank 0 reported nothing"
+        line = out.recv()
+    finally:
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+    seconds, message = line.split(" ", 1)
+    assert "\n" not in message and "peer 1 (b)" in message, message
+    assert "step 1 round 0" in message and "last step exchanged with the cohort: 0" in message
+    assert float(seconds) < 4.5  # the steady-state timeout (1 s) and the way out, not 30 s
