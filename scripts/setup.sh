@@ -59,7 +59,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 # the build already installed: "cuda" for a CUDA build, "cpu" for a CPU one, "" for none
-installed=$(.venv/bin/python -c "import torch; print('cuda' if torch.version.cuda else 'cpu')" \
+installed=$(.venv/bin/python -W ignore -c "import torch; print('cuda' if torch.version.cuda else 'cpu')" \
     2>/dev/null || true)
 # torchvision must be the release built for torch VERSION (argument)
 torchvision_for() {
@@ -77,7 +77,7 @@ if [ "$build" = cuda ]; then
             --index-url "${DML_TORCH_INDEX:-https://pypi.org/simple}" "torch==${TORCH_VERSION}" \
             "torchvision==${TORCHVISION_VERSION:-$(torchvision_for "$TORCH_VERSION")}"
     fi
-    .venv/bin/python -c "import torch; assert torch.version.cuda, 'not a CUDA build'; \
+    .venv/bin/python -W ignore -c "import torch; assert torch.version.cuda, 'not a CUDA build'; \
 print(f'setup: torch {torch.__version__} (CUDA {torch.version.cuda}), GPU visible: {torch.cuda.is_available()}')"
 else
     if [ "$installed" != cpu ]; then
@@ -103,6 +103,6 @@ else
     if ! .venv/bin/python -c "import torchvision.version as v, sys; sys.exit(v.__version__.split('+')[0] != '${TORCHVISION_VERSION}')" 2>/dev/null; then
         .venv/bin/pip install --quiet --no-deps "torchvision==${TORCHVISION_VERSION}"
     fi
-    .venv/bin/python -c "import torch; print(f'setup: torch {torch.__version__} (CPU build)')"
+    .venv/bin/python -W ignore -c "import torch; print(f'setup: torch {torch.__version__} (CPU build)')"
 fi
 .venv/bin/pip install --quiet -e ".[test]"

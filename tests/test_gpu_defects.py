@@ -21,12 +21,14 @@ from dml_cluster import evaluation, losses
 from dml_cluster.bus.base import StepKey
 from dml_cluster.bus.torch_bus import TorchBus
 from dml_cluster.bus.wire import ENCODING_IDS, Header, Kind, decode, encode
+from dml_cluster.config import parse_config
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.loader import DataPath, StepSampler, read_batches
 from dml_cluster.devices import all_on, on_one_device
 from dml_cluster.errors import PeerError
 from dml_cluster.method_config.dkd import DKDConfig
 from dml_cluster.methods import Progress, StepView, build_method
+from dml_cluster.preemption import CHECK_EVERY, CohortStop
 
 CPU = torch.device("cpu")
 _HOST_READS = {"item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"}
@@ -217,3 +219,43 @@ def test_a_slow_start_waits_and_a_dead_peer_is_one_line_naming_it() -> None:
     assert "\n" not in message and "peer 1 (b)" in message, message
     assert "step 1 round 0" in message and "last step exchanged with the cohort: 0" in message
     assert float(seconds) < 4.5  # the steady-state timeout (1 s) and the way out, not 30 s
+
+
+# -- item 3: the stop flag without a store round trip every step -----------------------------------
+
+
+class CountingStore:
+    """A dict standing in for the rendezvous store, counting reads."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+        self.reads = 0
+
+    def check(self, keys: list[str]) -> bool:
+        self.reads += 1
+        return all(k in self.data for k in keys)
+
+    def get(self, key: str) -> bytes:
+        self.reads += 1
+        return self.data[key]
+
+    def compare_set(self, key: str, expected: bytes, value: bytes) -> bytes:
+        self.data.setdefault(key, value)
+        return self.data[key]
+
+
+def test_the_stop_step_is_read_from_the_store_every_few_steps_and_agreed() -> None:
+    cfg = parse_config({"cohort": {"size": 2, "model": "mlp"}})
+    store = CountingStore()
+    signalled, other = CohortStop(cfg, store, "k", 1), CohortStop(cfg, store, "k", 1)
+    for done in range(1, 21):
+        assert not other.after(done)
+    assert store.reads == 20 // CHECK_EVERY  # not one round trip per step
+    signalled.signalled = True
+    assert not signalled.after(21)  # proposes the next multiple at least `margin` ahead
+    stop = signalled.stop_at
+    assert stop is not None and stop % CHECK_EVERY == 0 and stop >= 22
+    done = 21
+    while not other.after(done):  # the other peer, a step behind or ahead, stops there too
+        done += 1
+    assert done == stop == other.stop_at and signalled.after(stop)
