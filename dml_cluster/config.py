@@ -226,7 +226,17 @@ class BusConfig(Strict):
 
     transport: Literal["local", "zmq", "torch"] = "local"
     encoding: Literal["float32", "float16", "bfloat16"] = "float32"
-    timeout_s: float = Field(60.0, gt=0.0)
+    timeout_s: float = Field(
+        60.0, gt=0.0,
+        description="steady state: how long a peer may take to answer a training step before "
+        "the others stop, naming it",
+    )  # fmt: skip
+    startup_timeout_s: float = Field(
+        600.0, gt=0.0,
+        description="how long a peer may take at start-up (loading data, building and compiling "
+        "its models: the first steps), around an evaluation and a checkpoint; also the process "
+        "group's timeout. At least timeout_s",
+    )  # fmt: skip
     address: str | None = Field(None, description="address to bind; default: this host's")
     ipc: bool = Field(False, description="zmq over ipc:// sockets (one node only)")
     port: int | None = Field(
@@ -244,6 +254,15 @@ class BusConfig(Strict):
         description="zmq: how many steps a peer may run ahead of a peer it sends to (a teacher "
         "ahead of the slowest student); bounds what a peer buffers to window steps of each other",
     )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _startup_covers_a_step(self) -> BusConfig:
+        if self.startup_timeout_s < self.timeout_s:
+            raise ValueError(
+                f"startup_timeout_s ({self.startup_timeout_s:g}) must be at least timeout_s "
+                f"({self.timeout_s:g})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _zmq_only(self) -> BusConfig:

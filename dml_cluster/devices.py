@@ -9,12 +9,31 @@ peer instead: 'cuda:N', 'cpu', or 'cuda' (the peer's round-robin GPU).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import torch
+from torch import Tensor
 
 from dml_cluster.config import Config
 from dml_cluster.errors import ConfigError
+
+K = TypeVar("K")
+
+
+def on_one_device(tensors: Mapping[K, Tensor], device: torch.device | str) -> dict[K, Tensor]:
+    """Tensors of different peers, every one on `device` (those already there are not copied).
+
+    The one rule for every place where peers' tensors meet (a stack, a sum, a comparison): the
+    one-process engine puts its peers on different GPUs, and torch refuses to combine tensors of
+    two devices. Callers name the device they combine on."""
+    device = torch.device(device)
+    return {k: t if t.device == device else t.to(device) for k, t in tensors.items()}
+
+
+def all_on(tensors: Sequence[Tensor], device: torch.device | str) -> list[Tensor]:
+    """`on_one_device` for a sequence."""
+    return list(on_one_device(dict(enumerate(tensors)), device).values())
 
 
 def visible_gpus() -> int:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from dml_cluster import losses
 from dml_cluster.calibration import expected_calibration_error, nll
+from dml_cluster.devices import on_one_device
 
 
 @torch.no_grad()
@@ -63,7 +64,9 @@ def evaluate_cohort(
     The ensemble averages the probabilities of `ensemble_of` (default: every peer; the trainer
     passes the students, so a teacher's accuracy is reported but not mixed into the ensemble).
     """
-    y = y.to(next(iter(log_ps.values())).device)
+    device = next(iter(log_ps.values())).device  # the peers' GPUs may differ: the first's
+    log_ps = on_one_device(log_ps, device)
+    y = y.to(device)
     report: dict[str, Any] = {"peers": {}, "pairs": {}}
     for name, log_p in log_ps.items():
         report["peers"][name] = {

@@ -95,7 +95,8 @@ def _zmq_bus(
     bus = ZmqBus(
         rank=rank, world=world, names=names, run_id=wire_id or run_id(cfg),
         config_hash=cfg.hash(), store=dist.distributed_c10d._get_default_store(),
-        address=address, timeout_s=cfg.bus.timeout_s, encoding=cfg.bus.encoding,
+        address=address, timeout_s=cfg.bus.timeout_s,
+        startup_timeout_s=cfg.bus.startup_timeout_s, encoding=cfg.bus.encoding,
         ipc=cfg.bus.ipc, port=port, curve=curve, window=cfg.bus.window,
     )  # fmt: skip
     print(f"dml-cluster: {names[rank]} (rank {rank}) bus inbox {bus.endpoint}", file=sys.stderr)
@@ -127,7 +128,12 @@ def _torch_bus(
     from dml_cluster.bus.torch_bus import TorchBus
 
     names = [p.name for p in cfg.peers]
-    return TorchBus(rank=rank, world=world, names=names, device=device, encoding=cfg.bus.encoding)
+    prefix = f"dml-lost/{(wire_id or run_id(cfg)).hex()}"
+    return TorchBus(
+        rank=rank, world=world, names=names, device=device, encoding=cfg.bus.encoding,
+        timeout_s=cfg.bus.timeout_s, store=dist.distributed_c10d._get_default_store(),
+        prefix=prefix,
+    )  # fmt: skip
 
 
 TRANSPORTS = {"zmq": _zmq_bus, "torch": _torch_bus}
@@ -229,15 +235,19 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     backend = process_group_backend(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     # NCCL moves CUDA tensors GPU to GPU; over gloo the torch transport stages on the CPU
     bus_device = device if backend == "nccl" else torch.device("cpu")
+    # a lost peer under NCCL: the collective fails as an error the exchange catches (its own
+    # wait is bounded by bus.timeout_s), not a watchdog abort; the group's timeout covers the
+    # longest legitimate wait (start-up, compile, evaluation, checkpoint)
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.timeout_s))
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.startup_timeout_s))
     except (RuntimeError, ValueError, dist.DistError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PeerError(f"cannot join the cohort's process group: {first}") from None
     bus: Bus | None = None
     control: Control | None = None
     try:
-        control = TorchControl([p.name for p in cfg.peers], cfg.bus.timeout_s)
+        control = TorchControl([p.name for p in cfg.peers], cfg.bus.startup_timeout_s)
         _check_same_config(cfg, control)
         wire_id = run_id(cfg, agree_on_nonce(control))
         with _claim_together(cfg, rank, control):

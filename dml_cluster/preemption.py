@@ -5,10 +5,13 @@ Kubernetes' `restartPolicy: ExitCode` (128-255), torchrun's --max-restarts, Slur
 The next run resumes from that checkpoint, bitwise as if never stopped.
 
 Agreeing on the step: the signal may reach one peer only. The first process that sees a SIGTERM
-after a step proposes a stop step `margin` steps later in the rendezvous store (first proposal
-wins, compare-and-set); every process looks for it after every step (one store read), so each
-sees it before passing the step: students run at most one step apart, a teacher at most
-`bus.window` ahead. The one-process run stops after the step it is in.
+after a step proposes a stop step in the rendezvous store (first proposal wins, compare-and-set):
+at least `margin` steps later, rounded up to a multiple of `CHECK_EVERY`. Every process reads the
+store only after such steps (a network round trip every step would cost a fast step ~60 µs,
+benchmarks/stop_check.py), so each sees the proposal before passing the step it names: students
+run at most one step apart, a teacher at most `bus.window` ahead, and the proposal is in the
+store before any peer can complete a step `margin` later. A SIGTERM reaching this process is a
+local flag, checked every step for free. The one-process run stops after the step it is in.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from dml_cluster.signals import Interrupted, defer_sigterm, undefer_sigterm
 
 if TYPE_CHECKING:
     import torch.distributed as dist
+
+
+CHECK_EVERY = 8
+"""Steps between reads of the store for a stop step: stop steps are multiples of it."""
 
 
 class Preempted(Interrupted):
@@ -81,9 +88,9 @@ class CohortStop:
         if self.store is None:
             return steps_done if self.signalled else None
         if self.signalled:
-            proposal = str(steps_done + self.margin).encode()
-            return int(self.store.compare_set(self.key, b"", proposal))
-        if self.store.check([self.key]):
+            at = -(-(steps_done + self.margin) // CHECK_EVERY) * CHECK_EVERY
+            return int(self.store.compare_set(self.key, b"", str(at).encode()))
+        if steps_done % CHECK_EVERY == 0 and self.store.check([self.key]):
             return int(self.store.get(self.key))
         return None
 

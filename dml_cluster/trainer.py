@@ -32,6 +32,7 @@ from dml_cluster.data.loader import DataPath, default_workers
 from dml_cluster.data.sampler import fingerprint, steps_per_epoch
 from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
 from dml_cluster.data.stats import DATA_FILE, record_data, resolve_normalisation
+from dml_cluster.devices import all_on
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.methods import LossParts, Progress, StepView, build_method
@@ -182,9 +183,9 @@ class CohortTrainer:
     ) -> LossParts:
         """Student i's loss on the step, backward, optimizer step."""
         progress = Progress(step // self.per_epoch, step, self.per_epoch)
-        on = logits.device  # the others' predictions come to this peer's device
-        peers = [log_ps[j].to(on) for j in self.students if j != i]
-        view = StepView(i, peers, [log_ps[j].to(on) for j in self.teachers], progress)
+        on = logits.device  # the others' predictions (and teachers') come to this peer's device
+        peers = all_on([log_ps[j] for j in self.students if j != i], on)
+        view = StepView(i, peers, all_on([log_ps[j] for j in self.teachers], on), progress)
         with autocast(self.cfg.run.precision, on):  # a method's own modules (hints) too
             parts = self.method(logits.float(), y.to(on), view)  # losses in float32
         peer = self.peers[i]
@@ -273,7 +274,14 @@ class CohortTrainer:
             labels.append(y)
         local = {i: torch.cat(chunks) for i, chunks in parts.items()}
         key = StepKey(after_step, EVAL_ROUND, self.test_fingerprint)
-        log_ps = self.bus.exchange(key, local, range(self.size))
+        # peers evaluate at their own pace (a compiled model compiles its eval graph the first
+        # time): the start-up timeout for this exchange
+        patience = self.bus.patience_s
+        self.bus.set_patience(self.cfg.bus.startup_timeout_s)
+        try:
+            log_ps = self.bus.exchange(key, local, range(self.size))
+        finally:
+            self.bus.set_patience(patience)
         named = {self.names[i]: log_ps[i] for i in range(self.size)}
         students = [self.names[i] for i in self.students]
         test_y = torch.cat(labels)
@@ -312,6 +320,12 @@ class CohortTrainer:
         at = restored.position if restored else Position(0, 0, 0)
         history: list[dict[str, Any]] = restored.history if restored else []
         step = at.step
+        # the first steps may wait for a peer still compiling (run.compile), or one whose data
+        # took longer to load: the start-up timeout, then the steady-state one (a teacher under
+        # zmq runs up to bus.window steps ahead of a student still on its first step)
+        ahead = cfg.bus.window if cfg.bus.transport == "zmq" and self.teachers else 0
+        patient_until = step + 1 + ahead
+        self.bus.set_patience(cfg.bus.startup_timeout_s)
         for epoch in range(at.epoch, cfg.train.epochs):
             if step >= max_steps:
                 break
@@ -320,6 +334,8 @@ class CohortTrainer:
             for s, idx, x, y in self.batches.epoch(epoch, first, stop):
                 t0 = time.perf_counter()
                 result = self.train_step(x, y, step, fingerprint(idx))
+                if step + 1 == patient_until:
+                    self.bus.set_patience(None)
                 self._observe_step(step, epoch, y, result, time.perf_counter() - t0)
                 step += 1
                 stopping = self.stop.after(step)  # every step: the cohort's agreed stop

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
+from dml_cluster.devices import on_one_device
 
 
 class LocalBus(Bus):
@@ -23,4 +24,6 @@ class LocalBus(Bus):
         missing = [s for s in senders if s not in local]
         if missing:
             raise ValueError(f"LocalBus hosts every peer, but peers {missing} were not given")
-        return {s: local[s] for s in senders}
+        # every receiver gets the others' on one device: the first sender's (the trainer hands
+        # in predictions already on its exchange device; peers on other GPUs move here)
+        return on_one_device({s: local[s] for s in senders}, local[senders[0]].device)

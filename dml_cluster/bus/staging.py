@@ -3,8 +3,9 @@ from host memory (zmq): one device -> pinned host copy per published tensor, and
 
 A CUDA tensor is converted to its wire dtype on the device, copied into page-locked memory with
 `non_blocking=True` and waited for by a CUDA event (only that copy, not the whole device); a
-received tensor is pinned and copied to the device asynchronously, ordered before the losses
-that use it by the current stream. CPU tensors take the plain path (no pinned memory: it needs
+received message is decoded once into page-locked memory in its wire dtype (`wire.decode`),
+copied to the device asynchronously and converted there, ordered before the losses that use it
+by the current stream. CPU tensors take the plain path (no pinned memory: it needs
 CUDA).
 """
 
@@ -29,7 +30,11 @@ def to_host(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """A received CPU tensor on `device` (asynchronously, from pinned memory, for a GPU)."""
+    """A received CPU tensor on `device` as float32: for a GPU uploaded asynchronously from
+    page-locked memory (a tensor decoded there, `wire.decode(pinned=True)`, is not copied again
+    on the host) and converted from its wire dtype on the device."""
     if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device).float()
+    if not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True).float()

@@ -14,7 +14,9 @@ so stays in lockstep with the students), it just does not use what it receives.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,9 @@ from dml_cluster.bus.wire import ENCODING_IDS, ENCODINGS
 from dml_cluster.errors import PeerError
 
 _HEADER_BYTES = 5 * 8
+LOST_CHECK_IN_S = 2.0
+"""How long peers that timed out on an exchange wait for each other at the store, to name the
+one that never came."""
 
 
 def _signed(fp: int) -> int:
@@ -34,11 +39,17 @@ def _signed(fp: int) -> int:
 class TorchBus(Bus):
     def __init__(
         self, *, rank: int, world: int, names: Sequence[str], device: torch.device,
-        encoding: str = "float32",
+        encoding: str = "float32", timeout_s: float = 60.0, store: dist.Store | None = None,
+        prefix: str = "dml-lost",
     ) -> None:  # fmt: skip
+        """`timeout_s`: how long an exchange waits in steady state (`set_patience` lengthens
+        it); `store`: the cohort's rendezvous store, where peers that time out check in so that
+        the one missing is named (`prefix`: this launch's keys there)."""
         self.rank, self.world, self.names, self.device = rank, world, list(names), device
         self.dtype = ENCODINGS[ENCODING_IDS[encoding]]
         self.stats = BusStats()
+        self.timeout_s, self.store, self.prefix = timeout_s, store, prefix
+        self.last_step = -1  # the last step whose exchange completed
 
     def _pack(self, key: StepKey, tensor: Tensor) -> Tensor:
         rows, cols = tensor.shape
@@ -57,15 +68,52 @@ class TorchBus(Bus):
             )
         return buf[_HEADER_BYTES:].view(self.dtype).view(rows, cols).float()
 
+    def _timeout(self) -> float:
+        return self.patience_s if self.patience_s is not None else self.timeout_s
+
+    def _wait(self, work: dist.Work) -> None:
+        """Wait for a collective, at most the current timeout: a lost peer is then a Python
+        error here, never NCCL's watchdog abort (the process group's own timeout is the longer
+        `bus.startup_timeout_s`); under NCCL this is the exchange's one host wait."""
+        work.wait(timeout=timedelta(seconds=self._timeout()))
+
     def _lost(self, key: StepKey, err: Exception) -> PeerError:
-        others = ", ".join(
-            f"peer {r} ({self.names[r]})" for r in range(self.world) if r != self.rank
-        )
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        missing = self._missing(key)
+        if missing:
+            who = ", ".join(f"peer {r} ({self.names[r]})" for r in missing)
+        else:
+            who = "one of: " + ", ".join(
+                f"peer {r} ({self.names[r]})" for r in range(self.world) if r != self.rank
+            )
         return PeerError(
-            f"lost contact with the cohort at step {key.step} round {key.round} "
-            f"(one of: {others}): {first}"
+            f"lost contact with {who} at step {key.step} round {key.round} (waited at most "
+            f"{self._timeout():g} s; last step exchanged with the cohort: {self.last_step}): "
+            f"{first}"
         )
+
+    def _missing(self, key: StepKey) -> list[int]:
+        """The peers that did not reach this exchange: every peer that did times out on it too
+        and checks in at the store; those that have not within a few seconds are named. Empty
+        when the store cannot tell (it went with a lost peer)."""
+        if self.world == 2:  # this peer is here: the other one is missing
+            return [1 - self.rank]
+        if self.store is None:
+            return []
+        where = f"{self.prefix}/{key.step}/{key.round}"
+        deadline = time.monotonic() + min(LOST_CHECK_IN_S, self._timeout())
+        try:
+            self.store.set(f"{where}/{self.rank}", b"here")
+            while True:
+                missing = [
+                    r for r in range(self.world)
+                    if r != self.rank and not self.store.check([f"{where}/{r}"])
+                ]  # fmt: skip
+                if not missing or time.monotonic() >= deadline:
+                    return missing
+                time.sleep(0.1)
+        except (RuntimeError, dist.DistError):
+            return []
 
     def exchange(
         self,
@@ -79,13 +127,14 @@ class TorchBus(Bus):
             if len(senders) == self.world:
                 buf = self._pack(key, local[self.rank])
                 bufs = [torch.empty_like(buf) for _ in range(self.world)]
-                dist.all_gather(bufs, buf)
+                self._wait(dist.all_gather(bufs, buf, async_op=True))
             elif len(senders) == 1:
                 bufs = {senders[0]: self._broadcast(key, local, senders[0])}
             else:
                 raise ValueError("the torch transport exchanges with everyone or one sender")
         except (RuntimeError, dist.DistBackendError) as err:
             raise self._lost(key, err) from None
+        self.last_step = key.step
         out = {}
         others = [s for s in senders if s != self.rank]
         home = local[self.rank].device if self.rank in local else self.device
@@ -109,8 +158,8 @@ class TorchBus(Bus):
             size = torch.tensor([buf.numel()], device=self.device)
         else:
             size = torch.zeros(1, dtype=torch.int64, device=self.device)
-        dist.broadcast(size, src)
+        self._wait(dist.broadcast(size, src, async_op=True))
         if src != self.rank:
             buf = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        dist.broadcast(buf, src)
+        self._wait(dist.broadcast(buf, src, async_op=True))
         return buf

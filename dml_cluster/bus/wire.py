@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,14 +95,18 @@ def encode(tensor: Tensor, encoding: str) -> tuple[int, Tensor]:
     return eid, tensor.detach().to("cpu", ENCODINGS[eid]).contiguous()
 
 
-def decode(header: Header, payload: memoryview | bytes) -> Tensor:
-    """The float32 [rows, cols] tensor a validated message carries (a copy, safe to keep)."""
+def decode(header: Header, payload: memoryview | bytes, pinned: bool = False) -> Tensor:
+    """The [rows, cols] tensor a validated message carries (a copy, safe to keep): float32, or
+    with `pinned` the wire dtype in page-locked memory, copied there once from the message (the
+    device converts it after the upload: `staging.to_device`)."""
     if len(payload) != header.payload_bytes:
         raise WireError(
             f"payload of {len(payload)} bytes, header says {header.rows}x{header.cols} "
             f"({header.payload_bytes} bytes)"
         )
-    if header.payload_bytes == 0:
-        return torch.empty(header.rows, header.cols)
-    flat = torch.frombuffer(bytearray(payload), dtype=ENCODINGS[header.encoding])
-    return flat.view(header.rows, header.cols).float()
+    dtype = ENCODINGS[header.encoding]
+    raw = torch.empty(header.payload_bytes, dtype=torch.uint8, pin_memory=pinned)
+    if header.payload_bytes:
+        raw.numpy()[:] = np.frombuffer(payload, dtype=np.uint8)  # the one copy
+    received = raw.view(dtype).view(header.rows, header.cols)
+    return received if pinned else received.float()

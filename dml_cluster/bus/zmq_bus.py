@@ -74,6 +74,7 @@ class ZmqBus(Bus):
         store: torch.distributed.Store,
         address: str,
         timeout_s: float,
+        startup_timeout_s: float | None = None,
         encoding: str = "float32",
         ipc: bool = False,
         port: int | None = None,
@@ -87,9 +88,12 @@ class ZmqBus(Bus):
             raise ConfigError(f"bus: window must be at least 1 step, not {window}")
         self.rank, self.world, self.names = rank, world, list(names)
         self.run_id, self.encoding, self.timeout_s = run_id, encoding, timeout_s
+        self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self.config_hash = int(config_hash, 16)
         self.window = window
         self.stats = BusStats()
+        # with CUDA a message is decoded straight into page-locked memory (the one host copy)
+        self._pinned = torch.cuda.is_available()
         self._pending: dict[tuple[int, int, int], tuple[int, Tensor]] = {}
         self._current: tuple[int, int] | None = None  # (step, round) of the latest exchange
         self._last_step = {r: -1 for r in range(world)}
@@ -154,8 +158,12 @@ class ZmqBus(Bus):
     def _who(self, rank: int) -> str:
         return f"peer {rank} ({self.names[rank]}, rank {rank})"
 
+    def _timeout(self) -> float:
+        """How long the exchange under way may wait: the trainer's patience, else bus.timeout_s."""
+        return self.patience_s if self.patience_s is not None else self.timeout_s
+
     def _lookup(self, store: torch.distributed.Store, key: str, other: int) -> str:
-        store.set_timeout(timedelta(seconds=self.timeout_s))
+        store.set_timeout(timedelta(seconds=self.startup_timeout_s))
         try:
             return store.get(key).decode()
         except torch.distributed.DistNetworkError:
@@ -165,7 +173,8 @@ class ZmqBus(Bus):
             ) from None
         except RuntimeError:
             raise PeerError(
-                f"{self._who(other)} never published its bus endpoint within {self.timeout_s:g} s"
+                f"{self._who(other)} never published its bus endpoint within "
+                f"{self.startup_timeout_s:g} s"
             ) from None
 
     def _handshake(self) -> None:
@@ -174,7 +183,7 @@ class ZmqBus(Bus):
         )
         for sock in self.outboxes.values():
             sock.send_multipart([hello.pack(), b""])
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self.startup_timeout_s
         while len(self._hellos) < self.world - 1:
             self._receive_one(deadline, lambda: [r for r in self.outboxes if r not in self._hellos])
         for other, their_hash in self._hellos.items():
@@ -207,7 +216,7 @@ class ZmqBus(Bus):
         if not listening:
             return out
         self._credit(key.step - 1, wanted)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = time.monotonic() + self._timeout()
         t0 = time.perf_counter()
 
         def missing() -> list[int]:
@@ -268,7 +277,7 @@ class ZmqBus(Bus):
 
         if behind():
             self._credit(key.step - 1, wanted)
-            deadline = time.monotonic() + self.timeout_s
+            deadline = time.monotonic() + self._timeout()
             t0 = time.perf_counter()
             while behind():
                 self._receive_one(deadline, behind)
@@ -312,7 +321,7 @@ class ZmqBus(Bus):
             )
             step, rnd = self._current or (-1, 0)
             raise PeerError(
-                f"no answer within {self.timeout_s:g} s at step {step} round {rnd} from {lost}"
+                f"no answer within {self._timeout():g} s at step {step} round {rnd} from {lost}"
             )
         self._take()
 
@@ -361,7 +370,7 @@ class ZmqBus(Bus):
                 f"message for step {header.step} from rank {sender}, beyond the credit window "
                 f"of {self.window} steps"
             )
-        tensor = decode(header, frames[1].buffer)
+        tensor = decode(header, frames[1].buffer, pinned=self._pinned)
         slot = (header.step, header.round, sender)
         if slot in self._pending:
             raise WireError(f"duplicate message for step {header.step} from rank {sender}")

@@ -1,4 +1,5 @@
-"""The one data path: a torch DataLoader per epoch, fed the step's indices by a batch sampler.
+"""The one data path: a torch DataLoader per split, fed the step's indices by a batch sampler;
+its worker processes live for the whole run (persistent across epochs and evaluations).
 
 Every peer derives the same index list for every step from (seed, epoch) (`StepSampler`), so
 every peer reads the same batch; a run resumed mid-epoch starts the sampler at the step it stopped
@@ -163,6 +164,45 @@ def _worker_init(worker_id: int) -> None:
         signal.signal(stop, signal.SIG_IGN)
 
 
+def make_loader(
+    reader: BatchReader,
+    sampler: Sampler[list[int]],
+    workers: int,
+    *,
+    seed: tuple[int, ...] = (),
+    prefetch: int = 2,
+    pin_memory: bool = False,
+    persistent: bool = False,
+) -> DataLoader:
+    """A DataLoader over the batches `sampler` asks for, read by `workers` processes (0: in this
+    one); `persistent`: its workers live across iterations (each `iter` re-reads the sampler,
+    which the caller may have pointed elsewhere in between).
+
+    The loader draws its workers' seeds from a generator of its own, seeded from `seed`: left
+    to itself it would draw them from torch's global generator, whose state a checkpoint saves,
+    so a resumed run (fewer loaders made) would not end like an uninterrupted one."""
+    return DataLoader(
+        reader,
+        batch_sampler=sampler,
+        collate_fn=_as_is,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers else None,
+        persistent_workers=persistent and workers > 0,
+        generator=seeded_generator("loader", *seed),
+        worker_init_fn=_worker_init if workers else None,
+    )
+
+
+def checked(loader: DataLoader) -> Iterator[Batch]:
+    """The loader's batches; a sample that cannot be read stops the run with one line
+    (`DataError`)."""
+    for batch in loader:
+        if isinstance(batch, LoadFailure):
+            raise DataError(batch.message)
+        yield batch
+
+
 def read_batches(
     reader: BatchReader,
     sampler: Sampler[list[int]],
@@ -172,26 +212,11 @@ def read_batches(
     prefetch: int = 2,
     pin_memory: bool = False,
 ) -> Iterator[Batch]:
-    """The batches `sampler` asks for, read by `workers` processes (0: in this one); a sample
-    that cannot be read stops the run with one line (`DataError`).
-
-    The loader draws its workers' seeds from a generator of its own, seeded from `seed`: left
-    to itself it would draw them from torch's global generator, whose state a checkpoint saves,
-    so a resumed run (fewer loaders made) would not end like an uninterrupted one."""
-    loader = DataLoader(
-        reader,
-        batch_sampler=sampler,
-        collate_fn=_as_is,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch if workers else None,
-        generator=seeded_generator("loader", *seed),
-        worker_init_fn=_worker_init if workers else None,
+    """The batches `sampler` asks for, by a loader made for this one pass (`make_loader`)."""
+    loader = make_loader(
+        reader, sampler, workers, seed=seed, prefetch=prefetch, pin_memory=pin_memory
     )
-    for batch in loader:
-        if isinstance(batch, LoadFailure):
-            raise DataError(batch.message)
-        yield batch
+    return checked(loader)
 
 
 def default_workers(dataset: Dataset) -> int:
@@ -235,6 +260,8 @@ class DataPath:
         self._stats = normalisation.on(device)
         self.train = BatchReader(dataset.train, "train", dataset.name)
         self.test = BatchReader(dataset.test, "test", dataset.name)
+        self._steps = StepSampler(self.num_train, batch_size, seed, 0, 0, 0)
+        self._loaders: dict[str, DataLoader] = {}
 
     @property
     def num_train(self) -> int:
@@ -244,13 +271,17 @@ class DataPath:
     def num_test(self) -> int:
         return len(self.test)
 
-    def _host_batches(
-        self, reader: BatchReader, sampler: Sampler[list[int]], seed: tuple[int, ...]
-    ) -> Iterator[Batch]:
-        pin = self.device.type == "cuda"
-        return read_batches(
-            reader, sampler, self.workers, seed=seed, prefetch=self.prefetch, pin_memory=pin
-        )
+    def _loader(self, which: str, reader: BatchReader, sampler: Sampler[list[int]]) -> DataLoader:
+        """The split's one loader: made on first use, its workers kept alive across epochs and
+        evaluations (each pass re-reads the sampler the caller has pointed at its steps)."""
+        loader = self._loaders.get(which)
+        if loader is None:
+            pin = self.device.type == "cuda"
+            loader = self._loaders[which] = make_loader(
+                reader, sampler, self.workers, seed=(self.seed,), prefetch=self.prefetch,
+                pin_memory=pin, persistent=True,
+            )  # fmt: skip
+        return loader
 
     def _to_device(self, batch: Batch) -> tuple[Tensor, Tensor]:
         x = batch.x.to(self.device, non_blocking=True)
@@ -262,10 +293,9 @@ class DataPath:
     ) -> Iterator[tuple[int, Tensor, Tensor, Tensor]]:
         """Steps `first`..`stop - 1` of `epoch`: (step in epoch, indices, x, y) on the device,
         x normalised and augmented from (seed, epoch, step)."""
-        sampler = StepSampler(self.num_train, self.batch_size, self.seed, epoch, first, stop)
-        for step, batch in enumerate(
-            self._host_batches(self.train, sampler, (self.seed, epoch, first)), start=first
-        ):
+        self._steps.epoch, self._steps.first, self._steps.stop = epoch, first, stop
+        loader = self._loader("train", self.train, self._steps)
+        for step, batch in enumerate(checked(loader), start=first):
             x, y = self._to_device(batch)
             if self.labels is not None:
                 y = self.labels[batch.indices].to(self.device, non_blocking=True)
@@ -281,6 +311,6 @@ class DataPath:
 
     def test_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The test split in order, `eval_batch_size` at a time: (x, y) on the device."""
-        sampler = InOrder(self.num_test, self.eval_batch_size)
-        for batch in self._host_batches(self.test, sampler, (self.seed,)):
+        loader = self._loader("test", self.test, InOrder(self.num_test, self.eval_batch_size))
+        for batch in checked(loader):
             yield self._to_device(batch)

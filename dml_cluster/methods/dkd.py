@@ -34,17 +34,17 @@ class DecoupledKD(Method):
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
         ce = losses.cross_entropy(logits, target)
-        rows = target != losses.UNLABELLED
-        if not bool(rows.any()):
-            zero = ce.detach() * 0.0
-            total = with_peers(ce, logits, target, view, self.peer_weight)
-            return LossParts(total, ce, zero, {"tckd": zero, "nckd": zero})
-        splits = [
-            losses.dkd_parts(logits[rows], t[rows], target[rows], self.temperature)
+        # labelled samples only, without a host read of the labels: every row is computed (an
+        # unlabelled one against class 0) and weighted 0 or 1 in the mean (0 when none is)
+        rows = (target != losses.UNLABELLED).float()
+        safe = target.clamp(min=0)
+        per_teacher = [
+            losses.dkd_parts(logits, t, safe, self.temperature, reduction="none")
             for t in view.teachers
         ]
-        tckd = torch.stack([s[0] for s in splits]).mean()
-        nckd = torch.stack([s[1] for s in splits]).mean()
+        count = rows.sum().clamp(min=1.0)
+        tckd = torch.stack([(s[0] * rows).sum() / count for s in per_teacher]).mean()
+        nckd = torch.stack([(s[1] * rows).sum() / count for s in per_teacher]).mean()
         dkd = warmup_factor(view.progress, self.warmup_epochs) * (
             self.alpha * tckd + self.beta * nckd
         )

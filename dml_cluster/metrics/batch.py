@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dml_cluster.devices import all_on
 from dml_cluster.losses import UNLABELLED
 
 _TINY = np.finfo(np.float64).tiny  # m log m -> 0 where m underflows to 0
@@ -59,7 +60,7 @@ def cohort_batch_stats(
     order = sorted(log_ps)
     row = {j: n for n, j in enumerate(order)}
     cols = [row[k] for k in peers]
-    log_p = torch.stack([log_ps[j].detach().to(log_ps[peers[0]].device) for j in order])
+    log_p = torch.stack(all_on([log_ps[j].detach() for j in order], log_ps[peers[0]].device))
     log_p = log_p.cpu().numpy().astype(np.float64)  # [K, B, C]
     y = target.detach().cpu().numpy()
     n_peers, batch = log_p.shape[:2]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dml_cluster.bus.base import BusStats
+from dml_cluster.devices import all_on
 from dml_cluster.metrics.batch import PeerBatchStats, cohort_batch_stats
 
 if TYPE_CHECKING:
@@ -130,7 +131,7 @@ def _losses_as_floats(parts: Mapping[int, LossParts]) -> dict[int, Losses]:
     tensors = [t for i in order for t in (parts[i].total, parts[i].ce, parts[i].mimicry)]
     if tensors[0].device.type == "cpu":
         flat = [t.item() for t in tensors]
-    else:
+    else:  # the peers' GPUs may differ: stacked on the first student's
         with torch.no_grad():
-            flat = torch.stack(tensors).tolist()
+            flat = torch.stack(all_on(tensors, tensors[0].device)).tolist()
     return {i: Losses(*flat[3 * n : 3 * n + 3]) for n, i in enumerate(order)}
