@@ -56,6 +56,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from bench_common import machine, markdown_table  # noqa: E402
 
 from dml_cluster.config import parse_config  # noqa: E402
+from dml_cluster.determinism import prepare_environment  # noqa: E402
 from dml_cluster.devices import process_group_backend  # noqa: E402
 from dml_cluster.launch import run_local  # noqa: E402
 from dml_cluster.metrics.events import EvalEvent, StepEvent  # noqa: E402
@@ -693,6 +694,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU devices and gloo, whatever the machine has
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # the in-process runs share this process's CUDA: cuBLAS's fixed workspace (strict and warn
+    # need it) must be in the environment before CUDA starts, as `dml-cluster train` does
+    prepare_environment("strict")
     device = torch.device("cpu" if args.dry_run else "cuda")
     args.out.mkdir(parents=True, exist_ok=True)
     head = {
