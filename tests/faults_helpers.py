@@ -22,11 +22,12 @@ CONFIG = "configs/digits-dml.yaml"  # 2 small CNNs on digits: 22 steps per epoch
 
 
 def settings(out_dir: Path, name: str, *extra: str, epochs: int = 4) -> list[str]:
-    """`--set` arguments for a small, quiet run whose checkpoints every 10 steps are all kept."""
+    """`--set` arguments for a small, quiet run whose checkpoints every 10 steps are all kept;
+    a lost peer is noticed within 20 s in every phase (steps, checkpoints, evaluations)."""
     items = [
         f"run.out_dir={out_dir}", f"run.name={name}", f"train.epochs={epochs}",
         "metrics.enabled=false", "checkpoint.every_steps=10", "checkpoint.keep=100",
-        "bus.timeout_s=20", *extra,
+        "bus.timeout_s=20", "bus.startup_timeout_s=20", *extra,
     ]  # fmt: skip
     return [arg for item in items for arg in ("--set", item)]
 
