@@ -31,7 +31,6 @@ import multiprocessing as mp
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -664,31 +663,6 @@ def _analysis(run_dir: Path, sigmas: list[float], draws: int, analyze_run: Any) 
 # -- main ---------------------------------------------------------------------------------------
 
 
-def commit() -> str:
-    """The commit measured; a working tree changed beyond benchmarks/ says so."""
-    try:
-        sha = git("rev-parse", "--short", "HEAD")
-        status = git("status", "--porcelain", "--untracked-files=no")
-        dirty = [line.split(maxsplit=1)[1] for line in status.splitlines() if line.strip()]
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    outputs = (".json", ".md", ".png")  # what this script and the other benchmarks write
-    dirty = [
-        path for path in dirty if not (path.startswith("benchmarks/") and path.endswith(outputs))
-    ]
-    if any(not path.startswith("benchmarks/") for path in dirty):
-        return sha + " + uncommitted changes"
-    if dirty:
-        return sha + " (the benchmark script itself changed since: " + ", ".join(dirty) + ")"
-    return sha
-
-
-def git(*args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=ROOT, text=True, capture_output=True, check=True
-    ).stdout.strip()
-
-
 def load_saved(path: Path) -> dict[str, Any]:
     if path.exists():
         return json.loads(path.read_text())
@@ -795,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def meta(args: argparse.Namespace, minutes: float, runs: int) -> dict[str, Any]:
-    from bench_common import machine
+    from bench_common import commit, machine
 
     flags = " ".join(f for f, on in (("--quick", args.quick),) if on)
     epochs = "".join(

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = (".json", ".md", ".png")  # what the benchmarks write next to themselves
 
 
 def summary_us(seconds: Sequence[float]) -> dict[str, float]:
@@ -63,3 +70,48 @@ def machine() -> str:
         f"{os.cpu_count()} x {cpu}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}, pyzmq {zmq.__version__}"
     )
+
+
+def command() -> str:
+    """The command that is running, as typed from the repository root."""
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(ROOT):
+        script = script.relative_to(ROOT)
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def commit() -> str:
+    """The commit measured, and what of the working tree differs from it.
+
+    A change under dml_cluster/ (or anywhere outside benchmarks/) is "+ uncommitted changes";
+    a change to a benchmark script is named; the benchmarks' own outputs do not count.
+    """
+    try:
+        sha = _git("rev-parse", "--short", "HEAD")
+        status = _git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    dirty = [line[3:] for line in status.splitlines() if line.strip()]
+    dirty = [p for p in dirty if not (p.startswith("benchmarks/") and p.endswith(OUTPUTS))]
+    if any(not p.startswith("benchmarks/") for p in dirty):
+        return sha + " + uncommitted changes"
+    if dirty:
+        return sha + " (the benchmark script itself changed since: " + ", ".join(dirty) + ")"
+    return sha
+
+
+def provenance() -> dict[str, str]:
+    """What every benchmark records with its numbers: the exact command and the commit."""
+    return {"command": command(), "commit": commit()}
+
+
+def provenance_lines() -> str:
+    """The command and the commit, one line each, for the top of a benchmark's output."""
+    p = provenance()
+    return f"command: {p['command']}\ncommit: {p['commit']}"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=ROOT, text=True, capture_output=True, check=True
+    ).stdout.strip()

@@ -40,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
-from bench_common import machine, markdown_table  # noqa: E402
+from bench_common import machine, markdown_table, provenance, provenance_lines  # noqa: E402
 
 from dml_cluster.data import load_dataset  # noqa: E402
 from dml_cluster.data.loader import BatchReader, StepSampler, read_batches  # noqa: E402
@@ -156,7 +156,7 @@ def main() -> None:
     big_per_class = 60 if quick else 1500  # x 4 classes of 24 x 24 PNGs, decoded at 112 x 112
     size = 48 if quick else 112
     small_per_class = max(BATCH // 4 + 1, big_per_class // 20)  # at least one batch
-    results: dict = {"machine": machine(), "quick": quick}
+    results: dict = {**provenance(), "machine": machine(), "quick": quick}
 
     with tempfile.TemporaryDirectory(prefix="data-path-") as tmp_name:
         tmp = Path(tmp_name)
@@ -212,6 +212,7 @@ def main() -> None:
             "growth_worker_mib": rss["big"][1] - rss["small"][1],
         }  # fmt: skip
 
+    print(provenance_lines())
     print(f"machine: {results['machine']}\n")
     print(f"### Loader throughput, samples/s (batch {BATCH}, {steps} steps, median of {repeats})\n")
     print(markdown_table(["dataset", "0 workers", "1 worker", "2 workers"], loader_rows))

@@ -42,7 +42,14 @@ import torch.multiprocessing as mp  # noqa: E402
 import zmq  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, markdown_table, own_session, summary_us  # noqa: E402
+from bench_common import (  # noqa: E402
+    machine,
+    markdown_table,
+    own_session,
+    provenance,
+    provenance_lines,
+    summary_us,
+)  # noqa: E402
 
 from dml_cluster.bus.base import Bus, StepKey  # noqa: E402
 from dml_cluster.bus.torch_bus import TorchBus  # noqa: E402
@@ -292,6 +299,7 @@ def main() -> None:
     if args.quick:
         args.iters, args.warmup, args.ks, args.payloads = 20, 5, [2], [PAYLOADS[0]]
 
+    print(provenance_lines())
     print(f"machine: {machine()}")
     print(
         f"{args.iters} timed exchanges per cell after {args.warmup} warm-up, all ranks pooled; "
@@ -333,7 +341,9 @@ def main() -> None:
         print(markdown_table(header, rows) + "\n", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "cells": records}, indent=1))
+        args.json.write_text(
+            json.dumps({**provenance(), "machine": machine(), "cells": records}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ from dml_cluster.metrics.events import EvalEvent, StepEvent  # noqa: E402
 from dml_cluster.trainer import CohortTrainer, Placement, StepResult  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, markdown_table  # noqa: E402
+from bench_common import machine, markdown_table, provenance_lines  # noqa: E402
 
 MODELS = {"mlp": {"hidden": [128]}, "small_cnn": {"width": 16}}
 WARM_UP = 10  # steps left out of the figures
@@ -175,6 +175,7 @@ def main() -> None:
         "overhead %: amortized medians", "overhead %: mean / mean", "overhead %: CPU mean / mean",
         "scrape render ms", "exposition bytes",
     ]  # fmt: skip
+    print(provenance_lines())
     print(machine())
     print(f"load average before: {load_before}; after: {load_average()} ({os.cpu_count()} CPUs)")
     objects, seconds = np.median(np.asarray(FULL_COLLECTIONS), axis=0)

@@ -55,7 +55,13 @@ import torch.multiprocessing as mp  # noqa: E402
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, markdown_table, own_session  # noqa: E402
+from bench_common import (  # noqa: E402
+    machine,
+    markdown_table,
+    own_session,
+    provenance,
+    provenance_lines,
+)
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 INDEPENDENT = "independent"
@@ -338,6 +344,7 @@ def main() -> None:
         args.blocks, args.block_steps, args.steps, args.warmup = 2, 2, 4, 1
         args.batch_size, args.width, args.data = 32, 8, "synthetic"
 
+    print(provenance_lines())
     print(f"machine: {machine()}")
     print(
         f"mode {args.mode}; small_cnn width {args.width}, batch {args.batch_size}, {args.data}; "
@@ -378,7 +385,9 @@ def main() -> None:
         print("\n" + overhead_table(results))
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps({**provenance(), "machine": machine(), "results": results}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine  # noqa: E402
+from bench_common import machine, provenance_lines  # noqa: E402
 
 KEY = "dml-stop/benchmark"
 
@@ -63,6 +63,7 @@ def main() -> None:
     finally:
         done.set()
         server.join(30)
+    print(provenance_lines())
     print(f"machine: {machine()}")
     runs = f"{args.repeats} x {args.calls} calls"
     print(f"| store.check per step, µs ({runs}) | median | min | max |")
