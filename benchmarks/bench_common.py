@@ -91,7 +91,7 @@ def commit() -> str:
         status = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
-    dirty = [line[3:] for line in status.splitlines() if line.strip()]
+    dirty = [line.split(maxsplit=1)[1] for line in status.splitlines() if line.strip()]
     dirty = [p for p in dirty if not (p.startswith("benchmarks/") and p.endswith(OUTPUTS))]
     if any(not p.startswith("benchmarks/") for p in dirty):
         return sha + " + uncommitted changes"

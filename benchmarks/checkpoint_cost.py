@@ -1,10 +1,13 @@
 """What a cohort checkpoint costs: one peer's save (serialise, sha256, write, fsync, rename,
-manifest, prune) and its restore, per model, on this machine's disk.
+manifest, prune) and its restore, per model, on this machine's disk; and, to set them against,
+the model's training step (forward, cross-entropy, backward, SGD; batch 128, one thread) measured
+in the same run, with the share of training time a save every 500 steps (the default
+`checkpoint.every_steps`) takes.
 
 One process, one peer, the confirmation over an in-process bus (the zmq or torch confirmation adds
 one small exchange, a few hundred microseconds). Run from the repo root:
 
-    .venv/bin/python benchmarks/checkpoint_cost.py --repeats 5
+    .venv/bin/python benchmarks/checkpoint_cost.py --repeats 7
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, markdown_table  # noqa: E402
+from bench_common import machine, markdown_table, provenance, provenance_lines  # noqa: E402
 
 from dml_cluster.checkpoint import CohortCheckpoints, Position  # noqa: E402
-from dml_cluster.cohort import build_peer  # noqa: E402
+from dml_cluster.cohort import Peer, build_peer  # noqa: E402
 from dml_cluster.config import parse_config  # noqa: E402
 from dml_cluster.control import LocalControl  # noqa: E402
 
@@ -35,6 +38,23 @@ MODELS = [  # (model, args, input shape, classes)
 ]
 
 
+EVERY_STEPS = 500  # the default checkpoint.every_steps
+STEP_BATCH = 128
+
+
+def step_seconds(peer: Peer, shape: tuple[int, int, int], classes: int, repeats: int) -> float:
+    """Median of `repeats` training steps of the peer's model (after one warm-up step)."""
+    x, y = torch.randn(STEP_BATCH, *shape), torch.randint(0, classes, (STEP_BATCH,))
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        peer.optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(peer.model(x), y).backward()
+        peer.optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[repeats // 2]
+
+
 def measure(model: str, args: dict, shape: tuple[int, int, int], classes: int, repeats: int):
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
         cfg = parse_config(
@@ -45,9 +65,8 @@ def measure(model: str, args: dict, shape: tuple[int, int, int], classes: int, r
             }
         )
         peer = build_peer(cfg, 0, shape, classes, torch.device("cpu"))
-        # one optimizer step so the momentum buffers exist, as in a real checkpoint
-        peer.model(torch.randn(2, *shape)).sum().backward()
-        peer.optimizer.step()
+        # training steps (timed) so the momentum buffers exist, as in a real checkpoint
+        step_s = step_seconds(peer, shape, classes, repeats)
         checkpoints = CohortCheckpoints(cfg, Path(tmp) / "bench")
         control = LocalControl()
         saves, restores = [], []
@@ -66,6 +85,8 @@ def measure(model: str, args: dict, shape: tuple[int, int, int], classes: int, r
         "file_mb": size / 1e6,
         "save_ms": sorted(saves)[len(saves) // 2] * 1e3,
         "restore_ms": sorted(restores)[len(restores) // 2] * 1e3,
+        "step_ms": step_s * 1e3,
+        "save_share_pct": 100 * sorted(saves)[len(saves) // 2] / (EVERY_STEPS * step_s),
     }
 
 
@@ -76,15 +97,36 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = [measure(*m, repeats=args.repeats) for m in MODELS]
+    print(provenance_lines())
     print(machine())
-    print(
-        markdown_table(
-            ["model", "parameters", "file MB", "save ms (median)", "restore ms (median)"],
-            [[r["model"], r["params"], r["file_mb"], r["save_ms"], r["restore_ms"]] for r in rows],
-        )
-    )
+    header = [
+        "model",
+        "input",
+        "parameters",
+        "file MB",
+        "save ms (median)",
+        "restore ms (median)",
+        f"train step ms (batch {STEP_BATCH}, median)",
+        f"a save every {EVERY_STEPS} steps, % of training",
+    ]
+    table = [
+        [
+            r["model"],
+            "x".join(map(str, shape)),
+            f"{r['params']:,}",
+            r["file_mb"],
+            r["save_ms"],
+            r["restore_ms"],
+            r["step_ms"],
+            f"{r['save_share_pct']:.3f}",
+        ]
+        for r, (_, _, shape, _) in zip(rows, MODELS, strict=True)
+    ]
+    print(markdown_table(header, table))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(
+            json.dumps({**provenance(), "machine": machine(), "rows": rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import provenance  # noqa: E402
 
 from dml_cluster.config import parse_config  # noqa: E402
 from dml_cluster.launch import run_local  # noqa: E402
@@ -202,13 +204,14 @@ def main() -> None:
         "plan": plan, "searches": {n: {"winner": w, "candidates": len(records[n]),
                                        "distinct": len({r["hash"] for r in records[n]})}
                                    for n, w in winners.items()},
-        "retrain": by_teacher, "seconds": round(time.perf_counter() - t0),
+        "retrain": by_teacher, "seconds": round(time.perf_counter() - t0), **provenance(),
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print_markdown(results)
 
 
 def print_markdown(results: dict[str, Any]) -> None:
+    print(f"command: {results.get('command', '?')}\ncommit: {results.get('commit', '?')}")
     plan = results["plan"]
     print("| search | reward | controller (seed) | teacher | winner | val acc | MFLOPs "
           "| latency ms | params | test acc, KD from A (mean +- std) |")  # fmt: skip

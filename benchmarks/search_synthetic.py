@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import provenance, provenance_lines  # noqa: E402
 
 from dml_cluster.search.controller import build_controller  # noqa: E402
 from dml_cluster.search.settings import ControllerSettings, SpaceSettings  # noqa: E402
@@ -69,6 +71,7 @@ def main() -> None:
         results[name] = [
             synthetic_run(name, s, args.budget, args.per_round) for s in range(args.seeds)
         ]
+    print(provenance_lines())
     print(
         f"| controller | reached region (of {args.seeds}) | samples to region: median "
         f"(per seed) | best @200 | best @600 | best @{args.budget} |"
@@ -88,7 +91,7 @@ def main() -> None:
         )
     print(f"\n{time.perf_counter() - t0:.0f} s in all")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1, default=str))
+        args.out.write_text(json.dumps({**provenance(), "results": results}, indent=1, default=str))
 
 
 if __name__ == "__main__":
