@@ -43,6 +43,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import commit  # noqa: E402
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 FULL_EPOCHS = 40  # the protocol's schedule, which the fmnist3k configs hold
@@ -481,6 +482,44 @@ def table(stats: dict[str, RowStats], rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def pairing_notes(stats: dict[str, RowStats], rows: Sequence[Row]) -> list[str]:
+    """A line per kind of row whose paired Δ leaves out some of its or its baseline's students."""
+    groups: dict[tuple[tuple[int, ...], int, str], list[str]] = {}
+    for row in rows:
+        st, base = stats.get(row.key), stats.get(row.baseline or "")
+        if st is None or base is None or not st.runs or not base.runs:
+            continue
+        mine = {s["index"] for s in st.runs[0]["students"].values()}
+        theirs = {s["index"] for s in base.runs[0]["students"].values()}
+        common = tuple(sorted(mine & theirs))
+        if common and (set(common) != mine or set(common) != theirs):
+            groups.setdefault((common, len(mine), base.row.label), []).append(row.label)
+    notes = []
+    for (common, n_mine, base_label), labels in groups.items():
+        which = " and ".join(str(k) for k in common)
+        n_base = len(
+            next(st for st in stats.values() if st.row.label == base_label).runs[0]["students"]
+        )
+        notes.append(
+            f"- {', '.join(f'*{label}*' for label in labels)}: paired Δ on "
+            f"student{'s' if len(common) > 1 else ''} {which} only ({n_mine} "
+            f"student{'s' if n_mine > 1 else ''} per run, {n_base} in *{base_label}*); the other "
+            "columns cover all the row's students."
+        )
+    return notes
+
+
+PLUS_MINUS = (
+    "**Reading ±.** Every ± is one sample standard deviation, not of the same values in every "
+    "column. *test acc. %*, *test NLL*, *ECE %* and *test entropy*: over every student of every "
+    "seed of the row (students × seeds values), in % of the test set, nats per test image, % "
+    "(the mean |confidence − accuracy| gap over 15 bins), and nats. *paired Δ*: over seeds, one "
+    "value per seed (that seed's differences to the baseline averaged over the students paired), "
+    "in percentage points; *95% CI of Δ* is the t-interval of their mean, also in points. "
+    "*ensemble acc. %*: over seeds (one ensemble per run), in %."
+)
+
+
 def command(suite: Suite, row: Row, meta: dict[str, Any]) -> str:
     """The `dml-cluster train` line of a row (the script adds run.name/out_dir and the teacher
     path it trained)."""
@@ -494,7 +533,8 @@ def command(suite: Suite, row: Row, meta: dict[str, Any]) -> str:
     return f"dml-cluster train {row.config} {sets} --set run.seed=S".replace("  ", " ")
 
 
-def render(suite: Suite, saved: dict[str, Any]) -> str:
+def render(suite: Suite, saved: dict[str, Any], note: str = "") -> str:
+    """The results block of the Markdown; `note`, when given, follows the generated line."""
     meta = saved["meta"]
     rows = [suite.teacher, *suite.rows] if suite.teacher else list(suite.rows)
     stats = {r.key: RowStats(r) for r in rows}
@@ -510,6 +550,8 @@ def render(suite: Suite, saved: dict[str, Any]) -> str:
         f"{meta['workers']} runs at a time on {meta['machine']}._",
         "",
     ]
+    if note:
+        out += [note, ""]
     cuts = [
         f"{meta['epochs']} epochs instead of {FULL_EPOCHS} (warm-up and hint epochs scaled alike)"
         if meta.get("epochs") else "",
@@ -535,6 +577,10 @@ def render(suite: Suite, saved: dict[str, Any]) -> str:
             bases = sorted({r.baseline for r in sec_rows if r.baseline})
             base = ", ".join(next(x.label for x in rows if x.key == b) for b in bases)
             out += [f"**{heading}** (paired Δ against: {base})", "", *lines, ""]
+            notes = pairing_notes(stats, sec_rows)
+            if notes:
+                out += [*notes, ""]
+    out += [PLUS_MINUS, ""]
     history = history_table(stats, [r for r in suite.rows if r.section == "main"])
     if history:
         out += [
@@ -763,13 +809,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.analyze:
         analyze_pairs(suite, saved, args)
     save(json_path, saved)
-    block = render(suite, saved)
+    note = ""
+    if args.render_only:
+        note = (
+            f"_Tables re-rendered from the stored results ({Path(args.json).name}) by "
+            f"`python benchmarks/accuracy.py --render-only` at commit `{commit()}`: no run was "
+            "repeated; the runs are those of the line above._"
+        )
+    block = render(suite, saved, note)
     write_markdown(Path(args.markdown), block)
     print(block)
 
 
 def meta(args: argparse.Namespace, minutes: float, runs: int) -> dict[str, Any]:
-    from bench_common import commit, machine
+    from bench_common import machine
 
     flags = " ".join(f for f, on in (("--quick", args.quick),) if on)
     epochs = "".join(
