@@ -10,7 +10,9 @@ A training step gets its batch in the model's layout (`CohortTrainer._input`). A
 `evaluation.predict`, the function the trainer's evaluation calls, and it is timed with the
 inputs each caller gives it: the trainer's evaluation passes the loader's test batches as they
 come (NCHW) to a model whose weights are channels_last; `dml-cluster analyze` converts them
-(`precision.to_layout`). Both are measured.
+(`precision.to_layout`). Both are measured. For Fashion-MNIST's one channel they are the same
+work: a one-channel batch is contiguous in both formats, so `to_layout` returns it with the same
+strides and storage, and the two rows differ only by the machine's noise (a gauge of it).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 #   launch/local.sh CONFIG [--set KEY=VALUE ...]
 #
 # K is the cohort size of CONFIG after the overrides (NPROC overrides it). The rendezvous is c10d
-# on 127.0.0.1, not --standalone: restarts with gloo need it (DESIGN.md section 8).
+# on 127.0.0.1, not --standalone: with --standalone, a restarted worker group failed to set up
+# gloo 4 times of 4 (keys of the failed attempt stay in the reused store, pytorch/pytorch#135712).
 # Environment: PYTHON (default python3; e.g. .venv/bin/python), NPROC, RDZV_PORT (default: a
 # free port), MAX_RESTARTS (default 0), OMP_NUM_THREADS (default 1).
 set -euo pipefail
