@@ -100,15 +100,29 @@ def commit() -> str:
     return sha
 
 
+def package_commit() -> str:
+    """The last commit that changed dml_cluster/: the code measured, named by a commit that
+    stays valid when a branch that only changes benchmarks/ is rebased."""
+    try:
+        return _git("log", "-1", "--format=%h", "--", "dml_cluster") or "unknown"
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+
+
 def provenance() -> dict[str, str]:
-    """What every benchmark records with its numbers: the exact command and the commit."""
-    return {"command": command(), "commit": commit()}
+    """What every benchmark records with its numbers: the exact command, the commit, and the
+    last commit that changed the package."""
+    return {"command": command(), "commit": commit(), "package": package_commit()}
 
 
 def provenance_lines() -> str:
-    """The command and the commit, one line each, for the top of a benchmark's output."""
+    """The command, the commit and the package's commit, one line each, for the top of a
+    benchmark's output."""
     p = provenance()
-    return f"command: {p['command']}\ncommit: {p['commit']}"
+    return (
+        f"command: {p['command']}\ncommit: {p['commit']}\n"
+        f"package (dml_cluster/ last changed at): {p['package']}"
+    )
 
 
 def _git(*args: str) -> str:
