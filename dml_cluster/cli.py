@@ -215,7 +215,8 @@ def k8s() -> None:
               "(default: the job's name).")  # fmt: skip
 @click.option("--queue", default=None, metavar="LOCALQUEUE",
               help="Kueue: queue the workload in this LocalQueue (label "
-              "kueue.x-k8s.io/queue-name); it is rendered suspended and Kueue starts it.")  # fmt: skip
+              "kueue.x-k8s.io/queue-name); it is rendered suspended and Kueue starts "
+              "it.")  # fmt: skip
 @click.option("--priority-class", default=None, metavar="NAME",
               help="Kueue: the WorkloadPriorityClass (label "
               "kueue.x-k8s.io/priority-class).")  # fmt: skip
@@ -279,8 +280,9 @@ def k8s_render(config: str, overrides: tuple[str, ...], out_dir: str | None, **o
     prometheus = parse_labels(options.pop("prometheus_label"), "--prometheus-label")
     if prometheus:
         options["prometheus_labels"] = prometheus
-    for key, mount, what in (("data_pvc", "data_pvc_mount", "--data-pvc"),
-                             ("data_host_path", "data_host_mount", "--data-host-path")):  # fmt: skip
+    data_options = (("data_pvc", "data_pvc_mount", "--data-pvc"),
+                    ("data_host_path", "data_host_mount", "--data-host-path"))  # fmt: skip
+    for key, mount, what in data_options:
         if options[key] is not None:
             options[key], options[mount] = split_mount(options[key], what)
     cfg, raw = pod_config(config, list(overrides))

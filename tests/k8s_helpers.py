@@ -140,6 +140,10 @@ def _pod(
         env[key] = _remap(value, mounts)
     argv = [_remap(expand(a, env), mounts) for a in container["command"] + container["args"]]
     env["PATH"] = f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"
+    if os.environ.get("PYTHONPATH"):  # the checkout under test, as the image would hold it
+        env["PYTHONPATH"] = ":".join(
+            filter(None, (os.environ["PYTHONPATH"], env.get("PYTHONPATH")))
+        )
     return Pod(name, argv, env, mounts[container["workingDir"]])
 
 

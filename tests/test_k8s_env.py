@@ -16,8 +16,11 @@ from .k8s_helpers import (
     CONFIG,
     RUN,
     SETS,
+    TRAINER_PORT,
+    as_trainer_would,
     find,
     indexed_job_pods,
+    jobset_pods,
     load_dir,
     one_process_reference,  # noqa: F401 - the `reference` fixture
     pytorchjob_pods,
@@ -50,6 +53,26 @@ def run_pods(pods: list, tmp_path: Path, timeout: float = 240) -> None:
         f"== {pod.name}\n{(tmp_path / f'{pod.name}.log').read_text()[-2500:]}" for pod in pods
     )
     assert codes == [0] * len(pods), logs
+
+
+def test_trainjob_env_runs_the_cohort(tmp_path: Path, reference: dict) -> None:
+    """The TrainJob as the Kubeflow Trainer runs it: the JobSet it makes of the TrainJob and the
+    rendered TrainingRuntime (the torch plugin's PET_* variables, PET_NODE_RANK from the pod's
+    completion index), each pod's `dml-cluster train` started without torchrun. PET_MASTER_PORT,
+    a port pod 0 has to itself on a cluster, is a free one here."""
+    manifests = render(tmp_path / "manifests", "trainjob")
+    jobset = as_trainer_would(*manifests["trainjob.yaml"])
+    name = jobset["metadata"]["name"]
+    port = {"PET_MASTER_PORT": str(free_port())}
+    pods = jobset_pods(
+        manifests, jobset, tmp_path / "pods", {f"{name}-node-0-0.{name}": "127.0.0.1"}, port
+    )
+    assert len(pods) == 2 and pods[1].env["PET_NODE_RANK"] == "1"
+    assert pods[0].argv[:2] == ["dml-cluster", "train"]
+    assert int(port["PET_MASTER_PORT"]) != TRAINER_PORT
+    run_pods(pods, tmp_path)
+    got = final_weights(tmp_path / "pods" / "workspace" / "runs" / RUN)
+    assert max_weight_diff(got, reference) <= 1e-6
 
 
 def test_pytorchjob_env_runs_the_cohort(tmp_path: Path, reference: dict) -> None:

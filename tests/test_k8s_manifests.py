@@ -55,8 +55,13 @@ K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 # committed examples in k8s/examples/, rendered with these options (see k8s/README.md)
 EXAMPLES = {
     "trainjob": dict(
-        engine="trainjob", monitor="pod", dashboard="monitoring/grafana-dashboard.json",
-        pvc="dml-runs", data_pvc="datasets", queue="team-a", priority_class="high",
+        engine="trainjob",
+        monitor="pod",
+        dashboard="monitoring/grafana-dashboard.json",
+        pvc="dml-runs",
+        data_pvc="datasets",
+        queue="team-a",
+        priority_class="high",
     ),  # fmt: skip
     "jobset": dict(engine="jobset", monitor="pod"),
     "indexed-job": dict(engine="indexed-job", monitor="service"),
@@ -570,8 +575,9 @@ def test_data_on_a_claim_a_host_path_or_in_the_image(
             assert capsys.readouterr().err == ""  # /opt/weights is the image's own
             continue
         assert mounts["data"] == {"name": "data", "mountPath": "/mnt/data", "readOnly": True}
-        source = {"pvc": {"persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}},
-                  "host": {"hostPath": {"path": "/srv/datasets", "type": "Directory"}}}[way]  # fmt: skip
+        claim = {"claimName": "datasets", "readOnly": True}
+        host = {"path": "/srv/datasets", "type": "Directory"}
+        source = {"pvc": {"persistentVolumeClaim": claim}, "host": {"hostPath": host}}[way]
         assert volumes["data"] == {"name": "data", **source}
         (line,) = capsys.readouterr().err.strip().splitlines()
         assert "cohort.weights" in line and "no pod can reach" in line

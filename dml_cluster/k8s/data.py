@@ -204,6 +204,10 @@ def _module_file(module: str, here: Path) -> Path | None:
         origin = origin.parent
     installed = any(part in ("site-packages", "dist-packages") for part in origin.parts)
     project = Path(__file__).resolve().parents[2]  # dml_cluster itself is in the image
-    if installed or origin.is_relative_to(project / "dml_cluster") or not origin.is_relative_to(here):
+    if (
+        installed
+        or origin.is_relative_to(project / "dml_cluster")
+        or not origin.is_relative_to(here)
+    ):
         return None
     return origin

@@ -117,7 +117,6 @@ class RenderOptions:
                 if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value) or len(value) > 63:
                     raise ConfigError(f"k8s render: {what} {key}={value}: not a valid label")
 
-
     def _check_data(self) -> None:
         given = [w for w, v in (("--data-pvc", self.data_pvc),
                                 ("--data-host-path", self.data_host_path),
