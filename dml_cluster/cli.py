@@ -42,6 +42,7 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
         run_peer,
         under_launcher,
     )
+    from dml_cluster.metrics.loggers import check_loggers
     from dml_cluster.preemption import launcher_wait_s
 
     adopt_torch_runtime_env()  # a Kubeflow Trainer v2 node: PET_* as RANK, WORLD_SIZE, ...
@@ -58,6 +59,7 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
         return
     size = len(cfg.peers)
     _check_nproc(nproc, size, max_restarts)
+    check_loggers(cfg)  # before the launcher starts anything
     if cfg.bus.transport == "local":  # --nproc asks for a process per peer: that takes a bus
         overrides = (*overrides, "bus.transport=zmq")
         load_config(config, list(overrides))  # the zmq settings are valid too

@@ -34,6 +34,7 @@ from dml_cluster.devices import cohort_device_type, hosted_devices, process_grou
 from dml_cluster.errors import ConfigError, DmlError, PeerError, ReportedElsewhere
 from dml_cluster.metrics import metrics_observers
 from dml_cluster.metrics.events import Observer
+from dml_cluster.metrics.loggers import check_loggers
 from dml_cluster.precision import check_precision
 from dml_cluster.preemption import CohortStop, stop_margin
 from dml_cluster.run_folder import missing_folders, remove_if_empty
@@ -260,6 +261,7 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     with reported_once():
         _check_layout(cfg, world)
         check_precision(cfg, cohort_device_type(cfg))
+        check_loggers(cfg)
     set_determinism(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _use(hosted_devices(cfg, (rank,), local_rank)[rank])
@@ -334,6 +336,7 @@ def run_local(cfg: Config, observers: Sequence[Observer] = ()) -> dict[str, Any]
     """Every peer in this process: the one-device mode, and the oracle for the others.
     `observers`: watch the run beside the run log and the metrics (benchmarks' clocks)."""
     check_precision(cfg, cohort_device_type(cfg))
+    check_loggers(cfg)
     set_determinism(cfg)
     hosted = tuple(range(len(cfg.peers)))
     devices = hosted_devices(cfg, hosted)  # peer i on GPU i % n, or cohort.devices
