@@ -175,7 +175,7 @@ def mlflow_runs(cfg: Any) -> tuple[Any, dict[str, Any], Any]:
 
 
 def _context(cfg: Any) -> Any:
-    from dml_cluster.metrics.loggers.observer import LoggerContext
+    from dml_cluster.metrics.loggers.context import LoggerContext
 
     return LoggerContext.of(cfg, (0, 1), "unused")
 

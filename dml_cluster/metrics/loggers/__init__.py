@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from dml_cluster.errors import ConfigError
 
 if TYPE_CHECKING:
     from dml_cluster.config import Config
+    from dml_cluster.metrics.loggers.context import LoggerContext, Sink
     from dml_cluster.metrics.loggers.observer import ExperimentLogger
 
 # logger -> (the module it needs, the extra that installs it)
@@ -50,7 +52,33 @@ def experiment_logger(cfg: Config, hosted: Sequence[int], run_id: str) -> Experi
     if not cfg.metrics.loggers:
         return None
     check_loggers(cfg)
-    from dml_cluster.metrics.loggers.observer import ExperimentLogger, LoggerContext, open_sinks
+    from dml_cluster.metrics.loggers.context import LoggerContext
+    from dml_cluster.metrics.loggers.observer import ExperimentLogger
 
     context = LoggerContext.of(cfg, hosted, run_id)
     return ExperimentLogger(cfg, context, open_sinks(cfg, context))
+
+
+def open_sinks(cfg: Config, context: LoggerContext) -> list[Sink]:
+    """Each named logger's runs for the hosted peers (the extras' packages imported here)."""
+    sinks: list[Sink] = []
+    try:
+        for name in cfg.metrics.loggers:
+            if name == "tensorboard":
+                from dml_cluster.metrics.loggers.tensorboard_sink import TensorBoardSink
+
+                sinks.append(TensorBoardSink(cfg.metrics.tensorboard, context))
+            elif name == "wandb":
+                from dml_cluster.metrics.loggers.wandb_sink import WandbSink
+
+                sinks.append(WandbSink(cfg.metrics.wandb, context))
+            elif name == "mlflow":
+                from dml_cluster.metrics.loggers.mlflow_sink import MlflowSink
+
+                sinks.append(MlflowSink(cfg.metrics.mlflow, context))
+    except BaseException:
+        for sink in sinks:
+            with suppress(Exception):
+                sink.close(finished=False)
+        raise
+    return sinks

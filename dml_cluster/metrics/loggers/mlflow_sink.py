@@ -15,7 +15,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from dml_cluster.config import MlflowConfig
-from dml_cluster.metrics.loggers.observer import LoggerContext
+from dml_cluster.metrics.loggers.context import LoggerContext
 
 COHORT_TAG = "dml_cluster.cohort"
 PEER_TAG = "dml_cluster.peer"

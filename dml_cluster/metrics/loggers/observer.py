@@ -13,82 +13,14 @@ is the training step. The config (flattened) and its hash are each run's hyper-p
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from dml_cluster.metrics.events import EvalEvent, StepEvent
+from dml_cluster.metrics.loggers.context import LoggerContext, Sink
 
 if TYPE_CHECKING:
     from dml_cluster.config import Config
-
-
-@dataclass(frozen=True)
-class LoggerContext:
-    """What every logger needs to name and group its runs."""
-
-    run_name: str
-    cohort_id: str  # the cohort's run id (hex): the group, the same across restarts
-    run_dir: Path
-    peers: dict[int, str]  # the hosted peers, by index
-    params: dict[str, Any]  # the config, flattened (a.b.c -> value), and its hash
-
-    @classmethod
-    def of(cls, cfg: Config, hosted: Sequence[int], run_id: str) -> LoggerContext:
-        params = dict(flatten(cfg.to_dict()))
-        params["config_hash"] = cfg.hash()
-        return cls(
-            run_name=cfg.run.name,
-            cohort_id=run_id,
-            run_dir=cfg.run.dir,
-            peers={i: cfg.peers[i].name for i in hosted},
-            params=params,
-        )
-
-
-def flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, leaf) of a nested config dict; lists are leaves."""
-    if isinstance(tree, Mapping):
-        for key, value in tree.items():
-            yield from flatten(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1], tree
-
-
-class Sink(Protocol):
-    """One logger (TensorBoard, W&B, MLflow): a run per hosted peer."""
-
-    def log(self, peer: int, scalars: dict[str, float], step: int) -> None: ...
-
-    def close(self, finished: bool) -> None:
-        """`finished`: the run ended (else it stopped: failed, or preempted to resume)."""
-        ...
-
-
-def open_sinks(cfg: Config, context: LoggerContext) -> list[Sink]:
-    sinks: list[Sink] = []
-    try:
-        for name in cfg.metrics.loggers:
-            if name == "tensorboard":
-                from dml_cluster.metrics.loggers.tensorboard_sink import TensorBoardSink
-
-                sinks.append(TensorBoardSink(cfg.metrics.tensorboard, context))
-            elif name == "wandb":
-                from dml_cluster.metrics.loggers.wandb_sink import WandbSink
-
-                sinks.append(WandbSink(cfg.metrics.wandb, context))
-            elif name == "mlflow":
-                from dml_cluster.metrics.loggers.mlflow_sink import MlflowSink
-
-                sinks.append(MlflowSink(cfg.metrics.mlflow, context))
-    except BaseException:
-        for sink in sinks:
-            with suppress(Exception):
-                sink.close(finished=False)
-        raise
-    return sinks
 
 
 class ExperimentLogger:

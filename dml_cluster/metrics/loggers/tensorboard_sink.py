@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from dml_cluster.config import TensorBoardConfig
-from dml_cluster.metrics.loggers.observer import LoggerContext
+from dml_cluster.metrics.loggers.context import LoggerContext
 
 FLUSH_S = 30  # at most this long between a value and its event file (a pod may be killed)
 

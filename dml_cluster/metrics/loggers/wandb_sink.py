@@ -12,7 +12,7 @@ from pathlib import Path
 import wandb
 
 from dml_cluster.config import WandbConfig
-from dml_cluster.metrics.loggers.observer import LoggerContext
+from dml_cluster.metrics.loggers.context import LoggerContext
 
 
 def run_id(cohort_id: str, peer: str) -> str:
