@@ -613,11 +613,12 @@ def test_a_local_factory_module_is_imported_from_the_data(
     assert "data.factory: module 'mydata' is a local file (mydata.py)" in line
 
 
-def test_the_readme_local_queue_validates() -> None:
-    """The LocalQueue k8s/README.md shows validates against Kueue's CRD."""
+def test_the_manifests_in_the_readme_validate() -> None:
+    """The LocalQueue and the TensorBoard pod k8s/README.md shows validate (Kueue's CRD, the
+    core schemas)."""
     text = (REPO / "k8s" / "README.md").read_text(encoding="utf-8")
     blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
-    queues = [d for b in blocks for d in yaml.safe_load_all(b) if d and d["kind"] == "LocalQueue"]
-    assert queues
-    for queue in queues:
-        validate(queue)
+    docs = [d for b in blocks for d in yaml.safe_load_all(b) if d]
+    assert sorted(d["kind"] for d in docs) == ["LocalQueue", "Pod"]
+    for doc in docs:
+        validate(doc)

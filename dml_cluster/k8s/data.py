@@ -99,7 +99,7 @@ def place_data(raw: dict[str, Any], opts: RenderOptions, local_runs: str) -> Dat
             continue
         if mount is not None and (in_image or _under(path, mount)):
             continue
-        where = f"is not under {what}'s mount {mount}" if mount else "is a local path"
+        where = f"is not under the data mount {mount} ({what})" if mount else "is a local path"
         warnings.append(f"{key}: {path} {where}; no pod can reach it ({hint})")
     env: list[dict[str, str]] = []
     for key, module, origin in _local_modules(raw):
