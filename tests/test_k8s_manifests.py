@@ -90,7 +90,8 @@ def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
     path = SCHEMAS / CRDS[(api_version, kind)]
     if not path.exists():
         pytest.skip(f"CRD schemas not found at {SCHEMAS} (set DML_K8S_SCHEMAS)")
-    crd = yaml.safe_load(path.read_text())
+    # libyaml's parser where PyYAML has it: the Trainer's and JobSet's CRDs are 0.5-0.8 MB
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     version = api_version.split("/")[1]
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     return jsonschema.Draft7Validator(_strict(served["schema"]["openAPIV3Schema"]))
