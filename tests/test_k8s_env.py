@@ -12,6 +12,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .conftest import final_weights, max_weight_diff, run_cli
 from .k8s_helpers import (
     CONFIG,
@@ -128,3 +130,24 @@ def test_pytorchjob_lost_peer_exit_code_is_retried(tmp_path: Path) -> None:
     log = (tmp_path / f"{master.name}.log").read_text()
     assert 128 <= code <= 255, (code, log[-3000:])
     assert "Traceback" not in log
+
+
+def test_the_trainers_pet_variables_are_adopted_only_for_one_process_per_node() -> None:
+    """`dml-cluster train` reads the Trainer's PET_* as torch's env:// variables; never under a
+    launcher that set RANK (torchrun in the Indexed Job's pods), never without them; a node of
+    several processes is one line (it needs torchrun)."""
+    from dml_cluster.errors import ConfigError
+    from dml_cluster.launch import adopt_torch_runtime_env
+
+    pet = {"PET_NNODES": "3", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "2",
+           "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400"}  # fmt: skip
+    env = dict(pet)
+    assert adopt_torch_runtime_env(env)
+    assert {k: env[k] for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")} == {
+        "RANK": "2", "WORLD_SIZE": "3", "MASTER_ADDR": "job-node-0-0.job", "MASTER_PORT": "29400"
+    }  # fmt: skip
+    under_torchrun = {**pet, "RANK": "0", "WORLD_SIZE": "3"}
+    assert not adopt_torch_runtime_env(under_torchrun) and under_torchrun["RANK"] == "0"
+    assert not adopt_torch_runtime_env({"PET_NNODES": "3"})
+    with pytest.raises(ConfigError, match="PET_NPROC_PER_NODE=2: .* needs torchrun"):
+        adopt_torch_runtime_env({**pet, "PET_NPROC_PER_NODE": "2"})
