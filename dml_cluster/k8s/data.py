@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dml_cluster.k8s.options import RenderOptions
+from dml_cluster.k8s.pod import RUN_OUT_DIR
 
 DATA_VOLUME = "data"
 PATH_KEYS = ("root", "weights", "checkpoint")  # string values under these keys are paths
@@ -85,7 +86,7 @@ def place_data(raw: dict[str, Any], opts: RenderOptions, local_runs: str) -> Dat
             norm = posixpath.normpath(path)
             if norm == runs or norm.startswith(runs + "/"):
                 rest = posixpath.relpath(norm, runs)
-                holder[name] = posixpath.join("runs", rest)  # the pods' run.out_dir
+                holder[name] = posixpath.join(RUN_OUT_DIR, rest)
                 if not opts.pvc:
                     warnings.append(
                         f"{key}: {path} is a run folder; the pods' workspace is an emptyDir that "

@@ -26,7 +26,7 @@ from dml_cluster.k8s.monitoring import (
     service_monitor,
 )
 from dml_cluster.k8s.options import RenderOptions, check_name, job_name
-from dml_cluster.k8s.pod import metrics_port
+from dml_cluster.k8s.pod import RUN_OUT_DIR, metrics_port
 from dml_cluster.k8s.security import curve_secret, network_policy, sealed_config
 from dml_cluster.k8s.workloads import headless_service, indexed_job, pytorchjob
 
@@ -36,8 +36,6 @@ HEADER = (
     "# Rendered by `dml-cluster k8s render` from an experiment config: change the config or the\n"
     "# render options and render again rather than editing this file.\n"
 )
-# inside the pod, relative to the working directory (the workspace volume)
-RUN_OUT_DIR = "runs"
 
 
 def pod_config(path: str | Path, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
