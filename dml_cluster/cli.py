@@ -249,9 +249,11 @@ def k8s() -> None:
 @click.option("--dashboard", type=click.Path(dir_okay=False), default=None,
               help="A Grafana dashboard JSON to ship as a sidecar-loaded ConfigMap.")  # fmt: skip
 @click.option("--backoff-limit", type=int, default=3, show_default=True,
-              help="Retries of the cohort (Indexed Job: times the cohort size).")  # fmt: skip
+              help="Retries of the cohort (TrainJob, JobSet, Indexed Job: pod retries, times "
+              "the cohort size).")  # fmt: skip
 @click.option("--max-restarts", type=int, default=3, show_default=True,
-              help="Indexed Job: torchrun restarts of the peer group inside the pods.")  # fmt: skip
+              help="Indexed Job: torchrun restarts of the peer group inside the pods; TrainJob, "
+              "JobSet: restarts of the whole cohort (failurePolicy.maxRestarts).")  # fmt: skip
 @click.option("--master-port", type=int, default=23456, show_default=True)
 @click.option("--rdzv-port", type=int, default=29400, show_default=True)
 @click.option("--cluster-domain", default="cluster.local", show_default=True)
