@@ -122,7 +122,7 @@ def test_pytorchjob_lost_peer_exit_code_is_retried(tmp_path: Path) -> None:
     `restartPolicy: ExitCode` retries (128-255), not a permanent one."""
     manifests = render(
         tmp_path / "manifests", "pytorchjob", "--master-port", str(free_port()),
-        "--set", "bus.timeout_s=3",
+        "--set", "bus.timeout_s=3", "--set", "bus.startup_timeout_s=3",
     )  # fmt: skip
     name = find(manifests, "PyTorchJob")["metadata"]["name"]
     master = pytorchjob_pods(manifests, tmp_path / "pods", {f"{name}-master-0": "127.0.0.1"})[0]
