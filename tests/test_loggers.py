@@ -252,3 +252,54 @@ def test_a_logger_not_installed_is_one_line_naming_the_extra(
             "extra: pip install 'dml-cluster[wandb]'"
         ]
         assert not out.exists()
+
+
+def test_a_logger_failing_mid_run_is_one_warning_and_training_goes_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A logger whose log call fails (a server gone) is switched off with one warning line; the
+    others keep logging and nothing is raised into the training loop."""
+    from dml_cluster.metrics.loggers.context import LoggerContext
+    from dml_cluster.metrics.loggers.observer import ExperimentLogger
+
+    class Broken:
+        closed = None
+
+        def log(self, peer: int, scalars: dict[str, float], step: int) -> None:
+            raise ConnectionError("server unreachable\nmore detail")
+
+        def close(self, finished: bool) -> None:
+            Broken.closed = finished
+
+    class Kept:
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def log(self, peer: int, scalars: dict[str, float], step: int) -> None:
+            self.steps.append(step)
+
+        def close(self, finished: bool) -> None:
+            pass
+
+    cfg = load_config(CONFIG, [f"run.log_every={EVERY}"])
+    kept = Kept()
+    logger = ExperimentLogger(cfg, LoggerContext.of(cfg, (0,), "x"), [Broken(), kept])
+    losses = Losses(total=1.0, ce=1.0, mimicry=0.0)
+    for step in range(0, 3 * EVERY):
+        logger.on_step(
+            StepEvent(
+                step=step,
+                epoch=0,
+                batch_size=8,
+                step_seconds=0.1,
+                exchange_seconds=0.0,
+                wait_seconds=0.0,
+                bus=BusStats(),
+                peers={0: PeerStep(0.1, losses, None)},
+                log_ps={},
+                target=torch.zeros(0),
+            )  # fmt: skip
+        )
+    assert kept.steps == [0, EVERY, 2 * EVERY] and Broken.closed is False
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "Broken failed at step 0 (server unreachable)" in line and "off" in line

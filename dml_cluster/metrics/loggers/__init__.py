@@ -62,6 +62,7 @@ def experiment_logger(cfg: Config, hosted: Sequence[int], run_id: str) -> Experi
 def open_sinks(cfg: Config, context: LoggerContext) -> list[Sink]:
     """Each named logger's runs for the hosted peers (the extras' packages imported here)."""
     sinks: list[Sink] = []
+    name = ""
     try:
         for name in cfg.metrics.loggers:
             if name == "tensorboard":
@@ -76,9 +77,14 @@ def open_sinks(cfg: Config, context: LoggerContext) -> list[Sink]:
                 from dml_cluster.metrics.loggers.mlflow_sink import MlflowSink
 
                 sinks.append(MlflowSink(cfg.metrics.mlflow, context))
-    except BaseException:
+    except BaseException as err:
         for sink in sinks:
             with suppress(Exception):
                 sink.close(finished=False)
+        if isinstance(err, Exception) and not isinstance(err, ConfigError):
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(
+                f"metrics.loggers: {name}: cannot start its runs: {type(err).__name__}: {first}"
+            ) from None
         raise
     return sinks

@@ -16,6 +16,7 @@ import time
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
+from dml_cluster.console import say
 from dml_cluster.metrics.events import EvalEvent, StepEvent
 from dml_cluster.metrics.loggers.context import LoggerContext, Sink
 
@@ -91,5 +92,15 @@ class ExperimentLogger:
                 sink.close(finished)
 
     def _log(self, peer: int, scalars: dict[str, float], step: int) -> None:
-        for sink in self.sinks:
-            sink.log(peer, scalars, step)
+        for sink in list(self.sinks):
+            try:
+                sink.log(peer, scalars, step)
+            except Exception as err:  # noqa: BLE001 - a logger (a server) failing must not stop training
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                say(
+                    f"dml-cluster: warning: metrics.loggers: {type(sink).__name__} failed at "
+                    f"step {step} ({first}); it is off for the rest of this run"
+                )
+                self.sinks.remove(sink)
+                with suppress(Exception):
+                    sink.close(finished=False)
