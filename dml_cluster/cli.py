@@ -35,14 +35,17 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
     """Train the cohort described by CONFIG (a YAML file)."""
     from dml_cluster.config import load_config
     from dml_cluster.launch import (
+        adopt_torch_runtime_env,
         launch_elastic,
         reported_once,
         run_local,
         run_peer,
         under_launcher,
     )
+    from dml_cluster.metrics.loggers import check_loggers
     from dml_cluster.preemption import launcher_wait_s
 
+    adopt_torch_runtime_env()  # a Kubeflow Trainer v2 node: PET_* as RANK, WORLD_SIZE, ...
     if under_launcher():  # one peer of a cohort; its launcher's --nproc is not ours to check
         stop_on_signals()
         with reported_once():
@@ -56,6 +59,7 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
         return
     size = len(cfg.peers)
     _check_nproc(nproc, size, max_restarts)
+    check_loggers(cfg)  # before the launcher starts anything
     if cfg.bus.transport == "local":  # --nproc asks for a process per peer: that takes a bus
         overrides = (*overrides, "bus.transport=zmq")
         load_config(config, list(overrides))  # the zmq settings are valid too
@@ -202,8 +206,31 @@ def k8s() -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @_SET
 @click.option("--image", required=True, help="The container image (built from the Dockerfile).")
-@click.option("--engine", type=click.Choice(["pytorchjob", "indexed-job"]), default="pytorchjob",
-              show_default=True, help="Kubeflow PyTorchJob, or Indexed Job + Service.")  # fmt: skip
+@click.option("--engine", type=click.Choice(["trainjob", "jobset", "indexed-job", "pytorchjob"]),
+              default="trainjob", show_default=True,
+              help="trainjob: Kubeflow Trainer v2 TrainJob + its TrainingRuntime; jobset: the "
+              "JobSet the Trainer would make (JobSet without the Trainer); indexed-job: Indexed "
+              "Job + Service (plain Kubernetes); pytorchjob: DEPRECATED, Kubeflow Training "
+              "Operator v1.")  # fmt: skip
+@click.option("--runtime", default=None,
+              help="trainjob: the name of the TrainingRuntime rendered beside the TrainJob "
+              "(default: the job's name).")  # fmt: skip
+@click.option("--queue", default=None, metavar="LOCALQUEUE",
+              help="Kueue: queue the workload in this LocalQueue (label "
+              "kueue.x-k8s.io/queue-name); it is rendered suspended and Kueue starts "
+              "it.")  # fmt: skip
+@click.option("--priority-class", default=None, metavar="NAME",
+              help="Kueue: the WorkloadPriorityClass (label "
+              "kueue.x-k8s.io/priority-class).")  # fmt: skip
+@click.option("--data-pvc", default=None, metavar="CLAIM[:MOUNT]",
+              help="A PersistentVolumeClaim holding the data, mounted read-only at MOUNT "
+              "(/data); the config's relative data paths are rewritten under it.")  # fmt: skip
+@click.option("--data-host-path", default=None, metavar="PATH[:MOUNT]",
+              help="A node folder holding the data (single-node clusters), mounted read-only "
+              "at MOUNT (/data).")  # fmt: skip
+@click.option("--data-in-image", default=None, metavar="DIR",
+              help="The data is baked into the image under DIR: relative paths are rewritten "
+              "under it, absolute ones are the image's.")  # fmt: skip
 @click.option("--namespace", default="default", show_default=True)
 @click.option("--name", default=None, help="Job name (default: from run.name).")
 @click.option("--gpus-per-peer", type=int, default=1, show_default=True,
@@ -222,9 +249,11 @@ def k8s() -> None:
 @click.option("--dashboard", type=click.Path(dir_okay=False), default=None,
               help="A Grafana dashboard JSON to ship as a sidecar-loaded ConfigMap.")  # fmt: skip
 @click.option("--backoff-limit", type=int, default=3, show_default=True,
-              help="Retries of the cohort (Indexed Job: times the cohort size).")  # fmt: skip
+              help="Retries of the cohort (TrainJob, JobSet, Indexed Job: pod retries, times "
+              "the cohort size).")  # fmt: skip
 @click.option("--max-restarts", type=int, default=3, show_default=True,
-              help="Indexed Job: torchrun restarts of the peer group inside the pods.")  # fmt: skip
+              help="Indexed Job: torchrun restarts of the peer group inside the pods; TrainJob, "
+              "JobSet: restarts of the whole cohort (failurePolicy.maxRestarts).")  # fmt: skip
 @click.option("--master-port", type=int, default=23456, show_default=True)
 @click.option("--rdzv-port", type=int, default=29400, show_default=True)
 @click.option("--cluster-domain", default="cluster.local", show_default=True)
@@ -247,6 +276,7 @@ def k8s() -> None:
 def k8s_render(config: str, overrides: tuple[str, ...], out_dir: str | None, **options) -> None:
     """Render the manifests that run CONFIG on Kubernetes, one pod per peer."""
     from dml_cluster.k8s import RenderOptions, parse_labels, pod_config, render, stream, write
+    from dml_cluster.k8s.options import split_mount
     from dml_cluster.k8s.security import mounted_secrets
 
     options["labels"] = parse_labels(options.pop("label"), "--label")
@@ -254,6 +284,11 @@ def k8s_render(config: str, overrides: tuple[str, ...], out_dir: str | None, **o
     prometheus = parse_labels(options.pop("prometheus_label"), "--prometheus-label")
     if prometheus:
         options["prometheus_labels"] = prometheus
+    data_options = (("data_pvc", "data_pvc_mount", "--data-pvc"),
+                    ("data_host_path", "data_host_mount", "--data-host-path"))  # fmt: skip
+    for key, mount, what in data_options:
+        if options[key] is not None:
+            options[key], options[mount] = split_mount(options[key], what)
     cfg, raw = pod_config(config, list(overrides))
     files = render(cfg, raw, RenderOptions(**options))
     for secret in mounted_secrets(files):

@@ -303,8 +303,39 @@ class CheckpointConfig(Strict):
     )
 
 
+class TensorBoardConfig(Strict):
+    """metrics.loggers: tensorboard: event files, one folder per peer."""
+
+    dir: str | None = Field(None, description="event files in <dir>/<peer>/; default <run dir>/tb")
+
+
+class WandbConfig(Strict):
+    """metrics.loggers: wandb: one Weights & Biases run per peer, grouped by the cohort's run id."""
+
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: written under `dir` only (upload later with `wandb sync`); online: "
+        "sent to the W&B server (WANDB_API_KEY, WANDB_BASE_URL)",
+    )
+    project: str = Field("dml-cluster", min_length=1)
+    entity: str | None = Field(None, description="team or user; default: the API key's")
+    dir: str | None = Field(None, description="W&B's local files; default the run folder")
+
+
+class MlflowConfig(Strict):
+    """metrics.loggers: mlflow: a parent run for the cohort, a nested run per peer."""
+
+    tracking_uri: str | None = Field(
+        None,
+        description="an MLflow server (http://...), or a local folder / file: URI (the file "
+        "store); default <run dir>/mlruns",
+    )
+    experiment: str | None = Field(None, description="default: run.name")
+
+
 class MetricsConfig(Strict):
-    """The Prometheus endpoint each peer process serves while it trains (dml_cluster.metrics)."""
+    """How a run is watched: the Prometheus endpoint each peer process serves while it trains,
+    and the experiment loggers (dml_cluster.metrics)."""
 
     enabled: bool = Field(True, description="false: no endpoint, no exporter, no cost")
     port: int = Field(
@@ -328,6 +359,22 @@ class MetricsConfig(Strict):
     linger_s: float = Field(
         0.0, ge=0.0, description="keep serving this long after training ends (a final scrape)"
     )
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="experiment loggers, each an optional extra (pip install "
+        "'dml-cluster[tensorboard]'): every run.log_every steps and every evaluation, one "
+        "logger run per peer; independent of `enabled` (the Prometheus endpoint)",
+    )
+    tensorboard: TensorBoardConfig = TensorBoardConfig()
+    wandb: WandbConfig = WandbConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @field_validator("loggers")
+    @classmethod
+    def _once_each(cls, loggers: list[str]) -> list[str]:
+        if len(set(loggers)) != len(loggers):
+            raise ValueError("name each logger once")
+        return loggers
 
 
 class Config(Strict):

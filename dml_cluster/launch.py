@@ -34,6 +34,7 @@ from dml_cluster.devices import cohort_device_type, hosted_devices, process_grou
 from dml_cluster.errors import ConfigError, DmlError, PeerError, ReportedElsewhere
 from dml_cluster.metrics import metrics_observers
 from dml_cluster.metrics.events import Observer
+from dml_cluster.metrics.loggers import check_loggers
 from dml_cluster.precision import check_precision
 from dml_cluster.preemption import CohortStop, stop_margin
 from dml_cluster.run_folder import missing_folders, remove_if_empty
@@ -44,6 +45,37 @@ from dml_cluster.trainer import CohortTrainer, Placement, prepare_data
 
 def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+# torchrun's flags as the Kubeflow Trainer v2 torch runtime gives them to a node's container
+PET_VARIABLES = ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+
+
+def adopt_torch_runtime_env(environ: dict[str, str] | None = None) -> bool:
+    """A container started with torchrun's PET_* variables and one process per node (a Kubeflow
+    Trainer v2 TrainJob, or its JobSet, running `dml-cluster train` without torchrun) is peer
+    PET_NODE_RANK of PET_NNODES: set the variables torch's env:// reads (RANK, WORLD_SIZE,
+    MASTER_ADDR, MASTER_PORT, LOCAL_RANK). Nothing changes under a launcher that set RANK
+    (torchrun itself) or without the PET_* variables. Returns whether it adopted them."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or not all(env.get(name) for name in PET_VARIABLES):
+        return False
+    nproc = env.get("PET_NPROC_PER_NODE", "1")
+    if nproc != "1":
+        raise ConfigError(
+            f"PET_NPROC_PER_NODE={nproc}: a node of more than one process needs torchrun "
+            "(`torchrun -m dml_cluster train ...`); a TrainJob of this project sets "
+            "numProcPerNode: 1"
+        )
+    env.update(
+        RANK=env["PET_NODE_RANK"],
+        WORLD_SIZE=env["PET_NNODES"],
+        MASTER_ADDR=env["PET_MASTER_ADDR"],
+        MASTER_PORT=env["PET_MASTER_PORT"],
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    )
+    return True
 
 
 NONCE_BYTES = 16
@@ -229,6 +261,7 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     with reported_once():
         _check_layout(cfg, world)
         check_precision(cfg, cohort_device_type(cfg))
+        check_loggers(cfg)
     set_determinism(cfg)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _use(hosted_devices(cfg, (rank,), local_rank)[rank])
@@ -303,6 +336,7 @@ def run_local(cfg: Config, observers: Sequence[Observer] = ()) -> dict[str, Any]
     """Every peer in this process: the one-device mode, and the oracle for the others.
     `observers`: watch the run beside the run log and the metrics (benchmarks' clocks)."""
     check_precision(cfg, cohort_device_type(cfg))
+    check_loggers(cfg)
     set_determinism(cfg)
     hosted = tuple(range(len(cfg.peers)))
     devices = hosted_devices(cfg, hosted)  # peer i on GPU i % n, or cohort.devices

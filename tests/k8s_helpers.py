@@ -3,6 +3,7 @@ and the Kubeflow training operator would give them.
 
 What the cluster adds, and only that, is added here: the training operator's variables for a
 PyTorchJob replica (training-operator v1.9, pkg/controller.v1/pytorch/envvar.go and master.go),
+what Kubeflow Trainer v2 makes of a TrainJob and its runtime (`as_trainer_would`),
 JOB_COMPLETION_INDEX for an Indexed Job pod, kubelet's $(VAR) expansion of command and args, the
 volumes (ConfigMap files and the workspace) as folders, and the cluster's DNS names as addresses
 (`hosts`). Everything else, command line and env, is the manifest's own.
@@ -11,6 +12,7 @@ volumes (ConfigMap files and the workspace) as folders, and the cluster's DNS na
 from __future__ import annotations
 
 import base64
+import copy
 import os
 import re
 import signal
@@ -138,6 +140,10 @@ def _pod(
         env[key] = _remap(value, mounts)
     argv = [_remap(expand(a, env), mounts) for a in container["command"] + container["args"]]
     env["PATH"] = f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin"
+    if os.environ.get("PYTHONPATH"):  # the checkout under test, as the image would hold it
+        env["PYTHONPATH"] = ":".join(
+            filter(None, (os.environ["PYTHONPATH"], env.get("PYTHONPATH")))
+        )
     return Pod(name, argv, env, mounts[container["workingDir"]])
 
 
@@ -220,3 +226,80 @@ def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     return [proc.returncode for proc in procs]
+
+
+# -- Kubeflow Trainer v2: what its controller makes of a TrainJob and its TrainingRuntime ---------
+
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+TRAINER_PORT = 29400  # the Trainer's PET_MASTER_PORT (pkg/constants ContainerTrainerPort)
+
+
+def as_trainer_would(runtime: dict[str, Any], trainjob: dict[str, Any]) -> dict[str, Any]:
+    """The JobSet the Trainer (v2.3) makes of a TrainingRuntime and a TrainJob that sets
+    numProcPerNode: the runtime's JobSet template; the trainer step's Job sized to numNodes; its
+    container `node` with the TrainJob's image, command, args, resourcesPerNode, its env upserted
+    and then the torch plugin's PET_* variables upserted, and the trainer port declared
+    (pkg/runtime/framework/plugins/torch/torch.go, jobset plugin); suspend and labels from the
+    TrainJob."""
+    trainer = trainjob["spec"]["trainer"]
+    name = trainjob["metadata"]["name"]
+    spec = copy.deepcopy(runtime["spec"]["template"]["spec"])
+    ancestor = "trainer.kubeflow.org/trainjob-ancestor-step"
+    (step,) = [r for r in spec["replicatedJobs"]
+               if r["template"]["metadata"]["labels"].get(ancestor) == "trainer"]  # fmt: skip
+    job_spec = step["template"]["spec"]
+    job_spec["completions"] = job_spec["parallelism"] = trainer["numNodes"]
+    (main,) = [c for c in job_spec["template"]["spec"]["containers"] if c["name"] == "node"]
+    main.update(image=trainer["image"], command=trainer["command"], args=trainer["args"])
+    main["resources"] = trainer["resourcesPerNode"]
+    env = {e["name"]: e for e in main.get("env", [])}
+    pet = [
+        {"name": "PET_NNODES", "value": str(trainer["numNodes"])},
+        {"name": "PET_NPROC_PER_NODE", "value": str(trainer["numProcPerNode"])},
+        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+        {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
+        {"name": "PET_MASTER_PORT", "value": str(TRAINER_PORT)},
+    ]
+    for var in [*trainer.get("env", []), *pet]:
+        env[var["name"]] = var
+    main["env"] = list(env.values())
+    main["ports"] = [*main["ports"], {"containerPort": TRAINER_PORT, "protocol": "TCP"}]
+    if trainjob["spec"].get("suspend"):
+        spec = {"suspend": True, **spec}
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": trainjob["metadata"],
+        "spec": spec,
+    }
+
+
+def jobset_pods(
+    manifests: dict[str, list[dict[str, Any]]],
+    jobset: dict[str, Any],
+    root: Path,
+    hosts: dict[str, str],
+    env: dict[str, str] | None = None,
+) -> list[Pod]:
+    """Pod i of the JobSet's one replicated job: its completion index as the Job controller
+    gives it (the annotation the PET_NODE_RANK fieldRef reads, JOB_COMPLETION_INDEX); `env`
+    replaces values (a free port for the one a pod has to itself on a cluster)."""
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    job_spec = replicated["template"]["spec"]
+    assert job_spec["completionMode"] == "Indexed"
+    spec = job_spec["template"]["spec"]
+    (container,) = spec["containers"]
+    mounts = _mounts(manifests, root, spec)
+    name = jobset["metadata"]["name"]
+    pods = []
+    for i in range(job_spec["completions"]):
+        resolved = []
+        for var in container["env"]:
+            if "valueFrom" in var:
+                assert var["valueFrom"] == {"fieldRef": {"fieldPath": COMPLETION_INDEX}}, var
+                var = {"name": var["name"], "value": str(i)}
+            resolved.append({**var, "value": (env or {}).get(var["name"], var["value"])})
+        pod = {**container, "env": resolved}
+        injected = {"JOB_COMPLETION_INDEX": str(i)}
+        pods.append(_pod(f"{name}-{replicated['name']}-0-{i}", pod, injected, mounts, hosts))
+    return pods

@@ -1,9 +1,11 @@
 """Every rendered manifest validates offline.
 
 Core resources against the Kubernetes JSON schemas that kubernetes-validate ships (strict:
-unknown fields are errors); the PyTorchJob, PodMonitor and ServiceMonitor against the
-openAPIV3Schema of their CRDs in ../shared/k8s-schemas/ (DML_K8S_SCHEMAS overrides), made strict
-the same way, since an API server silently prunes a field its schema does not name.
+unknown fields are errors); the TrainJob, TrainingRuntime, JobSet, PyTorchJob, PodMonitor and
+ServiceMonitor (and Kueue's LocalQueue in k8s/README.md) against the openAPIV3Schema of their
+CRDs in ../shared/k8s-schemas/ (DML_K8S_SCHEMAS overrides), made strict the same way, since an
+API server silently prunes a field its schema does not name; the Jobs and pods inside them
+against Kubernetes' own schemas too.
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ CONFIG = REPO / "configs" / "digits-dml.yaml"
 SETS = ["bus.transport=zmq"]
 SCHEMAS = Path(os.environ.get("DML_K8S_SCHEMAS", REPO.parent / "shared" / "k8s-schemas"))
 CRDS = {
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): "trainer.kubeflow.org_trainjobs.yaml",
+    ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"): (
+        "trainer.kubeflow.org_trainingruntimes.yaml"
+    ),
+    ("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime"): (
+        "trainer.kubeflow.org_clustertrainingruntimes.yaml"
+    ),
+    ("jobset.x-k8s.io/v1alpha2", "JobSet"): "jobset.x-k8s.io_jobsets.yaml",
+    ("kueue.x-k8s.io/v1beta1", "LocalQueue"): "kueue.x-k8s.io_localqueues.yaml",
+    ("kueue.x-k8s.io/v1beta2", "LocalQueue"): "kueue.x-k8s.io_localqueues.yaml",
     ("kubeflow.org/v1", "PyTorchJob"): "kubeflow.org_pytorchjobs.yaml",
     ("monitoring.coreos.com/v1", "PodMonitor"): "monitoring.coreos.com_podmonitors.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitors.yaml",
@@ -42,11 +54,22 @@ CRDS = {
 K8S_VERSIONS = ("1.29", kubernetes_validate.utils.latest_version())
 # committed examples in k8s/examples/, rendered with these options (see k8s/README.md)
 EXAMPLES = {
-    "pytorchjob": dict(
-        engine="pytorchjob", monitor="pod", dashboard="monitoring/grafana-dashboard.json"
-    ),
+    "trainjob": dict(
+        engine="trainjob",
+        monitor="pod",
+        dashboard="monitoring/grafana-dashboard.json",
+        pvc="dml-runs",
+        data_pvc="datasets",
+        queue="team-a",
+        priority_class="high",
+    ),  # fmt: skip
+    "jobset": dict(engine="jobset", monitor="pod"),
     "indexed-job": dict(engine="indexed-job", monitor="service"),
+    "pytorchjob": dict(engine="pytorchjob", monitor="pod"),
 }
+ENGINES = ("trainjob", "jobset", "indexed-job", "pytorchjob")
+WORKLOADS = {"trainjob": "TrainJob", "jobset": "JobSet", "indexed-job": "Job",
+             "pytorchjob": "PyTorchJob"}  # fmt: skip
 EXAMPLE_IMAGE = "registry.example.com/dml-cluster:0.1.0"
 
 
@@ -67,7 +90,8 @@ def crd_validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
     path = SCHEMAS / CRDS[(api_version, kind)]
     if not path.exists():
         pytest.skip(f"CRD schemas not found at {SCHEMAS} (set DML_K8S_SCHEMAS)")
-    crd = yaml.safe_load(path.read_text())
+    # libyaml's parser where PyYAML has it: the Trainer's and JobSet's CRDs are 0.5-0.8 MB
+    crd = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     version = api_version.split("/")[1]
     (served,) = [v for v in crd["spec"]["versions"] if v["name"] == version]
     return jsonschema.Draft7Validator(_strict(served["schema"]["openAPIV3Schema"]))
@@ -78,6 +102,8 @@ def validate(doc: dict[str, Any]) -> None:
     if key in CRDS:
         errors = sorted(crd_validator(*key).iter_errors(doc), key=lambda e: list(e.path))
         assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+        for template in job_templates(doc):
+            validate({"apiVersion": "batch/v1", "kind": "Job", **template})
         for template in pod_templates(doc):
             validate({"apiVersion": "v1", "kind": "Pod", **template})
         return
@@ -87,10 +113,21 @@ def validate(doc: dict[str, Any]) -> None:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
+def job_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Job templates of a JobSet or a training runtime's JobSet template."""
+    if doc["kind"] == "JobSet":
+        return [r["template"] for r in doc["spec"]["replicatedJobs"]]
+    if doc["kind"] in ("TrainingRuntime", "ClusterTrainingRuntime"):
+        return [r["template"] for r in doc["spec"]["template"]["spec"]["replicatedJobs"]]
+    return []
+
+
 def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
     if doc["kind"] == "PyTorchJob":
         return [s["template"] for s in doc["spec"]["pytorchReplicaSpecs"].values()]
-    return []
+    if doc["kind"] == "Job":
+        return [doc["spec"]["template"]]
+    return [t["spec"]["template"] for t in job_templates(doc)]
 
 
 def options(**overrides: Any) -> RenderOptions:
@@ -109,16 +146,20 @@ def dashboard(tmp_path: Path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("engine", ["pytorchjob", "indexed-job"])
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("monitor", ["pod", "service"])
 def test_every_manifest_validates(engine: str, monitor: str, dashboard: str) -> None:
     files = rendered(
         engine=engine, monitor=monitor, pvc="dml-runs", gpus_per_peer=2, dashboard=dashboard,
-        labels={"kueue.x-k8s.io/queue-name": "gpu"}, monitor_labels={"release": "prometheus"},
+        queue="gpu", priority_class="high", data_pvc="datasets", data_pvc_mount="/datasets",
+        labels={"team": "vision"}, monitor_labels={"release": "prometheus"},
     )  # fmt: skip
     kinds = sorted(d["kind"] for docs in files.values() for d in docs)
     monitor_kinds = ["PodMonitor"] if monitor == "pod" else ["Service", "ServiceMonitor"]
-    engine_kinds = ["PyTorchJob"] if engine == "pytorchjob" else ["Job", "Service"]
+    engine_kinds = {
+        "trainjob": ["TrainJob", "TrainingRuntime"], "jobset": ["JobSet"],
+        "indexed-job": ["Job", "Service"], "pytorchjob": ["PyTorchJob"],
+    }[engine]  # fmt: skip
     expected = [
         "ConfigMap", "ConfigMap", "Kustomization", "NetworkPolicy", *engine_kinds, *monitor_kinds
     ]  # fmt: skip
@@ -142,7 +183,7 @@ def test_the_validators_are_strict() -> None:
 
 
 def test_pytorchjob_is_what_the_training_operator_expects() -> None:
-    job = find(rendered(), "PyTorchJob")
+    job = find(rendered(engine="pytorchjob"), "PyTorchJob")
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] == 1
     for spec in specs.values():
@@ -153,7 +194,7 @@ def test_pytorchjob_is_what_the_training_operator_expects() -> None:
         assert ports == {"pytorchjob-port": 23456, "metrics": 9400}
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert job["spec"]["runPolicy"]["backoffLimit"] == 3
-    single = find(rendered([*SETS, "cohort.size=1"]), "PyTorchJob")
+    single = find(rendered([*SETS, "cohort.size=1"], engine="pytorchjob"), "PyTorchJob")
     assert list(single["spec"]["pytorchReplicaSpecs"]) == ["Master"]
 
 
@@ -192,20 +233,26 @@ def test_monitors_select_the_peer_pods() -> None:
         <= metrics_service["metadata"]["labels"].items()
     )
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
-    pod_monitor = find(rendered(), "PodMonitor")
-    pod_labels = find(rendered(), "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"][
-        "template"
-    ]["metadata"]["labels"]
-    assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    for engine in ENGINES:
+        files = rendered(engine=engine)
+        pod_monitor = find(files, "PodMonitor")
+        for doc in (d for docs in files.values() for d in docs):
+            for template in pod_templates(doc):
+                labels = template["metadata"]["labels"]
+                assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
 def test_metrics_off_means_no_monitor_and_no_port() -> None:
-    files = rendered([*SETS, "metrics.enabled=false"])
+    files = rendered([*SETS, "metrics.enabled=false"], engine="pytorchjob")
     assert "podmonitor.yaml" not in files
     container = find(files, "PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Master"]["template"][
         "spec"
     ]["containers"][0]
     assert [p["name"] for p in container["ports"]] == ["pytorchjob-port"]
+    files = rendered([*SETS, "metrics.enabled=false"])
+    assert "podmonitor.yaml" not in files
+    (container,) = _pod_spec(files)["containers"]
+    assert container["ports"] == []
 
 
 def test_config_map_carries_the_config_the_pods_train() -> None:
@@ -243,7 +290,7 @@ def test_examples_build_with_kustomize(example: str) -> None:
 
 
 def test_yaml_output_has_no_aliases() -> None:
-    text = to_yaml(rendered()["pytorchjob.yaml"])
+    text = to_yaml(rendered()["trainjob.yaml"])
     assert "&id" not in text and "*id" not in text
 
 
@@ -254,6 +301,10 @@ BAD_INPUT = [
     (["--set", "bus.transport=zmq", "--name", "Not_A_Name"], "not a valid job name"),
     (["--set", "bus.transport=zmq", "--label", "novalue"], "expected KEY=VALUE"),
     (["--set", "bus.transport=zmq", "--set", "cohort.size=0"], "config error"),
+    (["--set", "bus.transport=zmq", "--queue", "Team_A"], "--queue 'Team_A' is not a valid"),
+    (["--set", "bus.transport=zmq", "--data-pvc", "datasets:data"], "must be an absolute path"),
+    (["--set", "bus.transport=zmq", "--data-pvc", "d", "--data-in-image", "/d"], "give one of"),
+    (["--set", "bus.transport=zmq", "--data-host-path", "/srv:/workspace"], "is taken"),
 ]
 
 
@@ -315,7 +366,7 @@ def _admits(policy: dict[str, Any], source: tuple[str, dict[str, str]], port: in
     return False
 
 
-@pytest.mark.parametrize("engine", ["pytorchjob", "indexed-job"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_the_network_policy_admits_peers_and_prometheus_only(engine: str) -> None:
     """The policy selects exactly the job's peer pods; into them: the cohort's own pods on any
     port (rendezvous, bus, gloo's ephemeral connections), Prometheus's pods in their namespace on
@@ -350,18 +401,16 @@ def test_the_network_policy_admits_peers_and_prometheus_only(engine: str) -> Non
 
 
 def _templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    if doc["kind"] == "Job":
-        return [doc["spec"]["template"]]
     return pod_templates(doc)
 
 
 def _pod_spec(files: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    docs = [d for docs in files.values() for d in docs if d["kind"] in ("Job", "PyTorchJob")]
+    docs = [d for docs in files.values() for d in docs if pod_templates(d)]
     (doc,) = docs
     return _templates(doc)[0]["spec"]
 
 
-@pytest.mark.parametrize("engine", ["pytorchjob", "indexed-job"])
+@pytest.mark.parametrize("engine", ENGINES)
 def test_curve_is_on_for_a_multi_peer_zmq_cohort(engine: str) -> None:
     """By default the pods mount the Secret <job>-curve at the path the shipped config's
     bus.curve_keys names; --curve-secret names another; --no-curve, the torch transport and a
@@ -410,3 +459,167 @@ def test_keys_generate_writes_a_secret_the_pods_can_use(tmp_path: Path) -> None:
         (mounted / name).write_bytes(base64.b64decode(data))
     keys = load_curve_keys(mounted, "small_cnn-0", ["small_cnn-0", "small_cnn-1"])
     assert keys.peers["small_cnn-1"] == keys.public
+
+
+# -- Kubeflow Trainer v2, JobSet, Kueue, the user's data ------------------------------------------
+
+
+def test_trainjob_is_what_the_trainer_expects() -> None:
+    """One process per node, stated (not 'auto'); the GPU request in resourcesPerNode; none of
+    the PET_* the Trainer reserves; the runtime rendered beside it, named as referenced, its
+    trainer step the replicated job `node` with the container `node`; exit codes 143 and 200
+    retried, any other failing the job; the runtime's name overridable."""
+    from dml_cluster.launch import PET_VARIABLES
+
+    files = rendered(gpus_per_peer=2)
+    runtime, trainjob = files["trainjob.yaml"]
+    trainer = trainjob["spec"]["trainer"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (2, 1)
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == 2
+    assert trainer["command"] == ["dml-cluster"] and "suspend" not in trainjob["spec"]
+    assert not {e["name"] for e in trainer["env"]} & {*PET_VARIABLES, "PET_NPROC_PER_NODE"}
+    assert trainjob["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+        "name": runtime["metadata"]["name"],
+    }  # fmt: skip
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 2, "torch": {}}
+    (node,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert node["name"] == "node"
+    assert node["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"
+    }
+    job_spec = node["template"]["spec"]
+    (container,) = job_spec["template"]["spec"]["containers"]
+    assert container["name"] == "node"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"metrics": 9400}
+    rules = job_spec["podFailurePolicy"]["rules"]
+    assert rules[1] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "node", "operator": "NotIn", "values": [143, 200]},
+    }
+    assert job_spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy needs it
+    assert runtime["spec"]["template"]["spec"]["failurePolicy"]["maxRestarts"] == 3
+    renamed = rendered(runtime="dml-gpu")["trainjob.yaml"]
+    assert renamed[0]["metadata"]["name"] == renamed[1]["spec"]["runtimeRef"]["name"] == "dml-gpu"
+
+
+def test_jobset_is_what_the_trainer_makes_of_the_trainjob() -> None:
+    """--engine jobset renders the JobSet the Trainer would make of the TrainJob and its
+    runtime (tests/k8s_helpers.py: the torch plugin's env, the overrides): the same pods, so the
+    TrainJob's local run in test_k8s_env.py covers both."""
+    from .k8s_helpers import as_trainer_would
+
+    for extra in ({}, {"queue": "q", "data_pvc": "datasets", "gpus_per_peer": 0}):
+        runtime, trainjob = rendered(**extra)["trainjob.yaml"]
+        jobset = find(rendered(engine="jobset", **extra), "JobSet")
+        assert as_trainer_would(runtime, trainjob) == jobset
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_queue_labels_and_a_suspended_start(engine: str) -> None:
+    """--queue / --priority-class: Kueue's labels on the workload Kueue admits (not on its pods,
+    which would make them pod workloads of their own); the workload starts suspended."""
+    queued = find(rendered(engine=engine, queue="team-a", priority_class="high"),
+                  WORKLOADS[engine])  # fmt: skip
+    labels = queued["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert labels["kueue.x-k8s.io/priority-class"] == "high"
+    spec = queued["spec"]
+    suspended = spec["runPolicy"]["suspend"] if engine == "pytorchjob" else spec["suspend"]
+    assert suspended is True
+    for template in pod_templates(queued):
+        assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"]
+    plain = find(rendered(engine=engine), WORKLOADS[engine])
+    assert "kueue.x-k8s.io/queue-name" not in plain["metadata"]["labels"]
+    assert "suspend" not in plain["spec"] and "suspend" not in plain["spec"].get("runPolicy", {})
+
+
+def test_a_gpu_run_without_a_gpu_request_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    rendered([*SETS, "cohort.devices=[cuda,cuda]"], gpus_per_peer=0)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "warning" in line and "cohort.devices" in line and "--gpus-per-peer 0" in line
+    rendered([*SETS, "cohort.devices=[cuda,cuda]"], gpus_per_peer=1)
+    rendered(gpus_per_peer=0)  # a CPU run
+    assert capsys.readouterr().err == ""
+
+
+def _shipped(files: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    return yaml.safe_load(find(files, "ConfigMap")["data"]["config.yaml"])
+
+
+TEACHER = "runs/teacher-run/final/teacher.pt"
+DATA_SETS = [*SETS, "data.root=datasets/digits", "cohort.weights=/opt/weights/a.pt"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_data_on_a_claim_a_host_path_or_in_the_image(
+    engine: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each way of bringing the data: the volume mounted read-only where the rewritten paths
+    point; a relative path rewritten under the mount; an absolute one checked against it (one
+    warning naming the key when no pod reaches it); a path under run.out_dir stays a run
+    folder of the workspace."""
+    cases = {
+        "pvc": dict(data_pvc="datasets", data_pvc_mount="/mnt/data"),
+        "host": dict(data_host_path="/srv/datasets", data_host_mount="/mnt/data"),
+        "image": dict(data_in_image="/mnt/data"),
+    }
+    for way, extra in cases.items():
+        files = rendered(DATA_SETS, engine=engine, pvc="dml-runs", **extra)
+        shipped = _shipped(files)
+        assert shipped["data"]["root"] == "/mnt/data/datasets/digits"
+        spec = _pod_spec(files)
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        if way == "image":
+            assert "data" not in volumes
+            assert capsys.readouterr().err == ""  # /opt/weights is the image's own
+            continue
+        assert mounts["data"] == {"name": "data", "mountPath": "/mnt/data", "readOnly": True}
+        claim = {"claimName": "datasets", "readOnly": True}
+        host = {"path": "/srv/datasets", "type": "Directory"}
+        source = {"pvc": {"persistentVolumeClaim": claim}, "host": {"hostPath": host}}[way]
+        assert volumes["data"] == {"name": "data", **source}
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert "cohort.weights" in line and "no pod can reach" in line
+    # nothing given: one line per key no pod reaches
+    rendered(DATA_SETS, engine=engine)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [ln.split(": ")[3] for ln in lines] == ["data.root", "cohort.weights"]
+    # a run folder (an earlier run's weights) is the workspace's: it needs --pvc
+    files = rendered([*SETS, f"cohort.weights={TEACHER}"], engine=engine, pvc="dml-runs")
+    assert capsys.readouterr().err == ""
+    assert _shipped(files)["cohort"]["weights"] == TEACHER
+    rendered([*SETS, f"cohort.weights={TEACHER}"], engine=engine)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cohort.weights" in line and "--pvc" in line
+
+
+def test_a_local_factory_module_is_imported_from_the_data(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.factory naming a module that is a file here (not installed): PYTHONPATH is the data
+    mount; without a data source, a warning naming the key."""
+    (tmp_path / "mydata.py").write_text("from tests.data_factories import blobs  # noqa: F401\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO))
+    sets = [*SETS, "data.name=python", "data.factory=mydata:blobs"]
+    files = rendered(sets, data_pvc="datasets")
+    env = {e["name"]: e["value"] for e in _pod_spec(files)["containers"][0]["env"]}
+    trainer_env = {e["name"]: e["value"] for e in find(files, "TrainJob")["spec"]["trainer"]["env"]}
+    assert env["PYTHONPATH"] == trainer_env["PYTHONPATH"] == "/data"
+    assert capsys.readouterr().err == ""
+    rendered(sets)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "data.factory: module 'mydata' is a local file (mydata.py)" in line
+
+
+def test_the_manifests_in_the_readme_validate() -> None:
+    """The LocalQueue and the TensorBoard pod k8s/README.md shows validate (Kueue's CRD, the
+    core schemas)."""
+    text = (REPO / "k8s" / "README.md").read_text(encoding="utf-8")
+    blocks = [b.split("```", 1)[0] for b in text.split("```yaml\n")[1:]]
+    docs = [d for b in blocks for d in yaml.safe_load_all(b) if d]
+    assert sorted(d["kind"] for d in docs) == ["LocalQueue", "Pod"]
+    for doc in docs:
+        validate(doc)

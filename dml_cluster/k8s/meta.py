@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dml_cluster.config import Config
+from dml_cluster.k8s.data import DataPlacement
 from dml_cluster.k8s.options import RenderOptions
+
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,7 @@ class Job:
     name: str
     cfg: Config
     opts: RenderOptions
+    data: DataPlacement = field(default_factory=DataPlacement)
 
     @property
     def size(self) -> int:
@@ -37,6 +42,21 @@ class Job:
             "app.kubernetes.io/managed-by": "dml-cluster",
             "dml-cluster/config-hash": self.cfg.hash(),
         }
+
+    @property
+    def queued(self) -> bool:
+        """Kueue admits the workload: it is rendered suspended, and Kueue unsuspends it."""
+        return self.opts.queue is not None
+
+    def workload_metadata(self) -> dict[str, Any]:
+        """The metadata of the object Kueue admits (TrainJob, JobSet, Job, PyTorchJob): its
+        queue and priority class as Kueue's labels."""
+        kueue = {}
+        if self.opts.queue:
+            kueue[QUEUE_LABEL] = self.opts.queue
+        if self.opts.priority_class:
+            kueue[PRIORITY_LABEL] = self.opts.priority_class
+        return self.metadata(self.name, "job", labels=kueue)
 
     def metadata(self, name: str, component: str, **extra: Any) -> dict[str, Any]:
         return {

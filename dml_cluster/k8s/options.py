@@ -13,10 +13,13 @@ from typing import Literal
 
 from dml_cluster.errors import ConfigError
 
-Engine = Literal["pytorchjob", "indexed-job"]
+Engine = Literal["trainjob", "jobset", "indexed-job", "pytorchjob"]
 Monitor = Literal["pod", "service", "none"]
 
-ENGINES: tuple[str, ...] = ("pytorchjob", "indexed-job")
+# trainjob: Kubeflow Trainer v2; jobset: the JobSet the Trainer would make, without it;
+# indexed-job: plain Kubernetes; pytorchjob: Training Operator v1 (deprecated)
+ENGINES: tuple[str, ...] = ("trainjob", "jobset", "indexed-job", "pytorchjob")
+DEFAULT_DATA_MOUNT = "/data"
 MONITORS: tuple[str, ...] = ("pod", "service", "none")
 
 # room for the longest suffix a name gets ("-worker-NNN", "-metrics") within 63 characters
@@ -34,7 +37,7 @@ class RenderOptions:
     """Deployment settings for `dml-cluster k8s render` (see k8s/README.md)."""
 
     image: str
-    engine: Engine = "pytorchjob"
+    engine: Engine = "trainjob"
     namespace: str = "default"
     name: str | None = None
     gpus_per_peer: int = 1
@@ -56,6 +59,14 @@ class RenderOptions:
     prometheus_labels: dict[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "prometheus"}
     )
+    runtime: str | None = None  # trainjob: the TrainingRuntime's name (default: the job's)
+    queue: str | None = None  # Kueue LocalQueue: the workload is queued and starts suspended
+    priority_class: str | None = None  # Kueue WorkloadPriorityClass
+    data_pvc: str | None = None  # a claim holding the user's data, mounted read-only
+    data_pvc_mount: str = DEFAULT_DATA_MOUNT
+    data_host_path: str | None = None  # a node folder holding the data (single-node clusters)
+    data_host_mount: str = DEFAULT_DATA_MOUNT
+    data_in_image: str | None = None  # a folder of the image the data was baked into
 
     def check(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
@@ -82,6 +93,16 @@ class RenderOptions:
             raise ConfigError("k8s render: --curve-secret and --no-curve contradict each other")
         if self.name is not None:
             check_name(self.name, "--name")
+        if self.runtime is not None:
+            check_name(self.runtime, "--runtime")
+        for what, value in (("--queue", self.queue), ("--priority-class", self.priority_class),
+                            ("--data-pvc", self.data_pvc)):  # fmt: skip
+            if value is not None and (not _DNS_SUBDOMAIN.match(value) or len(value) > 63):
+                raise ConfigError(
+                    f"k8s render: {what} {value!r} is not a valid name "
+                    "(lower-case letters, digits, '-' and '.', at most 63 characters)"
+                )
+        self._check_data()
         for what, value in (("--gpus-per-peer", self.gpus_per_peer),
                             ("--backoff-limit", self.backoff_limit),
                             ("--max-restarts", self.max_restarts)):  # fmt: skip
@@ -95,6 +116,38 @@ class RenderOptions:
             for key, value in labels.items():
                 if not _LABEL_KEY.match(key) or not _LABEL_VALUE.match(value) or len(value) > 63:
                     raise ConfigError(f"k8s render: {what} {key}={value}: not a valid label")
+
+    def _check_data(self) -> None:
+        given = [w for w, v in (("--data-pvc", self.data_pvc),
+                                ("--data-host-path", self.data_host_path),
+                                ("--data-in-image", self.data_in_image)) if v]  # fmt: skip
+        if len(given) > 1:
+            raise ConfigError(f"k8s render: give one of {' and '.join(given)}, not both")
+        for what, path in (("--data-pvc mount", self.data_pvc_mount),
+                           ("--data-host-path mount", self.data_host_mount),
+                           ("--data-host-path", self.data_host_path or "/"),
+                           ("--data-in-image", self.data_in_image or "/")):  # fmt: skip
+            if not path.startswith("/") or ":" in path or any(c.isspace() for c in path):
+                raise ConfigError(f"k8s render: {what} {path!r} must be an absolute path")
+        for what, mount in (("--data-pvc", self.data_pvc_mount),
+                            ("--data-host-path", self.data_host_mount)):  # fmt: skip
+            if mount.rstrip("/") in RESERVED_MOUNTS or mount == "/":
+                raise ConfigError(
+                    f"k8s render: {what}: {mount} is taken (the pods use "
+                    f"{', '.join(RESERVED_MOUNTS)}); mount the data elsewhere"
+                )
+
+
+# the pods' own mounts (pod.py, security.py): the data cannot go there
+RESERVED_MOUNTS = ("/etc/dml-cluster", "/etc/dml-cluster-curve", "/workspace", "/tmp", "/dev/shm")
+
+
+def split_mount(value: str, what: str) -> tuple[str, str]:
+    """`NAME[:MOUNT]` -> (NAME, MOUNT), MOUNT defaulting to /data."""
+    name, sep, mount = value.partition(":")
+    if not name or (sep and not mount):
+        raise ConfigError(f"k8s render: {what} {value!r}: expected NAME[:MOUNT]")
+    return name, mount or DEFAULT_DATA_MOUNT
 
 
 def check_name(name: str, what: str) -> str:

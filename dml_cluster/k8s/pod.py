@@ -17,6 +17,7 @@ from dml_cluster.k8s.options import RenderOptions
 CONFIG_DIR = "/etc/dml-cluster"
 CONFIG_PATH = f"{CONFIG_DIR}/config.yaml"
 WORKDIR = "/workspace"
+RUN_OUT_DIR = "runs"  # the pods' run.out_dir, relative to WORKDIR (the workspace volume)
 USER_ID = 10001  # the Dockerfile's user
 CONTAINER = "pytorch"  # the name the Kubeflow training operator requires
 DEFAULT_METRICS_PORT = 9400

@@ -7,6 +7,8 @@ GPUs and the engine. The output folder is also a kustomize base (`kubectl apply 
 
 from __future__ import annotations
 
+import copy
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import yaml
 
 from dml_cluster.config import Config, apply_overrides, load_config, parse_config
 from dml_cluster.errors import ConfigError
+from dml_cluster.k8s.data import place_data
+from dml_cluster.k8s.jobset import jobset, train_job, training_runtime
 from dml_cluster.k8s.meta import Job
 from dml_cluster.k8s.monitoring import (
     dashboard_config_map,
@@ -22,7 +26,7 @@ from dml_cluster.k8s.monitoring import (
     service_monitor,
 )
 from dml_cluster.k8s.options import RenderOptions, check_name, job_name
-from dml_cluster.k8s.pod import metrics_port
+from dml_cluster.k8s.pod import RUN_OUT_DIR, metrics_port
 from dml_cluster.k8s.security import curve_secret, network_policy, sealed_config
 from dml_cluster.k8s.workloads import headless_service, indexed_job, pytorchjob
 
@@ -32,16 +36,14 @@ HEADER = (
     "# Rendered by `dml-cluster k8s render` from an experiment config: change the config or the\n"
     "# render options and render again rather than editing this file.\n"
 )
-# inside the pod, relative to the working directory (the workspace volume)
-RUN_OUT_DIR = "runs"
 
 
 def pod_config(path: str | Path, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
-    """The experiment config as the pods will read it: overrides applied, run folders in the
-    pod's workspace. Returns the validated config and the plain dict that is shipped."""
+    """The experiment config with its overrides applied, checked for a cluster. Returns the
+    validated config and the plain dict that `render` ships (with the run folders moved into
+    the pod's workspace and the paths to the user's data placed)."""
     load_config(path, overrides)  # every config problem is reported here, as for `train`
     raw = apply_overrides(yaml.safe_load(Path(path).read_text()) or {}, overrides)
-    raw["run"] = {**(raw.get("run") or {}), "out_dir": RUN_OUT_DIR}
     cfg = parse_config(raw)
     if cfg.bus.transport == "local":
         raise ConfigError(
@@ -51,6 +53,20 @@ def pod_config(path: str | Path, overrides: list[str]) -> tuple[Config, dict[str
     if cfg.bus.ipc:
         raise ConfigError("k8s render: bus.ipc works on one node only; peers run in separate pods")
     return cfg, raw
+
+
+def gpu_warnings(cfg: Config, opts: RenderOptions) -> list[str]:
+    """A config that runs on CUDA (cohort.devices, fp16) rendered without a GPU request: the
+    pods would get none (and a Trainer v2 node without one gets its process count from CPUs)."""
+    if opts.gpus_per_peer:
+        return []
+    wants = [d for d in cfg.cohort.devices or [] if d.startswith("cuda")]
+    why = f"cohort.devices names {wants[0]}" if wants else ""
+    if not why and cfg.run.precision == "fp16":
+        why = "run.precision is fp16 (CUDA only)"
+    if not why:
+        return []
+    return [f"{why}, but --gpus-per-peer 0 requests no nvidia.com/gpu: the pods get no GPU"]
 
 
 def config_map(job: Job, raw: dict[str, Any]) -> dict[str, Any]:
@@ -66,9 +82,18 @@ def render(cfg: Config, raw: dict[str, Any], opts: RenderOptions) -> Manifests:
     """Every manifest of the job, by file name; see k8s/README.md for what each one is."""
     opts.check()
     name = check_name(opts.name, "--name") if opts.name else job_name(cfg.run.name)
-    job = Job(name, cfg, opts)
+    raw = copy.deepcopy(raw)
+    raw["run"] = {**(raw.get("run") or {}), "out_dir": RUN_OUT_DIR}
+    data = place_data(raw, opts, cfg.run.out_dir)
+    job = Job(name, cfg, opts, data)
+    for line in [*data.warnings, *gpu_warnings(cfg, opts)]:
+        print(f"dml-cluster: warning: k8s render: {line}", file=sys.stderr)
     files: Manifests = {"configmap.yaml": [config_map(job, sealed_config(raw, curve_secret(job)))]}
-    if opts.engine == "pytorchjob":
+    if opts.engine == "trainjob":
+        files["trainjob.yaml"] = [training_runtime(job), train_job(job)]
+    elif opts.engine == "jobset":
+        files["jobset.yaml"] = [jobset(job)]
+    elif opts.engine == "pytorchjob":
         files["pytorchjob.yaml"] = [pytorchjob(job)]
     else:
         files["indexed-job.yaml"] = [headless_service(job), indexed_job(job)]

@@ -1,6 +1,8 @@
-"""The two engines that start a cohort on Kubernetes, one pod per peer.
+"""Two of the engines that start a cohort on Kubernetes, one pod per peer (the Kubeflow Trainer
+v2 TrainJob and the JobSet are in jobset.py).
 
-- Kubeflow PyTorchJob (kubeflow.org/v1): the training operator is the launcher. It gives every
+- Kubeflow PyTorchJob (kubeflow.org/v1, deprecated with the Training Operator v1): the training
+  operator is the launcher. It gives every
   pod MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK, which is what torch's env:// initialisation
   reads, so the container runs `dml-cluster train` directly. Nothing sits between the operator
   and the trainer, so the trainer's exit code is the pod's: under `restartPolicy: ExitCode`
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dml_cluster.k8s.data import add_data
 from dml_cluster.k8s.meta import Job
 from dml_cluster.k8s.pod import CONFIG_PATH, base_env, container, pod_spec
 from dml_cluster.k8s.security import seal_pod
@@ -37,7 +40,7 @@ def pytorchjob(job: Job) -> dict[str, Any]:
     )  # fmt: skip
     template = {
         "metadata": {"labels": job.labels("peer")},
-        "spec": seal_pod(job, pod_spec(opts, job.config_map, main)),
+        "spec": add_data(job.data, seal_pod(job, pod_spec(opts, job.config_map, main))),
     }
 
     def replicas(count: int) -> dict[str, Any]:
@@ -46,13 +49,16 @@ def pytorchjob(job: Job) -> dict[str, Any]:
     specs = {"Master": replicas(1)}
     if job.size > 1:
         specs["Worker"] = replicas(job.size - 1)
+    run_policy: dict[str, Any] = {"backoffLimit": opts.backoff_limit, "cleanPodPolicy": "None"}
+    if job.queued:
+        run_policy["suspend"] = True
     return {
         "apiVersion": "kubeflow.org/v1",
         "kind": "PyTorchJob",
-        "metadata": job.metadata(job.name, "job"),
+        "metadata": job.workload_metadata(),
         "spec": {
             "nprocPerNode": "1",
-            "runPolicy": {"backoffLimit": opts.backoff_limit, "cleanPodPolicy": "None"},
+            "runPolicy": run_policy,
             "pytorchReplicaSpecs": specs,
         },
     }
@@ -109,11 +115,13 @@ def indexed_job(job: Job) -> dict[str, Any]:
             {"name": RDZV_PORT_NAME, "containerPort": opts.rdzv_port, "protocol": "TCP"}
         ],
     )  # fmt: skip
+    spec = pod_spec(opts, job.config_map, main, restartPolicy="Never", subdomain=job.name)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": job.metadata(job.name, "job"),
+        "metadata": job.workload_metadata(),
         "spec": {
+            **({"suspend": True} if job.queued else {}),
             "completionMode": "Indexed",
             "completions": job.size,
             "parallelism": job.size,
@@ -130,10 +138,7 @@ def indexed_job(job: Job) -> dict[str, Any]:
             },
             "template": {
                 "metadata": {"labels": job.labels("peer")},
-                "spec": seal_pod(
-                    job,
-                    pod_spec(opts, job.config_map, main, restartPolicy="Never", subdomain=job.name),
-                ),
+                "spec": add_data(job.data, seal_pod(job, spec)),
             },
         },
     }

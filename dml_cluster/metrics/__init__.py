@@ -1,9 +1,10 @@
 """Watching a cohort: the events observers receive, per-batch cohort statistics, the per-step run
-log and the Prometheus endpoint of a peer process.
+log, the Prometheus endpoint of a peer process and the experiment loggers (TensorBoard, W&B,
+MLflow: `loggers/`).
 
 `events`, `batch` and `run_log` are always available; the exporter (and prometheus_client with
 it) is imported only when metrics are enabled, so a run with metrics off neither pays for nor
-binds it.
+binds it; a logger's package only when `metrics.loggers` names it.
 """
 
 from __future__ import annotations
@@ -21,15 +22,23 @@ if TYPE_CHECKING:
 def metrics_observers(
     cfg: Config, hosted: tuple[int, ...], run_id: str, local_rank: int = 0
 ) -> Iterator[list[Observer]]:
-    """The observers that serve /metrics for the peers this process hosts, for the block's
-    duration (the port is released after it); none at all when `metrics.enabled` is off."""
-    if not cfg.metrics.enabled:
-        yield []
-        return
-    from dml_cluster.metrics.exporter import PrometheusExporter
+    """The observers that serve /metrics for the peers this process hosts (none when
+    `metrics.enabled` is off) and write their experiment loggers' runs (`metrics.loggers`), for
+    the block's duration (the port is released after it, the logger runs are closed)."""
+    from dml_cluster.metrics.loggers import experiment_logger
 
-    exporter = PrometheusExporter(cfg, hosted, run_id, local_rank)
+    logger = experiment_logger(cfg, hosted, run_id)
+    observers: list[Observer] = [] if logger is None else [logger]
+    exporter = None
     try:
-        yield [exporter]
+        if cfg.metrics.enabled:
+            from dml_cluster.metrics.exporter import PrometheusExporter
+
+            exporter = PrometheusExporter(cfg, hosted, run_id, local_rank)
+            observers.insert(0, exporter)
+        yield observers
     finally:
-        exporter.close()
+        if exporter is not None:
+            exporter.close()
+        if logger is not None:
+            logger.close()  # a run that ended has closed them (on_end): this is a stop
