@@ -53,7 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_common import machine, markdown_table  # noqa: E402
+from bench_common import commit, machine, markdown_table  # noqa: E402
 
 from dml_cluster.config import parse_config  # noqa: E402
 from dml_cluster.determinism import prepare_environment  # noqa: E402
@@ -707,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         else ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "commit": args.commit or _commit(),
+        "commit": args.commit or commit(),
         "command": " ".join(["python", *sys.argv]),
     }
     (args.out / "machine.json").write_text(json.dumps(head, indent=2))
@@ -752,27 +752,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "summary.md").write_text(summary + "\n")
     print(f"\n{summary}")
     return 1 if failed else 0
-
-
-def _commit() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return done.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 if __name__ == "__main__":
