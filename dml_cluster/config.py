@@ -8,9 +8,11 @@ against their registries by `check_names`, which imports them lazily.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -443,7 +445,7 @@ def validation_error_line(err: ValidationError) -> str:
     elif first["type"] == "extra_forbidden" and method is not None and len(loc) == 2:
         problem = unknown_key(str(method), loc[1])
     elif first["type"] == "extra_forbidden":
-        problem = "unknown key"
+        problem = "unknown key" + did_you_mean(str(loc[-1]), known_keys(loc[:-1]))
     elif first["type"] == "missing":
         problem = "required key is missing"
     else:
@@ -452,6 +454,38 @@ def validation_error_line(err: ValidationError) -> str:
             problem += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
     return f"config error: {key}: {problem}" + (f" (and {more} more)" if more else "")
+
+
+def known_keys(loc: list[Any]) -> list[str]:
+    """The keys the config section at `loc` takes (list positions skipped); [] if unknown."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = _section_model(field.annotation)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _section_model(annotation: Any) -> Any:
+    """The pydantic model inside a field's annotation (`X`, `X | None`, `list[X]`), if any."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def did_you_mean(key: str, known: list[str]) -> str:
+    """' (did you mean X?)' for the closest known key, or ''."""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

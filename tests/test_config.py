@@ -164,3 +164,18 @@ def test_config_hash_is_what_decides_the_numbers() -> None:
     for override in ["optim.lr=0.3", "bus.encoding=float16", "run.seed=1", "method.weight=0.5"]:
         assert load_config(path, [override]).hash() != base.hash(), override
     assert CohortCheckpoints(base, base.run.dir).config_hash == base.hash()
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("train.epoch=3", "train.epoch: unknown key (did you mean epochs?)"),
+        ("data.batchsize=8", "data.batchsize: unknown key (did you mean batch_size?)"),
+        ("cohort.peers.0.modl=mlp", "cohort.peers.0.modl: unknown key (did you mean model?)"),
+        ("zzz=1", "zzz: unknown key"),
+    ],
+)
+def test_an_unknown_key_suggests_the_closest_known_one(override: str, line: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "digits-k3-hetero.yaml", [override])
+    assert str(err.value) == f"config error: {line}"
