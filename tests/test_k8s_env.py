@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from .conftest import final_weights, max_weight_diff, run_cli
+from .conftest import assert_same_states, run_cli
 from .k8s_helpers import (
     CONFIG,
     RUN,
@@ -52,25 +52,23 @@ def run_pods(pods: list, tmp_path: Path, timeout: float = 240) -> None:
     assert codes == [0] * len(pods), logs
 
 
-def test_pytorchjob_env_runs_the_cohort(tmp_path: Path, reference: dict) -> None:
+def test_pytorchjob_env_runs_the_cohort(tmp_path: Path, reference: Path) -> None:
     manifests = render(tmp_path / "manifests", "pytorchjob", "--master-port", str(free_port()))
     name = find(manifests, "PyTorchJob")["metadata"]["name"]
     pods = pytorchjob_pods(manifests, tmp_path / "pods", {f"{name}-master-0": "127.0.0.1"})
     assert len(pods) == 2
     run_pods(pods, tmp_path)
-    got = final_weights(tmp_path / "pods" / "workspace" / "runs" / RUN)
-    assert max_weight_diff(got, reference) <= 1e-6
+    assert_same_states(tmp_path / "pods" / "workspace" / "runs" / RUN, reference)
 
 
-def test_indexed_job_env_runs_the_cohort(tmp_path: Path, reference: dict) -> None:
+def test_indexed_job_env_runs_the_cohort(tmp_path: Path, reference: Path) -> None:
     manifests = render(tmp_path / "manifests", "indexed-job", "--rdzv-port", str(free_port()))
     env = find(manifests, "Job")["spec"]["template"]["spec"]["containers"][0]["env"]
     endpoint = next(e["value"] for e in env if e["name"] == "PET_RDZV_ENDPOINT")
     pods = indexed_job_pods(manifests, tmp_path / "pods", {endpoint.rsplit(":", 1)[0]: "127.0.0.1"})
     assert len(pods) == 2
     run_pods(pods, tmp_path)
-    got = final_weights(tmp_path / "pods" / "workspace" / "runs" / RUN)
-    assert max_weight_diff(got, reference) <= 1e-6
+    assert_same_states(tmp_path / "pods" / "workspace" / "runs" / RUN, reference)
 
 
 def test_pytorchjob_lost_peer_exit_code_is_retried(tmp_path: Path) -> None:
