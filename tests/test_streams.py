@@ -110,3 +110,28 @@ def test_a_checkpoint_without_streams_resumes_with_a_warning(
     assert checkpoints.restore(again, LocalControl()) is not None
     assert "predates per-peer random streams" in capsys.readouterr().err
     assert torch.equal(_draws(again[1].stream), _draws(PeerStream(0, 1, CPU)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_a_peer_carries_its_devices_stream_without_a_host_sync() -> None:
+    """Dropout on the GPU draws from the peer's CUDA stream; entering and leaving it (state get
+    and set) never waits for the device."""
+    gpu = torch.device("cuda", 0)
+    dropout = torch.nn.Dropout(0.5)
+    ones = torch.ones(1024, device=gpu)
+    alone = PeerStream(5, 1, gpu)
+    with alone:
+        expected = dropout(ones)
+    a, b = PeerStream(5, 0, gpu), PeerStream(5, 1, gpu)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with a:
+            dropout(ones)
+        with b:
+            got = dropout(ones)
+        with a:
+            dropout(ones)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, expected)
+    assert set(b.state_dict()) == {"cpu", "cuda"}
