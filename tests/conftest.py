@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -134,20 +135,41 @@ class References:
         self.trained: dict[str, Path] = {}
 
     def __call__(self, *runs: tuple[str, ...]) -> list[Path]:
+        keys, todo = self._todo(runs)
+        if todo:
+            proc = train_many(self._batch(todo), self.root / f"batch-{len(self.trained)}.json")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            self.trained.update({key: self.root / key for key in todo})
+        return [self.trained[key] for key in keys]
+
+    def then_killed(
+        self, runs: Sequence[tuple[str, ...]], killed: Sequence[str], fault: str
+    ) -> tuple[list[Path], subprocess.CompletedProcess]:
+        """The references of `runs`, as a call gives them, trained in one process that then
+        trains `killed` (arguments after `train`) until `fault` SIGKILLs it
+        (tests/fault_injection.py): one process start for both. Also returns that process."""
+        keys, todo = self._todo(runs)
+        batch = [*self._batch(todo), list(killed)]
+        proc = train_many(batch, self.root / f"batch-{len(self.trained)}.json", fault=fault)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        self.trained.update({key: self.root / key for key in todo})
+        return [self.trained[key] for key in keys], proc
+
+    def _todo(
+        self, runs: Sequence[tuple[str, ...]]
+    ) -> tuple[list[str], dict[str, tuple[str, ...]]]:
         from dml_cluster.config import load_config
 
         keys = [load_config(REPO / run[0], list(run[1:])).hash() for run in runs]
         todo = {key: run for key, run in zip(keys, runs, strict=True) if key not in self.trained}
-        if todo:
-            batch = [
-                [config, *sets(*items, f"run.out_dir={self.root}", f"run.name={key}",
-                               "bus.transport=local", "metrics.enabled=false")]
-                for key, (config, *items) in todo.items()
-            ]  # fmt: skip
-            proc = train_many(batch, self.root / f"batch-{len(self.trained)}.json")
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            self.trained.update({key: self.root / key for key in todo})
-        return [self.trained[key] for key in keys]
+        return keys, todo
+
+    def _batch(self, todo: dict[str, tuple[str, ...]]) -> list[list[str]]:
+        return [
+            [config, *sets(*items, f"run.out_dir={self.root}", f"run.name={key}",
+                           "bus.transport=local", "metrics.enabled=false")]
+            for key, (config, *items) in todo.items()
+        ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

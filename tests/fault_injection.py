@@ -1,11 +1,12 @@
 """Faults injected into real runs at fixed points, from the tests only (nothing in the package
 knows of them).
 
-`DML_CLUSTER_FAULT=die-saving:<peer>:<step>` in the environment of a process that runs
-`arm_from_environment()` (tests/cohort_runs.py does, in the one-process engine and in every
+`DML_CLUSTER_FAULT=die-saving:<peer>:<step>[:<run name>]` in the environment of a process that
+runs `arm_from_environment()` (tests/cohort_runs.py does, in the one-process engine and in every
 torchrun peer process) makes the process hosting that peer write half of its checkpoint file of
-that step (a temporary file, as an interrupted atomic write leaves it) and SIGKILL itself, in the
-first attempt of a torchrun group only, so a restarted group runs through.
+that step (in that run, if named) and SIGKILL itself, in the first attempt of a torchrun group
+only, so a restarted group runs through. Half a file: a temporary one, as an interrupted atomic
+write leaves it.
 """
 
 from __future__ import annotations
@@ -23,22 +24,25 @@ def arm_from_environment() -> None:
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    kind, peer, step = spec.split(":")
-    if kind != "die-saving":
-        raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r}")
+    kind, peer, step, *run = spec.split(":")
+    if kind != "die-saving" or len(run) > 1:
+        raise ValueError(f"{FAULT_ENV}: not a fault: {spec!r}")
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        die_saving(peer, int(step))
+        die_saving(peer, int(step), run[0] if run else None)
 
 
-def die_saving(peer: str, step: int) -> None:
+def die_saving(peer: str, step: int, run: str | None = None) -> None:
     """Replace the checkpoint's peer-file writer by one that dies half-way through writing the
-    file of `peer` at `step`, as a peer killed while saving would."""
+    file of `peer` at `step` (of the run called `run`, or of any), as a peer killed while saving
+    would."""
     from dml_cluster.checkpoint import files
 
     write = files.write_peer_file
 
     def dying(path: Path, data: bytes | memoryview) -> bytes:
-        if path.stem == peer and path.parent.name == files.step_name(step):
+        # <out_dir>/<run>/checkpoints/step-N/<peer>.pt
+        of_run = run is None or path.parents[2].name == run
+        if path.stem == peer and path.parent.name == files.step_name(step) and of_run:
             with tempfile.NamedTemporaryFile(
                 dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
             ) as f:
