@@ -27,6 +27,7 @@ from dml_cluster.errors import ConfigError
 from dml_cluster.models import build_model
 from dml_cluster.precision import make_scaler, prepare_model
 from dml_cluster.signals import local_reporter
+from dml_cluster.streams import PeerStream
 
 if TYPE_CHECKING:
     from dml_cluster.methods.base import Method
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 @dataclass
 class Peer:
     """One peer: `extras` are the modules its method trains next to the model (FitNets'
-    regressor); the optimizer covers both, and checkpoints save both."""
+    regressor); the optimizer covers both, and checkpoints save both. `stream`: its own random
+    stream (dml_cluster.streams), entered for every draw made on its behalf."""
 
     index: int
     name: str
@@ -43,6 +45,7 @@ class Peer:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    stream: PeerStream
     extras: nn.ModuleDict = field(default_factory=nn.ModuleDict)
     scaler: torch.amp.GradScaler | None = None
     """fp16's loss scaler (run.precision: fp16; checkpointed with the peer)."""
@@ -53,7 +56,8 @@ class Peer:
 
 
 def set_determinism(cfg: Config) -> str:
-    """Seed every RNG and set torch's kernels to the run's determinism mode (returned; see
+    """Seed the process's global RNGs (every peer draws from a stream of its own:
+    dml_cluster.streams) and set torch's kernels to the run's determinism mode (returned; see
     dml_cluster.determinism). Called before CUDA initialises."""
     torch.set_num_threads(cfg.run.threads)
     random.seed(cfg.run.seed)
@@ -110,7 +114,7 @@ def build_peer(
     device: torch.device,
     method: Method | None = None,
 ) -> Peer:
-    """Build peer `index` of the cohort, seeded by (run.seed, index).
+    """Build peer `index` of the cohort, seeded by (run.seed, index); its random stream too.
 
     A student gets the extra modules `method` trains next to its model (seeded by the same
     pair); its optimizer and schedule cover the model's parameters and theirs.
@@ -138,7 +142,8 @@ def build_peer(
         optimizer.step()  # no parameter has a gradient: changes nothing, marks the optimizer used
     prepare_model(model, cfg.run, device)  # layout, autocast, compile: after weights and probes
     scaler = make_scaler(cfg.run.precision, device) if peer_cfg.role == "student" else None
-    return Peer(index, peer_cfg.name, peer_cfg, model, optimizer, scheduler, extras, scaler)
+    stream = PeerStream(cfg.run.seed, index, device)
+    return Peer(index, peer_cfg.name, peer_cfg, model, optimizer, scheduler, stream, extras, scaler)
 
 
 def refresh_predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,7 @@ class CohortTrainer:
     def _update(
         self, i: int, logits: Tensor, x: Tensor, y: Tensor, log_ps: dict[int, Tensor], step: int
     ) -> LossParts:
-        """Student i's loss on the step, backward, optimizer step."""
+        """Student i's loss on the step, backward, optimizer step (the caller enters its stream)."""
         progress = Progress(step // self.per_epoch, step, self.per_epoch)
         on = logits.device  # the others' predictions (and teachers') come to this peer's device
         peers = all_on([log_ps[j] for j in self.students if j != i], on)
@@ -210,12 +210,14 @@ class CohortTrainer:
         return F.log_softmax(logits.detach().float(), dim=1).to(self.placement.device)
 
     def _forward(self, peer: Peer, x: Tensor) -> Tensor:
-        """A student's training forward; a teacher's in eval mode without a graph."""
+        """A student's training forward; a teacher's in eval mode without a graph. Either on the
+        peer's own random stream (dropout masks, drop-path: alike in every layout)."""
         x = self._input(peer.index, x)
-        if not peer.is_teacher:
-            return peer.model(x)
-        with torch.no_grad():
-            return peer.model(x)
+        with peer.stream:
+            if not peer.is_teacher:
+                return peer.model(x)
+            with torch.no_grad():
+                return peer.model(x)
 
     def _exchange(
         self, key: StepKey, local: dict[int, Tensor], senders: Sequence[int]
@@ -243,7 +245,8 @@ class CohortTrainer:
         parts: dict[int, LossParts] = {}
         if self.cfg.cohort.update == "simultaneous":
             for i in learners:
-                parts[i] = self._update(i, logits[i], x, y, log_ps, step)
+                with self.peers[i].stream:  # a peer's draws come from its own stream
+                    parts[i] = self._update(i, logits[i], x, y, log_ps, step)
         else:
             # sequential (the paper's Algorithm 1): the r-th student updates in round r, after the
             # previous one has re-published its predictions on the same batch with its freshly
@@ -254,11 +257,13 @@ class CohortTrainer:
                     fresh = {}
                     if prev in self.peers:
                         model = self.peers[prev].model
-                        fresh_logits = refresh_predictions(model, self._input(prev, x))
+                        with self.peers[prev].stream:  # its dropout draws on
+                            fresh_logits = refresh_predictions(model, self._input(prev, x))
                         fresh = {prev: self._log_probs(fresh_logits)}
                     log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [prev]))
                 if i in self.peers:
-                    parts[i] = self._update(i, logits[i], x, y, log_ps, step)
+                    with self.peers[i].stream:
+                        parts[i] = self._update(i, logits[i], x, y, log_ps, step)
         return StepResult(parts, batch_log_ps, self._exchange_seconds, self._wait_seconds)
 
     # -- evaluation -------------------------------------------------------------------------

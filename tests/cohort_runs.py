@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from .fault_injection import FAULT_ENV, arm_from_environment
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,10 +36,16 @@ def sets(*items: str) -> list[str]:
 
 
 def train_many(
-    runs: Sequence[Sequence[str]], spec: Path, nproc: int | None = None, timeout: float = 600
+    runs: Sequence[Sequence[str]],
+    spec: Path,
+    nproc: int | None = None,
+    timeout: float = 600,
+    max_restarts: int = 0,
+    fault: str | None = None,
 ) -> subprocess.CompletedProcess:
     """Train `runs` (argument lists after `train`) in one process, or under one torchrun launch
-    of `nproc` peer processes; stdout and stderr captured as text."""
+    of `nproc` peer processes (restarted up to `max_restarts` times); stdout and stderr captured
+    as text. `fault`: a fault to inject (tests/fault_injection.py)."""
     spec.write_text(json.dumps([["train", *r] for r in runs]))
     for stale in spec.parent.glob(f"{spec.stem}.*.port"):  # ports of an earlier launch
         stale.unlink()
@@ -48,10 +56,13 @@ def train_many(
         command = [
             sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
             "--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}",
-            "--max-restarts=0", "--monitor-interval=0.2", *entry,
+            f"--max-restarts={max_restarts}", "--monitor-interval=0.2", *entry,
         ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"  # as launch_elastic sets it
+    env.pop(FAULT_ENV, None)
+    if fault is not None:
+        env[FAULT_ENV] = fault
     return subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
@@ -137,7 +148,8 @@ def _own_master_port(spec: Path, index: int, timeout: float = 120) -> None:
     before it closed, and rank 0's new store then waits for it in vain."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    path = spec.with_name(f"{spec.stem}.{index}.port")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # a restart: a new port
+    path = spec.with_name(f"{spec.stem}.{index}.{attempt}.port")
     if os.environ["RANK"] == "0":
         tmp = path.with_suffix(".tmp")
         tmp.write_text(str(_free_port()))
@@ -151,6 +163,7 @@ def _own_master_port(spec: Path, index: int, timeout: float = 120) -> None:
 
 
 def main(argv: list[str]) -> None:
+    arm_from_environment()
     each = argv[0] == "--each"
     spec = Path(argv[-1])
     for index, command in enumerate(json.loads(spec.read_text())):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -64,6 +66,57 @@ def max_weight_diff(
     return worst
 
 
+PER_PROCESS = ("rng",)
+"""Entries of a peer's checkpoint file that belong to its process, not to the peer: the
+process's global RNGs (Python's, numpy's, torch's), which co-hosted peers share and which no
+draw made on a peer's behalf comes from (each peer has its own stream, saved as `stream`)."""
+
+
+def saved_states(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Every peer's state in the run's newest complete checkpoint (its manifest written)."""
+    manifests = sorted((run_dir / "checkpoints").glob("step-*/manifest.json"))
+    assert manifests, f"{run_dir} holds no complete checkpoint"
+    folder = manifests[-1].parent
+    return {
+        p.stem: {"step": folder.name, **torch.load(p, map_location="cpu", weights_only=True)}
+        for p in sorted(folder.glob("*.pt"))
+    }
+
+
+def _assert_same_tree(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (where, a.keys(), b)
+        for key in a:
+            _assert_same_tree(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, (where, a, b)
+
+
+def assert_same_states(a: Path, b: Path) -> None:
+    """Two run folders trained the same numbers, bit for bit: every peer's final weights, and
+    every tensor of every peer's state in the newest checkpoint (model, optimizer, schedule,
+    the method's extra modules, the loss scaler, its random stream; its position and the
+    evaluation history too) are equal (`torch.equal`). Only the process's own RNGs
+    (PER_PROCESS) are left out."""
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa and wa.keys() == wb.keys()
+    _assert_same_tree(wa, wb, "final")
+    sa, sb = saved_states(a), saved_states(b)
+    assert sa.keys() == wa.keys() == sb.keys()
+    for peer in sa:
+        mine = {k: v for k, v in sa[peer].items() if k not in PER_PROCESS}
+        other = {k: v for k, v in sb[peer].items() if k not in PER_PROCESS}
+        assert "stream" in mine and "model" in mine, sorted(mine)
+        _assert_same_tree(mine, other, peer)
+
+
 @pytest.fixture
 def out_dir(tmp_path: Path) -> Path:
     return tmp_path / "runs"
@@ -82,20 +135,41 @@ class References:
         self.trained: dict[str, Path] = {}
 
     def __call__(self, *runs: tuple[str, ...]) -> list[Path]:
+        keys, todo = self._todo(runs)
+        if todo:
+            proc = train_many(self._batch(todo), self.root / f"batch-{len(self.trained)}.json")
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            self.trained.update({key: self.root / key for key in todo})
+        return [self.trained[key] for key in keys]
+
+    def then_killed(
+        self, runs: Sequence[tuple[str, ...]], killed: Sequence[str], fault: str
+    ) -> tuple[list[Path], subprocess.CompletedProcess]:
+        """The references of `runs`, as a call gives them, trained in one process that then
+        trains `killed` (arguments after `train`) until `fault` SIGKILLs it
+        (tests/fault_injection.py): one process start for both. Also returns that process."""
+        keys, todo = self._todo(runs)
+        batch = [*self._batch(todo), list(killed)]
+        proc = train_many(batch, self.root / f"batch-{len(self.trained)}.json", fault=fault)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        self.trained.update({key: self.root / key for key in todo})
+        return [self.trained[key] for key in keys], proc
+
+    def _todo(
+        self, runs: Sequence[tuple[str, ...]]
+    ) -> tuple[list[str], dict[str, tuple[str, ...]]]:
         from dml_cluster.config import load_config
 
         keys = [load_config(REPO / run[0], list(run[1:])).hash() for run in runs]
         todo = {key: run for key, run in zip(keys, runs, strict=True) if key not in self.trained}
-        if todo:
-            batch = [
-                [config, *sets(*items, f"run.out_dir={self.root}", f"run.name={key}",
-                               "bus.transport=local", "metrics.enabled=false")]
-                for key, (config, *items) in todo.items()
-            ]  # fmt: skip
-            proc = train_many(batch, self.root / f"batch-{len(self.trained)}.json")
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            self.trained.update({key: self.root / key for key in todo})
-        return [self.trained[key] for key in keys]
+        return keys, todo
+
+    def _batch(self, todo: dict[str, tuple[str, ...]]) -> list[list[str]]:
+        return [
+            [config, *sets(*items, f"run.out_dir={self.root}", f"run.name={key}",
+                           "bus.transport=local", "metrics.enabled=false")]
+            for key, (config, *items) in todo.items()
+        ]  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
-import torch
-
-from .conftest import final_weights
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/digits-dml.yaml"  # 2 small CNNs on digits: 22 steps per epoch
@@ -78,16 +75,6 @@ def workers(launcher: subprocess.Popen) -> dict[int, psutil.Process]:
         if rank is not None:
             found[int(rank)] = child
     return found
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    """Bitwise equality of every peer's final weights in two run folders."""
-    wa, wb = final_weights(a), final_weights(b)
-    assert wa and wa.keys() == wb.keys()
-    for peer in wa:
-        assert wa[peer].keys() == wb[peer].keys()
-        for key in wa[peer]:
-            assert torch.equal(wa[peer][key], wb[peer][key]), f"{peer}.{key} differs"
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -28,7 +28,7 @@ import yaml
 
 from dml_cluster.k8s.pod import CONFIG_DIR, WORKDIR
 
-from .conftest import REPO, References, final_weights
+from .conftest import REPO, References
 
 VENV_BIN = str(Path(sys.executable).parent)
 # the cohort every k8s / multi-node test trains, and the one-process engine's result for it
@@ -38,10 +38,10 @@ SETS = ("--set", "train.max_steps=25", "--set", "bus.transport=zmq")
 
 
 @pytest.fixture(scope="session", name="reference")
-def one_process_reference(references: References) -> dict:
-    """The one-process engine's final weights for CONFIG + SETS (conftest's session reference)."""
+def one_process_reference(references: References) -> Path:
+    """The one-process engine's run folder for CONFIG + SETS (conftest's session reference)."""
     (run_dir,) = references((str(CONFIG), *SETS[1::2]))
-    return final_weights(run_dir)
+    return run_dir
 
 
 @dataclass

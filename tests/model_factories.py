@@ -25,3 +25,18 @@ def not_a_module(num_classes: int) -> str:
 
 def broken(num_classes: int) -> nn.Module:
     raise ValueError("boom")
+
+
+def dropout_net(
+    num_classes: int, input_shape: tuple[int, int, int], width: int = 16, p: float = 0.5
+) -> nn.Module:
+    """tiny_net with `nn.Dropout(p)` after its hidden layer: a random mask at every training
+    forward (the stochastic peers of tests/test_multiprocess.py)."""
+    channels, height, width_px = input_shape
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(channels * height * width_px, width),
+        nn.ReLU(),
+        nn.Dropout(p),
+        nn.Linear(width, num_classes),
+    )

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CHECKPOINTED_EPOCHS
+from .conftest import CHECKPOINTED_EPOCHS, assert_same_states
 from .faults_helpers import (
-    assert_same_weights,
     complete_steps,
     cut_back_to,
     one_line_error,
@@ -97,7 +96,7 @@ def test_resume_after_a_kill_mid_epoch_is_bitwise_exact(runs: Path, reference: P
     resumed = train(*settings(runs, name, epochs=EPOCHS))
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 30 (epoch 2, step 8 of it)" in resumed.stdout
-    assert_same_weights(runs / name, reference)
+    assert_same_states(runs / name, reference)
     assert _summary(runs / name) == _summary(reference)
     assert complete_steps(runs / name) == complete_steps(reference)
 
@@ -116,7 +115,7 @@ def test_a_torn_checkpoint_is_never_loaded(runs: Path, reference: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "resuming at step 30 " in proc.stdout
     assert not list(run_dir.rglob("*.tmp"))
-    assert_same_weights(run_dir, reference)
+    assert_same_states(run_dir, reference)
 
 
 def test_steps_that_fail_verification_are_skipped_down_to_one_that_loads(
@@ -141,7 +140,7 @@ def test_steps_that_fail_verification_are_skipped_down_to_one_that_loads(
     assert warnings[1].startswith("dml-cluster: warning: checkpoint step 80 skipped (resuming")
     assert f"cannot read the digest of {emptied.with_suffix('')}" in warnings[1]
     assert "resuming at step 70 (epoch 4, step 4 of it)" in proc.stdout
-    assert_same_weights(run_dir, reference)
+    assert_same_states(run_dir, reference)
     assert snapshot(run_dir / "checkpoints") == snapshot(reference / "checkpoints")
 
 

@@ -29,10 +29,9 @@ from zmq.utils.monitor import recv_monitor_message
 from dml_cluster.bus.curve import load_curve_keys
 from dml_cluster.errors import ConfigError
 
-from .conftest import CHECKPOINTED_EPOCHS
+from .conftest import CHECKPOINTED_EPOCHS, assert_same_states
 from .faults_helpers import (
     REPO,
-    assert_same_weights,
     env,
     settings,
     start,
@@ -214,7 +213,7 @@ def test_without_curve_a_strangers_guessed_run_id_is_dropped(
     dropped = [line for line in output.splitlines() if "dropped a message" in line]
     assert dropped and all("message from another run" in line for line in dropped), output
     assert "peers out of sync" not in output
-    assert_same_weights(runs / "open", checkpointed_reference)
+    assert_same_states(runs / "open", checkpointed_reference)
 
 
 def test_with_curve_a_stranger_is_refused_and_the_result_is_unchanged(
@@ -230,4 +229,4 @@ def test_with_curve_a_stranger_is_refused_and_the_result_is_unchanged(
     assert len(seen) == 4, seen
     assert "refused a bus connection with a key outside the cohort" in output
     assert "dropped a message" not in output
-    assert_same_weights(runs / "closed", checkpointed_reference)
+    assert_same_states(runs / "closed", checkpointed_reference)

@@ -14,7 +14,7 @@ import pytest
 from dml_cluster.run_folder import read_jsonl
 
 from .cohort_runs import sets, train_many
-from .conftest import final_weights, max_weight_diff, run_cli
+from .conftest import assert_same_states, final_weights, max_weight_diff, run_cli
 
 
 def _summary(run_dir: Path) -> dict:
@@ -91,8 +91,8 @@ def test_shipped_cohorts_run(
 def test_runs_are_reproducible_and_update_modes_differ(runs: Path) -> None:
     proc = run_cli("train", *_repeated(runs, *REPEATED[1]))  # b: a's config, another process
     assert proc.returncode == 0, proc.stderr
-    a, b, c, d = (final_weights(runs / n) for n in "abcd")
-    assert max_weight_diff(a, b) == 0.0  # same config and seed: the same weights, bit for bit
+    c, d = (final_weights(runs / n) for n in "cd")
+    assert_same_states(runs / "a", runs / "b")  # same config and seed: the same numbers
     # sequential, first step: peer 0 steps first on the others' predictions, as in simultaneous
     # mode; the later peers see peer 0's refreshed predictions and end elsewhere
     assert max_weight_diff({"mlp": c["mlp"]}, {"mlp": d["mlp"]}) == 0.0

@@ -13,9 +13,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import CHECKPOINTED_EPOCHS
+from .cohort_runs import train_many
+from .conftest import CHECKPOINTED_EPOCHS, assert_same_states
 from .faults_helpers import (
-    assert_same_weights,
+    CONFIG,
     cut_back_to,
     settings,
     start,
@@ -69,7 +70,7 @@ def test_a_peer_killed_mid_run_is_restarted_and_the_cohort_resumes(
     assert len(resumes) == 1, output  # one restart, from a checkpoint at or after step 30
     assert int(resumes[0].split()[3]) >= 30
     assert "Traceback" not in output
-    assert_same_weights(runs / name, reference)
+    assert_same_states(runs / name, reference)
 
 
 def test_a_peer_killed_while_saving_leaves_a_torn_step_that_is_skipped(
@@ -78,14 +79,13 @@ def test_a_peer_killed_while_saving_leaves_a_torn_step_that_is_skipped(
     """small_cnn-1 dies half-way through writing step 40 (a real SIGKILL, at a fixed point)."""
     name = "torn"
     args = settings(runs, name, "bus.transport=zmq", epochs=EPOCHS)
-    proc = train(
-        *args, "--nproc", "2", "--max-restarts", "1", DML_CLUSTER_FAULT="die-saving:small_cnn-1:40"
-    )
+    fault = "die-saving:small_cnn-1:40"  # tests/fault_injection.py
+    proc = train_many([[CONFIG, *args]], runs / "torn.json", 2, max_restarts=1, fault=fault)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "failed (exitcode: -9) local_rank: 1" in proc.stderr
     assert "resuming at step 30 (epoch 2, step 8 of it)" in proc.stdout
     assert not list((runs / name).rglob("*.tmp"))
-    assert_same_weights(runs / name, reference)
+    assert_same_states(runs / name, reference)
 
 
 def test_a_one_process_checkpoint_resumes_under_torchrun(runs: Path, reference: Path) -> None:
@@ -96,7 +96,7 @@ def test_a_one_process_checkpoint_resumes_under_torchrun(runs: Path, reference: 
     proc = train(*settings(runs, "relayout", "bus.transport=zmq", epochs=EPOCHS), "--nproc", "2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resuming at step 50 (epoch 3, step 6 of it)" in proc.stdout
-    assert_same_weights(run_dir, reference)
+    assert_same_states(run_dir, reference)
 
 
 @pytest.mark.parametrize("transport", ["zmq", "torch"])

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from .cohort_runs import train_each
+from .conftest import assert_same_states
 from .faults_helpers import (
     CONFIG,
-    assert_same_weights,
     complete_steps,
     cut_back_to,
     lines,
@@ -191,7 +191,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_step_before(
     assert f"{case.run_dir / DAMAGED[damage]} is corrupt" in warnings[0], warnings
     assert "Traceback" not in case.proc.stderr
     assert "resuming at step 40 (epoch 2, step 18 of it)" in case.proc.stdout
-    assert_same_weights(case.run_dir, good_run)
+    assert_same_states(case.run_dir, good_run)
     assert snapshot(case.run_dir / "checkpoints") == snapshot(good_run / "checkpoints")
 
 
@@ -228,7 +228,7 @@ def test_every_peer_process_falls_back_when_one_finds_its_file_corrupt(
         if json.loads(line)["event"] == "resume"
     ]
     assert resumed == [40, 40]  # small_cnn-0, small_cnn-1
-    assert_same_weights(existing, good_run)
+    assert_same_states(existing, good_run)
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -395,7 +395,7 @@ def test_a_disk_that_fills_during_a_save(
     assert again.returncode == 0, again.stderr
     assert "resuming at step 22" in again.stdout
     assert complete_steps(run_dir) == complete_steps(good_run)
-    assert_same_weights(run_dir, good_run)
+    assert_same_states(run_dir, good_run)
 
 
 def _train_with(popen_options: dict[str, object], *args: str) -> subprocess.CompletedProcess:

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from .cohort_runs import cli_each, sets, train_many
-from .conftest import References
+from .conftest import References, assert_same_states
 from .faults_helpers import (
-    assert_same_weights,
     cut_back_to,
     one_line_error,
     start,
@@ -46,7 +45,7 @@ def reference(images: Path, references: References) -> Path:
 def test_a_two_peer_cohort_matches_the_one_process_engine(
     images: Path, reference: Path, cohorts: Path, transport: str
 ) -> None:
-    assert_same_weights(cohorts / transport, reference)
+    assert_same_states(cohorts / transport, reference)
     record = json.loads((cohorts / transport / "data.json").read_text())
     assert record == json.loads((reference / "data.json").read_text())
     assert record["class_names"] == list(CLASSES) and record["num_train"] == 192
@@ -81,7 +80,7 @@ def test_a_run_killed_mid_epoch_resumes_bitwise(
     resumed = train(*args, config=CONFIG)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming at step 4 (epoch 1, step 4 of it)" in resumed.stdout
-    assert_same_weights(tmp_path / "killed", reference)
+    assert_same_states(tmp_path / "killed", reference)
 
 
 # -- bad input --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import final_weights, max_weight_diff, run_cli
+from .conftest import assert_same_states, run_cli
 from .k8s_helpers import (
     CONFIG,
     RUN,
@@ -73,7 +73,7 @@ def render_here(out: Path, engine: str, **options: Any) -> dict:
     return load_dir(out)
 
 
-def test_trainjob_and_pytorchjob_envs_run_their_cohorts(tmp_path: Path, reference: dict) -> None:
+def test_trainjob_and_pytorchjob_envs_run_their_cohorts(tmp_path: Path, reference: Path) -> None:
     """Two cohorts at once, each pod a local process:
 
     - the TrainJob as the Kubeflow Trainer runs it: the JobSet it makes of the TrainJob and the
@@ -102,19 +102,17 @@ def test_trainjob_and_pytorchjob_envs_run_their_cohorts(tmp_path: Path, referenc
     assert len(operator_pods) == 2
     run_pods([*pods, *operator_pods], tmp_path)
     for root in ("trainjob-pods", "pytorchjob-pods"):
-        got = final_weights(tmp_path / root / "workspace" / "runs" / RUN)
-        assert max_weight_diff(got, reference) <= 1e-6, root
+        assert_same_states(tmp_path / root / "workspace" / "runs" / RUN, reference)
 
 
-def test_indexed_job_env_runs_the_cohort(tmp_path: Path, reference: dict) -> None:
+def test_indexed_job_env_runs_the_cohort(tmp_path: Path, reference: Path) -> None:
     manifests = render(tmp_path / "manifests", "indexed-job", "--rdzv-port", str(free_port()))
     env = find(manifests, "Job")["spec"]["template"]["spec"]["containers"][0]["env"]
     endpoint = next(e["value"] for e in env if e["name"] == "PET_RDZV_ENDPOINT")
     pods = indexed_job_pods(manifests, tmp_path / "pods", {endpoint.rsplit(":", 1)[0]: "127.0.0.1"})
     assert len(pods) == 2
     run_pods(pods, tmp_path)
-    got = final_weights(tmp_path / "pods" / "workspace" / "runs" / RUN)
-    assert max_weight_diff(got, reference) <= 1e-6
+    assert_same_states(tmp_path / "pods" / "workspace" / "runs" / RUN, reference)
 
 
 def test_pytorchjob_lost_peer_exit_code_is_retried(tmp_path: Path) -> None:

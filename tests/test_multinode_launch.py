@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, final_weights, max_weight_diff
+from .conftest import REPO, assert_same_states
 from .k8s_helpers import (
     CONFIG,
     RUN,
@@ -36,7 +36,7 @@ def test_scripts_pass_shellcheck() -> None:
     assert result.returncode == 0, result.stdout
 
 
-def test_local_script_runs_the_cohort(tmp_path: Path, reference: dict) -> None:
+def test_local_script_runs_the_cohort(tmp_path: Path, reference: Path) -> None:
     out = tmp_path / "runs"
     result = subprocess.run(
         [str(REPO / "launch" / "local.sh"), str(CONFIG), *SETS, "--set", f"run.out_dir={out}"],
@@ -44,8 +44,7 @@ def test_local_script_runs_the_cohort(tmp_path: Path, reference: dict) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stderr.count("bus inbox tcp://127.0.0.1:") == 2
-    got = final_weights(out / RUN)
-    assert max_weight_diff(got, reference) <= 1e-6
+    assert_same_states(out / RUN, reference)
 
 
 def test_bad_config_stops_the_script_in_one_line(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, final_weights, max_weight_diff, run_cli
+from .conftest import REPO, assert_same_states, run_cli
 from .k8s_helpers import (
     CONFIG,
     RUN,
@@ -118,7 +118,7 @@ def check_bound_addresses(logs: str) -> None:
     assert sorted(ENDPOINT.findall(logs)) == sorted(ADDRESSES), logs[-4000:]
 
 
-def test_launch_script_across_two_hosts(hosts: Hosts, reference: dict, tmp_path: Path) -> None:
+def test_launch_script_across_two_hosts(hosts: Hosts, reference: Path, tmp_path: Path) -> None:
     """launch/multinode.sh on each host, rendezvous at host 0's address."""
     hosts.write_hosts_file([f"{ADDRESSES[0]} host0", f"{ADDRESSES[1]} host1"])
     out = tmp_path / "runs"
@@ -136,10 +136,10 @@ def test_launch_script_across_two_hosts(hosts: Hosts, reference: dict, tmp_path:
         pods.append(Pod(f"host{rank}", [*argv, "--set", f"run.out_dir={out}"], env, REPO))
     logs = run_on_hosts(hosts, pods, ["host0", "host1"], tmp_path)
     check_bound_addresses(logs)
-    assert max_weight_diff(final_weights(out / RUN), reference) <= 1e-6
+    assert_same_states(out / RUN, reference)
 
 
-def test_indexed_job_pods_across_two_hosts(hosts: Hosts, reference: dict, tmp_path: Path) -> None:
+def test_indexed_job_pods_across_two_hosts(hosts: Hosts, reference: Path, tmp_path: Path) -> None:
     """The rendered Indexed Job's pods, named and resolved as Kubernetes names them: pod i is
     host i, and the rendezvous is pod 0's DNS name from the manifest."""
     keys = run_cli("keys", "generate", str(tmp_path / "manifests"), "--k8s-secret", f"{RUN}-curve")
@@ -164,5 +164,4 @@ def test_indexed_job_pods_across_two_hosts(hosts: Hosts, reference: dict, tmp_pa
     pods = indexed_job_pods(manifests, tmp_path / "pods", hosts={})
     logs = run_on_hosts(hosts, pods, hostnames, tmp_path)
     check_bound_addresses(logs)
-    got = final_weights(tmp_path / "pods" / "workspace" / "runs" / RUN)
-    assert max_weight_diff(got, reference) <= 1e-6
+    assert_same_states(tmp_path / "pods" / "workspace" / "runs" / RUN, reference)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 
+from .conftest import assert_same_states
 from .faults_helpers import (
-    assert_same_weights,
     command,
     complete_steps,
     env,
@@ -78,7 +78,7 @@ def test_sigterm_saves_where_the_cohort_stopped_and_the_next_run_resumes_there(
     )  # fmt: skip
     assert final.returncode == 0, final.stderr
     assert f"resuming at step {second} " in final.stdout, final.stdout
-    assert_same_weights(run_dir, checkpointed_reference)
+    assert_same_states(run_dir, checkpointed_reference)
     records = [json.loads(line) for line in (run_dir / "cohort.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed_seconds"] for r in records if r["event"] == "eval"]
     assert len(elapsed) == 4 and elapsed == sorted(elapsed), elapsed  # the clock carried on

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from .cohort_runs import sets
-from .conftest import References
-from .faults_helpers import assert_same_weights, one_line_error, start, train, workers
+from .conftest import References, assert_same_states
+from .faults_helpers import one_line_error, start, train, workers
 
 CONFIG = "configs/digits-dml.yaml"
 RUN = ("train.max_steps=25", "metrics.enabled=false")  # as test_multiprocess.CLI_RUN: one reference
@@ -91,7 +91,7 @@ def test_a_second_run_of_a_busy_folder_exits_2_and_touches_nothing(
     _refused(one_process, run_dir, first.pid)
     _refused(two_processes, run_dir, first.pid)
     assert after == before
-    assert_same_weights(run_dir, reference)
+    assert_same_states(run_dir, reference)
     assert not (run_dir / "locks").exists()  # a run that ends takes its lock files with it
 
 
@@ -116,7 +116,7 @@ def test_a_killed_runs_lock_does_not_block_the_next_run(
     again = train(*_args(tmp_path, "killed"), timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     assert IN_USE not in again.stdout + again.stderr
-    assert_same_weights(run_dir, reference)
+    assert_same_states(run_dir, reference)
 
 
 def test_a_refused_claim_makes_no_file(tmp_path: Path) -> None:

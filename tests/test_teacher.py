@@ -24,7 +24,7 @@ from dml_cluster.methods import Method, Progress, StepView, build_method
 from dml_cluster.models import build_model
 
 from .cohort_runs import cli_each, sets
-from .conftest import final_weights, max_weight_diff, run_cli
+from .conftest import assert_same_states, final_weights, run_cli
 
 DIGITS = (1, 8, 8)
 
@@ -144,7 +144,7 @@ def test_multi_process_cohort_with_teacher_equals_one_process(
             f"bus.transport={transport}", *tight),
     )  # fmt: skip
     assert multi.returncode == 0, multi.stderr[-3000:]
-    assert max_weight_diff(final_weights(expected), final_weights(out_dir / "multi")) == 0
+    assert_same_states(expected, out_dir / "multi")
     _assert_teacher_untouched(out_dir / "multi", one_process.teacher)
     if tight:
         saved = [sorted(p.name for p in (run / "checkpoints").glob("step-*/manifest.json"))

@@ -1,0 +1,224 @@
+"""The checkpoint files: their names, a peer's state and its format, writing a peer's file with
+its digest, reading and verifying peer files and manifests, and loading a state into a peer."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dml_cluster.cohort import Peer
+from dml_cluster.errors import CheckpointError
+from dml_cluster.run_folder import write_atomic
+
+FORMAT = 1
+"""The format of peer files and manifests. A peer file may carry `stream` (its random stream;
+files written before per-peer streams lack it and still load) and `scaler` (fp16)."""
+MANIFEST = "manifest.json"
+
+
+class Unverified(CheckpointError):
+    """A checkpoint file or manifest that fails verification (corrupt, truncated, unreadable):
+    the cohort falls back to an older step. Any other CheckpointError stops the cohort."""
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: `step` steps done; the next is `step_in_epoch` of `epoch`."""
+
+    epoch: int
+    step_in_epoch: int
+    step: int
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a checkpoint must match to belong to this run: its folder, peers and config."""
+
+    root: Path
+    names: tuple[str, ...]
+    config_hash: str
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+
+def step_name(step: int) -> str:
+    """The folder name of a step's checkpoint."""
+    return f"step-{step:09d}"
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def peer_state(
+    peer: Peer,
+    position: Position,
+    history: list[dict[str, Any]],
+    process_rng: dict[str, Any],
+    run: RunIdentity,
+) -> dict[str, Any]:
+    """Everything of `peer` a resume needs, as tensors and plain types."""
+    state: dict[str, Any] = {
+        "format": FORMAT,
+        "config_hash": run.config_hash,
+        "cohort_size": run.size,
+        "peer": peer.name,
+        "position": [position.epoch, position.step_in_epoch, position.step],
+        "model": peer.model.state_dict(),
+        "optimizer": peer.optimizer.state_dict(),
+        "scheduler": peer.scheduler.state_dict(),
+        "extra": peer.extras.state_dict(),
+        "stream": peer.stream.state_dict(),  # the peer's own random stream
+        "rng": process_rng,  # the process's (shared by the peers it hosts)
+        "history": json.dumps(history),
+    }
+    if peer.scaler is not None:  # fp16's loss scale and its growth tracker
+        state["scaler"] = peer.scaler.state_dict()
+    return state
+
+
+def serialise(state: dict[str, Any]) -> memoryview:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getbuffer()
+
+
+def write_peer_file(path: Path, data: bytes | memoryview) -> bytes:
+    """Write a peer's file and then its digest file, each atomically; returns the sha256."""
+    digest = hashlib.sha256(data).digest()
+    write_atomic(path, data)
+    write_atomic(digest_path(path), f"{digest.hex()}  {path.name}\n".encode())
+    return digest
+
+
+def manifest(position: Position, run: RunIdentity, digests: dict[int, bytes]) -> bytes:
+    """The manifest of a complete step: its position and every peer's digest."""
+    return json.dumps(
+        {
+            "format": FORMAT,
+            "step": position.step,
+            "epoch": position.epoch,
+            "step_in_epoch": position.step_in_epoch,
+            "config_hash": run.config_hash,
+            "cohort_size": run.size,
+            "peers": {run.names[i]: digests[i].hex() for i in range(run.size)},
+        },
+        indent=1,
+    ).encode()
+
+
+def read_manifest(path: Path, step: int, run: RunIdentity) -> dict[str, Any]:
+    """A manifest, checked: Unverified if it is corrupt or of another step; CheckpointError if
+    it is of another format, config or cohort (another run's)."""
+    try:
+        manifest = json.loads(path.read_text())
+        fields = (manifest["format"], manifest["step"], manifest["config_hash"])
+        size, peers = manifest["cohort_size"], manifest["peers"]
+        position = (manifest["epoch"], manifest["step_in_epoch"])
+        if not isinstance(peers, dict) or not all(isinstance(d, str) for d in peers.values()):
+            raise TypeError("peers")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise Unverified(f"{path} is corrupt (not a checkpoint manifest)") from None
+    if fields[0] != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a format-{FORMAT} manifest (format {fields[0]!r}): choose another "
+            f"run.name, or the dml-cluster version that wrote it"
+        )
+    if fields[1] != step or not all(isinstance(v, int) for v in position):
+        raise Unverified(f"{path} is corrupt (not the manifest of step {step})")
+    if size != run.size or sorted(peers) != sorted(run.names):
+        raise CheckpointError(
+            f"{run.root} holds checkpoints of a cohort of {size} peers "
+            f"({', '.join(sorted(peers))}), this config has {run.size} "
+            f"({', '.join(run.names)}): choose another run.name, or the config that wrote them"
+        )
+    if fields[2] != run.config_hash:
+        raise CheckpointError(
+            f"{run.root} holds checkpoints of another config (hash {fields[2]}, this "
+            f"config {run.config_hash}): choose another run.name, or the config that wrote "
+            f"them (`dml-cluster config show` prints a config's hash)"
+        )
+    return manifest
+
+
+def read_peer_file(
+    folder: Path, name: str, manifest: dict[str, Any] | None, run: RunIdentity
+) -> dict[str, Any]:
+    """One peer's state: Unverified if its file is unreadable, corrupt or truncated;
+    CheckpointError if it is intact but another run's."""
+    path = folder / f"{name}.pt"
+    digest_file = digest_path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise Unverified(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        recorded = digest_file.read_text().split()[0]
+    except (OSError, ValueError, IndexError) as err:
+        why = getattr(err, "strerror", None) or "no sha256 digest in it"
+        raise Unverified(f"cannot read the digest of {path} ({digest_file.name}: {why})") from None
+    actual = hashlib.sha256(data).hexdigest()
+    expected = {recorded} | ({manifest["peers"].get(name)} if manifest else set())
+    if expected != {actual}:
+        raise Unverified(
+            f"{path} is corrupt or truncated ({len(data)} bytes, sha256 {actual[:12]}... does "
+            f"not match the recorded digest)"
+        )
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        checks = (state["format"], state["config_hash"], state["cohort_size"], state["peer"])
+        tuple(state["position"])
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise Unverified(f"{path} is not a readable checkpoint ({first})") from None
+    if checks != (FORMAT, run.config_hash, run.size, name):
+        raise CheckpointError(
+            f"{path} belongs to another run (format {checks[0]}, config {checks[1]}, cohort "
+            f"of {checks[2]}, peer {checks[3]!r}): choose another run.name"
+        )
+    return state
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        return tensor.device
+    return torch.device("cpu")
+
+
+def apply_state(peer: Peer, state: dict[str, Any], folder: Path) -> None:
+    """Load a verified state into `peer`. A state without a random stream (written before
+    peers had their own) leaves the peer's stream as seeded."""
+    device = _device_of(peer.model)
+
+    def to_device(tree: Any) -> Any:
+        if isinstance(tree, Tensor):
+            return tree.to(device)
+        if isinstance(tree, dict):
+            return {k: to_device(v) for k, v in tree.items()}
+        if isinstance(tree, list):
+            return [to_device(v) for v in tree]
+        return tree
+
+    try:
+        peer.model.load_state_dict(to_device(state["model"]))
+        peer.optimizer.load_state_dict(state["optimizer"])  # moves its state to the params
+        peer.scheduler.load_state_dict(state["scheduler"])
+        peer.extras.load_state_dict(to_device(state["extra"]))
+        if peer.scaler is not None and "scaler" in state:
+            peer.scaler.load_state_dict(state["scaler"])
+        if "stream" in state:
+            peer.stream.load_state_dict(state["stream"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"{folder / (peer.name + '.pt')} does not fit peer {peer.name}: {first}"
+        ) from None
