@@ -333,6 +333,26 @@ def keys_generate(folder: str, name: str, secret: str | None, namespace: str) ->
     click.echo(f"use it with: --set bus.curve_keys={folder}")
 
 
+@cli.group()
+def tokenizer() -> None:
+    """Tokenizers of text data (data.name: text)."""
+
+
+@tokenizer.command("train")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--vocab", type=click.IntRange(min=1), required=True,
+              help="Vocabulary size, the 256 byte symbols and end-of-text included.")  # fmt: skip
+@click.option("--out", type=click.Path(dir_okay=False), default="tokenizer.json",
+              show_default=True,
+              help="Where to write the tokenizer (for data.tokenizer: PATH).")  # fmt: skip
+def tokenizer_train(files: tuple[str, ...], vocab: int, out: str) -> None:
+    """Train a byte-level BPE tokenizer on the UTF-8 text FILES (locally; needs the [lm] extra)."""
+    from dml_cluster.data.tokenizers import train_bpe
+
+    path = train_bpe(files, vocab, out)
+    click.echo(f"tokenizer: {path} ({vocab} ids; use it with --set data.tokenizer={path})")
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and an exit status, never a traceback."""
     write_whole_lines()  # peer processes share a terminal or log: no line split by another's

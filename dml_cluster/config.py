@@ -133,6 +133,19 @@ class DataConfig(Strict):
         None, description="train on a stratified subset (applied before label_fraction)"
     )
     augment: AugmentConfig = AugmentConfig()
+    # text (name: text) only; None elsewhere, so image configs hash as before
+    train: str | list[str] | None = Field(None, description="text: training files (paths/globs)")
+    val: str | list[str] | None = Field(None, description="text: validation files (paths/globs)")
+    tokenizer: str | None = Field(
+        None, description="text: 'bytes' (the default) or the path of a tokenizer.json"
+    )
+    block_size: int | None = Field(None, ge=1, description="text: tokens per training window")
+    val_tokens: int | None = Field(
+        None, ge=1, description="text: validation positions read at most (default 65,536)"
+    )
+    cache_dir: str | None = Field(
+        None, description="text: where token files are cached; default <run.out_dir>/.cache/tokens"
+    )
 
 
 class CohortConfig(Strict):
@@ -420,14 +433,18 @@ class Config(Strict):
         d["run"] = {k: v for k, v in d["run"].items() if k not in _NOT_HASHED_RUN}
         d["bus"] = {"encoding": d["bus"]["encoding"]}  # float16 messages change the numbers
         d["cohort"].pop("devices", None)  # where peers run (same hardware: the same numbers)
-        for key in ("workers", "prefetch"):  # how batches are read, not which
+        for key in ("workers", "prefetch", "cache_dir"):  # how batches are read, not which
             d["data"].pop(key, None)
+        for key in _TEXT_KEYS:  # unset text settings: image configs hash as they always did
+            if d["data"].get(key) is None:
+                d["data"].pop(key, None)
         for section in ("metrics", "checkpoint"):
             d.pop(section, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _NOT_HASHED_RUN = ("name", "out_dir", "log_every", "progress_every_s")
+_TEXT_KEYS = ("train", "val", "tokenizer", "block_size", "val_tokens")
 
 
 def validation_error_line(err: ValidationError) -> str:
@@ -586,6 +603,9 @@ def check_names(cfg: Config) -> None:
             check_model_name(model)
         except ConfigError as err:
             raise ConfigError(f"config error: {key}: {err}") from None
+    if cfg.data.name == "text":
+        check_text_settings(cfg)
+        return
     if cfg.data.name not in dataset_names():
         raise ConfigError(
             f"config error: data.name: unknown dataset {cfg.data.name!r} "
@@ -594,10 +614,27 @@ def check_names(cfg: Config) -> None:
     check_data_settings(cfg)
 
 
+def check_text_settings(cfg: Config) -> None:
+    """Text data (data.name: text) needs train, val and block_size, and takes none of the image
+    settings."""
+    for key in ("train", "val", "block_size"):
+        if getattr(cfg.data, key) is None:
+            raise ConfigError(f"config error: data.{key}: text data needs it")
+    for key in ("factory", "image_size", "normalize", "train_subset"):
+        if getattr(cfg.data, key) is not None:
+            raise ConfigError(f"config error: data.{key}: text data does not take it")
+
+
 def check_data_settings(cfg: Config) -> None:
-    """data.factory / image_size / normalize only for the datasets that take them."""
+    """data.factory / image_size / normalize only for the datasets that take them; the text
+    settings only for text."""
     from dml_cluster.data import dataset_options
 
+    for key in _TEXT_KEYS + ("cache_dir",):
+        if getattr(cfg.data, key) is not None:
+            raise ConfigError(
+                f"config error: data.{key}: only text data (data.name: text) takes it"
+            )
     accepted = dataset_options(cfg.data.name)
     for key in ("factory", "image_size", "normalize"):
         if getattr(cfg.data, key) is not None and key not in accepted:

@@ -66,6 +66,10 @@ def _takes_any_option(name: str) -> bool:
 
 def _loader(name: str) -> Callable[..., Dataset]:
     key = name.strip().lower().replace("_", "-")
+    if key == "text":
+        raise DataError(
+            "data.name: text: token data (data/text.py) is not yet read by the training loop"
+        )
     if key not in _LOADERS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
     return _LOADERS[key]

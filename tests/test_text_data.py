@@ -1,0 +1,205 @@
+"""Text data: the token cache, training/validation windows, tokenizers, one-line errors."""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dml_cluster.config import parse_config
+from dml_cluster.data.text import (
+    epoch_offset,
+    load_text,
+    num_windows,
+    token_dtype,
+    tokenize_split,
+    val_starts,
+    window_starts,
+)
+from dml_cluster.data.tokenizers import EOT_TOKEN, ByteTokenizer, load_tokenizer, train_bpe
+from dml_cluster.errors import ConfigError, DataError
+
+CORPUS = (
+    "def add(a, b):\n    return a + b\n\n"
+    "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"
+) * 8
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.py").write_text(CORPUS)
+    (data / "b.py").write_text(CORPUS.upper() + "é ü ß\n")
+    (data / "val.py").write_text(CORPUS[::-1])
+    return data
+
+
+def test_byte_tokenizer_joins_files_with_end_of_text(corpus: Path, tmp_path: Path) -> None:
+    tok = ByteTokenizer()
+    tf = tokenize_split(str(corpus / "[ab].py"), "train", tok, tmp_path / "cache")
+    ids = np.asarray(tf.open())
+    a, b = (corpus / "a.py").read_bytes(), (corpus / "b.py").read_bytes()
+    expected = list(a) + [256] + list(b) + [256]
+    assert tf.dtype == np.dtype("<u2") and tf.num_tokens == len(expected)
+    assert ids.tolist() == expected
+    assert tok.decode(tok.encode("héllo").tolist()) == "héllo"
+
+
+def test_cache_written_once_reused_and_renewed_when_a_file_changes(
+    corpus: Path, tmp_path: Path
+) -> None:
+    cache, tok = tmp_path / "cache", ByteTokenizer()
+    first = tokenize_split([str(corpus / "a.py")], "train", tok, cache)
+    stamp = first.path.stat().st_mtime_ns
+    again = tokenize_split([str(corpus / "a.py")], "train", tok, cache)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp  # not rewritten
+    assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".lock", ".tokens"]
+    (corpus / "a.py").write_text(CORPUS.replace("add", "sub"))  # same size, new content
+    changed = tokenize_split([str(corpus / "a.py")], "train", tok, cache)
+    assert changed.path != first.path
+    assert bytes(np.asarray(changed.open())[:7].astype(np.uint8)) == b"def sub"
+    assert not any(p.name.endswith(".tmp") for p in cache.iterdir())
+
+
+def test_a_half_written_cache_is_not_used(corpus: Path, tmp_path: Path) -> None:
+    cache, tok = tmp_path / "cache", ByteTokenizer()
+    tf = tokenize_split(str(corpus / "a.py"), "train", tok, cache)
+    with open(tf.path, "r+b") as f:
+        f.truncate(10)  # a token file whose description says more
+    again = tokenize_split(str(corpus / "a.py"), "train", tok, cache)
+    assert again.num_tokens == tf.num_tokens and tf.path.stat().st_size == 2 * tf.num_tokens
+
+
+def test_dtype_fits_the_vocabulary() -> None:
+    assert token_dtype(257) == np.dtype("<u2")
+    assert token_dtype(65_536) == np.dtype("<u2")
+    assert token_dtype(65_537) == np.dtype("<u4")
+
+
+def test_windows_are_a_function_of_seed_epoch_step(corpus: Path, tmp_path: Path) -> None:
+    text = load_text(
+        str(corpus / "[ab].py"), str(corpus / "val.py"), block_size=16,
+        cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    n_tok, steps = text.train.tokens.num_tokens, text.steps_per_epoch(4)
+    assert steps == num_windows(n_tok, 16) // 4 > 2
+    ids = torch.from_numpy(np.asarray(text.train.tokens.open()).astype(np.int64))
+    epoch = [text.train_batch(4, seed=3, epoch=1, step=s) for s in range(steps)]
+    resumed = [text.train_batch(4, seed=3, epoch=1, step=s) for s in range(2, steps)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+               for a, b in zip(epoch[2:], resumed, strict=True))  # fmt: skip
+    starts = torch.cat([window_starts(n_tok, 16, 4, 3, 1, s) for s in range(steps)])
+    assert len(set(starts.tolist())) == starts.numel()  # no window twice in an epoch
+    assert ((starts - epoch_offset(3, 1, 16)) % 16 == 0).all()
+    x, y = epoch[0]
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    s0 = int(starts[0])
+    assert torch.equal(x[0], ids[s0 : s0 + 16]) and torch.equal(y[0], ids[s0 + 1 : s0 + 17])
+    other_epoch = window_starts(n_tok, 16, 4, 3, 2, 0)
+    other_seed = window_starts(n_tok, 16, 4, 4, 1, 0)
+    assert not torch.equal(other_epoch, starts[:4]) and not torch.equal(other_seed, starts[:4])
+    # a DataLoader worker's pickled copy carries the path, not the tokens
+    text.train.read([0])  # the map is open here
+    copy = pickle.loads(pickle.dumps(text.train))
+    assert copy._map is None and len(pickle.dumps(text.train)) < 2_000
+    assert torch.equal(copy.read([5])[0], text.train.read([5])[0])
+
+
+def test_validation_reads_consecutive_windows_up_to_val_tokens(
+    corpus: Path, tmp_path: Path
+) -> None:
+    text = load_text(
+        str(corpus / "a.py"), str(corpus / "val.py"), block_size=8, val_tokens=100,
+        cache_dir=tmp_path / "cache",
+    )  # fmt: skip
+    assert val_starts(1_000, 8, 100).tolist() == [8 * i for i in range(12)]
+    assert val_starts(50, 8, 100).tolist() == [8 * i for i in range(6)]  # (50 - 1) // 8
+    batches = list(text.val_batches(5))
+    assert [b[0].shape[0] for b in batches] == [5, 5, 2]
+    ids = np.asarray(text.val.tokens.open()).astype(np.int64)
+    assert torch.cat([b[0] for b in batches]).flatten().tolist() == ids[:96].tolist()
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_bad_inputs_are_one_line(corpus: Path, tmp_path: Path) -> None:
+    cache, good = tmp_path / "cache", str(corpus / "a.py")
+    cases = {
+        str(tmp_path / "missing.txt"): "no such file",
+        str(tmp_path / "nothing*.txt"): "matches no file",
+        _write(tmp_path / "empty.txt", b""): "the file is empty",
+        _write(tmp_path / "latin1.txt", b"abc\ncaf\xe9\n"): "not UTF-8 text (byte 7",
+    }
+    for path, words in cases.items():
+        with pytest.raises(DataError, match=None) as err:
+            load_text(path, good, block_size=8, cache_dir=cache)
+        assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(DataError, match="cannot fill one window"):
+        load_text(good, _write(tmp_path / "short.txt", b"abc"), block_size=8, cache_dir=cache)
+    with pytest.raises(ConfigError, match="tokenizer nope.json: no such file"):
+        load_tokenizer("nope.json")
+    assert not any(p.suffix == ".tokens" and "latin" in p.name for p in cache.iterdir())
+
+
+def test_config_takes_text_settings_only_for_text() -> None:
+    base = {"cohort": {"size": 2, "model": "mlp"}}
+    text = {"name": "text", "train": "a/*.txt", "val": "b.txt", "block_size": 64}
+    cfg = parse_config({**base, "data": text})
+    assert cfg.data.block_size == 64
+    image_hash = parse_config(dict(base)).hash()
+    assert parse_config({**base, "data": {"name": "digits"}}).hash() == image_hash
+    with pytest.raises(ConfigError, match="data.block_size: text data needs it"):
+        parse_config({**base, "data": {"name": "text", "train": "a", "val": "b"}})
+    with pytest.raises(ConfigError, match="data.block_size: only text data"):
+        parse_config({**base, "data": {"name": "digits", "block_size": 8}})
+    moved = parse_config({**base, "data": {**text, "cache_dir": "/elsewhere"}})
+    assert moved.hash() == cfg.hash()  # where the cache lies does not change the numbers
+
+
+def test_bpe_tokenizer_trained_round_trips(corpus: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers")
+    out = train_bpe([corpus / "a.py", corpus / "b.py"], 300, tmp_path / "tok" / "tokenizer.json")
+    tok = load_tokenizer(str(out))
+    assert tok.vocab_size == 300 and tok.decode([tok.eot_id]) == EOT_TOKEN
+    sample = "class Point:\n    def add(self):  # ünïcode\n"
+    assert tok.decode(tok.encode(sample).tolist()) == sample
+    assert len(tok.encode(sample)) < len(sample.encode())  # merges learnt
+    tf = tokenize_split(str(corpus / "a.py"), "train", tok, tmp_path / "cache")
+    other = tokenize_split(str(corpus / "a.py"), "train", ByteTokenizer(), tmp_path / "cache")
+    assert tf.path != other.path  # the tokenizer is part of the key
+    assert np.asarray(tf.open())[-1] == tok.eot_id
+
+
+def _cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    """`dml-cluster ARGS` in this process (no second torch import); its exit status."""
+    from dml_cluster.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dml-cluster", *args])
+    try:
+        main()
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
+def test_cli_trains_a_tokenizer_and_refuses_bad_files_in_one_line(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("tokenizers")
+    out = tmp_path / "t.json"
+    assert _cli(["tokenizer", "train", str(corpus / "a.py"), "--vocab", "280", "--out", str(out)],
+                monkeypatch) == 0  # fmt: skip
+    assert load_tokenizer(str(out)).vocab_size == 280 and str(out) in capsys.readouterr().out
+    bad = _write(tmp_path / "bad.txt", b"\xff\xfe")
+    refused = ["tokenizer", "train", bad, "--vocab", "280", "--out", str(tmp_path / "u.json")]
+    assert _cli(refused, monkeypatch) == 2 and not (tmp_path / "u.json").exists()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8 text (byte 0" in err, err
