@@ -603,6 +603,7 @@ def check_names(cfg: Config) -> None:
             check_model_name(model)
         except ConfigError as err:
             raise ConfigError(f"config error: {key}: {err}") from None
+        check_model_kind(key, model, text=cfg.data.name == "text")
     if cfg.data.name == "text":
         check_text_settings(cfg)
         return
@@ -612,6 +613,23 @@ def check_names(cfg: Config) -> None:
             f"(known: {', '.join(dataset_names())})"
         )
     check_data_settings(cfg)
+
+
+def check_model_kind(key: str, model: str, *, text: bool) -> None:
+    """Language models (token ids in) for text data, image models for images. A user's factory
+    (`module:function`) is taken as it comes: its first forward pass tells."""
+    from dml_cluster.models import is_token_model
+
+    if ":" in model or text == is_token_model(model):
+        return
+    if text:
+        raise ConfigError(
+            f"config error: {key}: {model!r} is not a language model; text data needs one "
+            "(e.g. gpt)"
+        )
+    raise ConfigError(
+        f"config error: {key}: {model!r} is a language model; it needs data.name: text"
+    )
 
 
 def check_text_settings(cfg: Config) -> None:

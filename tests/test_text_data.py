@@ -151,16 +151,17 @@ def test_bad_inputs_are_one_line(corpus: Path, tmp_path: Path) -> None:
 
 def test_config_takes_text_settings_only_for_text() -> None:
     base = {"cohort": {"size": 2, "model": "mlp"}}
+    lm = {"cohort": {"size": 2, "model": "gpt"}}
     text = {"name": "text", "train": "a/*.txt", "val": "b.txt", "block_size": 64}
-    cfg = parse_config({**base, "data": text})
+    cfg = parse_config({**lm, "data": text})
     assert cfg.data.block_size == 64
     image_hash = parse_config(dict(base)).hash()
     assert parse_config({**base, "data": {"name": "digits"}}).hash() == image_hash
     with pytest.raises(ConfigError, match="data.block_size: text data needs it"):
-        parse_config({**base, "data": {"name": "text", "train": "a", "val": "b"}})
+        parse_config({**lm, "data": {"name": "text", "train": "a", "val": "b"}})
     with pytest.raises(ConfigError, match="data.block_size: only text data"):
         parse_config({**base, "data": {"name": "digits", "block_size": 8}})
-    moved = parse_config({**base, "data": {**text, "cache_dir": "/elsewhere"}})
+    moved = parse_config({**lm, "data": {**text, "cache_dir": "/elsewhere"}})
     assert moved.hash() == cfg.hash()  # where the cache lies does not change the numbers
 
 

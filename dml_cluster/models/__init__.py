@@ -1,6 +1,7 @@
 """Model zoo: every architecture is registered by name and built with `build_model`.
 
 >>> model = build_model("resnet20", (3, 32, 32), 10)  # name, input shape, classes
+>>> lm = build_model("gpt", (256,), 257)  # a language model: (block_size,), vocabulary size
 
 Each family module registers its builders when imported; all of them are imported here, and so
 are the sources of models built elsewhere: `torchvision.<builder>`, `timm.<name>` (the optional
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dml_cluster.models import (
     cnn,
     factory_source,
+    gpt,
     mlp,
     mobilenetv2,
     resnet18,
@@ -27,6 +29,7 @@ from dml_cluster.models.registry import (
     build_model,
     check_model_name,
     is_builtin,
+    is_token_model,
     model_names,
     model_options,
     register,
@@ -40,7 +43,9 @@ __all__ = [
     "check_model_name",
     "cnn",
     "factory_source",
+    "gpt",
     "is_builtin",
+    "is_token_model",
     "mlp",
     "mobilenetv2",
     "model_names",

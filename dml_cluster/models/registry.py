@@ -24,11 +24,14 @@ from torch import nn
 from dml_cluster.errors import ConfigError
 
 InputShape = tuple[int, int, int]
+TokenShape = tuple[int]
+"""A token model's input shape: (block_size,), windows of token ids [B, T]."""
 Builder = Callable[..., nn.Module]
 FACTORY_SCHEME = ":"
 
 _REGISTRY: dict[str, Builder] = {}
 _OPTIONS: dict[str, tuple[str, ...]] = {}
+_TOKEN_MODELS: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,11 @@ class ModelSource:
 _SOURCES: dict[str, ModelSource] = {}
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Decorator: register `builder` under `name` (a duplicate name is a programming error)."""
+def register(name: str, *, tokens: bool = False) -> Callable[[Builder], Builder]:
+    """Decorator: register `builder` under `name` (a duplicate name is a programming error).
+
+    `tokens`: a language model; its input shape is (block_size,), its input int64 token ids
+    [B, T], its logits [B, T, num_classes] (num_classes: the vocabulary size)."""
 
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY:
@@ -59,6 +65,8 @@ def register(name: str) -> Callable[[Builder], Builder]:
             )
         _REGISTRY[name] = builder
         _OPTIONS[name] = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+        if tokens:
+            _TOKEN_MODELS.add(name)
         return builder
 
     return decorator
@@ -80,6 +88,11 @@ def model_names() -> list[str]:
 def is_builtin(name: str) -> bool:
     """Is `name` one of the project's own architectures (not torchvision, timm or user code)?"""
     return name in _REGISTRY
+
+
+def is_token_model(name: str) -> bool:
+    """Is `name` a built-in language model (token ids in, per-position logits out)?"""
+    return name in _TOKEN_MODELS
 
 
 def model_options(name: str) -> tuple[str, ...]:
@@ -150,16 +163,34 @@ def _check_input_shape(name: str, input_shape: Any) -> InputShape:
     return shape  # type: ignore[return-value]
 
 
+def _check_token_shape(name: str, input_shape: Any) -> TokenShape:
+    try:
+        shape = tuple(int(v) for v in input_shape)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 1 or shape[0] < 1:
+        raise ConfigError(
+            f"model '{name}': input_shape must be (block_size,), a positive int, "
+            f"got {input_shape!r}"
+        )
+    return shape  # type: ignore[return-value]
+
+
 def build_model(
-    name: str, input_shape: InputShape, num_classes: int, /, **kwargs: Any
+    name: str, input_shape: InputShape | TokenShape, num_classes: int, /, **kwargs: Any
 ) -> nn.Module:
-    """Build model `name` for inputs [B, *input_shape] -> logits [B, num_classes].
+    """Build model `name` for inputs [B, *input_shape] -> logits [B, num_classes]; a token
+    model (`is_token_model`): token ids [B, T] -> logits [B, T, num_classes], T <= block_size
+    of input_shape (block_size,).
 
     Raises ConfigError for an unknown name, an option the model does not take, or a bad value;
     for a model from a source, also when what it built is no nn.Module or does not map such a
     batch to such logits.
     """
-    shape = _check_input_shape(name, input_shape)
+    if name in _TOKEN_MODELS:
+        shape: Any = _check_token_shape(name, input_shape)
+    else:
+        shape = _check_input_shape(name, input_shape)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(
             f"model '{name}': num_classes must be a positive int, got {num_classes!r}"
