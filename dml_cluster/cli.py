@@ -353,6 +353,24 @@ def tokenizer_train(files: tuple[str, ...], vocab: int, out: str) -> None:
     click.echo(f"tokenizer: {path} ({vocab} ids; use it with --set data.tokenizer={path})")
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--peer", required=True, help="The peer (its name) whose final weights write.")
+@click.option("--prompt", default="", help="The text to continue (default: a new document).")
+@click.option("--tokens", type=click.IntRange(min=1), default=100, show_default=True,
+              help="New tokens to sample at most (fewer if end-of-text comes).")  # fmt: skip
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Softmax temperature; 0: the most probable token (greedy).")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
+def generate(
+    run_dir: str, peer: str, prompt: str, tokens: int, temperature: float, seed: int
+) -> None:
+    """Print text sampled from a trained language-model peer of RUN_DIR."""
+    from dml_cluster.generate import generate_from_run
+
+    click.echo(generate_from_run(run_dir, peer, prompt, tokens, temperature, seed))
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and an exit status, never a traceback."""
     write_whole_lines()  # peer processes share a terminal or log: no line split by another's

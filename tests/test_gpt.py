@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dml_cluster.config import parse_config
+from dml_cluster.data.tokenizers import ByteTokenizer
 from dml_cluster.errors import ConfigError
+from dml_cluster.generate import generate_from_run
 from dml_cluster.models import build_model, is_token_model, model_options
+from dml_cluster.run_folder import record_config
 
 V, T = 257, 16
 
@@ -106,3 +111,49 @@ def test_config_pairs_token_models_with_text_data() -> None:
         parse_config({"cohort": {"size": 2, "model": "gpt"}})
     with pytest.raises(ConfigError, match="cohort.model: 'mlp' is not a language model"):
         parse_config({"cohort": {"size": 2, "model": "mlp"}, "data": text})
+
+
+def _run_folder(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A finished run's folder as generate reads it: config.yaml and final/<peer>.pt."""
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    args = {"n_layer": 1, "n_head": 2, "n_embd": 16}
+    raw = {
+        "cohort": {"size": 2, "model": "gpt", "args": args},
+        "data": {"name": "text", "train": "a.txt", "val": "b.txt", "block_size": 8},
+    }
+    record_config(run, parse_config(raw).to_dict())
+    torch.manual_seed(5)
+    model = build_model("gpt", (8,), 257, **args)
+    torch.save(model.state_dict(), run / "final" / "gpt-1.pt")
+    return run, model
+
+
+def test_generate_greedy_and_seeded_sampling(tmp_path: Path) -> None:
+    run, model = _run_folder(tmp_path)
+    prompt = "héllo wörld"  # 13 bytes: longer than the context of 8
+    ids = list(prompt.encode())
+    for _ in range(12):  # greedy by hand, the latest 8 tokens as context
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids[-8:]]))[0, -1].argmax()))
+        if ids[-1] == 256:
+            break
+    greedy = generate_from_run(run, "gpt-1", prompt, tokens=12)
+    assert greedy == prompt + ByteTokenizer().decode(ids[13:])
+    hot = [
+        generate_from_run(run, "gpt-1", "ab", tokens=12, temperature=1.5, seed=s) for s in (1, 1, 2)
+    ]
+    assert hot[0] == hot[1] != hot[2]
+    assert generate_from_run(run, "gpt-1", "", tokens=3) == generate_from_run(
+        run, "gpt-1", "", tokens=3
+    )  # an empty prompt starts from end-of-text
+
+
+def test_generate_refuses_in_one_line(tmp_path: Path) -> None:
+    run, _ = _run_folder(tmp_path)
+    with pytest.raises(ConfigError, match=r"has no peer 'gpt-7' \(peers: gpt-0, gpt-1\)"):
+        generate_from_run(run, "gpt-7", "x")
+    with pytest.raises(ConfigError, match=r"final/gpt-0.pt: no such file"):
+        generate_from_run(run, "gpt-0", "x")
+    with pytest.raises(ConfigError, match="has no config.yaml"):
+        generate_from_run(tmp_path, "gpt-0", "x")
