@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pickle
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from dml_cluster.config import parse_config
 from dml_cluster.data.text import (
+    TokenFile,
+    WindowSampler,
+    _exclusive,
+    cache_key,
     epoch_offset,
     load_text,
     num_windows,
@@ -81,6 +87,10 @@ def test_dtype_fits_the_vocabulary() -> None:
     assert token_dtype(65_537) == np.dtype("<u4")
 
 
+def _as_is(batch: object) -> object:
+    return batch
+
+
 def test_windows_are_a_function_of_seed_epoch_step(corpus: Path, tmp_path: Path) -> None:
     text = load_text(
         str(corpus / "[ab].py"), str(corpus / "val.py"), block_size=16,
@@ -103,6 +113,13 @@ def test_windows_are_a_function_of_seed_epoch_step(corpus: Path, tmp_path: Path)
     other_epoch = window_starts(n_tok, 16, 4, 3, 2, 0)
     other_seed = window_starts(n_tok, 16, 4, 4, 1, 0)
     assert not torch.equal(other_epoch, starts[:4]) and not torch.equal(other_seed, starts[:4])
+    sampler = WindowSampler(n_tok, 16, 4, seed=3, epoch=1, first=2, stop=steps)
+    assert len(sampler) == steps - 2
+    assert torch.equal(torch.tensor(list(sampler)).flatten(), starts[8:])
+    # a DataLoader (its workers' pickled copies) reads the same batches
+    loader = DataLoader(text.train, batch_sampler=sampler, collate_fn=_as_is, num_workers=1)
+    got = list(loader)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, epoch[2:], strict=True))
     # a DataLoader worker's pickled copy carries the path, not the tokens
     text.train.read([0])  # the map is open here
     copy = pickle.loads(pickle.dumps(text.train))
@@ -204,3 +221,20 @@ def test_cli_trains_a_tokenizer_and_refuses_bad_files_in_one_line(
     assert _cli(refused, monkeypatch) == 2 and not (tmp_path / "u.json").exists()
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not UTF-8 text (byte 0" in err, err
+
+
+def test_one_writer_the_others_wait_and_read_its_file(corpus: Path, tmp_path: Path) -> None:
+    cache, tok = tmp_path / "cache", ByteTokenizer()
+    cache.mkdir()
+    key, _ = cache_key([corpus / "a.py"], tok)
+    found: list[TokenFile] = []
+    with _exclusive(cache / f"{key}.lock"):  # another process is writing this split
+        reader = threading.Thread(
+            target=lambda: found.append(tokenize_split(str(corpus / "a.py"), "train", tok, cache))
+        )
+        reader.start()
+        reader.join(0.3)
+        assert reader.is_alive() and not found  # waits on the lock; writes nothing meanwhile
+        assert not (cache / f"{key}.tokens").exists()
+    reader.join(10)
+    assert found and found[0].num_tokens == len(CORPUS) + 1

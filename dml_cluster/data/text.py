@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
 
 from dml_cluster.data.sampler import batch_indices, epoch_order
 from dml_cluster.data.seeding import derive_seed
@@ -216,6 +217,29 @@ def window_starts(
     return (
         epoch_offset(seed, epoch, block_size) + batch_indices(order, step, batch_size) * block_size
     )
+
+
+class WindowSampler(Sampler[list[int]]):
+    """The window starts of steps `first`..`stop - 1` of `epoch`, one list per step: what the
+    loader's `StepSampler` is for image batches (same order, same resume rule), for
+    `TokenWindows.__getitems__`."""
+
+    def __init__(
+        self, num_tokens: int, block_size: int, batch_size: int, seed: int, epoch: int,
+        first: int, stop: int,
+    ) -> None:  # fmt: skip
+        self.num_tokens, self.block_size, self.batch_size = num_tokens, block_size, batch_size
+        self.seed, self.epoch, self.first, self.stop = seed, epoch, first, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = epoch_order(num_windows(self.num_tokens, self.block_size), self.seed, self.epoch)
+        offset = epoch_offset(self.seed, self.epoch, self.block_size)
+        for step in range(self.first, self.stop):
+            idx = batch_indices(order, step, self.batch_size)
+            yield (offset + idx * self.block_size).tolist()
+
+    def __len__(self) -> int:
+        return max(self.stop - self.first, 0)
 
 
 def val_starts(num_tokens: int, block_size: int, val_tokens: int) -> Tensor:
