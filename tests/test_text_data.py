@@ -159,6 +159,13 @@ def test_bad_inputs_are_one_line(corpus: Path, tmp_path: Path) -> None:
         with pytest.raises(DataError, match=None) as err:
             load_text(path, good, block_size=8, cache_dir=cache)
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    (tmp_path / "globbed").mkdir()
+    _write(tmp_path / "globbed" / "__init__.py", b"")
+    with pytest.raises(DataError, match="globbed/\\*.py: matches only empty files"):
+        load_text(str(tmp_path / "globbed" / "*.py"), good, block_size=8, cache_dir=cache)
+    _write(tmp_path / "globbed" / "mod.py", b"x = 1\n" * 3)
+    skipped = load_text(str(tmp_path / "globbed" / "*.py"), good, block_size=4, cache_dir=cache)
+    assert skipped.train.tokens.num_tokens == 3 * len(b"x = 1\n") + 1  # the empty file: skipped
     with pytest.raises(DataError, match="cannot fill one window"):
         load_text(good, _write(tmp_path / "short.txt", b"abc"), block_size=8, cache_dir=cache)
     with pytest.raises(ConfigError, match="tokenizer nope.json: no such file"):

@@ -2,7 +2,8 @@
 the training and validation windows read from it.
 
 `data.name: text` with `data.train` and `data.val` (a path, a glob, or a list of them; nothing
-is downloaded). A split's files, in sorted order of each pattern, are joined with the
+is downloaded). A split's files, in sorted order of each pattern (empty ones a glob matches
+skipped), are joined with the
 tokenizer's end-of-text id between them and after the last one, and tokenized once into
 `<data.cache_dir>/<key>.tokens`: the ids as little-endian uint16 (a vocabulary of at most
 65,536 ids) or uint32, plus `<key>.json` describing them. The cache folder lies under the
@@ -65,8 +66,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def resolve_files(patterns: str | Sequence[str], split: str) -> list[Path]:
-    """The files of a split: each pattern a path or a glob (sorted matches), in the given order;
-    a pattern matching nothing is a one-line DataError."""
+    """The files of a split: each pattern a path or a glob (sorted matches), in the given order.
+    Empty files a glob matches are skipped (a corpus may hold some); a pattern matching nothing,
+    or only empty files, is a one-line DataError, and so is an empty file named as such."""
     items = [patterns] if isinstance(patterns, str) else list(patterns)
     if not items:
         raise DataError(f"data.{split}: no files given")
@@ -78,6 +80,9 @@ def resolve_files(patterns: str | Sequence[str], split: str) -> list[Path]:
             matches = [m for m in matches if os.path.isfile(m)]
             if not matches:
                 raise DataError(f"data.{split}: {pattern}: matches no file")
+            matches = [m for m in matches if os.path.getsize(m) > 0]  # (empty __init__.py)
+            if not matches:
+                raise DataError(f"data.{split}: {pattern}: matches only empty files")
             files += [Path(m) for m in matches]
         else:
             files.append(Path(expanded))
