@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dml_cluster.config import load_config
 from dml_cluster.errors import ConfigError
+from dml_cluster.run_folder import CONFIG_FILE
 
 
 @torch.no_grad()
@@ -68,13 +70,14 @@ def generate_from_run(
     seed: int = 0,
 ) -> str:
     """The prompt and what peer `peer` of the run in `run_dir` writes after it."""
-    from dml_cluster.analyze import run_config
     from dml_cluster.cohort import read_weights
     from dml_cluster.data.tokenizers import load_tokenizer
     from dml_cluster.models import build_model
 
     run_dir = Path(run_dir)
-    cfg = run_config(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError(f"generate: {run_dir} has no {CONFIG_FILE} (not a run folder?)")
+    cfg = load_config(run_dir / CONFIG_FILE)
     if cfg.data.name != "text" or cfg.data.block_size is None:
         raise ConfigError(f"generate: {run_dir} did not train language models (data.name: text)")
     names = [p.name for p in cfg.peers]
