@@ -638,9 +638,15 @@ def check_text_settings(cfg: Config) -> None:
     for key in ("train", "val", "block_size"):
         if getattr(cfg.data, key) is None:
             raise ConfigError(f"config error: data.{key}: text data needs it")
-    for key in ("factory", "image_size", "normalize", "train_subset"):
+    for key in ("root", "factory", "image_size", "normalize", "train_subset"):
         if getattr(cfg.data, key) is not None:
             raise ConfigError(f"config error: data.{key}: text data does not take it")
+    if cfg.data.options:
+        raise ConfigError("config error: data.options: text data does not take it")
+    if cfg.data.label_fraction != 1.0:
+        raise ConfigError("config error: data.label_fraction: text data has no labels to hide")
+    if cfg.data.augment != AugmentConfig():
+        raise ConfigError("config error: data.augment: text data is not augmented")
 
 
 def check_data_settings(cfg: Config) -> None:

@@ -183,6 +183,10 @@ def test_config_takes_text_settings_only_for_text() -> None:
     assert parse_config({**base, "data": {"name": "digits"}}).hash() == image_hash
     with pytest.raises(ConfigError, match="data.block_size: text data needs it"):
         parse_config({**lm, "data": {"name": "text", "train": "a", "val": "b"}})
+    with pytest.raises(ConfigError, match="data.label_fraction: text data has no labels"):
+        parse_config({**lm, "data": {**text, "label_fraction": 0.5}})
+    with pytest.raises(ConfigError, match="data.image_size: text data does not take it"):
+        parse_config({**lm, "data": {**text, "image_size": 32}})
     with pytest.raises(ConfigError, match="data.block_size: only text data"):
         parse_config({**base, "data": {"name": "digits", "block_size": 8}})
     moved = parse_config({**lm, "data": {**text, "cache_dir": "/elsewhere"}})
