@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import sys
 import threading
@@ -249,3 +250,30 @@ def test_one_writer_the_others_wait_and_read_its_file(corpus: Path, tmp_path: Pa
         assert not (cache / f"{key}.tokens").exists()
     reader.join(10)
     assert found and found[0].num_tokens == len(CORPUS) + 1
+
+
+def test_the_benchmark_corpus_is_the_stdlib_split_by_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lm_corpus.py"
+    spec = importlib.util.spec_from_file_location("lm_corpus", path)
+    assert spec is not None and spec.loader is not None
+    lm_corpus = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lm_corpus", lm_corpus)  # (its dataclass looks itself up)
+    spec.loader.exec_module(lm_corpus)
+    root = tmp_path / "lib"
+    names = [f"pkg{i}/mod{j}.py" for i in range(5) for j in range(8)]
+    skipped = ["test/test_x.py", "site-packages/y.py", "idlelib/idle_test/z.py", "pkg0/n.txt"]
+    for name in names + skipped + ["pkg0/__init__.py"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("" if name.endswith("__init__.py") else f"# {name}\n")
+    corpus = lm_corpus.stdlib_corpus(root)
+    found = sorted(str(p.relative_to(root)) for p in corpus.train + corpus.val)
+    assert found == sorted(names) and corpus.val and corpus.train  # by file, tests/empty out
+    facts = corpus.facts()
+    assert facts["train_files"] + facts["val_files"] == len(names)
+    (root / "pkg9").mkdir()
+    (root / "pkg9" / "new.py").write_text("x = 1\n")  # a new file moves no other file
+    again = lm_corpus.stdlib_corpus(root)
+    assert set(corpus.val) <= set(again.val) and set(corpus.train) <= set(again.train)
+    assert again.facts()["file_list_sha256"] != facts["file_list_sha256"]
