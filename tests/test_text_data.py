@@ -202,6 +202,13 @@ def test_bpe_tokenizer_trained_round_trips(corpus: Path, tmp_path: Path) -> None
     sample = "class Point:\n    def add(self):  # ünïcode\n"
     assert tok.decode(tok.encode(sample).tolist()) == sample
     assert len(tok.encode(sample)) < len(sample.encode())  # merges learnt
+    for text, words in (("{not json", "not a tokenizers file ("), (out.read_text().replace(
+            EOT_TOKEN, "<|other|>"), "has no end-of-text token")):  # fmt: skip
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load_tokenizer(str(bad))
+        assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
     tf = tokenize_split(str(corpus / "a.py"), "train", tok, tmp_path / "cache")
     other = tokenize_split(str(corpus / "a.py"), "train", ByteTokenizer(), tmp_path / "cache")
     assert tf.path != other.path  # the tokenizer is part of the key
