@@ -169,6 +169,8 @@ def test_bad_inputs_are_one_line(corpus: Path, tmp_path: Path) -> None:
     assert skipped.train.tokens.num_tokens == 3 * len(b"x = 1\n") + 1  # the empty file: skipped
     with pytest.raises(DataError, match="cannot fill one window"):
         load_text(good, _write(tmp_path / "short.txt", b"abc"), block_size=8, cache_dir=cache)
+    with pytest.raises(ConfigError, match="data.val_tokens: 4 positions hold no validation"):
+        load_text(good, good, block_size=8, val_tokens=4, cache_dir=cache)
     with pytest.raises(ConfigError, match="tokenizer nope.json: no such file"):
         load_tokenizer("nope.json")
     assert not any(p.suffix == ".tokens" and "latin" in p.name for p in cache.iterdir())

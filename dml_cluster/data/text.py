@@ -342,6 +342,12 @@ def load_text(
         raise ConfigError(f"config error: {missing}: text data needs it (a path or a glob)")
     if block_size is None:
         raise ConfigError("config error: data.block_size: text data needs it (tokens per window)")
+    val_tokens = DEFAULT_VAL_TOKENS if val_tokens is None else val_tokens
+    if val_tokens < block_size:
+        raise ConfigError(
+            f"config error: data.val_tokens: {val_tokens} positions hold no validation window of "
+            f"data.block_size {block_size}"
+        )
     tok = load_tokenizer(tokenizer)
     cache = Path(cache_dir)
     train_tokens = tokenize_split(train, "train", tok, cache)
@@ -353,10 +359,7 @@ def load_text(
             f"data.block_size {block_size}"
         )
     val_windows = TokenWindows(val_tokens_file, block_size)
-    return TextData(
-        tok, windows, val_windows, block_size,
-        DEFAULT_VAL_TOKENS if val_tokens is None else val_tokens,
-    )  # fmt: skip
+    return TextData(tok, windows, val_windows, block_size, val_tokens)
 
 
 def load_text_config(data: Any, out_dir: str | Path) -> TextData:
