@@ -3,9 +3,8 @@ the training and validation windows read from it.
 
 `data.name: text` with `data.train` and `data.val` (a path, a glob, or a list of them; nothing
 is downloaded). A split's files, in sorted order of each pattern (empty ones a glob matches
-skipped), are joined with the
-tokenizer's end-of-text id between them and after the last one, and tokenized once into
-`<data.cache_dir>/<key>.tokens`: the ids as little-endian uint16 (a vocabulary of at most
+skipped), are joined with the tokenizer's end-of-text id between them and after the last one,
+and tokenized once into `<data.cache_dir>/<key>.tokens`: the ids as little-endian uint16 (a vocabulary of at most
 65,536 ids) or uint32, plus `<key>.json` describing them. The cache folder lies under the
 output directory (default `<run.out_dir>/.cache/tokens`), never beside the data, which may be
 read-only. The key hashes the split's file paths, sizes and content hashes and the tokenizer's
