@@ -97,6 +97,7 @@ def test_windows_are_a_function_of_seed_epoch_step(corpus: Path, tmp_path: Path)
         str(corpus / "[ab].py"), str(corpus / "val.py"), block_size=16,
         cache_dir=tmp_path / "cache",
     )  # fmt: skip
+    assert (text.input_shape, text.num_classes) == ((16,), 257)  # what build_model takes
     n_tok, steps = text.train.tokens.num_tokens, text.steps_per_epoch(4)
     assert steps == num_windows(n_tok, 16) // 4 > 2
     ids = torch.from_numpy(np.asarray(text.train.tokens.open()).astype(np.int64))

@@ -305,6 +305,16 @@ class TextData:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    @property
+    def input_shape(self) -> tuple[int]:
+        """What `models.build_model` takes for a token model: (block_size,)."""
+        return (self.block_size,)
+
+    @property
+    def num_classes(self) -> int:
+        """The classes of every position's prediction: the vocabulary."""
+        return self.tokenizer.vocab_size
+
     def steps_per_epoch(self, batch_size: int) -> int:
         return num_windows(self.train.tokens.num_tokens, self.block_size) // batch_size
 
