@@ -4,13 +4,13 @@ the training and validation windows read from it.
 `data.name: text` with `data.train` and `data.val` (a path, a glob, or a list of them; nothing
 is downloaded). A split's files, in sorted order of each pattern (empty ones a glob matches
 skipped), are joined with the tokenizer's end-of-text id between them and after the last one,
-and tokenized once into `<data.cache_dir>/<key>.tokens`: the ids as little-endian uint16 (a vocabulary of at most
-65,536 ids) or uint32, plus `<key>.json` describing them. The cache folder lies under the
-output directory (default `<run.out_dir>/.cache/tokens`), never beside the data, which may be
-read-only. The key hashes the split's file paths, sizes and content hashes and the tokenizer's
-identity, so a changed file or tokenizer is tokenized again and an unchanged one never is. One
-process writes a token file (an exclusive lock on `<key>.lock`; the others wait, then read
-it), atomically (`run_folder.write_atomic`): a reader never sees half of one.
+and tokenized once into `<data.cache_dir>/<key>.tokens`: the ids as little-endian uint16 (a
+vocabulary of at most 65,536 ids) or uint32, plus `<key>.json` describing them. The cache folder
+lies under the output directory (default `<run.out_dir>/.cache/tokens`), never beside the data,
+which may be read-only. The key hashes the split's file paths, sizes and content hashes and the
+tokenizer's identity, so a changed file or tokenizer is tokenized again and an unchanged one
+never is. One process writes a token file (an exclusive lock on `<key>.lock`; the others wait,
+then read it), atomically (`run_folder.write_atomic`): a reader never sees half of one.
 
 Training windows: a split of N tokens holds `n = (N - T) // T` windows of `T = data.block_size`
 tokens (x = tokens[s : s + T], y = tokens[s + 1 : s + T + 1]) on a grid of stride T whose
