@@ -1,7 +1,9 @@
-"""The built-in GPT: shapes, causality, tied weights, parameter count, one-line bad options."""
+"""The built-in GPT: shapes, causality, tied weights, parameter count, one-line bad options;
+sampling from a run (generate) and chunked validation over tokens."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,11 @@ import torch.nn.functional as F
 from dml_cluster.config import parse_config
 from dml_cluster.data.tokenizers import ByteTokenizer
 from dml_cluster.errors import ConfigError
+from dml_cluster.evaluation import evaluate_cohort
 from dml_cluster.generate import generate_from_run
 from dml_cluster.models import build_model, is_token_model, model_options
 from dml_cluster.run_folder import record_config
+from dml_cluster.token_evaluation import TokenEvaluation
 
 V, T = 257, 16
 
@@ -157,3 +161,27 @@ def test_generate_refuses_in_one_line(tmp_path: Path) -> None:
         generate_from_run(run, "gpt-0", "x")
     with pytest.raises(ConfigError, match="has no config.yaml"):
         generate_from_run(tmp_path, "gpt-0", "x")
+
+
+def test_chunked_token_evaluation_matches_the_whole_at_once() -> None:
+    torch.manual_seed(3)
+    names = ["a", "b", "t"]
+    log_ps = {n: F.log_softmax(torch.randn(96, V) * 2, dim=1) for n in names}
+    y = torch.randint(0, V, (96,))
+    y[:30] = log_ps["a"][:30].argmax(1)  # some right answers
+    stream = TokenEvaluation(names, ensemble_of=["a", "b"])
+    for i in range(0, 96, 40):  # uneven chunks: 40, 40, 16
+        stream.add({n: p[i : i + 40] for n, p in log_ps.items()}, y[i : i + 40])
+    got, whole = stream.result(), evaluate_cohort(log_ps, y, V, ensemble_of=["a", "b"])
+    for name in names:
+        for key in ("accuracy", "entropy", "nll", "ece"):
+            assert got["peers"][name][key] == pytest.approx(whole["peers"][name][key], rel=1e-5)
+        assert got["peers"][name]["perplexity"] == pytest.approx(
+            math.exp(whole["peers"][name]["nll"]), rel=1e-5
+        )
+    for key in ("accuracy", "nll", "ece", "entropy"):
+        assert got["ensemble"][key] == pytest.approx(whole["ensemble"][key], rel=1e-5)
+    for pair, values in whole["pairs"].items():
+        for key, value in values.items():
+            assert got["pairs"][pair][key] == pytest.approx(value, rel=1e-5, abs=1e-7)
+    assert got["peers"]["a"]["tokens"] == 96 and got["ensemble"]["members"] == ["a", "b"]
