@@ -647,6 +647,14 @@ def check_text_settings(cfg: Config) -> None:
         raise ConfigError("config error: data.label_fraction: text data has no labels to hide")
     if cfg.data.augment != AugmentConfig():
         raise ConfigError("config error: data.augment: text data is not augmented")
+    for i, peer in enumerate(cfg.peers):  # a context shorter than the windows (built-in models)
+        context = peer.args.get("block_size")
+        if isinstance(context, int) and context < cfg.data.block_size:
+            key = f"cohort.peers.{i}.args" if cfg.cohort.peers else "cohort.args"
+            raise ConfigError(
+                f"config error: {key}.block_size: the model's context ({context} positions) is "
+                f"shorter than data.block_size {cfg.data.block_size}"
+            )
 
 
 def check_data_settings(cfg: Config) -> None:

@@ -115,6 +115,9 @@ def test_config_pairs_token_models_with_text_data() -> None:
         parse_config({"cohort": {"size": 2, "model": "gpt"}})
     with pytest.raises(ConfigError, match="cohort.model: 'mlp' is not a language model"):
         parse_config({"cohort": {"size": 2, "model": "mlp"}, "data": text})
+    short = {"peers": [{"model": "gpt"}, {"model": "gpt", "args": {"block_size": 16}}]}
+    with pytest.raises(ConfigError, match=r"cohort.peers.1.args.block_size: the model's context"):
+        parse_config({"cohort": short, "data": text})
 
 
 def _run_folder(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
