@@ -11,12 +11,13 @@ call a method: they are frozen. The interface is described in `methods/base.py`.
 - `kd` (kd.py): Hinton KD from the teachers; with `peer_weight` > 0 also DML among students.
 - `dkd` (dkd.py): decoupled KD (TCKD + NCKD) from the teachers, linear warm-up.
 - `fitnets` (fitnets.py): hints then KD, the teacher inside the student's process.
+- `at` (at.py): attention transfer, the teacher inside the student's process.
 """
 
 from __future__ import annotations
 
 from dml_cluster.method_config.base import MethodSettings
-from dml_cluster.methods import dkd, dml, fitnets, kd
+from dml_cluster.methods import at, dkd, dml, fitnets, kd
 from dml_cluster.methods.base import (
     LossParts,
     Method,
@@ -49,6 +50,7 @@ METHODS: dict[str, type[Method]] = {
     "kd": kd.KnowledgeDistillation,
     "dkd": dkd.DecoupledKD,
     "fitnets": fitnets.FitNets,
+    "at": at.AttentionTransfer,
 }
 """The registry: `method.name` -> the method (its settings: `dml_cluster.method_config`)."""
 
