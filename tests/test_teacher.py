@@ -92,6 +92,11 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> OneProcessRuns:
     fitnets_raw = _fitnets_raw(root / "fitnets", fitnets_teacher)
     fitnets = root / "fitnets" / "fitnets.yaml"
     fitnets.write_text(yaml.safe_dump(fitnets_raw))
+    at = root / "fitnets" / "at.yaml"  # the same cohort and teacher, AT under bf16 autocast
+    layers = [["blocks.0", "blocks.1"], ["blocks.2", "blocks.2"]]
+    at_method = {"name": "at", "teacher": fitnets_raw["method"]["teacher"], "layers": layers}
+    at_run = {**fitnets_raw["run"], "precision": "bf16"}
+    at.write_text(yaml.safe_dump({**fitnets_raw, "run": at_run, "method": at_method}))
     bad_teacher = _save_teacher(root / "bad" / "teacher.pt", "small_cnn", {"width": 4})
     bad = _kd_config(root / "bad", bad_teacher)
     commands = {  # the refusal first: it meets a fresh interpreter, as its own process would
@@ -101,6 +106,7 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> OneProcessRuns:
         "sequential": ["train", str(config), *sets(
             f"run.out_dir={runs}", "run.name=sequential", "cohort.update=sequential")],
         "fitnets": ["train", str(fitnets), *sets(f"run.out_dir={runs}", "run.name=fitnets")],
+        "at": ["train", str(at), *sets(f"run.out_dir={runs}", "run.name=at")],
     }  # fmt: skip
     done = cli_each(list(commands.values()), root / "one_process.json")
     return OneProcessRuns(
@@ -164,6 +170,16 @@ def test_fitnets_stage_one_trains_only_up_to_the_guided_layer(one_process: OnePr
     assert all(k.startswith("blocks.2.") and "running" in k or "num_batches" in k
                for k in changed if not k.startswith(("blocks.0.", "blocks.1.")))  # fmt: skip
     assert torch.equal(start["fc.weight"], after["fc.weight"])
+
+
+def test_at_trains_with_a_teacher_in_process_under_bf16(one_process: OneProcessRuns) -> None:
+    """The FitNets cohort with method `at` (its teacher, two layer pairs, the first pooling the
+    student's 4x4 maps to the teacher's 2x2) and bf16 autocast: the student learns everywhere."""
+    after = final_weights(_trained(one_process, "at"))["s"]
+    start = build_peer(parse_config(one_process.fitnets_raw), 0, DIGITS, 10, torch.device("cpu"))
+    changed = {k for k, v in start.model.state_dict().items() if not torch.equal(v, after[k])}
+    assert {k.split(".")[0] for k in changed} == {"blocks", "fc"}
+    assert all(torch.isfinite(v).all() for v in after.values())
 
 
 def _fitnets_raw(tmp_path: Path, teacher: Path) -> dict:
