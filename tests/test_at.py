@@ -13,8 +13,16 @@ from dml_cluster.cohort import build_peer
 from dml_cluster.config import parse_config
 from dml_cluster.errors import ConfigError
 from dml_cluster.method_config.at import ATConfig
+from dml_cluster.method_config.kd import KDConfig
 from dml_cluster.method_inputs import MethodInputs
-from dml_cluster.methods import Progress, Shapes, StepView, TeacherOutputs, build_method
+from dml_cluster.methods import (
+    Predictions,
+    Progress,
+    Shapes,
+    StepView,
+    TeacherOutputs,
+    build_method,
+)
 from dml_cluster.models import build_model
 from dml_cluster.schema import PeerConfig
 
@@ -109,3 +117,47 @@ def test_the_in_process_teacher_runs_in_the_run_precision_layout_and_compile_mod
     assert given.features["blocks.0"].dtype == torch.bfloat16
     assert given.features["blocks.0"].requires_grad
     assert not given.teacher.features["blocks.1"].requires_grad
+
+
+@pytest.mark.filterwarnings("ignore:.*a meta parameter in the current model")
+def test_each_device_hosting_a_student_runs_its_own_teacher(tmp_path: Path) -> None:
+    """Two students on two devices (the CPU and torch's shape-only "meta" device, standing in
+    for two GPUs): each device gets its own teacher, probed and run on that device's copy of
+    the batch, and each student's inputs stay on its device."""
+    torch.save(build_model("small_cnn", DIGITS, 10, width=8).state_dict(), tmp_path / "t.pt")
+    teacher = {"name": "t", "model": "small_cnn", "args": {"width": 8}, "role": "teacher",
+               "checkpoint": str(tmp_path / "t.pt")}  # fmt: skip
+    cfg = parse_config({
+        "cohort": {"peers": [{"name": n, "model": "small_cnn", "args": {"width": 4}}
+                             for n in "ab"]},
+        "method": {"name": "at", "teacher": teacher, "layers": [["blocks.1", "blocks.1"]]},
+    })  # fmt: skip
+    devices = {0: torch.device("cpu"), 1: torch.device("meta")}
+    inputs = MethodInputs(build_method(cfg.method), cfg.run, DIGITS, 10)
+    peers = {i: build_peer(cfg, i, DIGITS, 10, d, inputs) for i, d in devices.items()}
+    x = torch.randn(4, *DIGITS)
+    features, asked = {}, []
+    for i, peer in peers.items():
+        with inputs.recording(i) as features[i]:
+            peer.model(x.to(devices[i]))
+
+    def input_of(i: int) -> torch.Tensor:
+        asked.append(i)
+        return x.to(devices[i])
+
+    given = inputs.gather([0, 1], devices.__getitem__, input_of, features, torch.arange(4))
+    assert asked == [0, 1]  # the batch moved once to each device, explicitly
+    for i, device in devices.items():
+        assert inputs.teacher_on(device).model.fc.weight.device == device
+        assert given[i].teacher is not None and given[i].teacher.logits.device == device
+        assert given[i].features["blocks.1"].device == device
+        assert given[i].sample_ids is None  # AT does not declare them
+
+
+def test_predictions_refuse_masked_rows_to_a_method_reading_every_row() -> None:
+    dense = Predictions(torch.zeros(3, 4))
+    assert dense.log_probs() is dense.values and dense.encoding == "dense"
+    masked = Predictions(torch.zeros(3, 4), mask=torch.tensor([True, False, True]))
+    with pytest.raises(ValueError, match="only the rows of their mask"):
+        build_method(KDConfig())(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long),
+                                 StepView(0, [], [masked], Progress(0, 0, 1)))  # fmt: skip
