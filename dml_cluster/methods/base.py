@@ -170,7 +170,9 @@ class Method(ABC):
         builder moves them to the student's device.
 
         Called once per hosted student at build time, with torch's RNG seeded by
-        (run.seed, peer), so a module starts alike in every layout.
+        (run.seed, peer), so a module starts alike in every layout. Also where a method refuses
+        shapes it cannot use: a `ConfigError` here is the run's one-line error, before anything
+        is written.
         """
         return {}
 
