@@ -128,6 +128,14 @@ FMNIST = Suite(
             scaled=("method.hint_epochs",),
         ),
         Row(
+            "at",
+            "AT (attention transfer, 3 block pairs)",
+            "configs/fmnist3k-at.yaml",
+            section="teacher",
+            seeds=3,
+            teacher=True,
+        ),
+        Row(
             "tdml",
             "teacher + 2 students (KD + DML)",
             "configs/fmnist3k-teacher-dml.yaml",

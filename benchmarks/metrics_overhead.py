@@ -71,9 +71,11 @@ class TimedTrainer(CohortTrainer):
         self.step_cpu: list[float] = []
         self.observe_cpu: list[float] = []
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, fp: int) -> StepResult:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, step: int, fp: int, ids: Any = None
+    ) -> StepResult:
         cpu0 = time.thread_time()
-        result = super().train_step(x, y, step, fp)
+        result = super().train_step(x, y, step, fp, ids)
         self.step_cpu.append(time.thread_time() - cpu0)
         return result
 

@@ -30,7 +30,7 @@ from dml_cluster.signals import local_reporter
 from dml_cluster.streams import PeerStream
 
 if TYPE_CHECKING:
-    from dml_cluster.methods.base import Method
+    from dml_cluster.method_inputs import MethodInputs
 
 
 @dataclass
@@ -112,12 +112,13 @@ def build_peer(
     input_shape: tuple[int, int, int],
     num_classes: int,
     device: torch.device,
-    method: Method | None = None,
+    method: MethodInputs | None = None,
 ) -> Peer:
     """Build peer `index` of the cohort, seeded by (run.seed, index); its random stream too.
 
-    A student gets the extra modules `method` trains next to its model (seeded by the same
-    pair); its optimizer and schedule cover the model's parameters and theirs.
+    A student is attached to its method's inputs (`method`: its declared features hooked, its
+    teacher on `device`) and gets the extra modules the method trains next to its model (seeded
+    by the same pair); its optimizer and schedule cover the model's parameters and theirs.
     """
     peer_cfg = cfg.peers[index]
     torch.manual_seed(cfg.run.seed * 1009 + index)
@@ -134,7 +135,7 @@ def build_peer(
         load_weights(model, peer_cfg, "weights")
     if peer_cfg.role == "student" and method is not None:
         torch.manual_seed(cfg.run.seed * 1009 + index + 7919)
-        extras.update(method.extra_modules(index, model, input_shape, num_classes))
+        extras.update(method.attach(index, model, device))
     params = [*model.parameters(), *extras.parameters()]
     optimizer = build_optimizer(params, cfg.optim, peer_cfg.lr or cfg.optim.lr)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.epochs)

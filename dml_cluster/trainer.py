@@ -35,7 +35,8 @@ from dml_cluster.data.stats import DATA_FILE, record_data, resolve_normalisation
 from dml_cluster.devices import all_on
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
-from dml_cluster.methods import LossParts, Progress, StepView, build_method
+from dml_cluster.method_inputs import Given, MethodInputs
+from dml_cluster.methods import LossParts, Predictions, Progress, StepView, build_method
 from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_step_event
 from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, RunPlan
 from dml_cluster.metrics.run_log import RunLog
@@ -144,10 +145,10 @@ class CohortTrainer:
         )
         self.test_fingerprint = fingerprint(torch.arange(self.batches.num_test))
         self.method = build_method(cfg.method)
+        shape, classes = data.input_shape, data.num_classes
+        self.method_inputs = inputs = MethodInputs(self.method, cfg.run, shape, classes)
         self.peers: dict[int, Peer] = {
-            i: build_peer(
-                cfg, i, data.input_shape, data.num_classes, placement.device_of(i), self.method
-            )
+            i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs)
             for i in placement.hosted
         }
         self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
@@ -179,16 +180,21 @@ class CohortTrainer:
     # -- one step ---------------------------------------------------------------------------
 
     def _update(
-        self, i: int, logits: Tensor, x: Tensor, y: Tensor, log_ps: dict[int, Tensor], step: int
+        self, i: int, logits: Tensor, y: Tensor, log_ps: dict[int, Tensor], step: int, given: Given
     ) -> LossParts:
-        """Student i's loss on the step, backward, optimizer step (the caller enters its stream)."""
+        """Student i's loss on the step, backward, optimizer step (the caller enters its stream).
+        `given`: what its method declared it reads beyond logits (already on its device)."""
         progress = Progress(step // self.per_epoch, step, self.per_epoch)
         on = logits.device  # the others' predictions (and teachers') come to this peer's device
-        peers = all_on([log_ps[j] for j in self.students if j != i], on)
-        view = StepView(i, peers, all_on([log_ps[j] for j in self.teachers], on), progress)
+        peers = [Predictions(p) for p in all_on([log_ps[j] for j in self.students if j != i], on)]
+        teachers = [Predictions(p) for p in all_on([log_ps[j] for j in self.teachers], on)]
+        peer = self.peers[i]
+        view = StepView(
+            i, peers, teachers, progress, given.features, given.teacher, given.sample_ids,
+            peer.extras,
+        )  # fmt: skip
         with autocast(self.cfg.run.precision, on):  # a method's own modules (hints) too
             parts = self.method(logits.float(), y.to(on), view)  # losses in float32
-        peer = self.peers[i]
         peer.optimizer.zero_grad(set_to_none=True)
         if peer.scaler is None:
             parts.total.backward()
@@ -228,25 +234,32 @@ class CohortTrainer:
         self._wait_seconds += self.bus.stats.wait_seconds - waited
         return out
 
-    def train_step(self, x: Tensor, y: Tensor, step: int, fp: int) -> StepResult:
+    def train_step(
+        self, x: Tensor, y: Tensor, step: int, fp: int, sample_ids: Tensor | None = None
+    ) -> StepResult:
         """One lockstep step: every hosted peer predicts, students learn, teachers only publish.
 
         Only students receive: a teacher publishes its predictions and never waits for anyone's
         during training (under zmq it may run ahead by at most `bus.window` steps).
+        `sample_ids`: the batch's dataset indices (for a method that declares it reads them).
         """
         self._exchange_seconds = self._wait_seconds = 0.0
-        logits = {i: self._forward(p, x) for i, p in self.peers.items()}
+        logits, features = {}, {}
+        for i, p in self.peers.items():
+            with self.method_inputs.recording(i) as features[i]:  # what the method declared
+                logits[i] = self._forward(p, x)
         local = {i: self._log_probs(z) for i, z in logits.items()}
         log_ps = self._exchange(StepKey(step, 0, fp), local, range(self.size))
         batch_log_ps = dict(log_ps)
         learners = [i for i in self.students if i in self.peers]
-        if learners:
-            self.method.begin_step(x)
+        given = self.method_inputs.gather(
+            learners, self.placement.device_of, lambda i: self._input(i, x), features, sample_ids
+        )
         parts: dict[int, LossParts] = {}
         if self.cfg.cohort.update == "simultaneous":
             for i in learners:
                 with self.peers[i].stream:  # a peer's draws come from its own stream
-                    parts[i] = self._update(i, logits[i], x, y, log_ps, step)
+                    parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
         else:
             # sequential (the paper's Algorithm 1): the r-th student updates in round r, after the
             # previous one has re-published its predictions on the same batch with its freshly
@@ -263,7 +276,7 @@ class CohortTrainer:
                     log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [prev]))
                 if i in self.peers:
                     with self.peers[i].stream:
-                        parts[i] = self._update(i, logits[i], x, y, log_ps, step)
+                        parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
         return StepResult(parts, batch_log_ps, self._exchange_seconds, self._wait_seconds)
 
     # -- evaluation -------------------------------------------------------------------------
@@ -338,7 +351,7 @@ class CohortTrainer:
             stop = min(per_epoch, first + max_steps - step)
             for s, idx, x, y in self.batches.epoch(epoch, first, stop):
                 t0 = time.perf_counter()
-                result = self.train_step(x, y, step, fingerprint(idx))
+                result = self.train_step(x, y, step, fingerprint(idx), idx)
                 if step + 1 == patient_until:
                     self.bus.set_patience(None)
                 self._observe_step(step, epoch, y, result, time.perf_counter() - t0)

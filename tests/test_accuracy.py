@@ -19,6 +19,7 @@ from dml_cluster.config import load_config, parse_config
 from dml_cluster.data.split import subset_indices, training_subset
 from dml_cluster.errors import ConfigError, DataError
 from dml_cluster.method_config.dml import DMLConfig
+from dml_cluster.method_inputs import MethodInputs
 from dml_cluster.methods import StepView, build_method
 
 from .cohort_runs import train_each
@@ -75,7 +76,7 @@ def test_peer_k_starts_alike_whatever_the_method(tmp_path: Path) -> None:
     first = {}
     for name, cfg in cohorts.items():
         for k in (0, 1):
-            method = build_method(cfg.method)
+            method = MethodInputs(build_method(cfg.method), cfg.run, (1, 8, 8), 10)
             peer = build_peer(cfg, k, (1, 8, 8), 10, torch.device("cpu"), method)
             state = peer.model.state_dict()
             reference = first.setdefault(k, state)

@@ -37,7 +37,7 @@ BAD = [
     (
         {"method": {"name": "telepathy"}},
         "method.name",
-        "unknown method 'telepathy' (known: dkd, dml",
+        "unknown method 'telepathy' (known: at, dkd, dml",
     ),
     (
         {"method": {"alpha": 2}},

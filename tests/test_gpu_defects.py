@@ -27,7 +27,7 @@ from dml_cluster.data.loader import DataPath, StepSampler, read_batches
 from dml_cluster.devices import all_on, on_one_device
 from dml_cluster.errors import PeerError
 from dml_cluster.method_config.dkd import DKDConfig
-from dml_cluster.methods import Progress, StepView, build_method
+from dml_cluster.methods import Predictions, Progress, StepView, build_method
 from dml_cluster.preemption import CHECK_EVERY, CohortStop
 
 CPU = torch.device("cpu")
@@ -83,7 +83,7 @@ def test_dkd_reads_nothing_on_the_host_and_averages_the_labelled_rows() -> None:
     method = build_method(DKDConfig(warmup_epochs=0))
     logits, teacher = torch.randn(6, 4), torch.randn(6, 4)
     target = torch.tensor([1, -1, 3, 0, -1, 2])
-    view = StepView(0, [], [teacher], Progress(0, 0, 10))
+    view = StepView(0, [], [Predictions(teacher)], Progress(0, 0, 10))
     with HostReads() as mode:
         parts = method(logits, target, view)
         empty = method(logits, torch.full((6,), -1), view)

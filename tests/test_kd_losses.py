@@ -12,6 +12,7 @@ from dml_cluster.config import parse_config
 from dml_cluster.errors import ConfigError
 from dml_cluster.method_config.dkd import DKDConfig
 from dml_cluster.method_config.kd import KDConfig
+from dml_cluster.method_inputs import MethodInputs
 from dml_cluster.methods import Progress, StepView, build_method
 from dml_cluster.methods.dkd import warmup_factor
 from dml_cluster.methods.fitnets import build_regressor
@@ -142,4 +143,5 @@ def test_fitnets_names_a_missing_layer(tmp_path) -> None:
     with pytest.raises(
         ConfigError, match="method.guided_layer: peer 0's model has no module 'nope'"
     ):
-        build_peer(cfg, 0, (1, 8, 8), 10, torch.device("cpu"), build_method(cfg.method))
+        inputs = MethodInputs(build_method(cfg.method), cfg.run, (1, 8, 8), 10)
+        build_peer(cfg, 0, (1, 8, 8), 10, torch.device("cpu"), inputs)

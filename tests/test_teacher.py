@@ -20,7 +20,8 @@ from dml_cluster.cohort import Peer, build_peer, load_teacher, read_weights
 from dml_cluster.config import Config, PeerConfig, parse_config
 from dml_cluster.control import LocalControl
 from dml_cluster.errors import ConfigError
-from dml_cluster.methods import Method, Progress, StepView, build_method
+from dml_cluster.method_inputs import MethodInputs
+from dml_cluster.methods import Progress, StepView, build_method
 from dml_cluster.models import build_model
 
 from .cohort_runs import cli_each, sets
@@ -91,6 +92,11 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> OneProcessRuns:
     fitnets_raw = _fitnets_raw(root / "fitnets", fitnets_teacher)
     fitnets = root / "fitnets" / "fitnets.yaml"
     fitnets.write_text(yaml.safe_dump(fitnets_raw))
+    at = root / "fitnets" / "at.yaml"  # the same cohort and teacher, AT under bf16 autocast
+    layers = [["blocks.0", "blocks.1"], ["blocks.2", "blocks.2"]]
+    at_method = {"name": "at", "teacher": fitnets_raw["method"]["teacher"], "layers": layers}
+    at_run = {**fitnets_raw["run"], "precision": "bf16"}
+    at.write_text(yaml.safe_dump({**fitnets_raw, "run": at_run, "method": at_method}))
     bad_teacher = _save_teacher(root / "bad" / "teacher.pt", "small_cnn", {"width": 4})
     bad = _kd_config(root / "bad", bad_teacher)
     commands = {  # the refusal first: it meets a fresh interpreter, as its own process would
@@ -100,6 +106,7 @@ def one_process(tmp_path_factory: pytest.TempPathFactory) -> OneProcessRuns:
         "sequential": ["train", str(config), *sets(
             f"run.out_dir={runs}", "run.name=sequential", "cohort.update=sequential")],
         "fitnets": ["train", str(fitnets), *sets(f"run.out_dir={runs}", "run.name=fitnets")],
+        "at": ["train", str(at), *sets(f"run.out_dir={runs}", "run.name=at")],
     }  # fmt: skip
     done = cli_each(list(commands.values()), root / "one_process.json")
     return OneProcessRuns(
@@ -165,6 +172,16 @@ def test_fitnets_stage_one_trains_only_up_to_the_guided_layer(one_process: OnePr
     assert torch.equal(start["fc.weight"], after["fc.weight"])
 
 
+def test_at_trains_with_a_teacher_in_process_under_bf16(one_process: OneProcessRuns) -> None:
+    """The FitNets cohort with method `at` (its teacher, two layer pairs, the first pooling the
+    student's 4x4 maps to the teacher's 2x2) and bf16 autocast: the student learns everywhere."""
+    after = final_weights(_trained(one_process, "at"))["s"]
+    start = build_peer(parse_config(one_process.fitnets_raw), 0, DIGITS, 10, torch.device("cpu"))
+    changed = {k for k, v in start.model.state_dict().items() if not torch.equal(v, after[k])}
+    assert {k.split(".")[0] for k in changed} == {"blocks", "fc"}
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
 def _fitnets_raw(tmp_path: Path, teacher: Path) -> dict:
     method = {
         "name": "fitnets", "hint_epochs": 1, "guided_layer": "blocks.1", "hint_layer": "blocks.1",
@@ -177,13 +194,20 @@ def _fitnets_raw(tmp_path: Path, teacher: Path) -> dict:
     return raw
 
 
-def _hint_step(peer: Peer, method: Method, seed: int) -> None:
-    """One stage-1 FitNets step of `peer` on a random batch."""
+def _inputs(cfg: Config) -> MethodInputs:
+    return MethodInputs(build_method(cfg.method), cfg.run, DIGITS, 10)
+
+
+def _hint_step(peer: Peer, inputs: MethodInputs, seed: int) -> None:
+    """One stage-1 FitNets step of `peer` on a random batch, its inputs as the trainer gives
+    them."""
     torch.manual_seed(seed)
     x, y = torch.randn(8, *DIGITS), torch.randint(0, 10, (8,))
-    logits = peer.model(x)
-    method.begin_step(x)
-    parts = method(logits, y, StepView(0, [], [], Progress(0, 0, 10)))
+    with inputs.recording(0) as features:
+        logits = peer.model(x)
+    given = inputs.gather([0], lambda _: x.device, lambda _: x, {0: features}, None)[0]
+    view = StepView(0, [], [], Progress(0, 0, 10), given.features, given.teacher, None, peer.extras)
+    parts = inputs.method(logits, y, view)
     peer.optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
     peer.optimizer.step()
@@ -192,13 +216,13 @@ def _hint_step(peer: Peer, method: Method, seed: int) -> None:
 def test_fitnets_regressor_is_optimised_and_checkpointed_with_its_student(tmp_path: Path):
     teacher = _save_teacher(tmp_path / "teacher.pt", "small_cnn", {"width": 16})
     cfg = parse_config(_fitnets_raw(tmp_path, teacher))
-    method = build_method(cfg.method)
-    peer = build_peer(cfg, 0, DIGITS, 10, torch.device("cpu"), method)
+    inputs = _inputs(cfg)
+    peer = build_peer(cfg, 0, DIGITS, 10, torch.device("cpu"), inputs)
     regressor = peer.extras["regressor"]
     optimised = {id(p) for group in peer.optimizer.param_groups for p in group["params"]}
     assert {id(p) for p in [*peer.model.parameters(), *regressor.parameters()]} == optimised
     before = {k: v.clone() for k, v in regressor.state_dict().items()}
-    _hint_step(peer, method, seed=1)
+    _hint_step(peer, inputs, seed=1)
     assert not torch.equal(before["weight"], regressor.weight)  # the hint loss trains it
     assert "momentum_buffer" in peer.optimizer.state[regressor.weight]
 
@@ -209,12 +233,12 @@ def test_fitnets_regressor_is_optimised_and_checkpointed_with_its_student(tmp_pa
     assert set(torch.load(folder / "s.pt", weights_only=True)["extra"]) == {
         f"regressor.{k}" for k in saved
     }
-    _hint_step(peer, method, seed=2)  # moves the regressor and its momentum on
+    _hint_step(peer, inputs, seed=2)  # moves the regressor and its momentum on
     assert not torch.equal(saved["weight"], regressor.weight)
 
     restored = checkpoints.restore({0: peer}, LocalControl())
     assert restored is not None and restored.position.step == 1
-    assert peer.extras["regressor"] is regressor is method.regressors[0]
+    assert peer.extras["regressor"] is regressor  # the module every step's view hands over
     for k, v in saved.items():
         assert torch.equal(regressor.state_dict()[k], v), k
     assert torch.equal(peer.optimizer.state[regressor.weight]["momentum_buffer"], momentum)
@@ -228,9 +252,9 @@ def test_fitnets_regressor_starts_alike_in_every_layout(tmp_path: Path) -> None:
     raw["cohort"]["peers"] = [{"name": n, "model": "small_cnn", "args": {"width": 4}} for n in "ab"]
     cfg = parse_config(raw)
     cpu = torch.device("cpu")
-    together = build_method(cfg.method)
+    together = _inputs(cfg)
     both = [build_peer(cfg, i, DIGITS, 10, cpu, together) for i in range(2)]
-    alone = build_peer(cfg, 1, DIGITS, 10, cpu, build_method(cfg.method))
+    alone = build_peer(cfg, 1, DIGITS, 10, cpu, _inputs(cfg))
     for k, v in alone.extras.state_dict().items():
         assert torch.equal(both[1].extras.state_dict()[k], v), k
     assert not torch.equal(both[0].extras["regressor"].weight, alone.extras["regressor"].weight)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, get_args
 
 from pydantic import Field
 
+from dml_cluster.method_config.at import ATConfig
 from dml_cluster.method_config.base import MethodSettings
 from dml_cluster.method_config.dkd import DKDConfig
 from dml_cluster.method_config.dml import DMLConfig
@@ -20,7 +21,7 @@ from dml_cluster.method_config.fitnets import FitNetsConfig
 from dml_cluster.method_config.kd import KDConfig
 
 MethodConfig = Annotated[
-    DMLConfig | KDConfig | DKDConfig | FitNetsConfig, Field(discriminator="name")
+    DMLConfig | KDConfig | DKDConfig | FitNetsConfig | ATConfig, Field(discriminator="name")
 ]
 """The registry of method families: one entry per settings model."""
 

@@ -1,14 +1,34 @@
-"""What a method is: a loss over a student's logits, the labels and what it sees of the cohort."""
+"""What a method is: a loss over a student's logits, the labels and what it sees of the cohort.
+
+The interface, in one place:
+
+- A method *declares* what it reads beyond its student's logits (`Method.needs`, a `Needs`):
+  outputs of named modules of its student (`features`), a frozen teacher network run in the
+  student's process (`teacher`, with `teacher_features`), the batch's sample indices
+  (`sample_ids`). It never builds, loads or hooks anything itself.
+- The trainer provides all of it through one object per student and step, the `StepView`
+  handed to `Method.__call__`: the other peers' predictions, the declared features (with
+  autograd), the teacher's logits and features (without), the indices, the student's own extra
+  modules, and where training is. A method keeps no per-step state, so there is no hook to
+  call first and nothing a new method can call in the wrong order.
+- Modules a method trains next to a student (FitNets' regressor) come from
+  `Method.extra_modules`, called once per student at build time with the declared features'
+  shapes (`Shapes`); the peer builder optimises and checkpoints them, and each step's view hands
+  them back (`StepView.modules`).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from dml_cluster.method_config.base import MethodSettings
+from dml_cluster.schema import PeerConfig
 
 
 @dataclass(frozen=True)
@@ -31,49 +51,130 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class StepView:
-    """What a student sees at a step besides its own logits and the labels.
+class Predictions:
+    """Another peer's predictions on the step's rows, as a method reads them.
 
-    `peers` and `teachers` are log-probabilities at T = 1 (what the bus carries), detached.
+    A row is a sample (a token position, for sequence models). `encoding` says how the values
+    are held: "dense" is every class's log-probability at T = 1, [rows, classes], detached (what
+    the bus carries today); sparse encodings (top-k indices + values, sampled ids + counts) are
+    further values of `encoding` with their own fields. `mask` ([rows], bool) marks the rows
+    that carry a prediction (None: every row). Read them through `log_probs()`, which refuses
+    what a dense-reading method cannot use rather than reading it wrongly.
+    """
+
+    values: Tensor
+    mask: Tensor | None = None
+    encoding: Literal["dense"] = "dense"
+
+    def log_probs(self) -> Tensor:
+        """The dense [rows, classes] log-probabilities, every row predicted."""
+        if self.mask is not None:
+            raise ValueError(
+                "these predictions cover only the rows of their mask; this method reads every "
+                "row (select the masked rows first)"
+            )
+        return self.values
+
+
+def dense(predictions: Sequence[Predictions]) -> list[Tensor]:
+    """The dense log-probabilities of each of `predictions` (`Predictions.log_probs`)."""
+    return [p.log_probs() for p in predictions]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method reads beyond its student's logits, the labels and the cohort's predictions.
+
+    `features`: the student's modules (names as in `model.named_modules()`) whose outputs it
+    reads, with autograd, on the student's training forward, each mapped to the setting that
+    named it (a missing module is a config error naming that setting). `teacher`: a frozen
+    network (loaded from its checkpoint) that runs in the student's process, in eval mode without
+    a graph, on the same batch; `teacher_features` its modules, read likewise. `sample_ids`: the
+    dataset indices of the batch's rows.
+    """
+
+    features: Mapping[str, str] = field(default_factory=dict)
+    teacher: PeerConfig | None = None
+    teacher_features: Mapping[str, str] = field(default_factory=dict)
+    sample_ids: bool = False
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What a method's extra modules are sized from: the input's (C, H, W), the number of
+    classes, and the shape of each declared feature on a 2-sample probe batch."""
+
+    input_shape: tuple[int, int, int]
+    classes: int
+    features: Mapping[str, torch.Size] = field(default_factory=dict)
+    teacher_features: Mapping[str, torch.Size] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TeacherOutputs:
+    """The in-process teacher's outputs on the step's batch: logits (in the run's precision, as
+    the teacher computed them) and the declared features; no graph."""
+
+    logits: Tensor
+    features: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepView:
+    """Everything a student's method reads at a step besides its own logits and the labels.
+
+    `peers` (fellow students) and `teachers` (teacher peers on the bus) are `Predictions`;
+    `features`, `teacher` and `sample_ids` are what `Method.needs` declared (empty / None when
+    not declared); `modules` are the student's extra modules (`Method.extra_modules`). Everything
+    is on the student's device.
     """
 
     peer: int
-    peers: Sequence[Tensor]
-    teachers: Sequence[Tensor]
+    peers: Sequence[Predictions]
+    teachers: Sequence[Predictions]
     progress: Progress
+    features: Mapping[str, Tensor] = field(default_factory=dict)
+    teacher: TeacherOutputs | None = None
+    sample_ids: Tensor | None = None
+    modules: Mapping[str, nn.Module] = field(default_factory=dict)
 
     @classmethod
     def of(
         cls, peers: Sequence[Tensor] = (), teachers: Sequence[Tensor] = (), epoch: int = 0
     ) -> StepView:
-        """A view for calling a method by hand (tests, notebooks): peer 0, one step per epoch."""
-        return cls(0, list(peers), list(teachers), Progress(epoch, epoch, 1))
+        """A view for calling a method by hand (tests, notebooks): peer 0, one step per epoch,
+        dense predictions."""
+        return cls(
+            0,
+            [Predictions(p) for p in peers],
+            [Predictions(t) for t in teachers],
+            Progress(epoch, epoch, 1),
+        )
 
 
 class Method(ABC):
-    """Base of every method: a loss, plus two optional hooks.
-
-    `extra_modules` gives the modules a method trains next to a student's model (the peer
-    builder adds their parameters to the student's optimizer and checkpoints save them);
-    `begin_step` sees each training step's batch once, before any student's loss.
-    Which teachers a method needs is a config matter (`MethodSettings.teachers`).
-    """
+    """Base of every method: a loss (`__call__`), what it reads (`needs`), and the modules it
+    trains next to a student (`extra_modules`). Which teacher *peers* a method needs is a config
+    matter (`MethodSettings.teachers`); an in-process teacher is a `Needs.teacher`."""
 
     def __init__(self, cfg: MethodSettings) -> None:
         self.cfg = cfg
 
-    def extra_modules(
-        self, peer: int, model: nn.Module, input_shape: tuple[int, int, int], classes: int
-    ) -> dict[str, nn.Module]:
-        """Modules student `peer` trains next to `model`, on its device (default: none).
+    @property
+    def needs(self) -> Needs:
+        """What this method reads beyond logits (default: nothing)."""
+        return Needs()
 
-        Called once per hosted student by `cohort.build_peer`, with torch's RNG seeded by
-        (run.seed, peer), so a module starts alike in every layout.
+    def extra_modules(self, peer: int, shapes: Shapes) -> dict[str, nn.Module]:
+        """Modules student `peer` trains next to its model, on the CPU (default: none); the peer
+        builder moves them to the student's device.
+
+        Called once per hosted student at build time, with torch's RNG seeded by
+        (run.seed, peer), so a module starts alike in every layout. Also where a method refuses
+        shapes it cannot use: a `ConfigError` here is the run's one-line error, before anything
+        is written.
         """
         return {}
-
-    def begin_step(self, x: Tensor) -> None:  # noqa: B027 - an optional hook
-        """Called once per training step with its batch, before the students' losses."""
 
     @abstractmethod
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from dml_cluster import losses
 from dml_cluster.method_config.dkd import DKDConfig
-from dml_cluster.methods.base import LossParts, Method, Progress, StepView
+from dml_cluster.methods.base import LossParts, Method, Progress, StepView, dense
 from dml_cluster.methods.kd import with_peers
 
 
@@ -40,7 +40,7 @@ class DecoupledKD(Method):
         safe = target.clamp(min=0)
         per_teacher = [
             losses.dkd_parts(logits, t, safe, self.temperature, reduction="none")
-            for t in view.teachers
+            for t in dense(view.teachers)
         ]
         count = rows.sum().clamp(min=1.0)
         tckd = torch.stack([(s[0] * rows).sum() / count for s in per_teacher]).mean()

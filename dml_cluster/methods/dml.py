@@ -17,7 +17,7 @@ from torch import Tensor
 
 from dml_cluster import losses
 from dml_cluster.method_config.dml import DMLConfig
-from dml_cluster.methods.base import LossParts, Method, StepView
+from dml_cluster.methods.base import LossParts, Method, StepView, dense
 
 Mimicry = Callable[[Tensor, Sequence[Tensor], float], Tensor]
 
@@ -50,7 +50,7 @@ class MutualLearning(Method):
         mimicry = None
         if self.weight != 0.0:
             mimicry = mutual_term(
-                self.divergence, logits, target, view.peers, self.temperature,
+                self.divergence, logits, target, dense(view.peers), self.temperature,
                 self.unlabelled_mimicry,
             )  # fmt: skip
         if mimicry is None:

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from dml_cluster import losses
 from dml_cluster.method_config.kd import KDConfig
-from dml_cluster.methods.base import LossParts, Method, StepView
+from dml_cluster.methods.base import LossParts, Method, StepView, dense
 from dml_cluster.methods.dml import mutual_term
 
 
@@ -30,7 +30,7 @@ def with_peers(
     """Add DML towards fellow students (T = 1, every sample) when `weight` > 0."""
     if weight == 0.0:
         return total
-    term = mutual_term(losses.mutual_kl, logits, target, view.peers, 1.0, True)
+    term = mutual_term(losses.mutual_kl, logits, target, dense(view.peers), 1.0, True)
     return total if term is None else total + weight * term
 
 
@@ -42,6 +42,6 @@ class KnowledgeDistillation(Method):
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
         ce = losses.cross_entropy(logits, target)
-        kd = distill_from(logits, list(view.teachers), self.temperature)
+        kd = distill_from(logits, dense(view.teachers), self.temperature)
         total = with_peers((1 - self.a) * ce + self.a * kd, logits, target, view, self.peer_weight)
         return LossParts(total, ce, kd, {"kd": kd})
