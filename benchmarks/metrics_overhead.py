@@ -77,7 +77,9 @@ class TimedTrainer(CohortTrainer):
         self.step_cpu.append(time.thread_time() - cpu0)
         return result
 
-    def _observe_step(self, step: int, epoch: int, target: torch.Tensor, result: StepResult) -> None:
+    def _observe_step(
+        self, step: int, epoch: int, target: torch.Tensor, result: StepResult
+    ) -> None:
         t0, cpu0 = time.perf_counter(), time.thread_time()
         super()._observe_step(step, epoch, target, result)
         self.observe_cpu.append(time.thread_time() - cpu0)
