@@ -161,7 +161,7 @@ def test_a_step_that_reports_nothing_reads_nothing_on_the_host(tmp_path: Path) -
 def test_the_running_cross_entropy_sums_steps_put_aside() -> None:
     g = torch.Generator().manual_seed(5)
     running, steps = RunningCrossEntropy(), []
-    for _ in range(RunningCrossEntropy.KEEP + 3):  # one batch summed, three more put aside
+    for _ in range(RunningCrossEntropy.KEEP_STEPS + 3):  # one batch summed, three put aside
         log_ps = {i: torch.randn(6, 4, generator=g).log_softmax(1) for i in range(2)}
         y = torch.randint(-1, 4, (6,), generator=g)
         running.add(log_ps, y)

@@ -68,7 +68,7 @@ class StepEvent:
         stats: Mapping[int, PeerBatchStats] | None = None,
     ) -> None:
         self.step, self.epoch = step, epoch
-        self.batch_size = len(target)
+        self.batch_size = target.shape[0]
         self.target = target  # the batch's labels, -1 where unlabelled (not copied)
         self.log_ps = log_ps  # every prediction received on the batch, by peer (not copied)
         self.lrs = lrs  # by hosted peer: its optimizer's learning rate during the step
@@ -155,7 +155,7 @@ def build_step_event(
     stats = cohort_batch_stats(log_ps, target, list(lrs)) if with_batch_stats else None
     return StepEvent(
         step=step, epoch=epoch, target=target, log_ps=log_ps, lrs=lrs, parts=parts,
-        times=times, bus=BusStats(**vars(bus)), stats=stats,
+        times=times, bus=bus.copy(), stats=stats,
     )  # fmt: skip
 
 

@@ -6,9 +6,9 @@ pipe, a pod's log), one whole line every `run.progress_every_s` seconds with the
 
 The running cross-entropy of a peer is its mean over the epoch so far, computed from the
 predictions every process receives on the bus (so the reporting process shows every peer's, not
-only its own). A step only puts its predictions aside; every few steps (`RunningCrossEntropy.
-KEEP`) and at a drawing they are summed on the device in one batch, and the sums are read back
-once per drawing, never per step.
+only its own). A step only puts its predictions aside; at a drawing, or once `RunningCrossEntropy`
+holds `KEEP_STEPS` steps or `KEEP_VALUES` values of them, they are summed on the device in one
+batch per peer, and the sums are read back once per drawing, never per step.
 
 The elapsed time is the run's, across resumes: `RunClock` keeps it in <run dir>/clock.json (the
 reporting process writes it at every progress report, checkpoint and evaluation) and a resumed
@@ -84,10 +84,12 @@ class RunPlan:
 
 class RunningCrossEntropy:
     """Every peer's training cross-entropy summed over the labelled samples since `reset`, kept
-    on the predictions' device until read. `add` keeps references to a step's predictions (at
-    most `KEEP` steps' worth), which are then summed in one batch per peer."""
+    on the predictions' device until read. `add` keeps references to a step's predictions, which
+    are summed in one batch per peer when read or when `KEEP_STEPS` steps or `KEEP_VALUES`
+    values (16 MiB of float32) are kept."""
 
-    KEEP = 8
+    KEEP_STEPS = 64
+    KEEP_VALUES = 1 << 22
 
     def __init__(self) -> None:
         self.reset()
@@ -96,14 +98,18 @@ class RunningCrossEntropy:
         self.sums: dict[int, Tensor] = {}
         self.counts: dict[int, Tensor] = {}
         self.kept: list[tuple[dict[int, Tensor], Tensor]] = []
+        self.kept_values = 0
 
     def add(self, log_ps: dict[int, Tensor], target: Tensor) -> None:
         self.kept.append((log_ps, target))
-        if len(self.kept) >= self.KEEP:
+        if not self.kept_values:  # the first step kept: every step holds as many values
+            self.step_values = sum(t.numel() for t in log_ps.values())
+        self.kept_values += self.step_values
+        if len(self.kept) >= self.KEEP_STEPS or self.kept_values >= self.KEEP_VALUES:
             self._sum_kept()
 
     def _sum_kept(self) -> None:
-        kept, self.kept = self.kept, []
+        kept, self.kept, self.kept_values = self.kept, [], 0
         if not kept:
             return
         with torch.no_grad():
