@@ -207,11 +207,12 @@ class PrometheusExporter:
         )
         self._step_time = histogram(
             "dml_step_duration_seconds",
-            "Wall time of a training step: forward, exchange, backward, update.",
+            "Time of a training step (forward, exchange, backward, update): wall time on the CPU, "
+            "device time on a GPU.",
         )
         self._exchange_time = histogram(
             "dml_exchange_duration_seconds",
-            "Wall time of a step's exchanges on the bus, waiting included.",
+            "Time of a step's exchanges on the bus, waiting included (likewise).",
         )
         self._all = [
             self._run, self._peer, self._step, self._epoch, self._last, self._lr, self._kl,
@@ -334,17 +335,22 @@ class PrometheusExporter:
         if not aside:
             return
         child, names, smooth = self._child, self.names, self._smooth
-        losses = losses_as_floats([parts for parts, _ in aside])
-        for step_losses, (_, times) in zip(losses, aside, strict=True):
-            step_seconds, exchange_seconds = times.step_seconds, times.exchange_seconds
-            for i in self.hosted:
-                name = names[i]
-                child(self._step_time, name).observe(step_seconds)
-                child(self._exchange_time, name).observe(exchange_seconds)
+        steps = [times.step_seconds for _, times in aside]
+        exchanges = [times.exchange_seconds for _, times in aside]
+        for i in self.hosted:
+            step_time, exchange_time = (
+                child(self._step_time, names[i]),
+                child(self._exchange_time, names[i]),
+            )
+            for step_seconds, exchange_seconds in zip(steps, exchanges, strict=True):
+                step_time.observe(step_seconds)
+                exchange_time.observe(exchange_seconds)
+        for step_losses in losses_as_floats([parts for parts, _ in aside]):
             for i, loss in step_losses.items():
-                smooth(self._ce, (names[i],), loss.ce)
-                smooth(self._mimicry, (names[i],), loss.mimicry)
-                smooth(self._loss, (names[i],), loss.total)
+                name = (names[i],)
+                smooth(self._ce, name, loss.ce)
+                smooth(self._mimicry, name, loss.mimicry)
+                smooth(self._loss, name, loss.total)
 
     def _sample(self, event: StepEvent) -> None:
         """The batch statistics of a sampled step into their moving averages."""
