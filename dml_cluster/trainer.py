@@ -440,14 +440,10 @@ class CohortTrainer:
             lrs={i: p.optimizer.param_groups[0]["lr"] for i, p in self.peers.items()},
             times=result.times,
             bus=self.bus.stats,
-            with_batch_stats=self._stats_wanted(step),
+            with_batch_stats=any(o.wants_batch_stats(step) for o in self.observers),
         )
         for observer in self.observers:
             observer.on_step(event)
-
-    def _stats_wanted(self, step: int) -> bool:
-        """Whether any observer asks for the batch statistics of `step`."""
-        return any(observer.wants_batch_stats(step) for observer in self.observers)
 
     def _finish(self, history: list[dict[str, Any]], steps: int, wall: float) -> dict[str, Any]:
         final_dir = self.run_dir / "final"
