@@ -61,7 +61,9 @@ class StepTimes:
         return self.read()[1][UPDATE]
 
 
-class _HostTimes(StepTimes):
+class KnownTimes(StepTimes):
+    """Times known when made: the host clock's, or given (`StepEvent.of`)."""
+
     def __init__(self, step: float, phases: dict[str, float], wait_seconds: float) -> None:
         super().__init__(wait_seconds)
         self._read = (step, phases)
@@ -80,7 +82,7 @@ class HostTimer:
         self._last = now
 
     def stop(self, wait_seconds: float = 0.0) -> StepTimes:
-        return _HostTimes(self._last - self._first, self._phases, wait_seconds)
+        return KnownTimes(self._last - self._first, self._phases, wait_seconds)
 
 
 class _DeviceTimes(StepTimes):

@@ -26,7 +26,7 @@ from torch import Tensor
 from dml_cluster.bus.base import BusStats
 from dml_cluster.devices import all_on
 from dml_cluster.metrics.batch import PeerBatchStats, cohort_batch_stats
-from dml_cluster.timing import StepTimes
+from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, KnownTimes, StepTimes
 
 if TYPE_CHECKING:
     from dml_cluster.methods import LossParts
@@ -76,6 +76,36 @@ class StepEvent:
         self.times = times
         self.bus = bus  # this process's bus counters after the step (a copy)
         self.stats = stats  # the hosted peers' batch statistics, or None (not asked for)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        step: int,
+        epoch: int,
+        batch_size: int,
+        step_seconds: float,
+        peers: dict[int, PeerStep],
+        exchange_seconds: float = 0.0,
+        wait_seconds: float = 0.0,
+        bus: BusStats | None = None,
+        log_ps: dict[int, Tensor] | None = None,
+        target: Tensor | None = None,
+    ) -> StepEvent:
+        """An event from values already on the host (tests, a replay): `peers` as observers
+        read them; the step's time all exchange and update (no forward)."""
+        phases = {FORWARD: 0.0, EXCHANGE: exchange_seconds, UPDATE: step_seconds - exchange_seconds}
+        stats = {i: p.batch for i, p in peers.items() if p.batch is not None}
+        event = cls(
+            step=step, epoch=epoch, target=torch.zeros(0) if target is None else target,
+            log_ps=log_ps or {}, lrs={i: p.lr for i, p in peers.items()}, parts={},
+            times=KnownTimes(step_seconds, phases, wait_seconds), bus=bus or BusStats(),
+            stats=stats or None,
+        )  # fmt: skip
+        event.batch_size = batch_size
+        event.__dict__["peers"] = peers  # the cached properties, given
+        event.__dict__["losses"] = {i: p.losses for i, p in peers.items() if p.losses}
+        return event
 
     @property
     def has_batch_stats(self) -> bool:
