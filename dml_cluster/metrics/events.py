@@ -191,12 +191,19 @@ def build_step_event(
 
 def losses_as_floats(steps: Sequence[Mapping[int, LossParts]]) -> list[dict[int, Losses]]:
     """Every student's (total, ce, mimicry) as floats, for each of `steps` (several steps'
-    losses kept on the device until a reporting step): one transfer, one sync for all."""
+    losses kept on the device until a reporting step): on an accelerator one transfer, one sync
+    for all; on the CPU, where nothing waits, scalar by scalar."""
     tensors = [t for parts in steps for p in parts.values() for t in (p.total, p.ce, p.mimicry)]
     if not tensors:
         return [{} for _ in steps]
-    with torch.no_grad():  # the peers' GPUs may differ: stacked on the first student's
-        flat = torch.stack(all_on([t.detach() for t in tensors], tensors[0].device)).tolist()
+    device = tensors[0].device
+    if all(t.device.type == "cpu" for t in tensors):  # nothing to wait for: a stack costs more
+        flat = [t.item() for t in tensors]
+    else:
+        if any(t.device != device for t in tensors):  # the peers' GPUs differ: on the first's
+            tensors = all_on(tensors, device)
+        with torch.no_grad():
+            flat = torch.stack(tensors).tolist()
     out, n = [], 0
     for parts in steps:
         out.append({i: Losses(*flat[n + 3 * k : n + 3 * k + 3]) for k, i in enumerate(parts)})
