@@ -368,8 +368,9 @@ class MetricsConfig(Strict):
     stats_every: int = Field(
         10, ge=1,
         description="steps between the training batches whose accuracy, entropy and divergence "
-        "the endpoint reads (its moving averages average those batches); step time, samples, "
-        "learning rate, losses and bus counters are updated on every step",
+        "the endpoint reads (its moving averages average those batches); samples, learning "
+        "rate and bus counters are updated on every step, the losses and step times of the "
+        "steps in between are read (in one transfer from the device) on those steps",
     )  # fmt: skip
     linger_s: float = Field(
         0.0, ge=0.0, description="keep serving this long after training ends (a final scrape)"

@@ -4,6 +4,8 @@ Conventions: KL(q || p) = sum_c q_c (log q_c - log p_c), summed over classes and
 the batch. Peers' predictions arrive as log-probabilities at temperature 1 (what travels on the
 bus); a temperature T is re-applied as log_softmax(log_p / T), which equals log_softmax(z / T)
 because log_softmax ignores a per-row shift. Targets from other peers are always detached.
+`rows` ([B] bool, where given) restricts a divergence's mean to the marked samples without
+selecting them (a boolean index would make an accelerator wait for the host); none marked: 0.
 """
 
 from __future__ import annotations
@@ -34,15 +36,22 @@ def tempered(log_p: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(log_p / temperature, dim=1)
 
 
-def kl_div(target_log_p: Tensor, log_p: Tensor) -> Tensor:
+def _mean(per_sample: Tensor, rows: Tensor | None) -> Tensor:
+    """Mean over the samples, or over those marked in `rows` (0 when none is)."""
+    if rows is None:
+        return per_sample.mean()
+    return per_sample.masked_fill(~rows, 0.0).sum() / rows.sum().clamp(min=1)
+
+
+def kl_div(target_log_p: Tensor, log_p: Tensor, rows: Tensor | None = None) -> Tensor:
     """KL(target || p): sum over classes, mean over samples."""
-    return (target_log_p.exp() * (target_log_p - log_p)).sum(dim=1).mean()
+    return _mean((target_log_p.exp() * (target_log_p - log_p)).sum(dim=1), rows)
 
 
-def js_div(log_a: Tensor, log_b: Tensor) -> Tensor:
+def js_div(log_a: Tensor, log_b: Tensor, rows: Tensor | None = None) -> Tensor:
     """Jensen-Shannon divergence 1/2 KL(a || m) + 1/2 KL(b || m), m = (a + b) / 2."""
     log_m = torch.logsumexp(torch.stack([log_a, log_b]), dim=0) - math.log(2.0)
-    return 0.5 * kl_div(log_a, log_m) + 0.5 * kl_div(log_b, log_m)
+    return 0.5 * kl_div(log_a, log_m, rows) + 0.5 * kl_div(log_b, log_m, rows)
 
 
 def entropy(log_p: Tensor) -> Tensor:
@@ -50,17 +59,23 @@ def entropy(log_p: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
-def mutual_kl(logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
+def mutual_kl(
+    logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0,
+    rows: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """DML mimicry for one peer: 1/(K-1) sum_l KL(p_l || p_k), scaled by T^2."""
     log_p = tempered(logits, temperature)
-    links = [kl_div(tempered(o.detach(), temperature), log_p) for o in others]
+    links = [kl_div(tempered(o.detach(), temperature), log_p, rows) for o in others]
     return torch.stack(links).mean() * temperature**2
 
 
-def mutual_js(logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
+def mutual_js(
+    logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0,
+    rows: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """Symmetric DML mimicry: 1/(K-1) sum_l JS(p_l, p_k), scaled by T^2."""
     log_p = tempered(logits, temperature)
-    links = [js_div(tempered(o.detach(), temperature), log_p) for o in others]
+    links = [js_div(tempered(o.detach(), temperature), log_p, rows) for o in others]
     return torch.stack(links).mean() * temperature**2
 
 
@@ -80,11 +95,12 @@ ENSEMBLES = {"probs": ensemble_log_probs, "logits": geometric_ensemble_log_probs
 
 
 def ensemble_kl(
-    logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0, ensemble: str = "probs"
-) -> Tensor:
+    logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0, ensemble: str = "probs",
+    rows: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """DML_e mimicry: KL(p_bar || p_k), p_bar the others' ensemble (`ENSEMBLES[ensemble]`)."""
     target = ENSEMBLES[ensemble]([tempered(o.detach(), temperature) for o in others])
-    return kl_div(target, tempered(logits, temperature)) * temperature**2
+    return kl_div(target, tempered(logits, temperature), rows) * temperature**2
 
 
 # -- distillation from a teacher ------------------------------------------------------------------

@@ -43,6 +43,7 @@ from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
+from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,16 @@ class StepResult:
 
     parts: dict[int, LossParts]
     log_ps: dict[int, Tensor]
-    exchange_seconds: float
-    wait_seconds: float = 0.0  # the part of exchange_seconds spent waiting for other peers
+    times: StepTimes  # the step's and its phases' (read on reporting steps: a device's wait)
+
+    @property
+    def exchange_seconds(self) -> float:
+        return self.times.exchange_seconds
+
+    @property
+    def wait_seconds(self) -> float:
+        """The part of exchange_seconds spent waiting for other peers."""
+        return self.times.wait_seconds
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,7 @@ class CohortTrainer:
         self.control = control if control is not None else LocalControl()
         self.stop = stop if stop is not None else CohortStop(cfg)
         self.observers = list(observers)
-        self._exchange_seconds = self._wait_seconds = 0.0
+        self._wait_seconds = 0.0
         self.size = len(cfg.peers)
         self.names = [p.name for p in cfg.peers]
         device = placement.device
@@ -151,6 +160,8 @@ class CohortTrainer:
             i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs)
             for i in placement.hosted
         }
+        # device events where the peers step on a GPU, the host clock on the CPU
+        self.timer = step_timer({placement.device, *map(placement.device_of, placement.hosted)})
         self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
         self.teachers = [i for i, p in enumerate(cfg.peers) if p.role == "teacher"]
         self.per_epoch = max(steps_per_epoch(self.batches.num_train, cfg.data.batch_size), 1)
@@ -228,9 +239,9 @@ class CohortTrainer:
     def _exchange(
         self, key: StepKey, local: dict[int, Tensor], senders: Sequence[int]
     ) -> dict[int, Tensor]:
-        t0, waited = time.perf_counter(), self.bus.stats.wait_seconds
+        waited = self.bus.stats.wait_seconds
         out = self.bus.exchange(key, local, senders, receivers=self.students)
-        self._exchange_seconds += time.perf_counter() - t0
+        self.timer.mark(EXCHANGE)
         self._wait_seconds += self.bus.stats.wait_seconds - waited
         return out
 
@@ -243,12 +254,14 @@ class CohortTrainer:
         during training (under zmq it may run ahead by at most `bus.window` steps).
         `sample_ids`: the batch's dataset indices (for a method that declares it reads them).
         """
-        self._exchange_seconds = self._wait_seconds = 0.0
+        self._wait_seconds = 0.0
+        self.timer.start()
         logits, features = {}, {}
         for i, p in self.peers.items():
             with self.method_inputs.recording(i) as features[i]:  # what the method declared
                 logits[i] = self._forward(p, x)
         local = {i: self._log_probs(z) for i, z in logits.items()}
+        self.timer.mark(FORWARD)
         log_ps = self._exchange(StepKey(step, 0, fp), local, range(self.size))
         batch_log_ps = dict(log_ps)
         learners = [i for i in self.students if i in self.peers]
@@ -260,6 +273,7 @@ class CohortTrainer:
             for i in learners:
                 with self.peers[i].stream:  # a peer's draws come from its own stream
                     parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
+            self.timer.mark(UPDATE)
         else:
             # sequential (the paper's Algorithm 1): the r-th student updates in round r, after the
             # previous one has re-published its predictions on the same batch with its freshly
@@ -273,11 +287,13 @@ class CohortTrainer:
                         with self.peers[prev].stream:  # its dropout draws on
                             fresh_logits = refresh_predictions(model, self._input(prev, x))
                         fresh = {prev: self._log_probs(fresh_logits)}
+                    self.timer.mark(FORWARD)
                     log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [prev]))
                 if i in self.peers:
                     with self.peers[i].stream:
                         parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
-        return StepResult(parts, batch_log_ps, self._exchange_seconds, self._wait_seconds)
+                self.timer.mark(UPDATE)
+        return StepResult(parts, batch_log_ps, self.timer.stop(self._wait_seconds))
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -350,11 +366,10 @@ class CohortTrainer:
             first = at.step_in_epoch if epoch == at.epoch else 0
             stop = min(per_epoch, first + max_steps - step)
             for s, idx, x, y in self.batches.epoch(epoch, first, stop):
-                t0 = time.perf_counter()
                 result = self.train_step(x, y, step, fingerprint(idx), idx)
                 if step + 1 == patient_until:
                     self.bus.set_patience(None)
-                self._observe_step(step, epoch, y, result, time.perf_counter() - t0)
+                self._observe_step(step, epoch, y, result)
                 step += 1
                 stopping = self.stop.after(step)  # every step: the cohort's agreed stop
                 if s + 1 < per_epoch and step < max_steps:  # mid-epoch (ends save below)
@@ -425,11 +440,10 @@ class CohortTrainer:
 
     # -- output -----------------------------------------------------------------------------
 
-    def _observe_step(
-        self, step: int, epoch: int, target: Tensor, result: StepResult, seconds: float
-    ) -> None:
+    def _observe_step(self, step: int, epoch: int, target: Tensor, result: StepResult) -> None:
         """Build the step's event once and hand it to every observer. The batch statistics (the
-        costly part) are computed only on steps some observer asks for, once for all of them."""
+        costly part) are computed only on steps some observer asks for, once for all of them;
+        losses and times stay on the device until an observer's reporting step reads them."""
         event: StepEvent = build_step_event(
             step=step,
             epoch=epoch,
@@ -437,7 +451,7 @@ class CohortTrainer:
             parts=result.parts,
             log_ps=result.log_ps,
             lrs={i: p.optimizer.param_groups[0]["lr"] for i, p in self.peers.items()},
-            timings=(seconds, result.exchange_seconds, result.wait_seconds),
+            times=result.times,
             bus=self.bus.stats,
             with_batch_stats=any(o.wants_batch_stats(step) for o in self.observers),
         )

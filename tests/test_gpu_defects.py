@@ -1,7 +1,8 @@
 """Issue 22's defects a first GPU run would hit, where a CPU can show them: host reads in a
-step's losses, received messages staged once, loader workers kept across epochs and
-evaluations, tensors of different peers moved to one named device, timeouts that tell a warm-up
-from a dead peer, the stop flag without a store round trip every step, device timings."""
+step's losses and in a whole training step that reports nothing, received messages staged once,
+loader workers kept across epochs and evaluations, tensors of different peers moved to one named
+device, timeouts that tell a warm-up from a dead peer, the stop flag without a store round trip
+every step, device timings read only when asked."""
 
 from __future__ import annotations
 
@@ -17,18 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from dml_cluster import evaluation, losses
+from dml_cluster import evaluation, losses, timing
 from dml_cluster.bus.base import StepKey
+from dml_cluster.bus.local import LocalBus
 from dml_cluster.bus.torch_bus import TorchBus
 from dml_cluster.bus.wire import ENCODING_IDS, Header, Kind, decode, encode
-from dml_cluster.config import parse_config
+from dml_cluster.cohort import set_determinism
+from dml_cluster.config import load_config, parse_config
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.loader import DataPath, StepSampler, read_batches
 from dml_cluster.devices import all_on, on_one_device
 from dml_cluster.errors import PeerError
 from dml_cluster.method_config.dkd import DKDConfig
 from dml_cluster.methods import Predictions, Progress, StepView, build_method
+from dml_cluster.metrics import metrics_observers
+from dml_cluster.metrics.progress import RunningCrossEntropy
 from dml_cluster.preemption import CHECK_EVERY, CohortStop
+from dml_cluster.run_folder import read_jsonl
+from dml_cluster.trainer import CohortTrainer, Placement
+
+from .conftest import REPO
 
 CPU = torch.device("cpu")
 _HOST_READS = {"item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"}
@@ -93,6 +102,128 @@ def test_dkd_reads_nothing_on_the_host_and_averages_the_labelled_rows() -> None:
     assert torch.allclose(parts.extra["tckd"], tckd, atol=1e-6)
     assert torch.allclose(parts.extra["nckd"], nckd, atol=1e-6)
     assert empty.extra["tckd"].item() == 0.0 and empty.extra["nckd"].item() == 0.0
+
+
+class WatchedTrainer(CohortTrainer):
+    """The trainer, recording the host reads of each step: its training step, its event and
+    every observer's `on_step` (the data path before it reads host memory only)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reads: dict[int, list[str]] = {}
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, *args: Any, **kw: Any):
+        with HostReads() as mode:
+            result = super().train_step(x, y, step, *args, **kw)
+        self.reads[step] = mode.reads
+        return result
+
+    def _observe_step(self, step: int, *args: Any, **kwargs: Any) -> None:
+        with HostReads() as mode:
+            super()._observe_step(step, *args, **kwargs)
+        self.reads[step] += mode.reads
+
+
+def test_a_step_that_reports_nothing_reads_nothing_on_the_host(tmp_path: Path) -> None:
+    """Semi-supervised DML without mimicry on unlabelled samples, with the run log, the metrics
+    endpoint and the progress display watching: only the steps some observer reports (run log
+    every 4, statistics every 3) read values on the host. The step's times come from the timer:
+    the phases add up to the step, logged at the run log's steps."""
+    cfg = load_config(
+        REPO / "configs" / "digits-dml.yaml",
+        [
+            f"run.out_dir={tmp_path}", "metrics.port=0", "metrics.address=127.0.0.1",
+            "cohort.model=mlp", "cohort.args={hidden: [32]}", "train.max_steps=8",
+            "run.log_every=4", "metrics.stats_every=3", "data.label_fraction=0.5",
+            "method.unlabelled_mimicry=false", "run.progress_every_s=3600", "data.workers=0",
+        ],
+    )  # fmt: skip
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    set_determinism(cfg)
+    try:
+        with metrics_observers(cfg, (0, 1), "x") as observers:
+            trainer = WatchedTrainer(cfg, LocalBus(), Placement((0, 1), CPU, True), observers)
+            assert any(type(o).__name__ == "ProgressDisplay" for o in trainer.observers)
+            trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+    reporting = {0, 3, 4, 6}
+    assert set(trainer.reads) == set(range(8))
+    for step, reads in trainer.reads.items():
+        assert bool(reads) == (step in reporting), (step, reads)
+    for record in read_jsonl(cfg.run.dir / "peers" / "mlp-0.jsonl"):
+        phases = [record[f"{p}_seconds"] for p in ("forward", "exchange", "update")]
+        assert min(phases) >= 0 and abs(sum(phases) - record["step_seconds"]) < 1e-6
+    assert [r["step"] for r in read_jsonl(cfg.run.dir / "peers" / "mlp-0.jsonl")] == [0, 4]
+
+
+def test_the_running_cross_entropy_sums_steps_put_aside() -> None:
+    g = torch.Generator().manual_seed(5)
+    running, steps = RunningCrossEntropy(), []
+    for _ in range(RunningCrossEntropy.KEEP_STEPS + 3):  # one batch summed, three put aside
+        log_ps = {i: torch.randn(6, 4, generator=g).log_softmax(1) for i in range(2)}
+        y = torch.randint(-1, 4, (6,), generator=g)
+        running.add(log_ps, y)
+        steps.append((log_ps, y))
+    assert len(running.kept) == 3
+    for i, mean in running.means().items():
+        log_p, y = torch.cat([s[0][i] for s in steps]), torch.cat([s[1] for s in steps])
+        assert abs(mean - F.nll_loss(log_p, y, ignore_index=-1).item()) < 1e-6
+
+
+# -- item 4: step times from the device, read on reporting steps only ------------------------
+
+
+class FakeEvent:
+    """A CUDA event's interface over a given time (ms): records nothing, counts the waits."""
+
+    waits = 0
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def synchronize(self) -> None:
+        FakeEvent.waits += 1
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return end.at - self.at
+
+
+def test_device_times_wait_only_when_read_and_take_each_phase_longest(monkeypatch) -> None:
+    clock = iter([0.0, 3.0, 4.0, 10.0, 0.0, 5.0, 9.0, 11.0])  # device A's marks, then B's
+    monkeypatch.setattr(torch.cuda, "Event", lambda enable_timing: FakeEvent(0.0))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: device)
+    monkeypatch.setattr(FakeEvent, "record", lambda self, stream: None, raising=False)
+    devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    timer = timing.step_timer([*devices, CPU])
+    assert isinstance(timer, timing.DeviceTimer) and timer.devices == devices
+    assert isinstance(timing.step_timer([CPU]), timing.HostTimer)
+    timer.start()
+    for phase in timing.PHASES:
+        timer.mark(phase)
+    times = timer.stop(wait_seconds=0.25)
+    for device in devices:  # give each device's events their times
+        for _, event in timer._marks[device]:
+            event.at = next(clock)
+    FakeEvent.waits = 0
+    assert times.wait_seconds == 0.25 and FakeEvent.waits == 0  # nothing read: no wait
+    assert times.step_seconds == 0.011  # the longer device, start to end
+    assert FakeEvent.waits == 2  # each device's last event, once
+    assert times.forward_seconds == 0.005 and times.exchange_seconds == 0.004
+    assert times.update_seconds == 0.006 and FakeEvent.waits == 2
+
+
+def test_host_timer_adds_a_phase_marked_twice() -> None:
+    timer = timing.HostTimer()
+    timer.start()
+    for phase in (timing.FORWARD, timing.EXCHANGE, timing.UPDATE, timing.FORWARD):
+        time.sleep(0.002)
+        timer.mark(phase)
+    times = timer.stop()
+    assert times.forward_seconds >= 0.004 and times.exchange_seconds >= 0.002
+    phases = times.forward_seconds + times.exchange_seconds + times.update_seconds
+    assert abs(phases - times.step_seconds) < 1e-9
 
 
 def test_a_received_message_is_decoded_with_one_copy_in_its_wire_dtype() -> None:

@@ -204,7 +204,7 @@ def test_a_resumed_run_continues_the_same_logger_runs(logged: Any) -> None:
     logger = experiment_logger(cfg, (0, 1), cohort)
     assert logger is not None
     losses = Losses(total=9.0, ce=8.0, mimicry=1.0)
-    event = StepEvent(
+    event = StepEvent.of(
         step=20, epoch=0, batch_size=64, step_seconds=0.1, exchange_seconds=0.0,
         wait_seconds=0.0, bus=BusStats(), peers={i: PeerStep(0.05, losses, None) for i in (0, 1)},
         log_ps={}, target=torch.zeros(0),
@@ -287,7 +287,7 @@ def test_a_logger_failing_mid_run_is_one_warning_and_training_goes_on(
     losses = Losses(total=1.0, ce=1.0, mimicry=0.0)
     for step in range(0, 3 * EVERY):
         logger.on_step(
-            StepEvent(
+            StepEvent.of(
                 step=step,
                 epoch=0,
                 batch_size=8,

@@ -133,7 +133,10 @@ def test_one_process_engine_serves_every_peer_with_exact_values(
         acc = value(samples, "dml_accuracy_ratio", peer=peer, split="test")
         assert close(acc, final["peers"][peer]["accuracy"], 1e-9)
         count = value(samples, "dml_step_duration_seconds_count", peer=peer)
-        assert count == len(recorder.steps)
+        assert count == len(recorder.steps)  # every step's time, read on the sampled steps
+        ces = [F.nll_loss(log_ps[i], y).item() for log_ps, y in recorder.steps.values()]
+        scraped = value(samples, "dml_cross_entropy_loss", peer=peer)
+        assert close(scraped, ema(ces, 0.8)[-1])  # every step's loss, in order
     ensemble = value(samples, "dml_ensemble_accuracy_ratio", split="test")
     assert close(ensemble, recorder.evals[-1]["ensemble"]["accuracy"], 1e-9)
     assert value(samples, "dml_bus_sent_bytes_total", peer=PEERS[0]) == 0.0  # nothing moves

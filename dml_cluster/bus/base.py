@@ -35,6 +35,12 @@ class BusStats:
     """The furthest this process has published ahead of a receiver's last consumed step (zmq:
     <= window)."""
 
+    def copy(self) -> BusStats:
+        """The counters as they are now (a copy taken after every step: a cheap one)."""
+        snapshot = object.__new__(BusStats)
+        snapshot.__dict__.update(self.__dict__)
+        return snapshot
+
 
 class Bus(ABC):
     """Exchanges per-sample log-probabilities [B, C] among the peers of a cohort.

@@ -36,11 +36,15 @@ def augment_batch(
     off_x = torch.randint(0, 2 * p + 1, (b,), generator=g)
     flipped = torch.rand(b, generator=g) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
 
-    rows = off_y[:, None] + torch.arange(h)  # [B, H] rows of the padded image
-    cols = off_x[:, None] + torch.arange(w)  # [B, W] columns of the padded image
+    # the draws go to the device without waiting for it (a blocking copy syncs every step)
+    on = x.device
+    off_y, off_x = off_y.to(on, non_blocking=True), off_x.to(on, non_blocking=True)
+    flipped = flipped.to(on, non_blocking=True)
+    rows = off_y[:, None] + torch.arange(h, device=on)  # [B, H] rows of the padded image
+    cols = off_x[:, None] + torch.arange(w, device=on)  # [B, W] columns of the padded image
     cols = torch.where(flipped[:, None], cols.flip(1), cols)
 
     padded = F.pad(x, (p, p, p, p)) if p else x
-    rows = rows.to(x.device)[:, None, :, None].expand(b, c, h, w + 2 * p)
-    cols = cols.to(x.device)[:, None, None, :].expand(b, c, h, w)
+    rows = rows[:, None, :, None].expand(b, c, h, w + 2 * p)
+    cols = cols[:, None, None, :].expand(b, c, h, w)
     return padded.gather(2, rows).gather(3, cols)

@@ -19,20 +19,19 @@ from dml_cluster import losses
 from dml_cluster.method_config.dml import DMLConfig
 from dml_cluster.methods.base import LossParts, Method, StepView, dense
 
-Mimicry = Callable[[Tensor, Sequence[Tensor], float], Tensor]
+Mimicry = Callable[..., Tensor]  # (logits, peers, temperature, rows=None): losses.mutual_kl's
 
 
 def mutual_term(
     divergence: Mimicry, logits: Tensor, target: Tensor, peers: Sequence[Tensor],
     temperature: float, unlabelled: bool,
 ) -> Tensor | None:  # fmt: skip
-    """The DML mimicry of one student towards `peers`; None when there is nothing to mimic."""
-    if not unlabelled:
-        rows = target != losses.UNLABELLED
-        logits, peers = logits[rows], [o[rows] for o in peers]
+    """The DML mimicry of one student towards `peers`; None when there is nothing to mimic.
+    Without `unlabelled`, the mean over the labelled samples (0 when none is)."""
     if not peers or logits.shape[0] == 0:
         return None
-    return divergence(logits, peers, temperature)
+    rows = None if unlabelled else target != losses.UNLABELLED  # masked, not selected: no sync
+    return divergence(logits, peers, temperature, rows=rows)
 
 
 class MutualLearning(Method):

@@ -1,17 +1,23 @@
 """What observers of a training run are told: one event per step, per evaluation, and the end.
 
 The trainer builds a step's event once and hands the same object to every observer (the JSONL
-run log, the Prometheus exporter, tests' recorders): losses as floats (one device sync for all),
-learning rates, timings, a copy of the bus counters, and the batch statistics of every hosted
-peer computed by one `cohort_batch_stats` call, on the steps some observer asks for them.
+run log, the Prometheus exporter, the progress display, tests' recorders): learning rates, a copy
+of the bus counters, the students' losses and the step's times, and the batch statistics of every
+hosted peer computed by one `cohort_batch_stats` call, on the steps some observer asks for them.
 Observers read what they need from the event, never the trainer's internals.
+
+Nothing in an event is read from the device until an observer asks: the losses stay device
+tensors until `peers` (or `losses`) is read, then come over in one transfer for all students; the
+step's times are device events until a `*_seconds` field is read (`dml_cluster.timing`). An
+observer reads them on its reporting steps only, so a step that reports nothing never waits for
+the device (on the CPU, where nothing waits, reading is merely cheap).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -20,6 +26,7 @@ from torch import Tensor
 from dml_cluster.bus.base import BusStats
 from dml_cluster.devices import all_on
 from dml_cluster.metrics.batch import PeerBatchStats, cohort_batch_stats
+from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, KnownTimes, StepTimes
 
 if TYPE_CHECKING:
     from dml_cluster.methods import LossParts
@@ -43,24 +50,92 @@ class PeerStep:
     batch: PeerBatchStats | None  # None on steps no observer asked for statistics
 
 
-@dataclass(frozen=True)
 class StepEvent:
-    """Handed to every observer after every training step."""
+    """Handed to every observer after every training step (see the module's docstring for what
+    is read from the device, and when)."""
 
-    step: int
-    epoch: int
-    batch_size: int
-    step_seconds: float  # forward, exchange, backward, update
-    exchange_seconds: float  # the step's exchanges on the bus, waiting included
-    wait_seconds: float  # the part of exchange_seconds spent waiting for other peers
-    bus: BusStats  # this process's bus counters after the step (a copy)
-    peers: dict[int, PeerStep]  # by index, the peers this process hosts
-    log_ps: dict[int, Tensor]  # every prediction received on the batch, by peer (not copied)
-    target: Tensor  # the batch's labels, -1 where unlabelled (not copied)
+    def __init__(
+        self,
+        *,
+        step: int,
+        epoch: int,
+        target: Tensor,
+        log_ps: dict[int, Tensor],
+        lrs: Mapping[int, float],
+        parts: Mapping[int, LossParts],
+        times: StepTimes,
+        bus: BusStats,
+        stats: Mapping[int, PeerBatchStats] | None = None,
+    ) -> None:
+        self.step, self.epoch = step, epoch
+        self.batch_size = target.shape[0]
+        self.target = target  # the batch's labels, -1 where unlabelled (not copied)
+        self.log_ps = log_ps  # every prediction received on the batch, by peer (not copied)
+        self.lrs = lrs  # by hosted peer: its optimizer's learning rate during the step
+        self.parts = parts  # the hosted students' losses, device tensors (teachers: none)
+        self.times = times
+        self.bus = bus  # this process's bus counters after the step (a copy)
+        self.stats = stats  # the hosted peers' batch statistics, or None (not asked for)
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        step: int,
+        epoch: int,
+        batch_size: int,
+        step_seconds: float,
+        peers: dict[int, PeerStep],
+        exchange_seconds: float = 0.0,
+        wait_seconds: float = 0.0,
+        bus: BusStats | None = None,
+        log_ps: dict[int, Tensor] | None = None,
+        target: Tensor | None = None,
+    ) -> StepEvent:
+        """An event from values already on the host (tests, a replay): `peers` as observers
+        read them; the step's time all exchange and update (no forward)."""
+        phases = {FORWARD: 0.0, EXCHANGE: exchange_seconds, UPDATE: step_seconds - exchange_seconds}
+        stats = {i: p.batch for i, p in peers.items() if p.batch is not None}
+        event = cls(
+            step=step, epoch=epoch, target=torch.zeros(0) if target is None else target,
+            log_ps=log_ps or {}, lrs={i: p.lr for i, p in peers.items()}, parts={},
+            times=KnownTimes(step_seconds, phases, wait_seconds), bus=bus or BusStats(),
+            stats=stats or None,
+        )  # fmt: skip
+        event.batch_size = batch_size
+        event.__dict__["peers"] = peers  # the cached properties, given
+        event.__dict__["losses"] = {i: p.losses for i, p in peers.items() if p.losses}
+        return event
 
     @property
     def has_batch_stats(self) -> bool:
-        return any(p.batch is not None for p in self.peers.values())
+        return self.stats is not None
+
+    @cached_property
+    def losses(self) -> dict[int, Losses]:
+        """Every hosted student's losses as floats (one transfer; a sync on an accelerator)."""
+        return losses_as_floats([self.parts])[0]
+
+    @cached_property
+    def peers(self) -> dict[int, PeerStep]:
+        """By index, the peers this process hosts (reads the losses: a reporting step's)."""
+        losses, stats = self.losses, self.stats or {}
+        return {i: PeerStep(lr, losses.get(i), stats.get(i)) for i, lr in self.lrs.items()}
+
+    @property
+    def step_seconds(self) -> float:
+        """Forward, exchange, backward, update (device time on an accelerator)."""
+        return self.times.step_seconds
+
+    @property
+    def exchange_seconds(self) -> float:
+        """The step's exchanges on the bus, waiting included."""
+        return self.times.exchange_seconds
+
+    @property
+    def wait_seconds(self) -> float:
+        """The part of the exchanges spent waiting for other peers (host clock)."""
+        return self.times.wait_seconds
 
 
 @dataclass(frozen=True)
@@ -75,7 +150,10 @@ class EvalEvent:
 
 
 class Observer(Protocol):
-    """Watches training (JSONL logs, Prometheus metrics) without taking part in it."""
+    """Watches training (JSONL logs, Prometheus metrics) without taking part in it.
+
+    `on_step` runs after every step: it must not read the event's losses or times (device
+    values) on a step it does not report (see the module's docstring)."""
 
     def wants_batch_stats(self, step: int) -> bool:
         """Whether this observer reads the batch statistics of `step` (they cost; the trainer
@@ -97,41 +175,37 @@ def build_step_event(
     parts: Mapping[int, LossParts],
     log_ps: dict[int, Tensor],
     lrs: Mapping[int, float],
-    timings: tuple[float, float, float],
+    times: StepTimes,
     bus: BusStats,
     with_batch_stats: bool,
 ) -> StepEvent:
     """The step's event for the peers in `lrs` (the hosted ones). `parts` are the hosted
-    students' losses; `timings` are (step, exchange, wait) seconds. Statistics of the batch are
-    computed for every hosted peer when `with_batch_stats`, else left out."""
-    hosted = list(lrs)
-    stats = cohort_batch_stats(log_ps, target, hosted) if with_batch_stats else {}
-    losses = _losses_as_floats(parts)
-    step_seconds, exchange_seconds, wait_seconds = timings
+    students' losses. Statistics of the batch are computed for every hosted peer when
+    `with_batch_stats` (one copy of the predictions to the host), else left out."""
+    stats = cohort_batch_stats(log_ps, target, list(lrs)) if with_batch_stats else None
     return StepEvent(
-        step=step,
-        epoch=epoch,
-        batch_size=len(target),
-        step_seconds=step_seconds,
-        exchange_seconds=exchange_seconds,
-        wait_seconds=wait_seconds,
-        bus=dataclasses.replace(bus),
-        peers={i: PeerStep(lrs[i], losses.get(i), stats.get(i)) for i in hosted},
-        log_ps=log_ps,
-        target=target,
-    )
+        step=step, epoch=epoch, target=target, log_ps=log_ps, lrs=lrs, parts=parts,
+        times=times, bus=bus.copy(), stats=stats,
+    )  # fmt: skip
 
 
-def _losses_as_floats(parts: Mapping[int, LossParts]) -> dict[int, Losses]:
-    """Every student's (total, ce, mimicry) as floats: on an accelerator in one transfer (one
-    sync for all); on the CPU, where no sync exists, scalar by scalar (cheaper than a stack)."""
-    if not parts:
-        return {}
-    order: Sequence[int] = list(parts)
-    tensors = [t for i in order for t in (parts[i].total, parts[i].ce, parts[i].mimicry)]
-    if tensors[0].device.type == "cpu":
+def losses_as_floats(steps: Sequence[Mapping[int, LossParts]]) -> list[dict[int, Losses]]:
+    """Every student's (total, ce, mimicry) as floats, for each of `steps` (several steps'
+    losses kept on the device until a reporting step): on an accelerator one transfer, one sync
+    for all; on the CPU, where nothing waits, scalar by scalar."""
+    tensors = [t for parts in steps for p in parts.values() for t in (p.total, p.ce, p.mimicry)]
+    if not tensors:
+        return [{} for _ in steps]
+    device = tensors[0].device
+    if all(t.device.type == "cpu" for t in tensors):  # nothing to wait for: a stack costs more
         flat = [t.item() for t in tensors]
-    else:  # the peers' GPUs may differ: stacked on the first student's
+    else:
+        if any(t.device != device for t in tensors):  # the peers' GPUs differ: on the first's
+            tensors = all_on(tensors, device)
         with torch.no_grad():
-            flat = torch.stack(all_on(tensors, tensors[0].device)).tolist()
-    return {i: Losses(*flat[3 * n : 3 * n + 3]) for n, i in enumerate(order)}
+            flat = torch.stack(tensors).tolist()
+    out, n = [], 0
+    for parts in steps:
+        out.append({i: Losses(*flat[n + 3 * k : n + 3 * k + 3]) for k, i in enumerate(parts)})
+        n += 3 * len(parts)
+    return out

@@ -6,15 +6,19 @@ the whole cohort and labels every series by peer. Labels are kept to `peer`, `ot
 
 A scrape is a consistent snapshot: the trainer updates every value of a step under one lock and
 the endpoint renders under the same lock, so `dml_step` and the divergence read in one scrape
-belong to the same batch. Per step the exporter only does arithmetic on plain floats and observes
-the two duration histograms; the gauges and counters are brought up to those floats when a scrape
-renders (under the same lock), so a value that changes every step costs one assignment, not one
-metric update, between scrapes.
+belong to the same batch. The gauges and counters are brought up to plain values kept here when a
+scrape renders (under the same lock), so a value that changes every step costs one assignment,
+not one metric update, between scrapes.
 
 Everything comes from the trainer's events (`metrics.events`), never from the trainer itself.
-Step time, samples, learning rate, losses and the bus counters are updated on every step; the
-batch statistics (accuracy, entropy, divergence, agreement: the costly part) are read on every
-`metrics.stats_every`-th step, so their moving averages average those sampled batches.
+On a step that reports nothing the exporter keeps the step, epoch, time, learning rates, sample
+count and bus counters, and puts the step's losses and times (device values: reading them would
+make the host wait for the accelerator) aside. Every `metrics.stats_every`-th step (and at an
+evaluation and at the end) it reads the steps put aside in one go: every step's losses go into
+their moving averages and every step's times into the duration histograms, in step order, so
+they still follow every step, up to `stats_every` steps late. The batch statistics (accuracy,
+entropy, divergence, agreement: the costly part) are read on those steps only, so their moving
+averages average the sampled batches.
 """
 
 from __future__ import annotations
@@ -41,10 +45,13 @@ from dml_cluster.bus.base import BusStats
 from dml_cluster.config import Config
 from dml_cluster.devices import hosted_devices
 from dml_cluster.errors import ConfigError
+from dml_cluster.metrics.events import losses_as_floats
 from dml_cluster.run_folder import write_atomic
 
 if TYPE_CHECKING:
+    from dml_cluster.methods import LossParts
     from dml_cluster.metrics.events import EvalEvent, StepEvent
+    from dml_cluster.timing import StepTimes
 
 # from a 0.5 ms MLP step to a 30 s large-model step
 TIME_BUCKETS = (
@@ -72,12 +79,13 @@ class _Snapshot:
 
 @dataclass
 class _Latest:
-    """What a hosted peer's last step left, kept as plain values until a scrape publishes them."""
+    """What the last step left (every hosted peer takes every step), kept as plain values until
+    a scrape publishes them."""
 
     step: int = -1  # -1: no step yet (nothing to publish)
     epoch: int = 0
     finished_at: float = 0.0
-    lr: float = 0.0
+    lrs: Any = None  # by hosted peer
     samples: int = 0
     samples_published: int = 0
 
@@ -93,7 +101,9 @@ class PrometheusExporter:
         self._lock = threading.Lock()
         self._ema: dict[tuple[Any, tuple[str, ...]], float] = {}  # by (metric, labels)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        self._latest = {i: _Latest() for i in hosted}
+        self._latest = _Latest()
+        # the losses and times of the steps since the last read (device values: see the docstring)
+        self._aside: list[tuple[dict[int, LossParts], StepTimes]] = []
         self._bus = BusStats()  # the bus counters at the last event
         self._bus_seen = BusStats()  # ... and at the last scrape
         self._define()
@@ -197,11 +207,12 @@ class PrometheusExporter:
         )
         self._step_time = histogram(
             "dml_step_duration_seconds",
-            "Wall time of a training step: forward, exchange, backward, update.",
+            "Time of a training step (forward, exchange, backward, update): wall time on the CPU, "
+            "device time on a GPU.",
         )
         self._exchange_time = histogram(
             "dml_exchange_duration_seconds",
-            "Wall time of a step's exchanges on the bus, waiting included.",
+            "Time of a step's exchanges on the bus, waiting included (likewise).",
         )
         self._all = [
             self._run, self._peer, self._step, self._epoch, self._last, self._lr, self._kl,
@@ -277,16 +288,15 @@ class PrometheusExporter:
     def _publish(self) -> None:
         """Bring the gauges and counters up to the values kept since the last scrape (called by
         the collector, under the lock)."""
-        child = self._child
-        for i, latest in self._latest.items():
-            if latest.step < 0:
-                continue
-            name = self.names[i]
-            child(self._step, name).set(latest.step)
-            child(self._epoch, name).set(latest.epoch)
-            child(self._last, name).set(latest.finished_at)
-            child(self._lr, name).set(latest.lr)
-            child(self._samples, name).inc(latest.samples - latest.samples_published)
+        child, latest = self._child, self._latest
+        if latest.step >= 0:
+            for i in self.hosted:
+                name = self.names[i]
+                child(self._step, name).set(latest.step)
+                child(self._epoch, name).set(latest.epoch)
+                child(self._last, name).set(latest.finished_at)
+                child(self._lr, name).set(latest.lrs[i])
+                child(self._samples, name).inc(latest.samples - latest.samples_published)
             latest.samples_published = latest.samples
         for (metric, labels), value in self._ema.items():
             child(metric, *labels).set(value)
@@ -306,36 +316,60 @@ class PrometheusExporter:
         return step % self.stats_every == 0
 
     def on_step(self, event: StepEvent) -> None:
-        sampled = self.wants_batch_stats(event.step)
-        now, child, names, smooth = time.time(), self._child, self.names, self._smooth
+        now = time.time()
         with self._lock:
-            for i, peer in event.peers.items():
-                name, latest = names[i], self._latest[i]
-                latest.step, latest.epoch, latest.finished_at = event.step, event.epoch, now
-                latest.lr = peer.lr
-                latest.samples += event.batch_size
-                child(self._step_time, name).observe(event.step_seconds)
-                child(self._exchange_time, name).observe(event.exchange_seconds)
-                if peer.losses is not None:
-                    smooth(self._ce, (name,), peer.losses.ce)
-                    smooth(self._mimicry, (name,), peer.losses.mimicry)
-                    smooth(self._loss, (name,), peer.losses.total)
-                batch = peer.batch
-                if not sampled or batch is None:
-                    continue
-                if batch.accuracy is not None:
-                    smooth(self._acc, (name, "train"), batch.accuracy)
-                smooth(self._entropy, (name, "train"), batch.entropy)
-                for j, pair in batch.pairs.items():
-                    labels = (name, names[j], "train")
-                    smooth(self._kl, labels, pair.kl)
-                    smooth(self._js, labels, pair.js)
-                    smooth(self._agree, labels, pair.agreement)
+            latest = self._latest
+            latest.step, latest.epoch, latest.finished_at = event.step, event.epoch, now
+            latest.lrs = event.lrs
+            latest.samples += event.batch_size
             self._bus = event.bus
+            self._aside.append((event.parts, event.times))
+            if event.step % self.stats_every == 0:
+                self._read_aside()
+                self._sample(event)
+
+    def _read_aside(self) -> None:
+        """Fold the losses and times put aside into the moving averages and histograms, in step
+        order (one transfer for all the losses; on a device, the wait of a reporting step)."""
+        aside, self._aside = self._aside, []
+        if not aside:
+            return
+        child, names, smooth = self._child, self.names, self._smooth
+        steps = [times.step_seconds for _, times in aside]
+        exchanges = [times.exchange_seconds for _, times in aside]
+        for i in self.hosted:
+            step_time, exchange_time = (
+                child(self._step_time, names[i]),
+                child(self._exchange_time, names[i]),
+            )
+            for step_seconds, exchange_seconds in zip(steps, exchanges, strict=True):
+                step_time.observe(step_seconds)
+                exchange_time.observe(exchange_seconds)
+        for step_losses in losses_as_floats([parts for parts, _ in aside]):
+            for i, loss in step_losses.items():
+                name = (names[i],)
+                smooth(self._ce, name, loss.ce)
+                smooth(self._mimicry, name, loss.mimicry)
+                smooth(self._loss, name, loss.total)
+
+    def _sample(self, event: StepEvent) -> None:
+        """The batch statistics of a sampled step into their moving averages."""
+        names, smooth = self.names, self._smooth
+        for i, batch in (event.stats or {}).items():
+            name = names[i]
+            if batch.accuracy is not None:
+                smooth(self._acc, (name, "train"), batch.accuracy)
+            smooth(self._entropy, (name, "train"), batch.entropy)
+            for j, pair in batch.pairs.items():
+                labels = (name, names[j], "train")
+                smooth(self._kl, labels, pair.kl)
+                smooth(self._js, labels, pair.js)
+                smooth(self._agree, labels, pair.agreement)
 
     def on_eval(self, event: EvalEvent) -> None:
         report = event.report
         with self._lock:
+            self._read_aside()
             for i in self.hosted:
                 name = self.names[i]
                 peer = report["peers"][name]
@@ -353,6 +387,8 @@ class PrometheusExporter:
             self._bus = event.bus
 
     def on_end(self, summary: dict[str, Any]) -> None:
+        with self._lock:
+            self._read_aside()
         if self.cfg.metrics.linger_s > 0:
             time.sleep(self.cfg.metrics.linger_s)
 

@@ -6,7 +6,9 @@ pipe, a pod's log), one whole line every `run.progress_every_s` seconds with the
 
 The running cross-entropy of a peer is its mean over the epoch so far, computed from the
 predictions every process receives on the bus (so the reporting process shows every peer's, not
-only its own); it is read back from the device once per drawing, never per step.
+only its own). A step only puts its predictions aside; at a drawing, or once `RunningCrossEntropy`
+holds `KEEP_STEPS` steps or `KEEP_VALUES` values of them, they are summed on the device in one
+batch per peer, and the sums are read back once per drawing, never per step.
 
 The elapsed time is the run's, across resumes: `RunClock` keeps it in <run dir>/clock.json (the
 reporting process writes it at every progress report, checkpoint and evaluation) and a resumed
@@ -82,7 +84,12 @@ class RunPlan:
 
 class RunningCrossEntropy:
     """Every peer's training cross-entropy summed over the labelled samples since `reset`, kept
-    on the predictions' device until read."""
+    on the predictions' device until read. `add` keeps references to a step's predictions, which
+    are summed in one batch per peer when read or when `KEEP_STEPS` steps or `KEEP_VALUES`
+    values (16 MiB of float32) are kept."""
+
+    KEEP_STEPS = 64
+    KEEP_VALUES = 1 << 22
 
     def __init__(self) -> None:
         self.reset()
@@ -90,11 +97,26 @@ class RunningCrossEntropy:
     def reset(self) -> None:
         self.sums: dict[int, Tensor] = {}
         self.counts: dict[int, Tensor] = {}
+        self.kept: list[tuple[dict[int, Tensor], Tensor]] = []
+        self.kept_values = 0
 
     def add(self, log_ps: dict[int, Tensor], target: Tensor) -> None:
+        self.kept.append((log_ps, target))
+        if not self.kept_values:  # the first step kept: every step holds as many values
+            self.step_values = sum(t.numel() for t in log_ps.values())
+        self.kept_values += self.step_values
+        if len(self.kept) >= self.KEEP_STEPS or self.kept_values >= self.KEEP_VALUES:
+            self._sum_kept()
+
+    def _sum_kept(self) -> None:
+        kept, self.kept, self.kept_values = self.kept, [], 0
+        if not kept:
+            return
         with torch.no_grad():
-            for i, log_p in log_ps.items():
-                y = target.to(log_p.device)
+            targets = torch.cat([y for _, y in kept])
+            for i in kept[0][0]:
+                log_p = torch.cat([log_ps[i] for log_ps, _ in kept])
+                y = targets.to(log_p.device)
                 # deterministic: [B, C] log-probabilities: nll_loss's 1-D-target kernel
                 loss = F.nll_loss(log_p.float(), y, ignore_index=-1, reduction="sum")
                 labelled = (y >= 0).sum()
@@ -103,6 +125,7 @@ class RunningCrossEntropy:
 
     def means(self) -> dict[int, float]:
         """Peer -> mean cross-entropy (peers without a labelled sample yet are left out)."""
+        self._sum_kept()
         out = {}
         for i in sorted(self.sums):
             count = int(self.counts[i].item())

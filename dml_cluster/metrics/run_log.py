@@ -35,7 +35,8 @@ class RunLog:
 
     def on_step(self, event: StepEvent) -> None:
         if event.step % self.every:
-            return
+            return  # nothing read from the event (its losses and times are device values)
+        times = event.times
         for i, peer in event.peers.items():
             if peer.losses is None:
                 continue  # a teacher
@@ -50,8 +51,10 @@ class RunLog:
                 ce=peer.losses.ce,
                 mimicry=peer.losses.mimicry,
                 lr=peer.lr,
-                step_seconds=event.step_seconds,
-                exchange_seconds=event.exchange_seconds,
+                step_seconds=times.step_seconds,  # device time on an accelerator
+                forward_seconds=times.forward_seconds,
+                exchange_seconds=times.exchange_seconds,
+                update_seconds=times.update_seconds,  # losses, backward, optimizer step
                 bytes_sent=event.bus.bytes_sent,
                 wait_seconds=event.bus.wait_seconds,
                 step_wait_seconds=event.wait_seconds,
