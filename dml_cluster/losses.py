@@ -24,9 +24,9 @@ def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """Mean CE over the labelled samples (target != -1); 0 when none is labelled."""
     # no host read of the labels (an accelerator would sync every step): the unlabelled rows
     # are ignored in a sum, divided by the labelled count (at least 1: all unlabelled -> 0).
+    labelled = (target != UNLABELLED).sum()
     # deterministic: [B, C] logits: nll_loss's 1-D-target CUDA kernels reduce in one block
     # without atomics; only nll_loss2d (spatial targets) raises under strict mode
-    labelled = (target != UNLABELLED).sum()
     total = F.cross_entropy(logits, target, ignore_index=UNLABELLED, reduction="sum")
     return total / labelled.clamp(min=1)
 
