@@ -19,7 +19,7 @@ processes, paired step by step: what waiting for the slower of two peers costs g
 
 Two modes:
 - interleaved (default): two worker processes build one real `CohortTrainer` per condition (the
-  buses exactly as `launch.run_peer` builds them) and alternate blocks of steps between the
+  buses exactly as `launch.peer.run_peer` builds them) and alternate blocks of steps between the
   conditions (order reversed every block, a barrier before each block). Drift in the load of a
   shared machine then hits every condition alike, and each lockstep block has an independent
   block next to it: the per-block ratios are paired.
@@ -107,7 +107,8 @@ def interleaved_worker(
     from dml_cluster.cohort import set_determinism
     from dml_cluster.config import parse_config
     from dml_cluster.data.sampler import fingerprint
-    from dml_cluster.launch import TRANSPORTS
+    from dml_cluster.launch.identity import run_id
+    from dml_cluster.launch.transports import make_bus
     from dml_cluster.trainer import CohortTrainer, Placement
 
     own_session()
@@ -127,7 +128,7 @@ def interleaved_worker(
         if c in (INDEPENDENT, BARRIER):
             trainers[c] = CohortTrainer(cfg, LocalBus(), Placement((0,), cpu, reporter=False))
         else:
-            bus = TRANSPORTS[c](cfg, rank, world, cpu)
+            bus = make_bus(cfg, rank, world, run_id(cfg), cpu)
             trainers[c] = CohortTrainer(cfg, bus, Placement((rank,), cpu, reporter=False))
     first = trainers[INDEPENDENT]
     per_epoch = first.batches.num_train // args.batch_size

@@ -108,3 +108,10 @@ def process_group_backend(cfg: Config, local_world: int, gpus: int | None = None
         if len(set(on_node)) != len(on_node):
             return "gloo"
     return "nccl"
+
+
+def make_current(device: torch.device) -> torch.device:
+    """Make `device` this process's current CUDA device (when it is one); returns it."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device

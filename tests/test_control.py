@@ -133,7 +133,7 @@ def _checkpoints(run_dir: Path, rank: int):
 def _worker(rank: int, port: int, out: str) -> None:
     from dml_cluster.checkpoint import Position
     from dml_cluster.errors import CheckpointError, ConfigError
-    from dml_cluster.launch import _check_same_config
+    from dml_cluster.launch.peer import _check_same_config
 
     torch.set_num_threads(1)
     torch.distributed.init_process_group(

@@ -165,7 +165,7 @@ def _run_under_attack(runs: Path, name: str, *extra: str) -> tuple[int, str, dic
 
 def _attack_once(runs: Path, name: str, *extra: str) -> tuple[int, str, dict, list[str]]:
     from dml_cluster.config import load_config
-    from dml_cluster.launch import run_id
+    from dml_cluster.launch.identity import run_id
 
     base = _two_free_ports()
     args = settings(runs, name, "bus.transport=zmq", f"bus.port={base}", *extra, epochs=EPOCHS)

@@ -8,9 +8,10 @@ PET_NPROC_PER_NODE (`trainer.numProcPerNode`), PET_NODE_RANK (the Job's completi
 PET_MASTER_ADDR (`<job>-node-0-0.<job>`, pod 0 by the JobSet's headless Service) and
 PET_MASTER_PORT (29400, which it also declares as a container port). The container runs
 `dml-cluster train` itself, which reads those variables when no launcher set RANK (one process
-per node: dml_cluster/launch.py `adopt_torch_runtime_env`). No torchrun in between, so the pod's
-exit code is the trainer's and the failure policy can tell a retryable failure (143: SIGTERM
-after a checkpoint; 200: a lost peer) from a permanent one (2: bad config or data).
+per node: `adopt_torch_runtime_env` in dml_cluster/launch/environment.py). No torchrun in
+between, so the pod's exit code is the trainer's and the failure policy can tell a retryable
+failure (143: SIGTERM after a checkpoint; 200: a lost peer) from a permanent one (2: bad config
+or data).
 
 Why not the Trainer's default `torch-distributed` ClusterTrainingRuntime: its pods are never
 restarted, and a TrainJob's patches cannot set the ports, volumes and failure policy a cohort

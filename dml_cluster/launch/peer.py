@@ -1,0 +1,145 @@
+"""This process as one peer of a cohort started by torchrun (or any launcher that sets RANK /
+WORLD_SIZE / MASTER_ADDR / MASTER_PORT): the checks every peer process makes together, the
+process group, the bus, then the trainer."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dml_cluster.bus import Bus
+from dml_cluster.cohort import set_determinism
+from dml_cluster.config import Config
+from dml_cluster.control import Control, Topic, TorchControl
+from dml_cluster.devices import (
+    cohort_device_type,
+    hosted_devices,
+    make_current,
+    process_group_backend,
+)
+from dml_cluster.errors import ConfigError, PeerError
+from dml_cluster.launch.identity import agree_on_nonce, run_id
+from dml_cluster.launch.reporting import let_the_cause_exit_first, reported_once, together
+from dml_cluster.launch.transports import make_bus
+from dml_cluster.metrics import metrics_observers
+from dml_cluster.metrics.loggers import check_loggers
+from dml_cluster.precision import check_precision
+from dml_cluster.preemption import CohortStop, stop_margin
+from dml_cluster.run_lock import claim_run_folder
+from dml_cluster.trainer import CohortTrainer, Placement, prepare_data
+
+
+def _check_same_config(cfg: Config, control: Control) -> None:
+    """Every peer must run the same config: its hash (what decides the numbers) and the bus
+    settings every process must share (the zmq handshake checks the hash too; torch has none).
+    """
+    mine = f"hash {cfg.hash()}, transport {cfg.bus.transport}, window {cfg.bus.window}"
+    for other, theirs in enumerate(control.all_gather_bytes(Topic.CONFIG, 0, mine.encode())):
+        if theirs != mine.encode():
+            raise ConfigError(
+                f"peer {other} ({cfg.peers[other].name}, rank {other}) runs a different config "
+                f"({theirs.decode(errors='replace')}; mine: {mine}): every peer must be given "
+                "the same config"
+            )
+
+
+def _check_layout(cfg: Config, world: int) -> None:
+    """One process per peer, on a transport that crosses processes."""
+    size = len(cfg.peers)
+    if cfg.bus.transport == "local":
+        raise ConfigError(
+            "config error: bus.transport: 'local' keeps every peer in one process; "
+            "choose zmq or torch to run one peer per process"
+        )
+    if world == size:
+        return
+    nodes = world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if nodes > 1:
+        hint = f"the nodes times torchrun's --nproc-per-node must make {size}"
+    else:
+        hint = f"dml-cluster train CONFIG --nproc {size}, or torchrun --nproc-per-node {size}"
+    raise ConfigError(
+        f"config error: the cohort has {size} peers but WORLD_SIZE is {world}: "
+        f"start one process per peer ({hint})"
+    )
+
+
+@contextlib.contextmanager
+def _claim_together(cfg: Config, rank: int, control: Control) -> Iterator[None]:
+    """Each peer process claims its share of the run folder (run_lock.py); when any was
+    refused (another run holds the folder, it is not writable) every process exits before
+    any of them writes a file."""
+    with contextlib.ExitStack() as held:
+        claim = claim_run_folder(cfg.run.dir, {rank: cfg.peers[rank].name})
+        together(control, Topic.RUN_FOLDER, rank, lambda: held.enter_context(claim))
+        yield
+
+
+def run_peer(cfg: Config) -> dict[str, Any]:
+    """This process is one peer of a cohort started by torchrun (or a compatible launcher)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with reported_once():
+        _check_layout(cfg, world)
+        check_precision(cfg, cohort_device_type(cfg))
+        check_loggers(cfg)
+    set_determinism(cfg)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = make_current(hosted_devices(cfg, (rank,), local_rank)[rank])
+    backend = process_group_backend(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    # NCCL moves CUDA tensors GPU to GPU; over gloo the torch transport stages on the CPU
+    bus_device = device if backend == "nccl" else torch.device("cpu")
+    # a lost peer under NCCL: the collective fails as an error the exchange catches (its own
+    # wait is bounded by bus.timeout_s), not a watchdog abort; the group's timeout covers the
+    # longest legitimate wait (start-up, compile, evaluation, checkpoint)
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.startup_timeout_s))
+    except (RuntimeError, ValueError, dist.DistError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PeerError(f"cannot join the cohort's process group: {first}") from None
+    bus: Bus | None = None
+    control: Control | None = None
+    try:
+        control = TorchControl([p.name for p in cfg.peers], cfg.bus.startup_timeout_s)
+        _check_same_config(cfg, control)
+        wire_id = run_id(cfg, agree_on_nonce(control))
+        with _claim_together(cfg, rank, control):
+            with reported_once():  # bad data: before anything is written to the run folder
+                data = prepare_data(cfg)
+            bus = make_bus(cfg, rank, world, wire_id, bus_device)
+            placement = Placement((rank,), device, reporter=rank == 0)
+            stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
+            # the models are built before anything is written: a bad one is one line, once
+            trainer = together(
+                control, Topic.BUILD, rank,
+                lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
+            )  # fmt: skip
+            with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
+                trainer.observe(observers)
+                return trainer.run()
+    except PeerError:
+        let_the_cause_exit_first()
+        raise
+    finally:
+        if bus is not None:
+            bus.close()
+        if control is not None:
+            control.close()
+        _leave_group()
+
+
+def _store() -> dist.Store:
+    """The rendezvous store of the default process group (shared by the cohort's processes)."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def _leave_group() -> None:
+    # a dead peer can make teardown fail; there is nothing left to save then
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()

@@ -1,0 +1,62 @@
+"""Which process of a cohort reports an error: one line from one process, the same exit status
+from all, and the process whose failure caused the others' given time to exit first."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from dml_cluster.control import Control, Topic
+from dml_cluster.errors import DmlError, ReportedElsewhere
+from dml_cluster.signals import local_reporter
+
+T = TypeVar("T")
+
+CAUSE_GRACE_S = 3.0
+"""How long a peer that lost its cohort waits before exiting, next to other local peers."""
+
+
+@contextlib.contextmanager
+def reported_once() -> Iterator[None]:
+    """For errors every peer process meets alike (its config, the cohort's layout): local rank 0
+    reports it; the others let it exit first, then exit with the same status, quietly."""
+    try:
+        yield
+    except DmlError as err:
+        if local_reporter():
+            raise
+        let_the_cause_exit_first()
+        raise ReportedElsewhere(err.exit_code) from None
+
+
+def together(control: Control, topic: Topic, rank: int, attempt: Callable[[], T]) -> T:
+    """Every process makes `attempt`, then the cohort compares notes: when any met an error a
+    user can act on, the first such process reports it and every process exits with its
+    status, the others quietly. Every process gets there: no one waits alone."""
+    refusal: DmlError | None = None
+    result: Any = None
+    try:
+        result = attempt()
+    except DmlError as err:
+        refusal = err
+    note = f"{refusal.exit_code} {refusal}" if refusal is not None else ""
+    notes = control.all_gather_bytes(topic, 0, note.encode())
+    refused = [i for i, theirs in enumerate(notes) if theirs]
+    if refusal is not None and refused[0] == rank:
+        raise refusal
+    if refused:
+        code = notes[refused[0]].split(b" ", 1)[0]
+        let_the_cause_exit_first()
+        raise ReportedElsewhere(int(code) if code.isdigit() else 1)
+    return result
+
+
+def let_the_cause_exit_first() -> None:
+    """A lost cohort is mostly the consequence of another peer's failure. Next to other workers
+    of one torchrun agent, give that peer time to exit first (interpreter shutdown with torch
+    takes a second or more), so the launcher reports the cause and its exit code."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        time.sleep(CAUSE_GRACE_S)
