@@ -124,7 +124,7 @@ def training_batches(cfg: Config, run_dir: Path, device: torch.device) -> tuple[
     it, without augmentation, with its true labels, held on `device` in the run's memory layout
     (`run.channels_last`); and the dataset."""
     from dml_cluster.data.loader import DataPath
-    from dml_cluster.trainer import prepare_data
+    from dml_cluster.data.prepare import prepare_data
 
     prepared = prepare_data(cfg, run_dir)  # true labels: semi-supervised masks are not applied
     data, normalisation = prepared.dataset, prepared.normalisation

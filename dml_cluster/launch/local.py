@@ -8,6 +8,7 @@ from typing import Any
 from dml_cluster.bus.local import LocalBus
 from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
+from dml_cluster.data.prepare import prepare_data
 from dml_cluster.devices import cohort_device_type, hosted_devices, make_current
 from dml_cluster.launch.identity import run_id
 from dml_cluster.metrics import metrics_observers
@@ -15,7 +16,7 @@ from dml_cluster.metrics.events import Observer
 from dml_cluster.metrics.loggers import check_loggers
 from dml_cluster.precision import check_precision
 from dml_cluster.run_lock import claim_run_folder
-from dml_cluster.trainer import CohortTrainer, Placement, prepare_data
+from dml_cluster.trainer import CohortTrainer, Placement
 
 
 def run_local(cfg: Config, observers: Sequence[Observer] = ()) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from dml_cluster.bus import Bus
 from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic, TorchControl
+from dml_cluster.data.prepare import prepare_data
 from dml_cluster.devices import (
     cohort_device_type,
     hosted_devices,
@@ -32,7 +33,7 @@ from dml_cluster.metrics.loggers import check_loggers
 from dml_cluster.precision import check_precision
 from dml_cluster.preemption import CohortStop, stop_margin
 from dml_cluster.run_lock import claim_run_folder
-from dml_cluster.trainer import CohortTrainer, Placement, prepare_data
+from dml_cluster.trainer import CohortTrainer, Placement
 
 
 def _check_same_config(cfg: Config, control: Control) -> None:

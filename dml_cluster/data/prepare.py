@@ -1,0 +1,48 @@
+"""The data as a run trains on it, prepared once before anything is written to the run folder:
+the dataset with its training subset, its normalisation, the semi-supervised labels."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor
+
+from dml_cluster.config import Config
+from dml_cluster.data import load_dataset, loader_options
+from dml_cluster.data.dataset import Dataset, Normalisation, take, targets
+from dml_cluster.data.loader import default_workers
+from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
+from dml_cluster.data.stats import DATA_FILE, resolve_normalisation
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The data as a run trains on it: the dataset (its train split subset by
+    `data.train_subset`), its normalisation, the semi-supervised labels (-1: unlabelled) or None,
+    and the number of loader workers."""
+
+    dataset: Dataset
+    normalisation: Normalisation
+    labels: Tensor | None
+    workers: int
+
+
+def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
+    """Load and check the run's data; the launchers call it before the metrics endpoint or the
+    trainer writes into the run folder, so bad data (a folder, a factory, an unreadable image in
+    the statistics pass) is one `DataError` line and the folder is left as it was. `run_dir`:
+    where the run's recorded statistics are (default: the config's run folder)."""
+    data = load_dataset(cfg.data.name, cfg.data.root, **loader_options(cfg.data))
+    train, labels = data.train, None
+    if cfg.data.train_subset is not None:
+        keep = training_subset(targets(train), cfg.data.train_subset, cfg.run.seed)
+        train = take(train, keep)
+    if cfg.data.label_fraction < 1.0:
+        train_y = targets(train)
+        labels = mask_labels(train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed))
+    data = dataclasses.replace(data, train=train)
+    workers = default_workers(data) if cfg.data.workers is None else cfg.data.workers
+    stats = resolve_normalisation(data, (run_dir or cfg.run.dir) / DATA_FILE, workers)
+    return RunData(data, stats, labels, workers)
