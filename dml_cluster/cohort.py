@@ -23,7 +23,7 @@ from torch import nn
 from dml_cluster.config import Config, OptimConfig, PeerConfig, ScheduleConfig
 from dml_cluster.determinism import apply_mode, prepare_environment, resolve_mode
 from dml_cluster.devices import cohort_device_type
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, first_line
 from dml_cluster.models import build_model
 from dml_cluster.precision import make_scaler, prepare_model
 from dml_cluster.signals import local_reporter
@@ -177,9 +177,8 @@ def read_weights(
     except FileNotFoundError:
         raise ConfigError(f"config error: {key} {path}: no such file") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
-            f"config error: {key} {path}: not a readable torch file ({first})"
+            f"config error: {key} {path}: not a readable torch file ({first_line(err)})"
         ) from None
     for inner in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(inner), dict):

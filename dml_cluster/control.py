@@ -34,7 +34,7 @@ from enum import IntEnum
 import torch
 import torch.distributed as dist
 
-from dml_cluster.errors import PeerError
+from dml_cluster.errors import PeerError, first_line
 
 MAGIC = b"DMLK"
 VERSION = 1
@@ -184,7 +184,8 @@ class TorchControl(Control):
         try:
             self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         except (RuntimeError, ValueError, dist.DistError) as err:
-            raise PeerError(f"cannot set up the cohort's control channel: {_first(err)}") from None
+            why = first_line(err)
+            raise PeerError(f"cannot set up the cohort's control channel: {why}") from None
 
     def _all_gather_frames(self, frame: bytes, topic: Topic, about: int) -> list[bytes]:
         try:
@@ -203,7 +204,7 @@ class TorchControl(Control):
             others = ", ".join(self._who(p) for p in range(self.world) if p != self.rank)
             doing = _DOING[topic].format(about=about)
             raise PeerError(
-                f"lost contact with the cohort while {doing} (one of: {others}): {_first(err)}"
+                f"lost contact with the cohort while {doing} (one of: {others}): {first_line(err)}"
             ) from None
         return [f[:n].numpy().tobytes() for f, n in zip(frames, lengths, strict=True)]
 
@@ -220,7 +221,3 @@ def _topic_name(value: int) -> str:
         return Topic(value).name
     except ValueError:
         return f"unknown topic {value}"
-
-
-def _first(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -47,3 +47,18 @@ class ReportedElsewhere(DmlError):
     def __init__(self, exit_code: int) -> None:
         super().__init__("")
         self.exit_code = exit_code
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of `err`'s message, for a one-line error that quotes it (torch's and
+    users' exceptions often span many lines); the name of its type when it has no message."""
+    lines = str(err).strip().splitlines()
+    return lines[0].strip() if lines else type(err).__name__
+
+
+def typed_first_line(err: BaseException) -> str:
+    """`Type: first line` of `err` (just `Type` when it has no message): for an exception from
+    a user's code, whose type says as much as its message."""
+    name = type(err).__name__
+    lines = str(err).strip().splitlines()
+    return f"{name}: {lines[0].strip()}" if lines else name

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Any
 
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, typed_first_line
 
 
 def is_reference(text: str) -> bool:
@@ -41,9 +41,8 @@ def load_callable(reference: str) -> Any:
             ) from None
         raise ConfigError(f"importing {module_name!r} for {reference!r} failed: {err}") from None
     except Exception as err:  # noqa: BLE001 - the user's module failing to import is one error
-        first = (str(err).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"importing {module_name!r} for {reference!r} failed: {type(err).__name__}: {first}"
+            f"importing {module_name!r} for {reference!r} failed: {typed_first_line(err)}"
         ) from None
     target: Any = module
     for part in attr_path.split("."):

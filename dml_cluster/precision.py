@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dml_cluster.config import Config, RunConfig
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, first_line
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
@@ -117,8 +117,7 @@ def cannot_compile(device: torch.device) -> str | None:
     try:
         importlib.import_module("torch._dynamo")
     except Exception as err:  # noqa: BLE001 - any import failure means no compiler
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return f"torch.compile cannot start ({first})"
+        return f"torch.compile cannot start ({first_line(err)})"
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
         return "torch.compile needs triton for CUDA, which is not installed"
     if device.type == "cpu" and shutil.which(os.environ.get("CXX", "c++")) is None:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
 from dml_cluster.bus.wire import ENCODING_IDS, ENCODINGS
-from dml_cluster.errors import PeerError
+from dml_cluster.errors import PeerError, first_line
 
 _HEADER_BYTES = 5 * 8
 LOST_CHECK_IN_S = 2.0
@@ -78,7 +78,7 @@ class TorchBus(Bus):
         work.wait(timeout=timedelta(seconds=self._timeout()))
 
     def _lost(self, key: StepKey, err: Exception) -> PeerError:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         missing = self._missing(key)
         if missing:
             who = ", ".join(f"peer {r} ({self.names[r]})" for r in missing)

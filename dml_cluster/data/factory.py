@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.images import AsImages
-from dml_cluster.errors import ConfigError, DataError
+from dml_cluster.errors import ConfigError, DataError, typed_first_line
 from dml_cluster.importing import load_callable
 
 CONTRACT = "it must return (train, test, num_classes[, class_names])"
@@ -72,10 +72,8 @@ def load_python(
     except DataError:
         raise
     except Exception as err:  # the user's code: any failure is one line
-        first = (str(err).strip().splitlines() or [""])[0]
         raise DataError(
-            f"data.factory: {factory}({root!r}, **data.options) failed: "
-            f"{type(err).__name__}: {first}"
+            f"data.factory: {factory}({root!r}, **data.options) failed: {typed_first_line(err)}"
         ) from None
     if not isinstance(made, tuple | list) or len(made) not in (3, 4):
         raise DataError(f"data.factory: {factory} returned {type(made).__name__}; {CONTRACT}")

@@ -28,7 +28,7 @@ from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.sampler import batch_indices, epoch_order
 from dml_cluster.data.seeding import seeded_generator
-from dml_cluster.errors import DataError
+from dml_cluster.errors import DataError, typed_first_line
 
 MAX_AUTO_WORKERS = 4
 """The most worker processes `data.workers: null` gives a peer process."""
@@ -115,10 +115,9 @@ class BatchReader(TorchDataset):
             except DataError as err:
                 return LoadFailure(str(err))
             except Exception as err:  # a user's dataset may raise anything: name the sample
-                first = (str(err).strip().splitlines() or [""])[0]
                 return LoadFailure(
                     f"{self.dataset}: cannot read {_describe(self.split, i, self.name)}: "
-                    f"{type(err).__name__}: {first}"
+                    f"{typed_first_line(err)}"
                 )
             problem = _item_problem(image, label, images[0] if images else None)
             if problem:

@@ -24,7 +24,7 @@ from dml_cluster.devices import (
     make_current,
     process_group_backend,
 )
-from dml_cluster.errors import ConfigError, PeerError
+from dml_cluster.errors import ConfigError, PeerError, first_line
 from dml_cluster.launch.identity import agree_on_nonce, run_id
 from dml_cluster.launch.reporting import let_the_cause_exit_first, reported_once, together
 from dml_cluster.launch.transports import make_bus
@@ -102,8 +102,7 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     try:
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.bus.startup_timeout_s))
     except (RuntimeError, ValueError, dist.DistError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PeerError(f"cannot join the cohort's process group: {first}") from None
+        raise PeerError(f"cannot join the cohort's process group: {first_line(err)}") from None
     bus: Bus | None = None
     control: Control | None = None
     try:

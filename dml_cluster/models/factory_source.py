@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, typed_first_line
 from dml_cluster.importing import load_callable
 from dml_cluster.models.registry import (
     FACTORY_SCHEME,
@@ -42,9 +42,8 @@ def build(reference: str, input_shape: InputShape, num_classes: int, **args: Any
     try:
         return factory(**options)
     except Exception as err:  # noqa: BLE001 - the user's factory failing is one config error
-        first = (str(err).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"model factory {reference!r} raised {type(err).__name__}: {first} "
+            f"model factory {reference!r} raised {typed_first_line(err)} "
             f"(called with {sorted(options)})"
         ) from None
 

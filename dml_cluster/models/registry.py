@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, typed_first_line
 
 InputShape = tuple[int, int, int]
 TokenShape = tuple[int]
@@ -225,10 +225,9 @@ def _probed(name: str, model: Any, shape: InputShape, num_classes: int) -> nn.Mo
             model.train()
             out = model(torch.zeros(2, *shape))
     except Exception as err:  # noqa: BLE001 - any failure here is the same user error
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
             f"model {name!r} cannot take a batch of shape [B, {', '.join(map(str, shape))}] "
-            f"({type(err).__name__}: {first}); small images may need a model made for them, or "
+            f"({typed_first_line(err)}); small images may need a model made for them, or "
             "larger images (see the README, 'Your own models')"
         ) from None
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, first_line
 from dml_cluster.models.registry import InputShape, ModelSource, close_names, register_source
 from dml_cluster.vision import import_torchvision
 
@@ -59,8 +59,7 @@ def build(name: str, input_shape: InputShape, num_classes: int, **args: Any) -> 
     try:
         return timm.create_model(name, pretrained=False, **options)
     except (TypeError, ValueError, AssertionError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"model 'timm.{name}' with args {args}: {first}") from None
+        raise ConfigError(f"model 'timm.{name}' with args {args}: {first_line(err)}") from None
 
 
 register_source("timm", ModelSource(form="timm.<name>", check=check, build=build))

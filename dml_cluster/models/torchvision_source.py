@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, first_line
 from dml_cluster.models.registry import InputShape, ModelSource, close_names, register_source
 from dml_cluster.vision import import_torchvision
 
@@ -59,8 +59,9 @@ def build(name: str, input_shape: InputShape, num_classes: int, **args: Any) -> 
     try:
         model = tv.models.get_model(name, weights=None, num_classes=num_classes, **args)
     except (TypeError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ConfigError(f"model 'torchvision.{name}' with args {args}: {first}") from None
+        raise ConfigError(
+            f"model 'torchvision.{name}' with args {args}: {first_line(err)}"
+        ) from None
     if channels == 1:
         model.register_forward_pre_hook(_grey_to_rgb)
     return model
