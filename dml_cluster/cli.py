@@ -135,7 +135,7 @@ def search(
 
     from dml_cluster.search.settings import load_search_config
 
-    scfg = load_search_config(config, list(overrides))  # torch-free: a bad config fails fast
+    scfg = load_search_config(config, list(overrides))  # checked in full before anything runs
     from dml_cluster.search.run import run_search
 
     stop_on_signals()

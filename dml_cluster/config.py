@@ -1,9 +1,10 @@
 """Typed, validated experiment config: one YAML file per experiment, `--set a.b=c` overrides.
 
 Everything is checked before anything starts; a problem is one `ConfigError` line naming the
-key. This module knows nothing of torch and imports no method: each method family's settings
-live in `dml_cluster.method_config` (torch-free); the names of models and datasets are checked
-against their registries by `check_names`, which imports them lazily.
+key. Importing this module imports neither torch nor any method: each method family's settings
+live in `dml_cluster.method_config` (torch-free). Loading a config does import torch: the names
+of models and datasets are checked against their registries by `check_names` (called by
+`parse_config`), which imports them when it runs.
 """
 
 from __future__ import annotations

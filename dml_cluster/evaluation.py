@@ -90,7 +90,7 @@ def evaluate_cohort(
         for b, log_b in log_ps.items():
             if a != b:
                 report["pairs"][f"{a}|{b}"] = {
-                    "kl": losses.kl_div(log_b, log_a).item(),  # KL(p_other || p_peer)
+                    "kl": losses.kl(log_b, log_a).item(),  # KL(p_other || p_peer)
                     "js": losses.js_div(log_b, log_a).item(),
                     "agreement": (log_a.argmax(1) == log_b.argmax(1)).float().mean().item(),
                 }

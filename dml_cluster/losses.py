@@ -43,15 +43,16 @@ def _mean(per_sample: Tensor, rows: Tensor | None) -> Tensor:
     return per_sample.masked_fill(~rows, 0.0).sum() / rows.sum().clamp(min=1)
 
 
-def kl_div(target_log_p: Tensor, log_p: Tensor, rows: Tensor | None = None) -> Tensor:
-    """KL(target || p): sum over classes, mean over samples."""
+def kl(target_log_p: Tensor, log_p: Tensor, rows: Tensor | None = None) -> Tensor:
+    """KL(target || p): sum over classes, mean over samples. The arguments come in the formula's
+    order, the opposite of `F.kl_div(log_p, target)`."""
     return _mean((target_log_p.exp() * (target_log_p - log_p)).sum(dim=1), rows)
 
 
 def js_div(log_a: Tensor, log_b: Tensor, rows: Tensor | None = None) -> Tensor:
     """Jensen-Shannon divergence 1/2 KL(a || m) + 1/2 KL(b || m), m = (a + b) / 2."""
     log_m = torch.logsumexp(torch.stack([log_a, log_b]), dim=0) - math.log(2.0)
-    return 0.5 * kl_div(log_a, log_m, rows) + 0.5 * kl_div(log_b, log_m, rows)
+    return 0.5 * kl(log_a, log_m, rows) + 0.5 * kl(log_b, log_m, rows)
 
 
 def entropy(log_p: Tensor) -> Tensor:
@@ -65,7 +66,7 @@ def mutual_kl(
 ) -> Tensor:  # fmt: skip
     """DML mimicry for one peer: 1/(K-1) sum_l KL(p_l || p_k), scaled by T^2."""
     log_p = tempered(logits, temperature)
-    links = [kl_div(tempered(o.detach(), temperature), log_p, rows) for o in others]
+    links = [kl(tempered(o.detach(), temperature), log_p, rows) for o in others]
     return torch.stack(links).mean() * temperature**2
 
 
@@ -100,7 +101,7 @@ def ensemble_kl(
 ) -> Tensor:  # fmt: skip
     """DML_e mimicry: KL(p_bar || p_k), p_bar the others' ensemble (`ENSEMBLES[ensemble]`)."""
     target = ENSEMBLES[ensemble]([tempered(o.detach(), temperature) for o in others])
-    return kl_div(target, tempered(logits, temperature), rows) * temperature**2
+    return kl(target, tempered(logits, temperature), rows) * temperature**2
 
 
 # -- distillation from a teacher ------------------------------------------------------------------

@@ -88,7 +88,7 @@ class TokenEvaluation:
         n = int(y.shape[0])
         for (a, b), sums in self.pairs.items():
             log_a, log_b = log_ps[a], log_ps[b]
-            sums[0] += losses.kl_div(log_b, log_a).item() * n  # KL(p_other || p_peer)
+            sums[0] += losses.kl(log_b, log_a).item() * n  # KL(p_other || p_peer)
             sums[1] += losses.js_div(log_b, log_a).item() * n
             sums[2] += (log_a.argmax(1) == log_b.argmax(1)).sum().item()
         self.count += n

@@ -21,9 +21,12 @@ def _log(p: list[list[float]]) -> torch.Tensor:
 def test_kl_matches_hand_computation_and_direction() -> None:
     q, p = [0.5, 0.5], [0.9, 0.1]
     expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(q || p)
-    assert math.isclose(losses.kl_div(_log([q]), _log([p])).item(), expected, rel_tol=1e-12)
+    assert math.isclose(losses.kl(_log([q]), _log([p])).item(), expected, rel_tol=1e-12)
     reverse = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
-    assert math.isclose(losses.kl_div(_log([p]), _log([q])).item(), reverse, rel_tol=1e-12)
+    assert math.isclose(losses.kl(_log([p]), _log([q])).item(), reverse, rel_tol=1e-12)
+    # torch's F.kl_div takes the same two in the opposite order: (log p, log q) for KL(q || p)
+    torch_order = F.kl_div(_log([p]), _log([q]), reduction="batchmean", log_target=True)
+    assert math.isclose(torch_order.item(), expected, rel_tol=1e-12)
 
 
 def test_mutual_kl_trains_peer_k_towards_peer_l() -> None:
@@ -54,7 +57,7 @@ def test_mutual_kl_averages_links_over_k_minus_1() -> None:
     torch.manual_seed(0)
     z = torch.randn(4, 5, dtype=torch.float64)
     others = [F.log_softmax(torch.randn(4, 5, dtype=torch.float64), 1) for _ in range(3)]
-    links = [losses.kl_div(o, F.log_softmax(z, 1)) for o in others]
+    links = [losses.kl(o, F.log_softmax(z, 1)) for o in others]
     assert torch.isclose(losses.mutual_kl(z, others), sum(links) / 3)
 
 
@@ -65,7 +68,7 @@ def test_temperature_reapplied_from_log_probs_and_scaled_by_t_squared() -> None:
         torch.randn(3, 4, dtype=torch.float64),
         4.0,
     )
-    from_logits = losses.kl_div(F.log_softmax(z_l / T, 1), F.log_softmax(z_k / T, 1)) * T**2
+    from_logits = losses.kl(F.log_softmax(z_l / T, 1), F.log_softmax(z_k / T, 1)) * T**2
     # the bus carries log_softmax(z) at T = 1; the loss re-applies T
     got = losses.mutual_kl(z_k, [F.log_softmax(z_l, 1)], temperature=T)
     assert torch.isclose(got, from_logits, atol=1e-12)
@@ -115,8 +118,8 @@ def test_semi_supervised_masking_ce_on_labelled_mimicry_on_all() -> None:
     labelled = build_method(DMLConfig(unlabelled_mimicry=False))(z, y, view)
     rows = y != -1
     assert torch.isclose(on_all.ce, F.cross_entropy(z[rows], y[rows]))
-    assert torch.isclose(on_all.mimicry, losses.kl_div(other, F.log_softmax(z, 1)))
-    assert torch.isclose(labelled.mimicry, losses.kl_div(other[rows], F.log_softmax(z[rows], 1)))
+    assert torch.isclose(on_all.mimicry, losses.kl(other, F.log_softmax(z, 1)))
+    assert torch.isclose(labelled.mimicry, losses.kl(other[rows], F.log_softmax(z[rows], 1)))
     assert torch.isclose(on_all.total, on_all.ce + on_all.mimicry)
 
 

@@ -1,8 +1,11 @@
 """Moving exchanged predictions between an accelerator and the host, for transports that send
 from host memory (zmq): one device -> pinned host copy per published tensor, and back on receipt.
 
-A CUDA tensor is converted to its wire dtype on the device, copied into page-locked memory with
-`non_blocking=True` and waited for by a CUDA event (only that copy, not the whole device); a
+A CUDA tensor is converted to its wire dtype on the device and copied into page-locked memory
+with `non_blocking=True`; the host then waits for a CUDA event recorded after the copy on the
+current stream. That wait lasts until everything queued on the stream before the event has run
+(the step's forward work that produced the tensor as well as the copy: one host sync per
+published tensor), but not for other streams' work, as `torch.cuda.synchronize()` would. A
 received message is decoded once into page-locked memory in its wire dtype (`wire.decode`),
 copied to the device asynchronously and converted there, ordered before the losses that use it
 by the current stream. CPU tensors take the plain path (no pinned memory: it needs
@@ -25,7 +28,7 @@ def to_host(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     host.copy_(on_device, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
-    copied.synchronize()
+    copied.synchronize()  # the stream up to here (the forward and the copy), not the device
     return host
 
 

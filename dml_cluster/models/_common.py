@@ -39,11 +39,6 @@ def positive_float(model: str, option: str, value: Any) -> float:
     return float(value)
 
 
-def conv_out(size: int, stride: int) -> int:
-    """Output size of a 3x3 conv with padding 1 (or 1x1, padding 0): never below 1."""
-    return (size - 1) // stride + 1
-
-
 class GlobalAvgPool(nn.Module):
     """Global average pooling to [B, C, 1, 1]: the mean over the spatial dims.
 
