@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dml_cluster.launch.elastic import launch_elastic
 from dml_cluster.launch.environment import PET_VARIABLES, adopt_torch_runtime_env, under_launcher
+from dml_cluster.launch.identity import run_id
 from dml_cluster.launch.local import run_local
 from dml_cluster.launch.peer import run_peer
 from dml_cluster.launch.reporting import reported_once
@@ -22,6 +23,7 @@ __all__ = [
     "adopt_torch_runtime_env",
     "launch_elastic",
     "reported_once",
+    "run_id",
     "run_local",
     "run_peer",
     "under_launcher",

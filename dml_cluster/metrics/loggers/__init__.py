@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, typed_first_line
 
 if TYPE_CHECKING:
     from dml_cluster.config import Config
@@ -82,9 +82,8 @@ def open_sinks(cfg: Config, context: LoggerContext) -> list[Sink]:
             with suppress(Exception):
                 sink.close(finished=False)
         if isinstance(err, Exception) and not isinstance(err, ConfigError):
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ConfigError(
-                f"metrics.loggers: {name}: cannot start its runs: {type(err).__name__}: {first}"
+                f"metrics.loggers: {name}: cannot start its runs: {typed_first_line(err)}"
             ) from None
         raise
     return sinks

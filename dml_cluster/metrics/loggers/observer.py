@@ -17,6 +17,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from dml_cluster.console import say
+from dml_cluster.errors import first_line
 from dml_cluster.metrics.events import EvalEvent, StepEvent
 from dml_cluster.metrics.loggers.context import LoggerContext, Sink
 
@@ -96,10 +97,9 @@ class ExperimentLogger:
             try:
                 sink.log(peer, scalars, step)
             except Exception as err:  # noqa: BLE001 - a logger (a server) failing must not stop training
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 say(
                     f"dml-cluster: warning: metrics.loggers: {type(sink).__name__} failed at "
-                    f"step {step} ({first}); it is off for the rest of this run"
+                    f"step {step} ({first_line(err)}); it is off for the rest of this run"
                 )
                 self.sinks.remove(sink)
                 with suppress(Exception):
