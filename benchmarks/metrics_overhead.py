@@ -45,8 +45,8 @@ import torch  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 
 from dml_cluster.bus.local import LocalBus  # noqa: E402
-from dml_cluster.cohort import set_determinism  # noqa: E402
 from dml_cluster.config import MetricsConfig, parse_config  # noqa: E402
+from dml_cluster.determinism import set_determinism  # noqa: E402
 from dml_cluster.metrics import metrics_observers  # noqa: E402
 from dml_cluster.metrics.events import EvalEvent, StepEvent  # noqa: E402
 from dml_cluster.trainer import CohortTrainer, Placement, StepResult  # noqa: E402

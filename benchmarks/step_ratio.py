@@ -104,9 +104,9 @@ def interleaved_worker(
     rank: int, world: int, port: int, args: argparse.Namespace, out_dir: str, queue: mp.Queue
 ) -> None:
     from dml_cluster.bus.local import LocalBus
-    from dml_cluster.cohort import set_determinism
     from dml_cluster.config import parse_config
     from dml_cluster.data.sampler import fingerprint
+    from dml_cluster.determinism import set_determinism
     from dml_cluster.launch.identity import run_id
     from dml_cluster.launch.transports import make_bus
     from dml_cluster.trainer import CohortTrainer, Placement

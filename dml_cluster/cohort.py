@@ -10,23 +10,17 @@ peer can be handled alike by the loop and by checkpoints.
 
 from __future__ import annotations
 
-import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from dml_cluster.config import Config, OptimConfig, PeerConfig, ScheduleConfig
-from dml_cluster.determinism import apply_mode, prepare_environment, resolve_mode
-from dml_cluster.devices import cohort_device_type
 from dml_cluster.errors import ConfigError, first_line
 from dml_cluster.models import build_model
 from dml_cluster.precision import make_scaler, prepare_model
-from dml_cluster.signals import local_reporter
 from dml_cluster.streams import PeerStream
 
 if TYPE_CHECKING:
@@ -53,28 +47,6 @@ class Peer:
     @property
     def is_teacher(self) -> bool:
         return self.config.role == "teacher"
-
-
-def set_determinism(cfg: Config) -> str:
-    """Seed the process's global RNGs (every peer draws from a stream of its own:
-    dml_cluster.streams) and set torch's kernels to the run's determinism mode (returned; see
-    dml_cluster.determinism). Called before CUDA initialises."""
-    torch.set_num_threads(cfg.run.threads)
-    random.seed(cfg.run.seed)
-    np.random.seed(cfg.run.seed % 2**32)
-    torch.manual_seed(cfg.run.seed)
-    prepare_environment(cfg.run.deterministic)
-    device_type = cohort_device_type(cfg)
-    mode = resolve_mode(cfg.run.deterministic, device_type, [p.model for p in cfg.peers])
-    if mode != cfg.run.deterministic and mode == "warn" and local_reporter():  # once per node
-        print(
-            "dml-cluster: run.deterministic auto -> warn on CUDA: a peer's model is not built in "
-            "(its ops were not checked); ops without a deterministic kernel warn and run anyway "
-            "(set run.deterministic: strict to make them errors)",
-            file=sys.stderr,
-        )
-    apply_mode(mode)
-    return mode
 
 
 def build_optimizer(

@@ -18,10 +18,16 @@
 from __future__ import annotations
 
 import os
+import random
 import sys
 from collections.abc import Iterable
 
+import numpy as np
 import torch
+
+from dml_cluster.config import Config
+from dml_cluster.devices import cohort_device_type
+from dml_cluster.signals import local_reporter
 
 MODES = ("strict", "warn", "off")
 CUBLAS_WORKSPACE = ":4096:8"
@@ -76,3 +82,25 @@ def current_mode() -> str:
     if not torch.are_deterministic_algorithms_enabled():
         return "off"
     return "warn" if torch.is_deterministic_algorithms_warn_only_enabled() else "strict"
+
+
+def set_determinism(cfg: Config) -> str:
+    """Seed the process's global RNGs (every peer draws from a stream of its own:
+    dml_cluster.streams) and set torch's kernels to the run's determinism mode (returned: one of
+    `MODES`, `auto` made concrete). What both engines call first, before CUDA initialises."""
+    torch.set_num_threads(cfg.run.threads)
+    random.seed(cfg.run.seed)
+    np.random.seed(cfg.run.seed % 2**32)
+    torch.manual_seed(cfg.run.seed)
+    prepare_environment(cfg.run.deterministic)
+    device_type = cohort_device_type(cfg)
+    mode = resolve_mode(cfg.run.deterministic, device_type, [p.model for p in cfg.peers])
+    if mode != cfg.run.deterministic and mode == "warn" and local_reporter():  # once per node
+        print(
+            "dml-cluster: run.deterministic auto -> warn on CUDA: a peer's model is not built in "
+            "(its ops were not checked); ops without a deterministic kernel warn and run anyway "
+            "(set run.deterministic: strict to make them errors)",
+            file=sys.stderr,
+        )
+    apply_mode(mode)
+    return mode

@@ -14,10 +14,16 @@ from torch import nn
 
 from dml_cluster.bus.staging import to_device, to_host
 from dml_cluster.checkpoint import CohortCheckpoints, Position
-from dml_cluster.cohort import build_peer, set_determinism
+from dml_cluster.cohort import build_peer
 from dml_cluster.config import parse_config
 from dml_cluster.control import LocalControl
-from dml_cluster.determinism import apply_mode, current_mode, is_builtin_model, resolve_mode
+from dml_cluster.determinism import (
+    apply_mode,
+    current_mode,
+    is_builtin_model,
+    resolve_mode,
+    set_determinism,
+)
 from dml_cluster.devices import cohort_device_type, hosted_devices, process_group_backend
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import class_counts, per_class_accuracy, predict
@@ -338,7 +344,7 @@ def test_compile_settings_and_a_platform_that_cannot_compile(capsys) -> None:
 def test_auto_on_cuda_with_an_outside_model_warns_once(restore_torch, monkeypatch, capsys) -> None:
     """A fake CUDA cohort (the device type is all that changes): auto -> warn, said in one line."""
     threads = torch.get_num_threads()
-    monkeypatch.setattr("dml_cluster.cohort.cohort_device_type", lambda cfg: "cuda")
+    monkeypatch.setattr("dml_cluster.determinism.cohort_device_type", lambda cfg: "cuda")
     peers = [{"model": "small_cnn"}, {"model": "torchvision.resnet18"}]
     cfg = parse_config({"cohort": {"peers": peers}, "data": {"name": "synthetic"}})
     assert set_determinism(cfg) == "warn" and current_mode() == "warn"

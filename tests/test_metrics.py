@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from dml_cluster.bus import BusStats
 from dml_cluster.bus.local import LocalBus
-from dml_cluster.cohort import set_determinism
 from dml_cluster.config import load_config
+from dml_cluster.determinism import set_determinism
 from dml_cluster.errors import ConfigError
 from dml_cluster.metrics import events, metrics_observers
 from dml_cluster.metrics.batch import cohort_batch_stats, peer_batch_stats

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from dml_cluster.bus.local import LocalBus
-from dml_cluster.cohort import set_determinism
 from dml_cluster.config import load_config
+from dml_cluster.determinism import set_determinism
 from dml_cluster.trainer import CohortTrainer, Placement
 
 from .conftest import CLI, REPO, cli_env

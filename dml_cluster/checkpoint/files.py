@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dml_cluster.cohort import Peer
-from dml_cluster.errors import CheckpointError
+from dml_cluster.errors import CheckpointError, first_line
 from dml_cluster.run_folder import write_atomic
 
 FORMAT = 1
@@ -178,8 +178,7 @@ def read_peer_file(
         checks = (state["format"], state["config_hash"], state["cohort_size"], state["peer"])
         tuple(state["position"])
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise Unverified(f"{path} is not a readable checkpoint ({first})") from None
+        raise Unverified(f"{path} is not a readable checkpoint ({first_line(err)})") from None
     if checks != (FORMAT, run.config_hash, run.size, name):
         raise CheckpointError(
             f"{path} belongs to another run (format {checks[0]}, config {checks[1]}, cohort "
@@ -218,7 +217,6 @@ def apply_state(peer: Peer, state: dict[str, Any], folder: Path) -> None:
         if "stream" in state:
             peer.stream.load_state_dict(state["stream"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(
-            f"{folder / (peer.name + '.pt')} does not fit peer {peer.name}: {first}"
+            f"{folder / (peer.name + '.pt')} does not fit peer {peer.name}: {first_line(err)}"
         ) from None

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from dml_cluster.bus.local import LocalBus
-from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
 from dml_cluster.data.prepare import prepare_data
+from dml_cluster.determinism import set_determinism
 from dml_cluster.devices import cohort_device_type, hosted_devices, make_current
 from dml_cluster.launch.identity import run_id
 from dml_cluster.metrics import metrics_observers

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from dml_cluster.bus import Bus
-from dml_cluster.cohort import set_determinism
 from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic, TorchControl
 from dml_cluster.data.prepare import prepare_data
+from dml_cluster.determinism import set_determinism
 from dml_cluster.devices import (
     cohort_device_type,
     hosted_devices,
