@@ -23,10 +23,10 @@ from dml_cluster.bus.base import StepKey
 from dml_cluster.bus.local import LocalBus
 from dml_cluster.bus.torch_bus import TorchBus
 from dml_cluster.bus.wire import ENCODING_IDS, Header, Kind, decode, encode
-from dml_cluster.cohort import set_determinism
 from dml_cluster.config import load_config, parse_config
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.loader import DataPath, StepSampler, read_batches
+from dml_cluster.determinism import set_determinism
 from dml_cluster.devices import all_on, on_one_device
 from dml_cluster.errors import PeerError
 from dml_cluster.method_config.dkd import DKDConfig

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from dml_cluster.errors import ConfigError, DataError
+from dml_cluster.errors import ConfigError, DataError, first_line
 
 BYTES = "bytes"
 EOT_TOKEN = "<|endoftext|>"
@@ -72,8 +72,8 @@ class HFTokenizer:
         except OSError as err:
             raise ConfigError(f"tokenizer {path}: cannot read ({err.strerror})") from None
         except Exception as err:  # noqa: BLE001 - any parse failure is the same user error
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"tokenizer {path}: not a tokenizers file ({first})") from None
+            why = first_line(err)
+            raise ConfigError(f"tokenizer {path}: not a tokenizers file ({why})") from None
         self.path = path
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         eot = next((self._tok.token_to_id(n) for n in _EOT_NAMES if self._tok.token_to_id(n)
