@@ -145,7 +145,7 @@ def loss_figure(logs: RunLogs) -> Figure | None:
     if not any(logs.train.values()):
         return None
     fig, axes = _figure(2, height=3.0)
-    for ax, (key, label) in zip(axes, [("ce", "cross-entropy"), ("mimicry", "mimicry loss")],
+    for ax, (key, label) in zip(axes, [("ce", "cross-entropy"), ("distill", "distillation term")],
                                 strict=True):  # fmt: skip
         for i, name in enumerate(logs.peers):
             steps, values = _series(logs.train.get(name, []), key)

@@ -15,7 +15,7 @@ from typing import Any
 from dml_cluster import plots
 from dml_cluster.errors import DmlError
 from dml_cluster.evaluation import per_class_table
-from dml_cluster.run_folder import RunLogs, read_jsonl, time_split
+from dml_cluster.run_folder import RunLogs, read_jsonl, time_split, train_record
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -37,7 +37,10 @@ def load_run(run_dir: str | Path) -> RunLogs:
             f"report: {run_dir}: not a run folder (no cohort.jsonl, no peers/*.jsonl logs)"
         )
     evals = [r for r in _records(cohort) if r.get("event") == "eval"] if cohort.exists() else []
-    train = {p.stem: [r for r in _records(p) if r.get("event") == "train"] for p in peer_files}
+    train = {
+        p.stem: [train_record(r) for r in _records(p) if r.get("event") == "train"]
+        for p in peer_files
+    }
     summary = None
     if (run_dir / "summary.json").exists():
         try:

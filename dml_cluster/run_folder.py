@@ -139,6 +139,23 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+RENAMED_TRAIN_FIELDS = {"mimicry": "distill"}
+"""Fields of a peer's training record that earlier versions wrote under another name: the old
+name -> the one it has now (`LossParts.distill` was `mimicry`)."""
+
+
+def train_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A peer's training record with its fields under this version's names: a run folder written
+    before a rename reports and charts like a new one."""
+    old = [name for name in RENAMED_TRAIN_FIELDS if name in record]
+    if not old:
+        return record
+    record = dict(record)
+    for name in old:
+        record.setdefault(RENAMED_TRAIN_FIELDS[name], record.pop(name))
+    return record
+
+
 @dataclass
 class RunLogs:
     """What a run folder's logs hold (see `report.load_run`)."""

@@ -149,11 +149,11 @@ def test_dml_e_logits_pulls_towards_the_geometric_mean() -> None:
               for _ in range(2)]  # fmt: skip
     y = torch.randint(0, 5, (8,), generator=g)
     parts = build_method(DMLConfig(name="dml_e", ensemble="logits"))(z, y, StepView.of(others))
-    (grad,) = torch.autograd.grad(parts.mimicry, z)
+    (grad,) = torch.autograd.grad(parts.distill, z)
     target = torch.softmax(torch.stack(others).mean(0), 1)
     assert torch.allclose(grad, (torch.softmax(z, 1) - target).detach() / 8, atol=1e-12)
-    probs = build_method(DMLConfig(name="dml_e"))(z, y, StepView.of(others)).mimicry
-    assert not torch.isclose(parts.mimicry, probs)
+    probs = build_method(DMLConfig(name="dml_e"))(z, y, StepView.of(others)).distill
+    assert not torch.isclose(parts.distill, probs)
     with pytest.raises(ConfigError, match="ensemble is a setting of dml_e only"):
         parse_config({"cohort": {"size": 2, "model": "mlp"},
                       "method": {"name": "dml", "ensemble": "logits"}})  # fmt: skip

@@ -61,9 +61,9 @@ def test_at_loss_is_the_formula() -> None:
     qt = [_expected_q(teacher["t1"]), _expected_q(teacher["t2"]), _expected_q(teacher["t3"], 2)]
     at = 1000.0 / 2 * sum(((s - t) ** 2).mean() for s, t in zip(qs, qt, strict=True))
     ce = F.cross_entropy(logits.double(), target)
-    torch.testing.assert_close(parts.mimicry.double(), at, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts.distill.double(), at, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(parts.total.double(), ce + at, rtol=1e-5, atol=1e-7)
-    assert parts.extra["at"] is parts.mimicry and parts.total.dtype == torch.float32
+    assert parts.total.dtype == torch.float32
     parts.total.backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in student.values())
 

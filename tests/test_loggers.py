@@ -63,7 +63,7 @@ def expected(train: dict, evals: dict, peer: str) -> dict[str, dict[int, float]]
     """What every logger must hold for `peer`: tag -> {step: value}, from the JSONL logs."""
     want: dict[str, dict[int, float]] = {}
     for step, record in train[peer].items():
-        for key in ("loss", "ce", "lr", "mimicry"):
+        for key in ("loss", "ce", "lr", "distill"):
             want.setdefault(f"train/{key}", {})[step] = record[key]
         want.setdefault("train/accuracy", {})[step] = record["train_accuracy"]
     for step, record in evals.items():
@@ -203,7 +203,7 @@ def test_a_resumed_run_continues_the_same_logger_runs(logged: Any) -> None:
     client, before, parent = mlflow_runs(cfg)
     logger = experiment_logger(cfg, (0, 1), cohort)
     assert logger is not None
-    losses = Losses(total=9.0, ce=8.0, mimicry=1.0)
+    losses = Losses(total=9.0, ce=8.0, distill=1.0)
     event = StepEvent.of(
         step=20, epoch=0, batch_size=64, step_seconds=0.1, exchange_seconds=0.0,
         wait_seconds=0.0, bus=BusStats(), peers={i: PeerStep(0.05, losses, None) for i in (0, 1)},
@@ -284,7 +284,7 @@ def test_a_logger_failing_mid_run_is_one_warning_and_training_goes_on(
     cfg = load_config(CONFIG, [f"run.log_every={EVERY}"])
     kept = Kept()
     logger = ExperimentLogger(cfg, LoggerContext.of(cfg, (0,), "x"), [Broken(), kept])
-    losses = Losses(total=1.0, ce=1.0, mimicry=0.0)
+    losses = Losses(total=1.0, ce=1.0, distill=0.0)
     for step in range(0, 3 * EVERY):
         logger.on_step(
             StepEvent.of(

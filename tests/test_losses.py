@@ -118,9 +118,9 @@ def test_semi_supervised_masking_ce_on_labelled_mimicry_on_all() -> None:
     labelled = build_method(DMLConfig(unlabelled_mimicry=False))(z, y, view)
     rows = y != -1
     assert torch.isclose(on_all.ce, F.cross_entropy(z[rows], y[rows]))
-    assert torch.isclose(on_all.mimicry, losses.kl(other, F.log_softmax(z, 1)))
-    assert torch.isclose(labelled.mimicry, losses.kl(other[rows], F.log_softmax(z[rows], 1)))
-    assert torch.isclose(on_all.total, on_all.ce + on_all.mimicry)
+    assert torch.isclose(on_all.distill, losses.kl(other, F.log_softmax(z, 1)))
+    assert torch.isclose(labelled.distill, losses.kl(other[rows], F.log_softmax(z[rows], 1)))
+    assert torch.isclose(on_all.total, on_all.ce + on_all.distill)
 
 
 def test_independent_has_no_mimicry_and_weight_scales_it() -> None:
@@ -128,9 +128,9 @@ def test_independent_has_no_mimicry_and_weight_scales_it() -> None:
     z, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     other = F.log_softmax(torch.randn(4, 3), 1)
     ind = build_method(DMLConfig(name="independent"))(z, y, StepView.of([other]))
-    assert ind.mimicry.item() == 0.0 and torch.isclose(ind.total, ind.ce)
+    assert ind.distill.item() == 0.0 and torch.isclose(ind.total, ind.ce)
     half = build_method(DMLConfig(weight=0.5))(z, y, StepView.of([other]))
-    assert torch.isclose(half.total, half.ce + 0.5 * half.mimicry)
+    assert torch.isclose(half.total, half.ce + 0.5 * half.distill)
 
 
 def test_entropy_of_uniform_is_log_c() -> None:

@@ -300,7 +300,7 @@ def test_observers_read_everything_from_the_event(tmp_path: Path, restore_torch:
             peer = event.peers[i]
             assert peer.losses is not None and peer.batch is not None
             assert record["loss"] == peer.losses.total and record["ce"] == peer.losses.ce
-            assert record["mimicry"] == peer.losses.mimicry and record["lr"] == peer.lr
+            assert record["distill"] == peer.losses.distill and record["lr"] == peer.lr
             assert record["train_accuracy"] == peer.batch.accuracy
             assert record["entropy"] == peer.batch.entropy
             assert record["pairs"] == peer.batch.pairs_by_name(list(PEERS))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dml_cluster import plots
 from dml_cluster.report import load_run, write_report
 from dml_cluster.run_folder import time_split
 
@@ -99,7 +100,7 @@ def test_report_of_one_peer_has_no_divergence_plot(tmp_path: Path) -> None:
                 "step": 0,
                 "epoch": 0,
                 "ce": 2.0,
-                "mimicry": 0.0,
+                "distill": 0.0,
                 "step_seconds": 0.01,
                 "exchange_seconds": 0.0,
             }
@@ -108,6 +109,27 @@ def test_report_of_one_peer_has_no_divergence_plot(tmp_path: Path) -> None:
     )
     names = {p.stem for p in write_report(run)[1:]}
     assert names == {"accuracy", "entropy", "loss", "timing"}
+
+
+def test_a_run_logged_before_the_distill_rename_reports_its_mimicry_as_distill(
+    tmp_path: Path,
+) -> None:
+    """Training records of older versions name the second loss term `mimicry`: the report reads
+    it as `distill` and charts it."""
+    run = tmp_path / "old"
+    (run / "peers").mkdir(parents=True)
+    records = [
+        {"event": "train", "step": s, "epoch": 0, "ce": 2.0 - s / 10, "mimicry": 0.25 + s / 100}
+        for s in range(3)
+    ]
+    (run / "peers" / "mlp.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    logs = load_run(run)
+    assert [r["distill"] for r in logs.train["mlp"]] == [0.25, 0.26, 0.27]
+    assert all("mimicry" not in r for r in logs.train["mlp"])
+    loss = plots.loss_figure(logs)
+    assert loss is not None
+    drawn = [line.get_ydata().tolist() for line in loss.axes[1].get_lines()]
+    assert [0.25, 0.26, 0.27] in drawn
 
 
 @pytest.mark.parametrize(

@@ -91,4 +91,4 @@ class AttentionTransfer(Method):
             at_term(view.features[s], view.teacher.features[t], self.p) for s, t in self.layers
         ]
         at = self.beta / 2 * torch.stack(terms).sum()
-        return LossParts(ce + at, ce, at, {"at": at})
+        return LossParts(ce + at, ce, at)

@@ -33,12 +33,14 @@ from dml_cluster.schema import PeerConfig
 
 @dataclass(frozen=True)
 class LossParts:
-    """The total loss a student steps on, and its parts for logging (`extra`: kd, tckd, hint...)."""
+    """The total loss a student steps on, and its two parts the run log, the metrics and the
+    loggers record: the cross-entropy and `distill`, the term that learns from other networks
+    (DML's mimicry of fellow students, KD's or DKD's term, FitNets' hint or KD stage, AT's
+    attention term; with `peer_weight`, a teacher method's term includes its DML part)."""
 
     total: Tensor
     ce: Tensor
-    mimicry: Tensor
-    extra: dict[str, Tensor] = field(default_factory=dict)
+    distill: Tensor
 
 
 @dataclass(frozen=True)

@@ -49,4 +49,4 @@ class DecoupledKD(Method):
             self.alpha * tckd + self.beta * nckd
         )
         total = with_peers(ce + dkd, logits, target, view, self.peer_weight)
-        return LossParts(total, ce, dkd, {"tckd": tckd, "nckd": nckd})
+        return LossParts(total, ce, dkd)

@@ -85,7 +85,7 @@ class FitNets(Method):
             guided = view.features[self.guided_layer]
             hint = view.teacher.features[self.hint_layer]
             hint_l = losses.hint_loss(view.modules["regressor"](guided), hint)
-            return LossParts(hint_l, ce.detach(), hint_l, {"hint": hint_l})
+            return LossParts(hint_l, ce.detach(), hint_l)
         teacher = F.log_softmax(view.teacher.logits.float(), dim=1)
         kd = distill_from(logits, [teacher], self.temperature)
-        return LossParts((1 - self.a) * ce + self.a * kd, ce, kd, {"kd": kd})
+        return LossParts((1 - self.a) * ce + self.a * kd, ce, kd)

@@ -44,4 +44,4 @@ class KnowledgeDistillation(Method):
         ce = losses.cross_entropy(logits, target)
         kd = distill_from(logits, dense(view.teachers), self.temperature)
         total = with_peers((1 - self.a) * ce + self.a * kd, logits, target, view, self.peer_weight)
-        return LossParts(total, ce, kd, {"kd": kd})
+        return LossParts(total, ce, kd)

@@ -34,11 +34,11 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Losses:
-    """A student's loss on one step, as floats."""
+    """A student's loss on one step, as floats (`distill`: `LossParts.distill`)."""
 
     total: float
     ce: float
-    mimicry: float
+    distill: float
 
 
 @dataclass(frozen=True)
@@ -190,10 +190,10 @@ def build_step_event(
 
 
 def losses_as_floats(steps: Sequence[Mapping[int, LossParts]]) -> list[dict[int, Losses]]:
-    """Every student's (total, ce, mimicry) as floats, for each of `steps` (several steps'
+    """Every student's (total, ce, distill) as floats, for each of `steps` (several steps'
     losses kept on the device until a reporting step): on an accelerator one transfer, one sync
     for all; on the CPU, where nothing waits, scalar by scalar."""
-    tensors = [t for parts in steps for p in parts.values() for t in (p.total, p.ce, p.mimicry)]
+    tensors = [t for parts in steps for p in parts.values() for t in (p.total, p.ce, p.distill)]
     if not tensors:
         return [{} for _ in steps]
     device = tensors[0].device

@@ -61,6 +61,10 @@ TIME_BUCKETS = (
 
 PEER, PAIR = ("peer",), ("peer", "other_peer", "split")
 
+RENAMED_METRICS = {"dml_mimicry_loss": "dml_distill_loss"}
+"""Metrics earlier versions served under another name: the old name -> the one served now. A
+dashboard asks for both (`new or old`), so series stored before the rename still chart."""
+
 
 class _Snapshot:
     """A collector rendering a group of metrics under the lock their writer holds, after bringing
@@ -163,8 +167,10 @@ class PrometheusExporter:
         self._ce = gauge(
             "dml_cross_entropy_loss", "Cross-entropy on training batches (moving average)."
         )
-        self._mimicry = gauge(
-            "dml_mimicry_loss", "Mimicry (peer-learning) loss on training batches (moving average)."
+        self._distill = gauge(
+            "dml_distill_loss",
+            "The loss term that learns from other networks (DML mimicry, KD, DKD, hint, AT) on "
+            "training batches (moving average); before, dml_mimicry_loss.",
         )
         self._loss = gauge("dml_loss", "Total loss on training batches (moving average).")
         self._acc = gauge(
@@ -216,7 +222,7 @@ class PrometheusExporter:
         )
         self._all = [
             self._run, self._peer, self._step, self._epoch, self._last, self._lr, self._kl,
-            self._js, self._agree, self._ce, self._mimicry, self._loss, self._acc, self._entropy,
+            self._js, self._agree, self._ce, self._distill, self._loss, self._acc, self._entropy,
             self._ens_acc, self._ens_entropy, self._samples, self._sent, self._received,
             self._rejected, self._wait, self._step_time, self._exchange_time,
         ]  # fmt: skip
@@ -349,7 +355,7 @@ class PrometheusExporter:
             for i, loss in step_losses.items():
                 name = (names[i],)
                 smooth(self._ce, name, loss.ce)
-                smooth(self._mimicry, name, loss.mimicry)
+                smooth(self._distill, name, loss.distill)
                 smooth(self._loss, name, loss.total)
 
     def _sample(self, event: StepEvent) -> None:

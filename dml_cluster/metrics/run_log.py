@@ -49,7 +49,7 @@ class RunLog:
                 device=self.devices.get(i, "cpu"),
                 loss=peer.losses.total,
                 ce=peer.losses.ce,
-                mimicry=peer.losses.mimicry,
+                distill=peer.losses.distill,
                 lr=peer.lr,
                 step_seconds=times.step_seconds,  # device time on an accelerator
                 forward_seconds=times.forward_seconds,

@@ -2,7 +2,7 @@
 scalars and hands them to each logger (a `Sink`).
 
 On every `run.log_every`-th step (a reporting step; any other step costs one modulo), for each
-hosted student: `train/loss`, `train/ce`, `train/mimicry`, `train/lr`, `train/samples_per_s`
+hosted student: `train/loss`, `train/ce`, `train/distill`, `train/lr`, `train/samples_per_s`
 (this process's, since the previous reporting step), and the batch's `train/accuracy` and
 `train/entropy`. On every evaluation, for each hosted peer: `eval/accuracy`, `eval/nll`,
 `eval/ece`, `eval/entropy`, `eval/kl_from_others` (the mean KL(p_other || p_peer)),
@@ -53,7 +53,7 @@ class ExperimentLogger:
             scalars = {
                 "train/loss": peer.losses.total,
                 "train/ce": peer.losses.ce,
-                "train/mimicry": peer.losses.mimicry,
+                "train/distill": peer.losses.distill,
                 "train/lr": peer.lr,
                 "train/samples_per_s": rate,
             }
