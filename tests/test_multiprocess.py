@@ -35,6 +35,8 @@ STOCHASTIC = (
 )  # fmt: skip
 """Dropout (torchvision's classifier, the factory's), drop-path (timm): random in training."""
 STEPS = ("train.max_steps=24",)  # 22 steps per epoch: crosses an epoch boundary
+ENCODED = ("train.max_steps=3",)
+"""The encodings' cohorts: three steps and the evaluation after the last."""
 TRANSPORTS = ("zmq", "torch")
 # name: (cohort size, config, overrides); each runs over both transports (ONE_TRANSPORT: one)
 MATRIX = {
@@ -44,6 +46,14 @@ MATRIX = {
     "k3-simultaneous": (3, "configs/digits-k3-hetero.yaml", ("cohort.update=simultaneous",)),
     "k3-sequential": (3, "configs/digits-k3-hetero.yaml", ("cohort.update=sequential",)),
     "dml-e": (3, "configs/digits-dml-e.yaml", ()),
+    # every encoding is applied in every layout (bus/encoding.py): the one-process engine
+    # reads what processes read, bit for bit
+    "bfloat16": (2, "configs/digits-dml.yaml", (*TWO_HETERO, *ENCODED, "bus.encoding=bfloat16")),
+    "float16": (
+        2,
+        "configs/digits-dml.yaml",
+        (*TWO_HETERO, *ENCODED, "bus.encoding=float16", "cohort.update=sequential"),
+    ),
     "stochastic-simultaneous": (3, "configs/digits-dml.yaml", STOCHASTIC),
     "stochastic-sequential": (
         3,
@@ -127,6 +137,17 @@ def test_semi_supervised_and_dml_e_match_across_processes(
     matrix: Matrix, references: References, name: str, transport: str
 ) -> None:
     assert_same_states(_expected(references, name), matrix.run_dir(name, transport))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("encoding", ["bfloat16", "float16"])
+def test_every_encoding_trains_alike_in_one_process_and_in_processes(
+    matrix: Matrix, references: References, encoding: str, transport: str
+) -> None:
+    """bus.encoding rounds what peers read in the one-process engine as between processes:
+    bfloat16 (simultaneous) and float16 (sequential) predictions, weights and evaluations."""
+    got = matrix.run_dir(encoding, transport)
+    assert_same_states(_expected(references, encoding), got)
 
 
 @pytest.mark.parametrize("name", list(ONE_TRANSPORT))

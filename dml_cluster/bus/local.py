@@ -1,4 +1,5 @@
-"""The in-process bus of the one-process engine: every peer is local, nothing moves."""
+"""The in-process bus of the one-process engine: every peer is local, nothing moves; what each
+peer reads is encoded and decoded as a transport between processes would (bus/encoding.py)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
+from dml_cluster.bus.encoding import as_received
 from dml_cluster.devices import on_one_device
 
 
 class LocalBus(Bus):
-    def __init__(self) -> None:
+    def __init__(self, encoding: str = "float32") -> None:
+        """`encoding`: bus.encoding, applied to every exchanged prediction as between
+        processes, so the one-process engine trains what a cohort of processes trains."""
+        self.encoding = encoding
         self.stats = BusStats()
 
     def exchange(
@@ -26,4 +31,5 @@ class LocalBus(Bus):
             raise ValueError(f"LocalBus hosts every peer, but peers {missing} were not given")
         # every receiver gets the others' on one device: the first sender's (the trainer hands
         # in predictions already on its exchange device; peers on other GPUs move here)
-        return on_one_device({s: local[s] for s in senders}, local[senders[0]].device)
+        sent = {s: as_received(local[s], self.encoding) for s in senders}
+        return on_one_device(sent, local[senders[0]].device)

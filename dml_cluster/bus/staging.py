@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dml_cluster.bus.encoding import from_wire
+
 
 def to_host(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     """`tensor` as a contiguous CPU tensor of `dtype` (pinned when it comes from a GPU)."""
@@ -37,7 +39,7 @@ def to_device(tensor: Tensor, device: torch.device) -> Tensor:
     page-locked memory (a tensor decoded there, `wire.decode(pinned=True)`, is not copied again
     on the host) and converted from its wire dtype on the device."""
     if device.type != "cuda":
-        return tensor.to(device).float()
+        return from_wire(tensor.to(device))
     if not tensor.is_pinned():
         tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True).float()
+    return from_wire(tensor.to(device, non_blocking=True))

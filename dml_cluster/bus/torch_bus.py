@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
-from dml_cluster.bus.wire import ENCODING_IDS, ENCODINGS
+from dml_cluster.bus.encoding import as_received, from_wire, to_wire, wire_dtype
 from dml_cluster.errors import PeerError, first_line
 
 _HEADER_BYTES = 5 * 8
@@ -46,7 +46,7 @@ class TorchBus(Bus):
         it); `store`: the cohort's rendezvous store, where peers that time out check in so that
         the one missing is named (`prefix`: this launch's keys there)."""
         self.rank, self.world, self.names, self.device = rank, world, list(names), device
-        self.dtype = ENCODINGS[ENCODING_IDS[encoding]]
+        self.encoding, self.dtype = encoding, wire_dtype(encoding)
         self.stats = BusStats()
         self.timeout_s, self.store, self.prefix = timeout_s, store, prefix
         self.last_step = -1  # the last step whose exchange completed
@@ -54,7 +54,8 @@ class TorchBus(Bus):
     def _pack(self, key: StepKey, tensor: Tensor) -> Tensor:
         rows, cols = tensor.shape
         head = torch.tensor([key.step, key.round, _signed(key.fingerprint), rows, cols])
-        body = tensor.detach().to(self.device, self.dtype).contiguous().view(-1).view(torch.uint8)
+        body = to_wire(tensor.to(self.device), self.encoding).contiguous().view(-1)
+        body = body.view(torch.uint8)
         return torch.cat([head.to(self.device).view(torch.uint8), body])
 
     def _unpack(self, key: StepKey, sender: int, buf: Tensor, header: list[int]) -> Tensor:
@@ -66,7 +67,7 @@ class TorchBus(Bus):
                 f"sent step {step} round {rnd} batch {fp & (2**64 - 1):016x}, this peer expected "
                 f"batch {key.fingerprint:016x}"
             )
-        return buf[_HEADER_BYTES:].view(self.dtype).view(rows, cols).float()
+        return from_wire(buf[_HEADER_BYTES:].view(self.dtype).view(rows, cols))
 
     def _timeout(self) -> float:
         return self.patience_s if self.patience_s is not None else self.timeout_s
@@ -142,8 +143,8 @@ class TorchBus(Bus):
             heads = torch.stack([bufs[s][:_HEADER_BYTES] for s in others]).cpu()
             headers = dict(zip(others, heads.view(torch.int64).tolist(), strict=True))
         for s in senders:
-            if s == self.rank:
-                out[s] = local[s]
+            if s == self.rank:  # read as the others read it (bus/encoding.py)
+                out[s] = as_received(local[s], self.encoding)
                 continue
             # on the peer's own device (a GPU shared over gloo: the messages are on the CPU)
             out[s] = self._unpack(key, s, bufs[s], headers[s]).to(home)

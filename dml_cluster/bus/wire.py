@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dml_cluster.bus.encoding import from_wire, to_wire
+
 MAGIC = b"DMLC"
 VERSION = 1
 HEADER = struct.Struct("<4sBBBB8sQIIIIQII")
@@ -85,14 +87,14 @@ def unpack_header(raw: bytes | memoryview) -> Header:
 
 
 def wire_dtype(encoding: str) -> torch.dtype:
-    """The dtype a bus.encoding puts on the wire."""
+    """The dtype a bus.encoding puts on the wire (its id's dtype)."""
     return ENCODINGS[ENCODING_IDS[encoding]]
 
 
 def encode(tensor: Tensor, encoding: str) -> tuple[int, Tensor]:
     """The payload tensor to send (contiguous, on the CPU) and its encoding id."""
     eid = ENCODING_IDS[encoding]
-    return eid, tensor.detach().to("cpu", ENCODINGS[eid]).contiguous()
+    return eid, to_wire(tensor, encoding).cpu().contiguous()
 
 
 def decode(header: Header, payload: memoryview | bytes, pinned: bool = False) -> Tensor:
@@ -109,4 +111,4 @@ def decode(header: Header, payload: memoryview | bytes, pinned: bool = False) ->
     if header.payload_bytes:
         raw.numpy()[:] = np.frombuffer(payload, dtype=np.uint8)  # the one copy
     received = raw.view(dtype).view(header.rows, header.cols)
-    return received if pinned else received.float()
+    return received if pinned else from_wire(received)

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
 from dml_cluster.bus.curve import CurveGuard, CurveKeys
+from dml_cluster.bus.encoding import as_received
 from dml_cluster.bus.staging import to_device, to_host
 from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode, unpack_header, wire_dtype
 from dml_cluster.errors import ConfigError, PeerError
@@ -210,7 +211,8 @@ class ZmqBus(Bus):
         wanted = [s for s in senders if s != self.rank] if listening else []
         out: dict[int, Tensor] = {}
         if self.rank in senders:
-            out[self.rank] = local[self.rank]
+            # read as the others read it (bus/encoding.py)
+            out[self.rank] = as_received(local[self.rank], self.encoding)
             to = [r for r in listeners if r != self.rank]
             self._publish(key, local[self.rank], to, wanted)
         if not listening:

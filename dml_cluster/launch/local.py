@@ -31,7 +31,7 @@ def run_local(cfg: Config, observers: Sequence[Observer] = ()) -> dict[str, Any]
     with claim_run_folder(cfg.run.dir, {i: cfg.peers[i].name for i in hosted}):
         data = prepare_data(cfg)  # bad data, a bad model: before anything is written
         placement = Placement(hosted, device, reporter=True, devices=devices)
-        trainer = CohortTrainer(cfg, LocalBus(), placement, data=data)
+        trainer = CohortTrainer(cfg, LocalBus(cfg.bus.encoding), placement, data=data)
         with metrics_observers(cfg, hosted, run_id(cfg).hex()) as metrics:
             trainer.observe([*observers, *metrics])
             return trainer.run()
