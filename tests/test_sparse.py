@@ -1,0 +1,88 @@
+"""Top-k rows (dml_cluster/bus/sparse.py) and the loss on their support
+(dml_cluster/losses_sparse.py): encoding round trip, index dtypes, the residual, and top-k with
+k = C against the dense loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dml_cluster import losses
+from dml_cluster.bus.sparse import TopK, densify, encode_topk, index_dtype
+from dml_cluster.losses_sparse import topk_kl, topk_kl_rows
+
+
+def _log_p(rows: int, classes: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.log_softmax(torch.randn(rows, classes, generator=g) * 3, dim=1)
+
+
+@pytest.mark.parametrize(
+    ("classes", "dtype"),
+    [(10, torch.uint8), (256, torch.uint8), (257, torch.int16), (32768, torch.int16),
+     (32769, torch.int32), (151_936, torch.int32)],
+)  # fmt: skip
+def test_indices_take_the_smallest_integer_type_that_holds_c(classes, dtype) -> None:
+    assert index_dtype(classes) == dtype
+    info = torch.iinfo(dtype)
+    assert info.max >= classes - 1 and info.min <= 0
+
+
+@pytest.mark.parametrize("value_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_topk_round_trip(value_dtype: torch.dtype) -> None:
+    log_p = _log_p(32, 1000)
+    rows = encode_topk(log_p, 16, value_dtype)
+    assert rows.indices.dtype == torch.int16 and rows.values.dtype == value_dtype
+    back = rows.widened()
+    values, indices = log_p.topk(16, dim=1)
+    assert torch.equal(back.indices, indices)
+    assert torch.equal(back.values, values.to(value_dtype).float())  # exact widening
+    assert back.values.dtype == torch.float32 and back.indices.dtype == torch.int64
+    # the residual is the mass not kept, spread evenly over the other classes
+    dense = densify(rows).exp()
+    assert torch.allclose(dense.sum(dim=1), torch.ones(32), atol=1e-5)
+    kept = values.to(value_dtype).float().exp().sum(dim=1)
+    assert torch.allclose(back.residual(), 1 - kept)
+
+
+@pytest.mark.parametrize("k", [0, -1, 11])
+def test_a_k_outside_one_to_c_is_refused_in_one_line(k: int) -> None:
+    with pytest.raises(ValueError, match=r"^bus.k must be in 1\.\.10 \(the number of classes\)"):
+        encode_topk(_log_p(4, 10), k)
+
+
+def test_topk_with_k_equal_to_c_is_the_dense_loss() -> None:
+    target, log_q = _log_p(64, 10, 1), _log_p(64, 10, 2)
+    rows = encode_topk(target, 10, torch.float32)
+    assert float(rows.residual().abs().max()) == 0.0
+    dense = losses.kl_div(target, log_q)
+    assert torch.allclose(topk_kl(rows, log_q), dense, rtol=1e-6, atol=1e-7)
+    mask = torch.arange(64) % 3 == 0
+    assert torch.allclose(topk_kl(rows, log_q, mask), losses.kl_div(target, log_q, mask))
+
+
+@pytest.mark.parametrize("k", [1, 5, 64])
+def test_topk_loss_on_the_support_is_the_kl_to_the_spread_target(k: int) -> None:
+    """The residual term equals KL against the densified target (residual spread evenly), and
+    the gradient w.r.t. the receiver's logits matches too. (float32 values: bfloat16 may round
+    a row's kept mass to >= 1, whose densified rest is exp(-inf), which the dense loss cannot
+    read; the sparse one takes r = 0 as 0, below.)"""
+    target = _log_p(16, 100, 3)
+    rows = encode_topk(target, k, torch.float32)
+    logits = torch.randn(16, 100, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    sparse = topk_kl(rows, F.log_softmax(logits, dim=1))
+    (g_sparse,) = torch.autograd.grad(sparse, logits)
+    dense = losses.kl_div(densify(rows), F.log_softmax(logits, dim=1))
+    (g_dense,) = torch.autograd.grad(dense, logits)
+    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(g_sparse, g_dense, rtol=1e-4, atol=1e-7)
+
+
+def test_a_row_whose_kept_mass_is_everything_has_no_residual_term() -> None:
+    values = torch.tensor([[0.0, -30.0]])  # all the mass on one class (exp(-30) ~ 1e-13)
+    rows = TopK(torch.tensor([[2, 0]], dtype=torch.uint8), values, 5)
+    log_q = _log_p(1, 5, 5)
+    per_row = topk_kl_rows(rows, log_q)
+    assert torch.isfinite(per_row).all()
+    assert torch.allclose(per_row, -log_q[:, 2], atol=1e-5)
