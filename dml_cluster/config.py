@@ -241,7 +241,16 @@ class BusConfig(Strict):
     """How peers in different processes exchange predictions."""
 
     transport: Literal["local", "zmq", "torch"] = "local"
-    encoding: Literal["float32", "float16", "bfloat16"] = "float32"
+    encoding: Literal["float32", "float16", "bfloat16", "topk"] = Field(
+        "float32",
+        description="what travels: every class's log-probability in a float type, or topk: "
+        "each row's k most likely classes (bus.k) as (index, log-probability) pairs, the rest of "
+        "the mass spread evenly over the other classes",
+    )  # fmt: skip
+    k: int | None = Field(None, description="topk: classes kept per row (1..C)")
+    sparse_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="topk: the float type of the kept log-probabilities"
+    )
     timeout_s: float = Field(
         60.0, gt=0.0,
         description="steady state: how long a peer may take to answer a training step before "
@@ -278,6 +287,16 @@ class BusConfig(Strict):
                 f"startup_timeout_s ({self.startup_timeout_s:g}) must be at least timeout_s "
                 f"({self.timeout_s:g})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _topk_settings(self) -> BusConfig:
+        if self.encoding == "topk" and self.k is None:
+            raise ValueError("encoding topk needs k (the classes kept per row)")
+        if self.encoding != "topk" and self.k is not None:
+            raise ValueError(f"k is a setting of encoding topk, not of {self.encoding}")
+        if self.k is not None and self.k <= 0:
+            raise ValueError(f"k must be at least 1, got {self.k}")
         return self
 
     @model_validator(mode="after")
@@ -433,7 +452,10 @@ class Config(Strict):
         """
         d = self.to_dict()
         d["run"] = {k: v for k, v in d["run"].items() if k not in _NOT_HASHED_RUN}
-        d["bus"] = {"encoding": d["bus"]["encoding"]}  # float16 messages change the numbers
+        bus = d["bus"]  # float16 messages change the numbers; so do top-k's k and values
+        d["bus"] = {"encoding": bus["encoding"]}
+        if bus["encoding"] == "topk":
+            d["bus"].update(k=bus["k"], sparse_dtype=bus["sparse_dtype"])
         d["cohort"].pop("devices", None)  # where peers run (same hardware: the same numbers)
         for key in ("workers", "prefetch", "cache_dir"):  # how batches are read, not which
             d["data"].pop(key, None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dml_cluster import losses
+from dml_cluster import losses, losses_sparse
 from dml_cluster.bus.sparse import TopK, densify, encode_topk, index_dtype
 from dml_cluster.losses_sparse import topk_kl, topk_kl_rows
 
@@ -86,3 +86,26 @@ def test_a_row_whose_kept_mass_is_everything_has_no_residual_term() -> None:
     per_row = topk_kl_rows(rows, log_q)
     assert torch.isfinite(per_row).all()
     assert torch.allclose(per_row, -log_q[:, 2], atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_sparse_mimicry_dml_dml_e_and_kd_equal_the_dense_losses_on_the_spread_targets(
+    temperature: float,
+) -> None:
+    """Each sparse loss equals its dense counterpart applied to the densified targets (the rest
+    spread evenly), tempering and the probability ensemble included."""
+    g = torch.Generator().manual_seed(6)
+    peers = [encode_topk(_log_p(16, 50, s), 8, torch.float32) for s in (7, 8, 9)]
+    dense_peers = [densify(p) for p in peers]
+    logits = torch.randn(16, 50, generator=g)
+    mask = torch.arange(16) % 2 == 0
+    pairs = [
+        (losses_sparse.mutual_kl(logits, peers, temperature, mask),
+         losses.mutual_kl(logits, dense_peers, temperature, mask)),
+        (losses_sparse.ensemble_kl(logits, peers, temperature),
+         losses.ensemble_kl(logits, dense_peers, temperature)),
+        (losses_sparse.kd_loss(logits, peers[0], temperature),
+         losses.kd_loss(logits, dense_peers[0], temperature)),
+    ]  # fmt: skip
+    for sparse, dense in pairs:
+        assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6), (sparse, dense)
