@@ -444,7 +444,7 @@ class Config(Strict):
         """A short hash of what decides the trained numbers: the config minus where results go
         (run.name, run.out_dir, run.log_every), how the run is watched (run.progress_every_s,
         metrics), how it is checkpointed (checkpoint) and how peers are wired and placed (bus, all
-        but its encoding; cohort.devices).
+        but its encoding and, for topk, k and sparse_dtype; cohort.devices).
 
         Two configs with the same hash train the same weights, bitwise: a checkpoint of one
         resumes under the other (one process <-> torchrun, zmq <-> torch), so checkpoints, the
@@ -567,6 +567,7 @@ def parse_config(raw: Any) -> Config:
     except ValidationError as err:
         raise ConfigError(validation_error_line(err)) from None
     cfg.peers  # noqa: B018 - validates peer names
+    check_encoding(cfg)
     check_teachers(cfg)
     check_names(cfg)
     return cfg
@@ -609,6 +610,28 @@ def check_teachers(cfg: Config) -> None:
         raise ConfigError(
             f"config error: cohort.peers: method {name!r} needs a teacher "
             "(a peer with role: teacher and a checkpoint)"
+        )
+
+
+SPARSE_REFUSED = {
+    "dml_js": "the Jensen-Shannon divergence needs every class of both distributions",
+    "dkd": "DKD's non-target part needs every class's probability",
+}
+"""Methods that cannot learn from top-k rows, and why."""
+
+
+def check_encoding(cfg: Config) -> None:
+    """A sparse bus.encoding only with a method that learns from a sparse support."""
+    if cfg.bus.encoding != "topk":
+        return
+    name = cfg.method.name
+    why = SPARSE_REFUSED.get(name)
+    if name == "dml_e" and cfg.method.ensemble == "logits":
+        why = "dml_e's logit ensemble (method.ensemble: logits) needs every class's log-probability"
+    if why is not None:
+        raise ConfigError(
+            f"config error: bus.encoding: topk cannot be used with method {name!r}: {why} "
+            "(use a dense encoding)"
         )
 
 

@@ -114,7 +114,7 @@ def _mean(per_row: Tensor, rows: Tensor | None) -> Tensor:
 
 def topk_kl(target: TopK, log_q: Tensor, rows: Tensor | None = None) -> Tensor:
     """KL(target || q): summed over classes, averaged over rows (or the `rows` mask's rows; 0
-    when none is marked), as losses.kl_div reduces the dense one."""
+    when none is marked), as losses.kl reduces the dense one."""
     return _mean(topk_kl_rows(target, log_q), rows)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dml_cluster.bus import EVAL_ROUND, Bus, StepKey
+from dml_cluster.bus.sparse import TopK, densify
 from dml_cluster.checkpoint import CohortCheckpoints, Position, Restored
 from dml_cluster.cohort import Peer, build_peer, refresh_predictions
 from dml_cluster.config import Config
@@ -41,6 +42,12 @@ from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
+
+
+def readable(received: Tensor | TopK) -> Tensor:
+    """Dense log-probabilities of what the bus delivered (top-k rows: the rest spread evenly),
+    for the evaluation and batch statistics; the losses read top-k rows sparsely."""
+    return densify(received) if isinstance(received, TopK) else received
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,11 @@ class CohortTrainer:
         self.test_fingerprint = fingerprint(torch.arange(self.batches.num_test))
         self.method = build_method(cfg.method)
         shape, classes = data.input_shape, data.num_classes
+        if cfg.bus.encoding == "topk" and cfg.bus.k > classes:
+            raise ConfigError(
+                f"config error: bus.k: {cfg.bus.k} classes kept per row, but the data has "
+                f"{classes} classes"
+            )
         self.method_inputs = inputs = MethodInputs(self.method, cfg.run, shape, classes)
         self.peers: dict[int, Peer] = {
             i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs)
@@ -163,8 +175,9 @@ class CohortTrainer:
         `given`: what its method declared it reads beyond logits (already on its device)."""
         progress = Progress(step // self.per_epoch, step, self.per_epoch)
         on = logits.device  # the others' predictions (and teachers') come to this peer's device
-        peers = [Predictions(p) for p in all_on([log_ps[j] for j in self.students if j != i], on)]
-        teachers = [Predictions(p) for p in all_on([log_ps[j] for j in self.teachers], on)]
+        others = all_on([log_ps[j] for j in self.students if j != i], on)
+        peers = [Predictions.of(p) for p in others]
+        teachers = [Predictions.of(p) for p in all_on([log_ps[j] for j in self.teachers], on)]
         peer = self.peers[i]
         view = StepView(
             i, peers, teachers, progress, given.features, given.teacher, given.sample_ids,
@@ -229,7 +242,7 @@ class CohortTrainer:
         local = {i: self._log_probs(z) for i, z in logits.items()}
         self.timer.mark(FORWARD)
         log_ps = self._exchange(StepKey(step, 0, fp), local, range(self.size))
-        batch_log_ps = dict(log_ps)
+        batch_log_ps = {j: readable(p) for j, p in log_ps.items()}  # top-k rows: densified
         learners = [i for i in self.students if i in self.peers]
         given = self.method_inputs.gather(
             learners, self.placement.device_of, lambda i: self._input(i, x), features, sample_ids
@@ -282,7 +295,8 @@ class CohortTrainer:
             log_ps = self.bus.exchange(key, local, range(self.size))
         finally:
             self.bus.set_patience(patience)
-        named = {self.names[i]: log_ps[i] for i in range(self.size)}
+        # top-k rows are scored as they travelled: densified, the rest spread evenly
+        named = {self.names[i]: readable(log_ps[i]) for i in range(self.size)}
         students = [self.names[i] for i in self.students]
         test_y = torch.cat(labels)
         return evaluate_cohort(named, test_y, self.data.num_classes, ensemble_of=students)

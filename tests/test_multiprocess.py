@@ -37,6 +37,8 @@ STOCHASTIC = (
 STEPS = ("train.max_steps=24",)  # 22 steps per epoch: crosses an epoch boundary
 ENCODED = ("train.max_steps=3",)
 """The encodings' cohorts: three steps and the evaluation after the last."""
+TOPK = ("bus.encoding=topk", "bus.k=3")
+"""Each row's 3 most likely of 10 classes, the rest spread evenly (bfloat16 values)."""
 TRANSPORTS = ("zmq", "torch")
 # name: (cohort size, config, overrides); each runs over both transports (ONE_TRANSPORT: one)
 MATRIX = {
@@ -54,6 +56,8 @@ MATRIX = {
         "configs/digits-dml.yaml",
         (*TWO_HETERO, *ENCODED, "bus.encoding=float16", "cohort.update=sequential"),
     ),
+    "topk": (2, "configs/digits-dml.yaml", (*TWO_HETERO, *ENCODED, *TOPK)),
+    "topk-dml-e": (3, "configs/digits-dml-e.yaml", (*ENCODED, *TOPK, "cohort.update=sequential")),
     "stochastic-simultaneous": (3, "configs/digits-dml.yaml", STOCHASTIC),
     "stochastic-sequential": (
         3,
@@ -140,12 +144,13 @@ def test_semi_supervised_and_dml_e_match_across_processes(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("encoding", ["bfloat16", "float16"])
+@pytest.mark.parametrize("encoding", ["bfloat16", "float16", "topk", "topk-dml-e"])
 def test_every_encoding_trains_alike_in_one_process_and_in_processes(
     matrix: Matrix, references: References, encoding: str, transport: str
 ) -> None:
-    """bus.encoding rounds what peers read in the one-process engine as between processes:
-    bfloat16 (simultaneous) and float16 (sequential) predictions, weights and evaluations."""
+    """bus.encoding encodes what peers read in the one-process engine as between processes:
+    bfloat16 (simultaneous) and float16 (sequential) predictions, top-k rows (DML
+    simultaneous; DML_e's probability ensemble of three, sequential), weights and evaluations."""
     got = matrix.run_dir(encoding, transport)
     assert_same_states(_expected(references, encoding), got)
 

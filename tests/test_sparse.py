@@ -1,16 +1,27 @@
-"""Top-k rows (dml_cluster/bus/sparse.py) and the loss on their support
-(dml_cluster/losses_sparse.py): encoding round trip, index dtypes, the residual, and top-k with
-k = C against the dense loss."""
+"""Top-k rows (dml_cluster/bus/sparse.py) and the losses on their support
+(dml_cluster/losses_sparse.py): encoding round trip, index dtypes, the residual, top-k with
+k = C against the dense loss, the sparse DML / DML_e / KD losses against the dense ones on the
+densified targets, and bad settings refused. The wire format's
+top-k messages: tests/test_wire.py; one process vs processes: tests/test_multiprocess.py."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dml_cluster import losses, losses_sparse
+from dml_cluster.bus.local import LocalBus
 from dml_cluster.bus.sparse import TopK, densify, encode_topk, index_dtype
+from dml_cluster.config import load_config
+from dml_cluster.errors import ConfigError
+from dml_cluster.launch.transports import bus_encoding
 from dml_cluster.losses_sparse import topk_kl, topk_kl_rows
+from dml_cluster.trainer import CohortTrainer, Placement
+
+from .cohort_runs import REPO
 
 
 def _log_p(rows: int, classes: int, seed: int = 0) -> torch.Tensor:
@@ -56,10 +67,10 @@ def test_topk_with_k_equal_to_c_is_the_dense_loss() -> None:
     target, log_q = _log_p(64, 10, 1), _log_p(64, 10, 2)
     rows = encode_topk(target, 10, torch.float32)
     assert float(rows.residual().abs().max()) == 0.0
-    dense = losses.kl_div(target, log_q)
+    dense = losses.kl(target, log_q)
     assert torch.allclose(topk_kl(rows, log_q), dense, rtol=1e-6, atol=1e-7)
     mask = torch.arange(64) % 3 == 0
-    assert torch.allclose(topk_kl(rows, log_q, mask), losses.kl_div(target, log_q, mask))
+    assert torch.allclose(topk_kl(rows, log_q, mask), losses.kl(target, log_q, mask))
 
 
 @pytest.mark.parametrize("k", [1, 5, 64])
@@ -73,7 +84,7 @@ def test_topk_loss_on_the_support_is_the_kl_to_the_spread_target(k: int) -> None
     logits = torch.randn(16, 100, generator=torch.Generator().manual_seed(4), requires_grad=True)
     sparse = topk_kl(rows, F.log_softmax(logits, dim=1))
     (g_sparse,) = torch.autograd.grad(sparse, logits)
-    dense = losses.kl_div(densify(rows), F.log_softmax(logits, dim=1))
+    dense = losses.kl(densify(rows), F.log_softmax(logits, dim=1))
     (g_dense,) = torch.autograd.grad(dense, logits)
     assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
     assert torch.allclose(g_sparse, g_dense, rtol=1e-4, atol=1e-7)
@@ -109,3 +120,40 @@ def test_sparse_mimicry_dml_dml_e_and_kd_equal_the_dense_losses_on_the_spread_ta
     ]  # fmt: skip
     for sparse, dense in pairs:
         assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6), (sparse, dense)
+
+
+BAD_SETTINGS = {
+    "bus.encoding=topk": "bus: encoding topk needs k",
+    "bus.encoding=topk,bus.k=0": "bus: k must be at least 1, got 0",
+    "bus.k=3": "bus: k is a setting of encoding topk, not of float32",
+    "bus.encoding=topk,bus.k=3,method.name=dkd": "topk cannot be used with method 'dkd'",
+    "bus.encoding=topk,bus.k=3,method.name=dml_js": "topk cannot be used with method 'dml_js'",
+    "bus.encoding=topk,bus.k=3,method.name=dml_e,method.ensemble=logits": (
+        "topk cannot be used with method 'dml_e': dml_e's logit ensemble"
+    ),
+}
+
+
+@pytest.mark.parametrize(("items", "words"), BAD_SETTINGS.items())
+def test_bad_sparse_settings_are_one_config_error_line(items: str, words: str) -> None:
+    """k missing, k <= 0, k without topk, a method that needs every class (the CLI prints a
+    ConfigError as one line and exits 2: tests/test_config.py)."""
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs/digits-dml.yaml", items.split(","))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("config error: ") and words in message
+
+
+def test_a_k_above_the_classes_is_refused_once_the_data_tells_c(tmp_path: Path) -> None:
+    cfg = load_config(
+        REPO / "configs/digits-dml.yaml",
+        ["bus.encoding=topk", "bus.k=11", f"run.out_dir={tmp_path / 'runs'}"],
+    )
+    with pytest.raises(ConfigError) as err:
+        CohortTrainer(
+            cfg, LocalBus(bus_encoding(cfg)), Placement((0, 1), torch.device("cpu"), True)
+        )
+    assert str(err.value) == (
+        "config error: bus.k: 11 classes kept per row, but the data has 10 classes"
+    )
+    assert not (tmp_path / "runs").exists()

@@ -17,7 +17,18 @@ import torch.distributed as dist
 import zmq
 
 from dml_cluster.bus import StepKey
-from dml_cluster.bus.wire import HEADER, Header, Kind, WireError, decode, encode, unpack_header
+from dml_cluster.bus.sparse import encode_topk
+from dml_cluster.bus.wire import (
+    HEADER,
+    TOPK,
+    Header,
+    Kind,
+    WireError,
+    decode,
+    encode,
+    encode_sent,
+    unpack_header,
+)  # fmt: skip
 from dml_cluster.bus.zmq_bus import ZmqBus
 from dml_cluster.errors import ConfigError, PeerError
 
@@ -40,6 +51,47 @@ def test_header_round_trip_and_validation() -> None:
     assert unpack_header(credit.pack()) == credit
     with pytest.raises(WireError, match="a CREDIT message with a 4x3 payload"):
         unpack_header(Header(Kind.CREDIT, 1, RUN, 6, 0, 1, 1, 0, 4, 3).pack())
+
+
+def _topk_message(**change: int) -> tuple[Header, bytes]:
+    rows = encode_topk(torch.randn(5, 300).log_softmax(dim=1), 4)  # int16 ids, bf16 values
+    fields, body = encode_sent(rows)
+    header = Header(Kind.DATA, run_id=RUN, step=3, round=0, sender_rank=1, sender_peer=1,
+                    fingerprint=9, **{**fields, **change})  # fmt: skip
+    return header, body.numpy().tobytes()
+
+
+def test_topk_rows_round_trip_through_the_wire_format() -> None:
+    rows = encode_topk(torch.randn(5, 300).log_softmax(dim=1), 4)
+    fields, body = encode_sent(rows)
+    assert fields == dict(encoding=TOPK, rows=5, cols=4, values=3, classes=300)
+    assert body.numel() == 5 * 4 * (2 + 2)  # int16 indices, bfloat16 values
+    header = unpack_header(Header(Kind.DATA, run_id=RUN, step=3, round=0, sender_rank=1,
+                                  sender_peer=1, fingerprint=9, **fields).pack())  # fmt: skip
+    got = decode(header, body.numpy().tobytes())
+    assert torch.equal(got.indices, rows.indices.long())
+    assert torch.equal(got.values, rows.values.float())
+    assert got.num_classes == 300
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [({"cols": 301}, "keeping 301 of 300 classes"), ({"cols": 0, "rows": 0}, "keeping 0 of"),
+     ({"values": 7}, "top-k values of unknown encoding 7"),
+     ({"classes": 0}, "keeping 4 of 0 classes"), ({"rows": 6}, "payload of 80 bytes")],
+)  # fmt: skip
+def test_malformed_topk_headers_are_refused(change: dict, reason: str) -> None:
+    header, body = _topk_message(**change)
+    with pytest.raises(WireError, match=reason):
+        decode(unpack_header(header.pack()), body)
+
+
+def test_a_topk_index_outside_the_classes_is_refused() -> None:
+    header, body = _topk_message()
+    forged = bytearray(body)
+    forged[0:2] = (300).to_bytes(2, "little")  # the first row's first index: class 300 of 300
+    with pytest.raises(WireError, match="top-k index outside 0..299"):
+        decode(unpack_header(header.pack()), bytes(forged))
 
 
 @pytest.mark.parametrize("encoding", ["float32", "float16", "bfloat16"])
@@ -150,6 +202,10 @@ def test_bad_messages_are_dropped_and_counted(pair: list[ZmqBus], intruder: zmq.
         [_header(step=100), payload],  # far beyond the credit window
         [_header(kind=Kind.CREDIT, rows=0, cols=0), b"x"],  # a credit carries no payload
         [_header(kind=Kind.CREDIT, step=500, rows=0, cols=0), b""],  # credit for a future step
+        # top-k rows (encoding 4): k > C, values of no known dtype, a dense one with top-k fields
+        [_header(step=1, encoding=4, values=3, classes=10, cols=11), payload],
+        [_header(step=1, encoding=4, values=9, classes=10), payload],
+        [_header(step=1, values=3, classes=10), payload],
     ]
     for frames in bad:
         intruder.send_multipart(frames)

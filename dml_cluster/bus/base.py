@@ -53,6 +53,10 @@ class Bus(ABC):
     never listen). A transport that buffers (zmq) bounds how far a sender may run ahead of its
     receivers (`bus.window` steps); one built on collectives involves every process anyway
     (torch's all_gather does).
+
+    What comes back is what a receiver reads under the bus's encoding (bus/encoding.py), own
+    predictions included: float32 [B, C] tensors for a dense encoding, `TopK` rows (int64
+    indices, float32 values) for topk.
     """
 
     stats: BusStats

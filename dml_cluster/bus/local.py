@@ -8,15 +8,15 @@ from collections.abc import Mapping, Sequence
 from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
-from dml_cluster.bus.encoding import as_received
+from dml_cluster.bus.encoding import Encoding
 from dml_cluster.devices import on_one_device
 
 
 class LocalBus(Bus):
-    def __init__(self, encoding: str = "float32") -> None:
+    def __init__(self, encoding: Encoding | str = "float32") -> None:
         """`encoding`: bus.encoding, applied to every exchanged prediction as between
         processes, so the one-process engine trains what a cohort of processes trains."""
-        self.encoding = encoding
+        self.encoding = Encoding.of(encoding)
         self.stats = BusStats()
 
     def exchange(
@@ -31,5 +31,5 @@ class LocalBus(Bus):
             raise ValueError(f"LocalBus hosts every peer, but peers {missing} were not given")
         # every receiver gets the others' on one device: the first sender's (the trainer hands
         # in predictions already on its exchange device; peers on other GPUs move here)
-        sent = {s: as_received(local[s], self.encoding) for s in senders}
+        sent = {s: self.encoding.as_received(local[s]) for s in senders}
         return on_one_device(sent, local[senders[0]].device)

@@ -43,6 +43,14 @@ class TopK:
     def k(self) -> int:
         return self.indices.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device: torch.device | str) -> TopK:
+        """The rows on `device` (devices.on_one_device moves them as it moves tensors)."""
+        return TopK(self.indices.to(device), self.values.to(device), self.num_classes)
+
     def widened(self) -> TopK:
         """int64 indices and float32 values, as a receiver reads them (exact)."""
         return TopK(self.indices.long(), self.values.float(), self.num_classes)
@@ -64,11 +72,14 @@ def encode_topk(log_p: Tensor, k: int, dtype: torch.dtype = torch.bfloat16) -> T
 
 
 def densify(rows: TopK) -> Tensor:
-    """The [rows, C] log-probabilities `rows` stand for (the residual spread evenly): for tests
-    and small C only; the losses read the sparse support directly."""
+    """The [rows, C] log-probabilities `rows` stand for (the residual spread evenly; a row that
+    kept all its mass gives the others the smallest normal float): what evaluation and batch
+    statistics score; the losses read the sparse support directly."""
     rows = rows.widened()
     n, c = rows.values.shape[0], rows.num_classes
     rest = c - rows.k
-    fill = (rows.residual() / max(rest, 1)).log() if rest else torch.zeros(n)
+    tiny = torch.finfo(torch.float32).tiny  # a row that kept all its mass: ~0, not log 0
+    spread = (rows.residual() / max(rest, 1)).clamp(min=tiny)
+    fill = spread.log() if rest else rows.values.new_zeros(n)
     dense = fill[:, None].expand(n, c).clone()
     return dense.scatter_(1, rows.indices, rows.values)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dml_cluster.bus.encoding import from_wire
+from dml_cluster.bus.sparse import TopK
 
 
 def to_host(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -34,10 +35,13 @@ def to_host(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return host
 
 
-def to_device(tensor: Tensor, device: torch.device) -> Tensor:
+def to_device(tensor: Tensor | TopK, device: torch.device) -> Tensor | TopK:
     """A received CPU tensor on `device` as float32: for a GPU uploaded asynchronously from
     page-locked memory (a tensor decoded there, `wire.decode(pinned=True)`, is not copied again
-    on the host) and converted from its wire dtype on the device."""
+    on the host) and converted from its wire dtype on the device. Top-k rows (decoded widened)
+    are moved."""
+    if isinstance(tensor, TopK):
+        return tensor.to(device)
     if device.type != "cuda":
         return from_wire(tensor.to(device))
     if not tensor.is_pinned():

@@ -1,12 +1,13 @@
 """The torch transport: collectives over the default process group (NCCL on GPUs, gloo on CPU).
 
 Under NCCL (every peer process on a GPU of its own) messages are built, gathered and decoded on
-the GPU: the payload never visits the host; the received headers (40 bytes per sender) are read
+the GPU: the payload never visits the host; the received headers (48 bytes per sender) are read
 on the host in one copy per exchange, to check that every peer is at the same step and batch.
 Under gloo the messages live on the CPU (`device`: where the launcher says messages live).
 
-Each message is one flat byte tensor: a 5 x int64 header (step, round, fingerprint, rows, cols)
-followed by the encoded payload, so an exchange is a single all_gather (or, for a sequential
+Each message is one flat byte tensor: a 6 x int64 header (step, round, fingerprint, rows, cols,
+classes) followed by the encoded payload (bus/encoding.py: dense values, or top-k rows' indices
+then values), so an exchange is a single all_gather (or, for a sequential
 round with one sender, a broadcast of the header then of the payload). Collectives involve every
 rank, so `receivers` changes nothing here: a teacher's process takes part in every exchange (and
 so stays in lockstep with the students), it just does not use what it receives.
@@ -23,10 +24,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
-from dml_cluster.bus.encoding import as_received, from_wire, to_wire, wire_dtype
+from dml_cluster.bus.encoding import Encoding, from_wire
+from dml_cluster.bus.sparse import TopK, index_dtype
 from dml_cluster.errors import PeerError, first_line
 
-_HEADER_BYTES = 5 * 8
+_HEADER_BYTES = 6 * 8
 LOST_CHECK_IN_S = 2.0
 """How long peers that timed out on an exchange wait for each other at the store, to name the
 one that never came."""
@@ -39,35 +41,45 @@ def _signed(fp: int) -> int:
 class TorchBus(Bus):
     def __init__(
         self, *, rank: int, world: int, names: Sequence[str], device: torch.device,
-        encoding: str = "float32", timeout_s: float = 60.0, store: dist.Store | None = None,
-        prefix: str = "dml-lost",
+        encoding: Encoding | str = "float32", timeout_s: float = 60.0,
+        store: dist.Store | None = None, prefix: str = "dml-lost",
     ) -> None:  # fmt: skip
         """`timeout_s`: how long an exchange waits in steady state (`set_patience` lengthens
         it); `store`: the cohort's rendezvous store, where peers that time out check in so that
         the one missing is named (`prefix`: this launch's keys there)."""
         self.rank, self.world, self.names, self.device = rank, world, list(names), device
-        self.encoding, self.dtype = encoding, wire_dtype(encoding)
+        self.encoding = Encoding.of(encoding)
+        self.dtype = self.encoding.value_dtype
         self.stats = BusStats()
         self.timeout_s, self.store, self.prefix = timeout_s, store, prefix
         self.last_step = -1  # the last step whose exchange completed
 
     def _pack(self, key: StepKey, tensor: Tensor) -> Tensor:
-        rows, cols = tensor.shape
-        head = torch.tensor([key.step, key.round, _signed(key.fingerprint), rows, cols])
-        body = to_wire(tensor.to(self.device), self.encoding).contiguous().view(-1)
-        body = body.view(torch.uint8)
-        return torch.cat([head.to(self.device).view(torch.uint8), body])
+        sent = self.encoding.send(tensor.to(self.device))
+        parts = [sent.indices, sent.values] if isinstance(sent, TopK) else [sent]
+        rows, cols = parts[0].shape
+        classes = tensor.shape[1]
+        head = torch.tensor([key.step, key.round, _signed(key.fingerprint), rows, cols, classes])
+        body = [p.contiguous().view(-1).view(torch.uint8) for p in parts]
+        return torch.cat([head.to(self.device).view(torch.uint8), *body])
 
     def _unpack(self, key: StepKey, sender: int, buf: Tensor, header: list[int]) -> Tensor:
         """The payload of `buf`, whose header (read on the host) is `header`."""
-        step, rnd, fp, rows, cols = header
+        step, rnd, fp, rows, cols, classes = header
         if (step, rnd) != (key.step, key.round) or fp != _signed(key.fingerprint):
             raise PeerError(
                 f"peers out of sync at step {key.step}: peer {sender} ({self.names[sender]}) "
                 f"sent step {step} round {rnd} batch {fp & (2**64 - 1):016x}, this peer expected "
                 f"batch {key.fingerprint:016x}"
             )
-        return from_wire(buf[_HEADER_BYTES:].view(self.dtype).view(rows, cols))
+        body = buf[_HEADER_BYTES:]
+        if not self.encoding.sparse:
+            return from_wire(body.view(self.dtype).view(rows, cols))
+        idx_dtype = index_dtype(classes)
+        split = rows * cols * idx_dtype.itemsize
+        indices = body[:split].view(idx_dtype).view(rows, cols)
+        values = body[split:].clone().view(self.dtype).view(rows, cols)  # aligned
+        return TopK(indices, values, classes).widened()
 
     def _timeout(self) -> float:
         return self.patience_s if self.patience_s is not None else self.timeout_s
@@ -144,7 +156,7 @@ class TorchBus(Bus):
             headers = dict(zip(others, heads.view(torch.int64).tolist(), strict=True))
         for s in senders:
             if s == self.rank:  # read as the others read it (bus/encoding.py)
-                out[s] = as_received(local[s], self.encoding)
+                out[s] = self.encoding.as_received(local[s])
                 continue
             # on the peer's own device (a GPU shared over gloo: the messages are on the CPU)
             out[s] = self._unpack(key, s, bufs[s], headers[s]).to(home)

@@ -2,8 +2,14 @@
 
 Header (little-endian, 56 bytes):
 
-    magic 4s | version B | kind B | encoding B | reserved B | run_id 8s | step Q | round I |
-    sender_rank I | sender_peer I | reserved I | fingerprint Q | rows I | cols I
+    magic 4s | version B | kind B | encoding B | values B | run_id 8s | step Q | round I |
+    sender_rank I | sender_peer I | classes I | fingerprint Q | rows I | cols I
+
+Encodings 1-3 are dense [rows, cols] float32 / float16 / bfloat16 (`values` and `classes` 0);
+4 is top-k rows (bus/sparse.py): `cols` = k, `classes` = C, `values` the dense id of the kept
+log-probabilities' dtype; the payload is the [rows, k] indices (the smallest integer dtype that
+holds C) then the [rows, k] values. A top-k message with k outside 1..C or an index outside
+0..C-1 is refused like any other malformed message.
 
 Kinds: HELLO (the handshake: the config hash in `fingerprint`), DATA (predictions [rows, cols]
 for a step and round) and CREDIT (flow control: the receiver has consumed every message of steps
@@ -22,7 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dml_cluster.bus.encoding import from_wire, to_wire
+from dml_cluster.bus.encoding import Sent, from_wire, to_wire
+from dml_cluster.bus.sparse import TopK, index_dtype
 
 MAGIC = b"DMLC"
 VERSION = 1
@@ -37,6 +44,8 @@ class Kind(IntEnum):
 
 ENCODINGS: dict[int, torch.dtype] = {1: torch.float32, 2: torch.float16, 3: torch.bfloat16}
 ENCODING_IDS = {"float32": 1, "float16": 2, "bfloat16": 3}
+TOPK = 4
+"""The encoding id of top-k rows (their values' dtype: one of ENCODINGS, in `values`)."""
 
 
 class WireError(ValueError):
@@ -55,35 +64,52 @@ class Header:
     fingerprint: int
     rows: int
     cols: int
+    values: int = 0
+    """Top-k: the encoding id of the kept values' dtype; 0 otherwise."""
+    classes: int = 0
+    """Top-k: the number of classes C; 0 otherwise."""
 
     def pack(self) -> bytes:
         return HEADER.pack(
-            MAGIC, VERSION, self.kind, self.encoding, 0, self.run_id, self.step, self.round,
-            self.sender_rank, self.sender_peer, 0, self.fingerprint, self.rows, self.cols,
+            MAGIC, VERSION, self.kind, self.encoding, self.values, self.run_id, self.step,
+            self.round, self.sender_rank, self.sender_peer, self.classes, self.fingerprint,
+            self.rows, self.cols,
         )  # fmt: skip
 
     @property
     def payload_bytes(self) -> int:
+        if self.encoding == TOPK:
+            per = index_dtype(self.classes).itemsize + ENCODINGS[self.values].itemsize
+            return self.rows * self.cols * per
         return self.rows * self.cols * ENCODINGS[self.encoding].itemsize
 
 
 def unpack_header(raw: bytes | memoryview) -> Header:
     if len(raw) != HEADER.size:
         raise WireError(f"header of {len(raw)} bytes, expected {HEADER.size}")
-    (magic, version, kind, encoding, _, run_id, step, rnd, rank, peer, _, fp, rows, cols) = (
-        HEADER.unpack(raw)
-    )
+    (magic, version, kind, encoding, values, run_id, step, rnd, rank, peer, classes, fp, rows,
+     cols) = HEADER.unpack(raw)  # fmt: skip
     if magic != MAGIC:
         raise WireError("bad magic (not a dml-cluster message)")
     if version != VERSION:
         raise WireError(f"wire format version {version}, this peer speaks {VERSION}")
     if kind not in set(Kind):
         raise WireError(f"unknown message kind {kind}")
-    if encoding not in ENCODINGS:
+    if encoding not in ENCODINGS and encoding != TOPK:
         raise WireError(f"unknown encoding {encoding}")
     if kind != Kind.DATA and (rows or cols):
         raise WireError(f"a {Kind(kind).name} message with a {rows}x{cols} payload")
-    return Header(Kind(kind), encoding, run_id, step, rnd, rank, peer, fp, rows, cols)
+    if encoding == TOPK:
+        if kind != Kind.DATA:
+            raise WireError(f"a {Kind(kind).name} message with the top-k encoding")
+        if values not in ENCODINGS:
+            raise WireError(f"top-k values of unknown encoding {values}")
+        if not 0 < cols <= classes:
+            raise WireError(f"top-k rows keeping {cols} of {classes} classes")
+    elif values or classes:
+        raise WireError(f"a dense message with top-k fields (values {values}, classes {classes})")
+    return Header(Kind(kind), encoding, run_id, step, rnd, rank, peer, fp, rows, cols, values,
+                  classes)  # fmt: skip
 
 
 def wire_dtype(encoding: str) -> torch.dtype:
@@ -97,10 +123,49 @@ def encode(tensor: Tensor, encoding: str) -> tuple[int, Tensor]:
     return eid, to_wire(tensor, encoding).cpu().contiguous()
 
 
-def decode(header: Header, payload: memoryview | bytes, pinned: bool = False) -> Tensor:
+def encode_sent(sent: Sent) -> tuple[dict[str, int], Tensor]:
+    """The header fields (encoding, rows, cols, values, classes) and the flat uint8 payload of
+    what `Encoding.send` made, on the CPU."""
+    if isinstance(sent, TopK):
+        rows, k = sent.indices.shape
+        body = torch.cat([
+            sent.indices.cpu().contiguous().view(-1).view(torch.uint8),
+            sent.values.cpu().contiguous().view(-1).view(torch.uint8),
+        ])  # fmt: skip
+        value_id = {v: i for i, v in ENCODINGS.items()}[sent.values.dtype]
+        return dict(encoding=TOPK, rows=rows, cols=k, values=value_id,
+                    classes=sent.num_classes), body  # fmt: skip
+    rows, cols = sent.shape
+    eid = {v: i for i, v in ENCODINGS.items()}[sent.dtype]
+    payload = sent.cpu().contiguous()
+    return dict(encoding=eid, rows=rows, cols=cols), payload.view(-1).view(torch.uint8)
+
+
+def decode_topk(header: Header, payload: memoryview | bytes) -> TopK:
+    """The top-k rows a validated top-k message carries (indices checked: 0..C-1), widened."""
+    if len(payload) != header.payload_bytes:
+        raise WireError(
+            f"payload of {len(payload)} bytes, header says {header.rows}x{header.cols} top-k "
+            f"rows of {header.classes} classes ({header.payload_bytes} bytes)"
+        )
+    raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else (
+        torch.empty(0, dtype=torch.uint8))  # fmt: skip
+    idx_dtype = index_dtype(header.classes)
+    split = header.rows * header.cols * idx_dtype.itemsize
+    shape = (header.rows, header.cols)
+    indices = raw[:split].view(idx_dtype).view(shape)
+    values = raw[split:].clone().view(ENCODINGS[header.values]).view(shape)  # aligned
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= header.classes):
+        raise WireError(f"top-k index outside 0..{header.classes - 1}")
+    return TopK(indices, values, header.classes).widened()
+
+
+def decode(header: Header, payload: memoryview | bytes, pinned: bool = False) -> Sent:
     """The [rows, cols] tensor a validated message carries (a copy, safe to keep): float32, or
     with `pinned` the wire dtype in page-locked memory, copied there once from the message (the
-    device converts it after the upload: `staging.to_device`)."""
+    device converts it after the upload: `staging.to_device`); top-k rows as `decode_topk`."""
+    if header.encoding == TOPK:
+        return decode_topk(header, payload)
     if len(payload) != header.payload_bytes:
         raise WireError(
             f"payload of {len(payload)} bytes, header says {header.rows}x{header.cols} "

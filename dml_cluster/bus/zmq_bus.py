@@ -36,9 +36,9 @@ from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
 from dml_cluster.bus.curve import CurveGuard, CurveKeys
-from dml_cluster.bus.encoding import as_received
+from dml_cluster.bus.encoding import Encoding
 from dml_cluster.bus.staging import to_device, to_host
-from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode, unpack_header, wire_dtype
+from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode_sent, unpack_header
 from dml_cluster.errors import ConfigError, PeerError
 
 MESSAGES_PER_STEP = 4
@@ -76,7 +76,7 @@ class ZmqBus(Bus):
         address: str,
         timeout_s: float,
         startup_timeout_s: float | None = None,
-        encoding: str = "float32",
+        encoding: Encoding | str = "float32",
         ipc: bool = False,
         port: int | None = None,
         curve: CurveKeys | None = None,
@@ -88,7 +88,8 @@ class ZmqBus(Bus):
         if window < 1:
             raise ConfigError(f"bus: window must be at least 1 step, not {window}")
         self.rank, self.world, self.names = rank, world, list(names)
-        self.run_id, self.encoding, self.timeout_s = run_id, encoding, timeout_s
+        self.run_id, self.timeout_s = run_id, timeout_s
+        self.encoding = Encoding.of(encoding)
         self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self.config_hash = int(config_hash, 16)
         self.window = window
@@ -212,7 +213,7 @@ class ZmqBus(Bus):
         out: dict[int, Tensor] = {}
         if self.rank in senders:
             # read as the others read it (bus/encoding.py)
-            out[self.rank] = as_received(local[self.rank], self.encoding)
+            out[self.rank] = self.encoding.as_received(local[self.rank])
             to = [r for r in listeners if r != self.rank]
             self._publish(key, local[self.rank], to, wanted)
         if not listening:
@@ -245,14 +246,17 @@ class ZmqBus(Bus):
         the same exchange (told of its progress before it waits, so two senders never wait on
         each other)."""
         self._await_credit(key, to, wanted)
-        host = to_host(tensor, wire_dtype(self.encoding))  # one device -> host copy per step
-        eid, payload = encode(host, self.encoding)
-        rows, cols = payload.shape
+        if self.encoding.sparse:  # top-k rows chosen on the device, then copied
+            sent = self.encoding.send(tensor)
+        else:  # one device -> host copy per step
+            sent = to_host(tensor, self.encoding.value_dtype)
+        fields, payload = encode_sent(sent)
         header = Header(
-            Kind.DATA, eid, self.run_id, key.step, key.round, self.rank, self.rank,
-            key.fingerprint, rows, cols,
+            Kind.DATA, fields["encoding"], self.run_id, key.step, key.round, self.rank, self.rank,
+            key.fingerprint, fields["rows"], fields["cols"], fields.get("values", 0),
+            fields.get("classes", 0),
         ).pack()  # fmt: skip
-        body = payload.view(torch.uint8).numpy()
+        body = payload.numpy()
         for other in to:
             sock = self.outboxes[other]
             try:

@@ -11,6 +11,7 @@ from dml_cluster.data.prepare import prepare_data
 from dml_cluster.determinism import set_determinism
 from dml_cluster.devices import cohort_device_type, hosted_devices, make_current
 from dml_cluster.launch.identity import run_id
+from dml_cluster.launch.transports import bus_encoding
 from dml_cluster.metrics import metrics_observers
 from dml_cluster.metrics.events import Observer
 from dml_cluster.metrics.loggers import check_loggers
@@ -31,7 +32,7 @@ def run_local(cfg: Config, observers: Sequence[Observer] = ()) -> dict[str, Any]
     with claim_run_folder(cfg.run.dir, {i: cfg.peers[i].name for i in hosted}):
         data = prepare_data(cfg)  # bad data, a bad model: before anything is written
         placement = Placement(hosted, device, reporter=True, devices=devices)
-        trainer = CohortTrainer(cfg, LocalBus(cfg.bus.encoding), placement, data=data)
+        trainer = CohortTrainer(cfg, LocalBus(bus_encoding(cfg)), placement, data=data)
         with metrics_observers(cfg, hosted, run_id(cfg).hex()) as metrics:
             trainer.observe([*observers, *metrics])
             return trainer.run()

@@ -12,10 +12,16 @@ import torch
 import torch.distributed as dist
 
 from dml_cluster.bus import Bus
+from dml_cluster.bus.encoding import Encoding
 from dml_cluster.config import Config
 
 TRANSPORTS = ("zmq", "torch")
 """The transports that cross processes (`make_bus`)."""
+
+
+def bus_encoding(cfg: Config) -> Encoding:
+    """bus.encoding with its settings, as every bus applies it (the one-process one too)."""
+    return Encoding(cfg.bus.encoding, cfg.bus.k, cfg.bus.sparse_dtype)
 
 
 def make_bus(cfg: Config, rank: int, world: int, wire_id: bytes, device: torch.device) -> Bus:
@@ -47,7 +53,7 @@ def _zmq_bus(cfg: Config, rank: int, world: int, wire_id: bytes) -> Bus:
         rank=rank, world=world, names=names, run_id=wire_id,
         config_hash=cfg.hash(), store=dist.distributed_c10d._get_default_store(),
         address=address, timeout_s=cfg.bus.timeout_s,
-        startup_timeout_s=cfg.bus.startup_timeout_s, encoding=cfg.bus.encoding,
+        startup_timeout_s=cfg.bus.startup_timeout_s, encoding=bus_encoding(cfg),
         ipc=cfg.bus.ipc, port=port, curve=curve, window=cfg.bus.window,
     )  # fmt: skip
     print(f"dml-cluster: {names[rank]} (rank {rank}) bus inbox {bus.endpoint}", file=sys.stderr)
@@ -78,7 +84,7 @@ def _torch_bus(cfg: Config, rank: int, world: int, wire_id: bytes, device: torch
 
     names = [p.name for p in cfg.peers]
     return TorchBus(
-        rank=rank, world=world, names=names, device=device, encoding=cfg.bus.encoding,
+        rank=rank, world=world, names=names, device=device, encoding=bus_encoding(cfg),
         timeout_s=cfg.bus.timeout_s, store=dist.distributed_c10d._get_default_store(),
         prefix=f"dml-lost/{wire_id.hex()}",
     )  # fmt: skip

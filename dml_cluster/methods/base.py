@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from dml_cluster.bus.sparse import TopK
 from dml_cluster.method_config.base import MethodSettings
 from dml_cluster.schema import PeerConfig
 
@@ -59,17 +60,38 @@ class Predictions:
     A row is a sample (a token position, for sequence models). `encoding` says how the values
     are held: "dense" is every class's log-probability at T = 1, [rows, classes], detached (what
     the bus carries today); sparse encodings (top-k indices + values, sampled ids + counts) are
-    further values of `encoding` with their own fields. `mask` ([rows], bool) marks the rows
-    that carry a prediction (None: every row). Read them through `log_probs()`, which refuses
-    what a dense-reading method cannot use rather than reading it wrongly.
+    further values of `encoding` with their own fields: "topk" holds `TopK` rows (bus/sparse.py:
+    each row's k most likely classes, the rest of the mass spread evenly), read through
+    `top_k()` by the methods that learn from a sparse support (losses_sparse.py). `mask`
+    ([rows], bool) marks the rows that carry a prediction (None: every row). Read them through
+    `log_probs()`, which refuses what a dense-reading method cannot use rather than reading it
+    wrongly.
     """
 
-    values: Tensor
+    values: Tensor | TopK
     mask: Tensor | None = None
-    encoding: Literal["dense"] = "dense"
+    encoding: Literal["dense", "topk"] = "dense"
+
+    @classmethod
+    def of(cls, received: Tensor | TopK) -> Predictions:
+        """What the bus delivered, as predictions of its encoding."""
+        if isinstance(received, TopK):
+            return cls(received, encoding="topk")
+        return cls(received)
+
+    def top_k(self) -> TopK:
+        """The top-k rows (encoding "topk"), every row predicted."""
+        if self.encoding != "topk" or self.mask is not None:
+            raise ValueError("these predictions are not top-k rows covering every row")
+        return self.values
 
     def log_probs(self) -> Tensor:
         """The dense [rows, classes] log-probabilities, every row predicted."""
+        if self.encoding != "dense":
+            raise ValueError(
+                f"these predictions are {self.encoding} rows (bus.encoding); this method reads "
+                "every class's probability"
+            )
         if self.mask is not None:
             raise ValueError(
                 "these predictions cover only the rows of their mask; this method reads every "
@@ -81,6 +103,14 @@ class Predictions:
 def dense(predictions: Sequence[Predictions]) -> list[Tensor]:
     """The dense log-probabilities of each of `predictions` (`Predictions.log_probs`)."""
     return [p.log_probs() for p in predictions]
+
+
+def sparse(predictions: Sequence[Predictions]) -> list[TopK] | None:
+    """The top-k rows of each of `predictions` when they are top-k (a cohort's predictions share
+    one encoding), else None."""
+    if not predictions or predictions[0].encoding != "topk":
+        return None
+    return [p.top_k() for p in predictions]
 
 
 @dataclass(frozen=True)

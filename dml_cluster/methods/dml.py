@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-from dml_cluster import losses
+from dml_cluster import losses, losses_sparse
 from dml_cluster.method_config.dml import DMLConfig
-from dml_cluster.methods.base import LossParts, Method, StepView, dense
+from dml_cluster.methods.base import LossParts, Method, StepView, dense, sparse
 
 Mimicry = Callable[..., Tensor]  # (logits, peers, temperature, rows=None): losses.mutual_kl's
 
@@ -38,6 +38,9 @@ class MutualLearning(Method):
     """L_k = CE(y, p_k) + weight * 1/(K-1) sum_{l != k} KL(p_l || p_k)."""
 
     divergence = staticmethod(losses.mutual_kl)
+    sparse_divergence: Mimicry | None = staticmethod(losses_sparse.mutual_kl)
+    """The mimicry towards top-k peers (None: this method reads every class; refused at config
+    time, config.check_encoding)."""
 
     def __init__(self, cfg: DMLConfig) -> None:
         super().__init__(cfg)
@@ -48,10 +51,14 @@ class MutualLearning(Method):
         ce = losses.cross_entropy(logits, target)
         mimicry = None
         if self.weight != 0.0:
-            mimicry = mutual_term(
-                self.divergence, logits, target, dense(view.peers), self.temperature,
-                self.unlabelled_mimicry,
+            top_k = sparse(view.peers)
+            divergence, peers = (
+                (self.divergence, dense(view.peers)) if top_k is None
+                else (self.sparse_divergence, top_k)
             )  # fmt: skip
+            mimicry = mutual_term(
+                divergence, logits, target, peers, self.temperature, self.unlabelled_mimicry
+            )
         if mimicry is None:
             return LossParts(ce, ce, ce.detach() * 0.0)
         return LossParts(ce + self.weight * mimicry, ce, mimicry)
@@ -61,6 +68,7 @@ class SymmetricMutualLearning(MutualLearning):
     """DML with the Jensen-Shannon divergence in place of KL."""
 
     divergence = staticmethod(losses.mutual_js)
+    sparse_divergence = None
 
 
 class EnsembleTeacher(MutualLearning):
@@ -71,6 +79,9 @@ class EnsembleTeacher(MutualLearning):
     def __init__(self, cfg: DMLConfig) -> None:
         super().__init__(cfg)
         self.divergence = functools.partial(losses.ensemble_kl, ensemble=cfg.ensemble)
+        # the probability ensemble of top-k peers stays sparse (losses_sparse.ensemble); the
+        # logit ensemble needs every class (refused at config time)
+        self.sparse_divergence = losses_sparse.ensemble_kl if cfg.ensemble == "probs" else None
 
 
 class Independent(MutualLearning):

@@ -13,15 +13,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dml_cluster import losses
+from dml_cluster import losses, losses_sparse
+from dml_cluster.bus.sparse import TopK
 from dml_cluster.method_config.kd import KDConfig
-from dml_cluster.methods.base import LossParts, Method, StepView, dense
+from dml_cluster.methods.base import LossParts, Method, StepView, dense, sparse
 from dml_cluster.methods.dml import mutual_term
 
 
-def distill_from(logits: Tensor, teachers: list[Tensor], temperature: float) -> Tensor:
-    """Mean over teachers of the KD loss."""
-    return torch.stack([losses.kd_loss(logits, t, temperature) for t in teachers]).mean()
+def distill_from(logits: Tensor, teachers: list[Tensor | TopK], temperature: float) -> Tensor:
+    """Mean over teachers of the KD loss (on the sent support for top-k teachers)."""
+    return torch.stack([
+        losses_sparse.kd_loss(logits, t, temperature) if isinstance(t, TopK)
+        else losses.kd_loss(logits, t, temperature)
+        for t in teachers
+    ]).mean()  # fmt: skip
 
 
 def with_peers(
@@ -30,7 +35,11 @@ def with_peers(
     """Add DML towards fellow students (T = 1, every sample) when `weight` > 0."""
     if weight == 0.0:
         return total
-    term = mutual_term(losses.mutual_kl, logits, target, dense(view.peers), 1.0, True)
+    top_k = sparse(view.peers)
+    if top_k is None:
+        term = mutual_term(losses.mutual_kl, logits, target, dense(view.peers), 1.0, True)
+    else:
+        term = mutual_term(losses_sparse.mutual_kl, logits, target, top_k, 1.0, True)
     return total if term is None else total + weight * term
 
 
@@ -42,6 +51,6 @@ class KnowledgeDistillation(Method):
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
         ce = losses.cross_entropy(logits, target)
-        kd = distill_from(logits, dense(view.teachers), self.temperature)
+        kd = distill_from(logits, sparse(view.teachers) or dense(view.teachers), self.temperature)
         total = with_peers((1 - self.a) * ce + self.a * kd, logits, target, view, self.peer_weight)
         return LossParts(total, ce, kd)
