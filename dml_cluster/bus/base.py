@@ -63,7 +63,8 @@ class Bus(ABC):
     patience_s: float | None = None
     """While set: how long the next exchanges may wait for a peer, in place of the steady-state
     `bus.timeout_s` (the trainer sets `bus.startup_timeout_s` for the first steps of a run and
-    around evaluations and checkpoints, when a peer may be compiling, evaluating or saving)."""
+    around evaluations, when a peer may be compiling or evaluating; a checkpoint's agreement
+    waits on the control channel, whose timeout is `bus.startup_timeout_s` too)."""
 
     def set_patience(self, seconds: float | None) -> None:
         """Wait up to `seconds` for peers from now on; None: the steady-state timeout again."""
