@@ -17,6 +17,7 @@ sequential update's rounds, adds up), then `stop()`, which hands back the step's
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 
 import torch
@@ -25,7 +26,7 @@ FORWARD, EXCHANGE, UPDATE = "forward", "exchange", "update"
 PHASES = (FORWARD, EXCHANGE, UPDATE)
 
 
-class StepTimes:
+class StepTimes(ABC):
     """One step's times in seconds: `step` (start to stop) and each phase of `PHASES`;
     `wait_seconds` is the part of the exchange the bus spent waiting for other peers (host
     clock, from the bus's counters)."""
@@ -41,8 +42,9 @@ class StepTimes:
             self._read = self._measure()
         return self._read
 
+    @abstractmethod
     def _measure(self) -> tuple[float, dict[str, float]]:
-        raise NotImplementedError
+        """The step's and its phases' seconds (the subclass's clock)."""
 
     @property
     def step_seconds(self) -> float:
