@@ -68,7 +68,10 @@ class KnownTimes(StepTimes):
 
     def __init__(self, step: float, phases: dict[str, float], wait_seconds: float) -> None:
         super().__init__(wait_seconds)
-        self._read = (step, phases)
+        self._known = (step, phases)
+
+    def _measure(self) -> tuple[float, dict[str, float]]:
+        return self._known
 
 
 class HostTimer:
