@@ -81,6 +81,7 @@ def test_cross_entropy_reads_nothing_on_the_host_and_keeps_its_values() -> None:
         none = losses.cross_entropy(logits, torch.full((8,), -1))
     assert mode.reads == []
     keep = target != -1
+    # tolerance: a masked sum / count vs torch's mean over selected rows (summation order)
     assert torch.allclose(ce, F.cross_entropy(logits[keep], target[keep]), atol=1e-6)
     assert none.item() == 0.0
     none.backward()
@@ -153,6 +154,7 @@ def test_a_step_that_reports_nothing_reads_nothing_on_the_host(tmp_path: Path) -
         assert bool(reads) == (step in reporting), (step, reads)
     for record in read_jsonl(cfg.run.dir / "peers" / "mlp-0.jsonl"):
         phases = [record[f"{p}_seconds"] for p in ("forward", "exchange", "update")]
+        # tolerance: phases summed from float seconds vs the step's own difference (rounding)
         assert min(phases) >= 0 and abs(sum(phases) - record["step_seconds"]) < 1e-6
     assert [r["step"] for r in read_jsonl(cfg.run.dir / "peers" / "mlp-0.jsonl")] == [0, 4]
 
@@ -168,6 +170,7 @@ def test_the_running_cross_entropy_sums_steps_put_aside() -> None:
     assert len(running.kept) == 3
     for i, mean in running.means().items():
         log_p, y = torch.cat([s[0][i] for s in steps]), torch.cat([s[1] for s in steps])
+        # tolerance: a running sum of per-step means vs one mean (summation order)
         assert abs(mean - F.nll_loss(log_p, y, ignore_index=-1).item()) < 1e-6
 
 
@@ -222,6 +225,7 @@ def test_host_timer_adds_a_phase_marked_twice() -> None:
     times = timer.stop()
     assert times.forward_seconds >= 0.004 and times.exchange_seconds >= 0.002
     phases = times.forward_seconds + times.exchange_seconds + times.update_seconds
+    # tolerance: phases summed from float seconds vs the step's own difference (rounding)
     assert abs(phases - times.step_seconds) < 1e-9
 
 

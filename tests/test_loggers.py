@@ -80,6 +80,7 @@ def assert_holds(got: dict[str, dict[int, float]], want: dict[str, dict[int, flo
         assert tag in got, f"{tag} missing (have {sorted(got)})"
         assert sorted(got[tag]) == sorted(points), (tag, sorted(got[tag]), sorted(points))
         for step, value in points.items():
+            # tolerance: loggers store float32 scalars; the JSONL holds float64
             assert got[tag][step] == pytest.approx(value, rel=rel, abs=1e-7), (tag, step)
     assert set(got["train/samples_per_s"]) == set(want["train/loss"])
     assert all(v > 0 for v in got["train/samples_per_s"].values())
@@ -214,6 +215,7 @@ def test_a_resumed_run_continues_the_same_logger_runs(logged: Any) -> None:
     for peer in PEERS:
         scalars = tensorboard_scalars(cfg.run.dir / "tb" / peer)["train/loss"]
         old = {s: r["loss"] for s, r in train[peer].items() if s < 20}
+        # tolerance: TensorBoard's event files store float32
         assert scalars == pytest.approx({**old, 20: 9.0})
         _, history = wandb_run(cfg.run.dir, peer, cohort)
         assert history["train/loss"][20] == 9.0
