@@ -148,7 +148,7 @@ def interleaved_worker(
                 waited = time.perf_counter() - t0
                 result = trainer.train_step(x, y, steps[c], fp)
                 seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-                exchange = waited if c == BARRIER else result.exchange_seconds
+                exchange = waited if c == BARRIER else result.times.exchange_seconds
                 if block > 0:
                     records.append((c, block, rank, seconds, exchange, cpu))
                 steps[c] += 1

@@ -60,15 +60,6 @@ class StepResult:
     log_ps: dict[int, Tensor]
     times: StepTimes  # the step's and its phases' (read on reporting steps: a device's wait)
 
-    @property
-    def exchange_seconds(self) -> float:
-        return self.times.exchange_seconds
-
-    @property
-    def wait_seconds(self) -> float:
-        """The part of exchange_seconds spent waiting for other peers."""
-        return self.times.wait_seconds
-
 
 @dataclass(frozen=True)
 class Placement:
