@@ -37,9 +37,20 @@ def to_tensor(image: Image.Image) -> Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
+class UnreadableImage(DataError):
+    """An image file Pillow cannot read: the file, why, and the one line naming both."""
+
+    def __init__(self, path: str | Path, why: str) -> None:
+        super().__init__(f"{path}: cannot read the image ({why}); replace or remove the file")
+        self.path, self.why = path, why
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable from a loader worker
+        return (type(self), (self.path, self.why))
+
+
 class DecodeImage:
     """The loader of an image file: RGB, fitted to `size`, as uint8 [3, H, W]; a file Pillow
-    cannot read is one `DataError` line naming it."""
+    cannot read is one `UnreadableImage` line naming it."""
 
     def __init__(self, size: int | None) -> None:
         self.size = size
@@ -51,9 +62,7 @@ class DecodeImage:
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             said = str(err) if str(path) not in str(err) else ""  # Pillow often repeats the path
             why = f"{type(err).__name__}: {said}" if said else type(err).__name__
-            raise DataError(
-                f"{path}: cannot read the image ({why}); replace or remove the file"
-            ) from None
+            raise UnreadableImage(path, why) from None
         return to_tensor(fit(rgb, self.size))
 
 

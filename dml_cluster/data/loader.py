@@ -9,7 +9,9 @@ non-blocking on CUDA), float32 + normalisation, and the seeded augmentation (aug
 random draws depend on (seed, epoch, step) only, never on which worker read what.
 
 A sample that cannot be read does not kill a worker with a traceback: the worker hands back a
-`LoadFailure` naming it, and the peer stops with one line (`DataError`, exit 2).
+`LoadFailure` naming it, and the peer stops with one line (`DataError`, exit 2). A reader made
+with `every_item` reads the rest of the batch too and names every sample that failed (the passes
+before training that look for all of them: data/scan.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.dataset import Dataset, Normalisation
+from dml_cluster.data.images import UnreadableImage
 from dml_cluster.data.sampler import batch_indices, epoch_order
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import DataError, typed_first_line
@@ -42,10 +45,27 @@ class Batch(NamedTuple):
     y: Tensor
 
 
-class LoadFailure(NamedTuple):
-    """A batch that could not be read: the one line to stop with."""
+class Failure(NamedTuple):
+    """One sample that could not be read: its split, where it is (its file, or its index), why,
+    and the one line that says all of it."""
 
-    message: str
+    split: str
+    where: str
+    why: str
+    line: str
+    image: bool  # an image file that does not decode (not a user's dataset raising)
+
+
+class LoadFailure(NamedTuple):
+    """A batch that could not be read: the samples that failed (the first alone, unless the
+    reader reads `every_item`)."""
+
+    failures: tuple[Failure, ...]
+
+    @property
+    def message(self) -> str:
+        """The one line to stop with: the first failure's."""
+        return self.failures[0].line
 
 
 class StepSampler(Sampler[list[int]]):
@@ -91,11 +111,14 @@ def _describe(split: Any, index: int, name: str) -> str:
 class BatchReader(TorchDataset):
     """Reads a whole batch per call (DataLoader's `__getitems__`), in a worker or in the peer.
 
-    A split with `gather` (in memory) is read with one index operation, any other item by item.
+    A split with `gather` (in memory) is read with one index operation, any other item by item;
+    the first item that fails ends the batch, or with `every_item` every item is tried and every
+    failure named.
     """
 
-    def __init__(self, split: Any, name: str, dataset: str) -> None:
+    def __init__(self, split: Any, name: str, dataset: str, every_item: bool = False) -> None:
         self.split, self.name, self.dataset = split, name, dataset
+        self.every_item = every_item
 
     def __len__(self) -> int:
         return len(self.split)
@@ -108,23 +131,33 @@ class BatchReader(TorchDataset):
         if gather is not None:
             x, y = gather(indices)
             return Batch(torch.as_tensor(indices, dtype=torch.int64), x, y)
-        images, labels = [], []
+        images, labels, failed = [], [], []
         for i in indices:
+            image, label = None, None
             try:
                 image, label = self.split[i]
+            except UnreadableImage as err:
+                failed.append(Failure(self.name, str(err.path), err.why, str(err), True))
             except DataError as err:
-                return LoadFailure(str(err))
-            except Exception as err:  # a user's dataset may raise anything: name the sample
-                return LoadFailure(
-                    f"{self.dataset}: cannot read {_describe(self.split, i, self.name)}: "
-                    f"{typed_first_line(err)}"
-                )
-            problem = _item_problem(image, label, images[0] if images else None)
-            if problem:
                 where = _describe(self.split, i, self.name)
-                return LoadFailure(f"{self.dataset}: {where}: {problem}")
-            images.append(image)
-            labels.append(int(label))
+                failed.append(Failure(self.name, where, str(err), str(err), False))
+            except Exception as err:  # a user's dataset may raise anything: name the sample
+                where, why = _describe(self.split, i, self.name), typed_first_line(err)
+                line = f"{self.dataset}: cannot read {where}: {why}"
+                failed.append(Failure(self.name, where, why, line, False))
+            else:
+                problem = _item_problem(image, label, images[0] if images else None)
+                if problem:
+                    where = _describe(self.split, i, self.name)
+                    line = f"{self.dataset}: {where}: {problem}"
+                    failed.append(Failure(self.name, where, problem, line, False))
+                else:
+                    images.append(image)
+                    labels.append(int(label))
+            if failed and not self.every_item:
+                break
+        if failed:
+            return LoadFailure(tuple(failed))
         return Batch(
             torch.as_tensor(indices, dtype=torch.int64),
             torch.stack(images),

@@ -12,7 +12,8 @@ from torch import Tensor
 from dml_cluster.config import Config
 from dml_cluster.data import load_dataset, loader_options
 from dml_cluster.data.dataset import Dataset, Normalisation, take, targets
-from dml_cluster.data.loader import default_workers
+from dml_cluster.data.loader import Failure, default_workers
+from dml_cluster.data.scan import UnreadableSamples, unreadable_in
 from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
 from dml_cluster.data.stats import DATA_FILE, resolve_normalisation
 
@@ -31,9 +32,10 @@ class RunData:
 
 def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
     """Load and check the run's data; the launchers call it before the metrics endpoint or the
-    trainer writes into the run folder, so bad data (a folder, a factory, an unreadable image in
-    the statistics pass) is one `DataError` line and the folder is left as it was. `run_dir`:
-    where the run's recorded statistics are (default: the config's run folder)."""
+    trainer writes into the run folder, so bad data (a folder, a factory, unreadable samples in
+    the statistics pass or the evaluation split: data/scan.py) is one `DataError` line and the
+    folder is left as it was. `run_dir`: where the run's recorded statistics are (default: the
+    config's run folder)."""
     data = load_dataset(cfg.data.name, cfg.data.root, **loader_options(cfg.data))
     train, labels = data.train, None
     if cfg.data.train_subset is not None:
@@ -44,5 +46,14 @@ def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
         labels = mask_labels(train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed))
     data = dataclasses.replace(data, train=train)
     workers = default_workers(data) if cfg.data.workers is None else cfg.data.workers
-    stats = resolve_normalisation(data, (run_dir or cfg.run.dir) / DATA_FILE, workers)
+    failures: list[Failure] = []
+    try:
+        stats = resolve_normalisation(data, (run_dir or cfg.run.dir) / DATA_FILE, workers)
+    except UnreadableSamples as err:  # the train split's: the evaluation split's join them
+        failures.extend(err.failures)
+    if not data.in_memory:  # decoded as read: every evaluation reads it whole, so now once
+        split = str(data.source.get("test", "test"))  # an image folder's val/ or test/
+        failures.extend(unreadable_in(data.test, split, data.name, workers))
+    if failures:
+        raise UnreadableSamples(data.name, failures)
     return RunData(data, stats, labels, workers)

@@ -10,13 +10,11 @@ from typing import Any
 import torch
 
 from dml_cluster.data.dataset import Dataset, Normalisation
-from dml_cluster.data.loader import BatchReader, InOrder, read_batches
+from dml_cluster.data.scan import SplitPass, UnreadableSamples
 from dml_cluster.run_folder import write_json_atomic
 
 DATA_FILE = "data.json"
 """The run folder's record of the data a run trains on (written by the reporting process)."""
-
-STATS_BATCH = 256
 
 
 def data_record(dataset: Dataset, normalisation: Normalisation) -> dict[str, Any]:
@@ -53,17 +51,20 @@ def _recorded(path: Path, dataset: Dataset) -> Normalisation | None:
 
 
 def compute_normalisation(dataset: Dataset, workers: int) -> Normalisation:
-    """Per-channel mean and std of the train split, in one ordered pass (float64 sums)."""
-    reader = BatchReader(dataset.train, "train", dataset.name)
+    """Per-channel mean and std of the train split, in one ordered pass (float64 sums). A pass
+    that met unreadable samples reads on to the end and raises `UnreadableSamples` naming them."""
+    reading = SplitPass(dataset.train, "train", dataset.name, workers)
     channels = dataset.input_shape[0]
     total = torch.zeros(channels, dtype=torch.float64)
     squares = torch.zeros(channels, dtype=torch.float64)
     count = 0
-    for batch in read_batches(reader, InOrder(len(reader), STATS_BATCH), workers):
+    for batch in reading:
         x = batch.x.to(torch.float64)
         total += x.sum(dim=(0, 2, 3))
         squares += x.square().sum(dim=(0, 2, 3))
         count += x.shape[0] * x.shape[2] * x.shape[3]
+    if reading.failures:
+        raise UnreadableSamples(dataset.name, reading.failures)
     mean = total / max(count, 1)
     std = (squares / max(count, 1) - mean.square()).clamp(min=0).sqrt()
     std = torch.where(std > 0, std, torch.ones_like(std))
