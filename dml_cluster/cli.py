@@ -95,12 +95,15 @@ def _check_nproc(nproc: int | None, size: int, max_restarts: int) -> None:
               help="Where to write the report (default: RUN_DIR/report).")  # fmt: skip
 def report(run_dir: str, out_dir: str | None) -> None:
     """Plots and a Markdown summary of the run in RUN_DIR (from its JSONL logs)."""
-    from dml_cluster.report import write_report
+    from dml_cluster.report import load_run, write_report
 
-    files = write_report(run_dir, out_dir)
+    logs = load_run(run_dir)
+    files = write_report(run_dir, out_dir, logs)
     click.echo(f"report: {files[0]}")
     for path in files[1:]:
         click.echo(f"  {path}")
+    for warning in logs.warnings:  # e.g. a peer that looks trained and is not
+        click.echo(warning["message"])
 
 
 @cli.command()

@@ -37,10 +37,12 @@ def load_run(run_dir: str | Path) -> RunLogs:
             f"report: {run_dir}: not a run folder (no cohort.jsonl, no peers/*.jsonl logs)"
         )
     evals = [r for r in _records(cohort) if r.get("event") == "eval"] if cohort.exists() else []
+    records = {p.stem: _records(p) for p in peer_files}
     train = {
-        p.stem: [train_record(r) for r in _records(p) if r.get("event") == "train"]
-        for p in peer_files
+        name: [train_record(r) for r in rs if r.get("event") == "train"]
+        for name, rs in records.items()
     }
+    warnings = [r for rs in records.values() for r in rs if r.get("event") == "warning"]
     summary = None
     if (run_dir / "summary.json").exists():
         try:
@@ -48,7 +50,7 @@ def load_run(run_dir: str | Path) -> RunLogs:
         except json.JSONDecodeError:
             raise DmlError(f"report: {run_dir / 'summary.json'}: not valid JSON") from None
     peers = list(evals[-1]["peers"]) if evals else sorted(train)
-    return RunLogs(run_dir, evals, train, summary, peers)
+    return RunLogs(run_dir, evals, train, summary, peers, warnings)
 
 
 def _pct(x: float | None) -> str:
@@ -80,6 +82,10 @@ def summary_markdown(logs: RunLogs, images: dict[str, str]) -> str:
     if logs.summary is None:
         out.append("- **status**: no summary.json: the run is unfinished or was stopped")
     out.append("")
+    if logs.warnings:
+        out += ["## Warnings", ""]
+        out += [f"- step {w.get('step', '?')}: {w['message']}" for w in logs.warnings]
+        out.append("")
 
     if last is not None:
         out += ["## Test accuracy", ""]
@@ -147,9 +153,12 @@ def _image(images: dict[str, str], key: str, title: str) -> list[str]:
     return [f"![{title}]({images[key]})", ""] if key in images else []
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write the plots and report.md; returns the files written, report.md first."""
-    logs = load_run(run_dir)
+def write_report(
+    run_dir: str | Path, out_dir: str | Path | None = None, logs: RunLogs | None = None
+) -> list[Path]:
+    """Write the plots and report.md; returns the files written, report.md first. `logs`: the
+    run's, if already read (`load_run`)."""
+    logs = logs if logs is not None else load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else logs.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     images = {}

@@ -165,6 +165,7 @@ class RunLogs:
     train: dict[str, list[dict[str, Any]]]  # training records by peer name
     summary: dict[str, Any] | None = None
     peers: list[str] = field(default_factory=list)
+    warnings: list[dict[str, Any]] = field(default_factory=list)  # the logs' warning records
 
     @property
     def name(self) -> str:

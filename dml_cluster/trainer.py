@@ -35,6 +35,7 @@ from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.method_inputs import Given, MethodInputs
 from dml_cluster.methods import LossParts, Predictions, Progress, StepView, build_method
+from dml_cluster.metrics.chance import ChanceWatch
 from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_step_event
 from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, RunPlan
 from dml_cluster.metrics.run_log import RunLog
@@ -146,6 +147,12 @@ class CohortTrainer:
             devices,
         )  # fmt: skip
         self.observers.insert(0, run_log)
+        # a peer good on its training batches and at chance in evaluation: one warning line
+        models = {i: p.model for i, p in self.peers.items()}
+        watch = ChanceWatch(
+            self.names, models, self.peer_logs, classes, self.batches.num_test, cfg.run.log_every
+        )
+        self.observers.insert(1, watch)
         self.clock = RunClock(self.run_dir / CLOCK_FILE if placement.reporter else None)
         if placement.reporter and cfg.run.progress_every_s > 0:
             max_steps = cfg.train.max_steps or cfg.train.epochs * self.per_epoch
