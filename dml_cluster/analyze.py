@@ -5,12 +5,16 @@ rise of the training loss when Gaussian noise of std sigma is added to every wei
 `dml-cluster analyze RUN_DIR...` reads each run folder's final weights and its resolved config
 (RUN_DIR/config.yaml, or the config given with --config and --set), writes RUN_DIR/analysis.json,
 and draws the runs side by side (independent vs DML) in one figure.
+
+Not every result can be read as flatness: each student's result carries `flags`, the reasons
+it cannot (`flatness_flags`), said by the command and left out of the figure.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,6 +31,7 @@ from dml_cluster.config import Config, apply_overrides, parse_config
 from dml_cluster.data.dataset import Dataset
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import ConfigError
+from dml_cluster.metrics.chance import batchnorm_facts, chance, chance_bound, likely_cause
 from dml_cluster.precision import to_layout, to_model_layout
 from dml_cluster.run_folder import CONFIG_FILE
 
@@ -104,6 +109,45 @@ def analyze_model(
     }
 
 
+def flatness_flags(
+    result: dict[str, Any], model: nn.Module, num_classes: int, samples: int, draws: int
+) -> list[str]:
+    """Why `analyze_model`'s `result` for `model` (on `samples` training samples of
+    `num_classes` classes, `draws` draws per sigma) cannot be read as flatness, one line per
+    reason; none when it can. The loss rise measures how flat a minimum is only where the
+    model, as evaluated, sits in one:
+    - its accuracy on its own training set is no better than chance (`metrics.chance`: 1/C plus
+      three standard errors), e.g. BatchNorm's running statistics never caught up;
+    - its training loss exceeds ln C, that of a uniform guess: confidently wrong, not a minimum;
+    - noise lowers the loss: a mean rise below zero by more than two standard errors of the
+      mean over the draws (any negative mean with one draw).
+    """
+    flags = []
+    accuracy, loss = result["train_accuracy"], result["train_loss"]
+    if accuracy <= chance_bound(num_classes, samples):
+        flags.append(
+            f"in evaluation mode its accuracy on its own training set, {100 * accuracy:.2f}%, "
+            f"is no better than chance (1/{num_classes}, {100 * chance(num_classes):.1f}%): "
+            f"{likely_cause(batchnorm_facts(model))}"
+        )
+    if loss > math.log(num_classes):
+        flags.append(
+            f"its training loss {loss:.4g} exceeds ln {num_classes} = "
+            f"{math.log(num_classes):.3f}, a uniform guess's: it is not at a minimum"
+        )
+    falling = [
+        sigma
+        for sigma, rise in result["flatness"].items()
+        if rise < 0 and -rise > 2 * result["flatness_std"][sigma] / math.sqrt(draws)
+    ]
+    if falling:
+        flags.append(
+            f"noise of σ = {', '.join(falling)} lowers its training loss (a negative rise): "
+            "it is not at a minimum"
+        )
+    return flags
+
+
 # -- a run folder ------------------------------------------------------------------------------
 
 
@@ -167,7 +211,9 @@ def analyze_run(
         model = build_model(peer.model, data.input_shape, data.num_classes, **peer.args)
         model.load_state_dict(read_weights(weights))
         to_model_layout(model, cfg.run.channels_last)  # as the run computed it (up to rounding)
-        result["peers"][peer.name] = analyze_model(model, batches, sigmas, draws, seed=k)
+        found = analyze_model(model, batches, sigmas, draws, seed=k)
+        found["flags"] = flatness_flags(found, model, data.num_classes, len(data.train), draws)
+        result["peers"][peer.name] = found
     (run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
     return result
 
@@ -179,9 +225,12 @@ def flatness_plot(
     groups: dict[str, list[dict[str, Any]]], sigmas: Sequence[float], path: Path
 ) -> Path:
     """Left: training-loss rise against sigma (mean ± std over the peers of each group); right:
-    mean posterior entropy on the training set. One group per line (e.g. independent, DML)."""
+    mean posterior entropy on the training set. One group per line (e.g. independent, DML);
+    peers whose results carry `flags` are left out (a group of only such peers too)."""
     fig = Figure(figsize=(10, 3.8))
     rise_ax, ent_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    readable = {k: [p for p in ps if not p.get("flags")] for k, ps in groups.items()}
+    groups = {k: ps for k, ps in readable.items() if ps}
     for i, (label, peers) in enumerate(groups.items()):
         means = [statistics.mean(p["flatness"][f"{s:g}"] for p in peers) for s in sigmas]
         stds = [
@@ -195,7 +244,8 @@ def flatness_plot(
     rise_ax.set_xlabel("σ of the Gaussian noise on every weight")
     rise_ax.set_ylabel("training loss rise (nats)")
     rise_ax.set_title("Flatness: loss rise under weight noise (lower: flatter)")
-    rise_ax.legend()
+    if groups:
+        rise_ax.legend()
     ent_ax.set_xticks(range(len(groups)), list(groups), rotation=15)
     ent_ax.set_ylabel("nats")
     ent_ax.set_title("Mean posterior entropy, training set")
@@ -206,15 +256,27 @@ def flatness_plot(
 
 
 def summary_table(results: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table: one row per analyzed student."""
+    """A Markdown table: one row per analyzed student (⚠: not readable as flatness, see
+    `flag_lines`)."""
     sigmas = results[0]["sigmas"] if results else []
     head = ["run", "peer", "train acc. %", "train loss", "train entropy"]
     head += [f"rise σ={s:g}" for s in sigmas]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for result in results:
         for name, p in result["peers"].items():
-            cells = [Path(result["run"]).name, name, f"{100 * p['train_accuracy']:.2f}",
+            marked = f"{name} ⚠" if p.get("flags") else name  # not readable as flatness
+            cells = [Path(result["run"]).name, marked, f"{100 * p['train_accuracy']:.2f}",
                      f"{p['train_loss']:.4f}", f"{p['train_entropy']:.4f}"]  # fmt: skip
             cells += [f"{p['flatness'][f'{s:g}']:.4f}" for s in sigmas]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def flag_lines(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One warning line per reason a student's result cannot be read as flatness."""
+    return [
+        f"warning: {Path(result['run']).name}/{name}: not readable as flatness: {flag}"
+        for result in results
+        for name, p in result["peers"].items()
+        for flag in p.get("flags", [])
+    ]

@@ -167,7 +167,7 @@ def analyze(
     flatness (training-loss rise under Gaussian weight noise); one figure for all RUN_DIRS."""
     from pathlib import Path
 
-    from dml_cluster.analyze import analyze_run, flatness_plot, summary_table
+    from dml_cluster.analyze import analyze_run, flag_lines, flatness_plot, summary_table
 
     try:
         values = [float(v) for v in sigmas.split(",")]
@@ -177,6 +177,8 @@ def analyze(
         raise ConfigError(f"--sigma {sigmas!r}: every sigma must be > 0")
     results = [analyze_run(Path(d), values, draws, config_path, list(overrides)) for d in run_dirs]
     click.echo(summary_table(results))
+    for line in flag_lines(results):  # ⚠ in the table; left out of the figure
+        click.echo(line)
     groups = {Path(r["run"]).name: list(r["peers"].values()) for r in results}
     figure = flatness_plot(groups, values, Path(plot or Path(run_dirs[0]) / "analysis.png"))
     click.echo(f"analysis: {', '.join(str(Path(d) / 'analysis.json') for d in run_dirs)}")
