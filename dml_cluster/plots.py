@@ -7,6 +7,7 @@ nothing to draw (e.g. a one-peer cohort has no divergence).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,39 +81,80 @@ def accuracy_figure(logs: RunLogs) -> Figure | None:
     return fig
 
 
-def _pairs(logs: RunLogs) -> list[tuple[str, str]]:
-    """Ordered (peer, other) pairs, in peer order."""
-    return [(a, b) for a in logs.peers for b in logs.peers if a != b]
+DIVERGENCES = (
+    ("kl", "KL(p_other ‖ p_peer) (nats)", False),
+    ("js", "JS divergence (nats)", True),
+    ("agreement", "top-1 agreement (%)", True),
+)
+"""(key, axis label, symmetric): a symmetric quantity has one value per pair of peers."""
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line of the divergence figure: its label, colour index, split, steps and values."""
+
+    label: str
+    colour: int
+    split: str  # "train" (per logged batch) or "test" (per evaluation)
+    steps: list[int]
+    values: list[float]
+
+
+def _pairs(logs: RunLogs, symmetric: bool) -> list[tuple[str, str]]:
+    """(peer, other) pairs in peer order: both orders of each pair, or one for a quantity the
+    same both ways (the other order would draw the same line on top of it)."""
+    peers = logs.peers
+    return [
+        (a, b)
+        for i, a in enumerate(peers)
+        for j, b in enumerate(peers)
+        if a != b and (i < j or not symmetric)
+    ]
+
+
+def divergence_series(logs: RunLogs) -> dict[str, list[Series]]:
+    """The divergence figure's lines by quantity: for KL each ordered pair of peers (`peer ←
+    other`: KL(p_other ‖ p_peer), which differs with the order); for JS and agreement each
+    unordered pair once (`peer ↔ other`). Training batches from the peer's log, evaluations
+    from the cohort's."""
+    out: dict[str, list[Series]] = {}
+    for key, _, symmetric in DIVERGENCES:
+        scale = 100.0 if key == "agreement" else 1.0
+        arrow = "↔" if symmetric else "←"
+        lines = []
+        for n, (peer, other) in enumerate(_pairs(logs, symmetric)):
+            rows = [r for r in logs.train.get(peer, []) if other in r.get("pairs", {})]
+            if rows:
+                values = [scale * r["pairs"][other][key] for r in rows]
+                steps = [r["step"] for r in rows]
+                lines.append(Series(f"{peer} {arrow} {other} (train)", n, "train", steps, values))
+            tests = [e for e in logs.evals if f"{peer}|{other}" in e.get("pairs", {})]
+            if tests:
+                values = [scale * e["pairs"][f"{peer}|{other}"][key] for e in tests]
+                steps = [e["step"] for e in tests]
+                lines.append(Series(f"{peer} {arrow} {other} (test)", n, "test", steps, values))
+        out[key] = lines
+    return out
 
 
 def divergence_figure(logs: RunLogs) -> Figure | None:
-    pairs = _pairs(logs)
-    if not pairs:
+    if len(logs.peers) < 2:
         return None
-    quantities = [
-        ("kl", "KL(p_other ‖ p_peer) (nats)"),
-        ("js", "JS divergence (nats)"),
-        ("agreement", "top-1 agreement (%)"),
-    ]
-    fig, axes = _figure(len(quantities), height=2.8)
-    for ax, (key, label) in zip(axes, quantities, strict=True):
-        scale = 100.0 if key == "agreement" else 1.0
-        for n, (peer, other) in enumerate(pairs):
-            colour = _colour(n)
-            rows = [r for r in logs.train.get(peer, []) if other in r.get("pairs", {})]
-            steps = [r["step"] for r in rows]
-            values = [scale * r["pairs"][other][key] for r in rows]
-            if rows:
-                _train_line(ax, steps, values, colour, f"{peer} ← {other} (train)")
-            tests = [e for e in logs.evals if f"{peer}|{other}" in e.get("pairs", {})]
-            if tests:
-                ax.plot([e["step"] for e in tests],
-                        [scale * e["pairs"][f"{peer}|{other}"][key] for e in tests],
-                        color=colour, marker="D", markersize=4, linestyle=":",
-                        label=f"{peer} ← {other} (test)")  # fmt: skip
+    fig, axes = _figure(len(DIVERGENCES), height=2.8)
+    series = divergence_series(logs)
+    for ax, (key, label, _) in zip(axes, DIVERGENCES, strict=True):
+        for line in series[key]:
+            if line.split == "train":
+                _train_line(ax, line.steps, line.values, _colour(line.colour), line.label)
+            else:
+                ax.plot(line.steps, line.values, color=_colour(line.colour), marker="D",
+                        markersize=4, linestyle=":", label=line.label)  # fmt: skip
         ax.set_ylabel(label)
-    axes[0].set_title(f"{logs.name}: how far apart the peers are (peer ← the peer it learns from)")
-    axes[0].legend(fontsize="small", ncol=2)
+        ax.legend(fontsize="small", ncol=2)
+    axes[0].set_title(
+        f"{logs.name}: how far apart the peers are\n(KL: peer ← the peer it learns from; "
+        "JS and agreement: the same both ways, one line per pair)"
+    )
     axes[-1].set_xlabel("step")
     return fig
 
