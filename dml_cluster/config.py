@@ -379,7 +379,12 @@ class MetricsConfig(Strict):
         "(the bound URL is written to <run dir>/metrics/<peer>.json). A busy default port "
         "falls back to a free one with a warning; a busy port set in the config is an error",
     )  # fmt: skip
-    address: str = Field("0.0.0.0", description="address the endpoint binds")
+    address: str = Field(
+        "0.0.0.0",
+        description="address the endpoint binds: 0.0.0.0 (every interface; what a Kubernetes "
+        "pod needs, where Prometheus scrapes the pod's IP), :: (every interface, IPv6 too "
+        "where the host allows), 127.0.0.1 (this machine only), or one interface's address",
+    )
     smoothing: float = Field(
         0.9, ge=0.0, lt=1.0,
         description="training-batch values are an exponential moving average "

@@ -21,6 +21,7 @@ RUN_OUT_DIR = "runs"  # the pods' run.out_dir, relative to WORKDIR (the workspac
 USER_ID = 10001  # the Dockerfile's user
 CONTAINER = "pytorch"  # the name the Kubeflow training operator requires
 DEFAULT_METRICS_PORT = 9400
+EVERY_INTERFACE = ("0.0.0.0", "::", "")  # metrics.address values that bind every interface
 GPU = "nvidia.com/gpu"
 
 
@@ -42,6 +43,12 @@ def metrics_port(cfg: Config) -> int | None:
         raise ConfigError(
             "config error: metrics.port: 0 (any free port) cannot be scraped in Kubernetes; "
             f"set a fixed port (e.g. --set metrics.port={DEFAULT_METRICS_PORT})"
+        )
+    if metrics.address not in EVERY_INTERFACE:
+        raise ConfigError(
+            f"config error: metrics.address: {metrics.address} cannot be scraped in Kubernetes: "
+            "Prometheus scrapes the pod's IP, given when the pod starts; bind every interface "
+            "(the default 0.0.0.0, or ::)"
         )
     return int(metrics.port)
 
