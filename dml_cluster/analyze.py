@@ -31,7 +31,13 @@ from dml_cluster.config import Config, apply_overrides, parse_config
 from dml_cluster.data.dataset import Dataset
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import ConfigError
-from dml_cluster.metrics.chance import batchnorm_facts, chance, chance_bound, likely_cause
+from dml_cluster.metrics.chance import (
+    STALE,
+    batchnorm_facts,
+    chance,
+    chance_bound,
+    stale_statistics,
+)
 from dml_cluster.precision import to_layout, to_model_layout
 from dml_cluster.run_folder import CONFIG_FILE
 
@@ -125,10 +131,13 @@ def flatness_flags(
     flags = []
     accuracy, loss = result["train_accuracy"], result["train_loss"]
     if accuracy <= chance_bound(num_classes, samples):
+        facts = batchnorm_facts(model)
+        stale = facts is not None and facts.stale_share >= STALE
+        cause = f"likely {stale_statistics(facts)}" if stale else "it has not learnt it"
         flags.append(
             f"in evaluation mode its accuracy on its own training set, {100 * accuracy:.2f}%, "
             f"is no better than chance (1/{num_classes}, {100 * chance(num_classes):.1f}%): "
-            f"{likely_cause(batchnorm_facts(model))}"
+            f"{cause}"
         )
     if loss > math.log(num_classes):
         flags.append(
@@ -256,18 +265,19 @@ def flatness_plot(
 
 
 def summary_table(results: Sequence[dict[str, Any]]) -> str:
-    """A Markdown table: one row per analyzed student (⚠: not readable as flatness, see
-    `flag_lines`)."""
+    """A Markdown table: one row per analyzed student; its last column says whether the result
+    reads as flatness (⚠ no: the reasons are `flag_lines`)."""
     sigmas = results[0]["sigmas"] if results else []
     head = ["run", "peer", "train acc. %", "train loss", "train entropy"]
     head += [f"rise σ={s:g}" for s in sigmas]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    head.append("flatness?")
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 3) + "---|"]
     for result in results:
         for name, p in result["peers"].items():
-            marked = f"{name} ⚠" if p.get("flags") else name  # not readable as flatness
-            cells = [Path(result["run"]).name, marked, f"{100 * p['train_accuracy']:.2f}",
+            cells = [Path(result["run"]).name, name, f"{100 * p['train_accuracy']:.2f}",
                      f"{p['train_loss']:.4f}", f"{p['train_entropy']:.4f}"]  # fmt: skip
             cells += [f"{p['flatness'][f'{s:g}']:.4f}" for s in sigmas]
+            cells.append("⚠ no, see below" if p.get("flags") else "yes")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

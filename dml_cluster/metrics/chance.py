@@ -97,6 +97,15 @@ def batchnorm_facts(model: nn.Module) -> BatchNormFacts | None:
     return BatchNormFacts(len(layers), tuple(momenta), updates)
 
 
+def stale_statistics(facts: BatchNormFacts) -> str:
+    """What stale BatchNorm running statistics do, and what to do about them."""
+    return (
+        f"BatchNorm's running statistics ({facts.describe()}); evaluation normalises with "
+        "them, training with each batch's own: raise the layers' momentum (torch's default: "
+        "0.1) or train longer"
+    )
+
+
 def likely_cause(facts: BatchNormFacts | None) -> str:
     """What most likely makes a model good on its training batches and at chance in evaluation."""
     if facts is None:
@@ -105,11 +114,7 @@ def likely_cause(facts: BatchNormFacts | None) -> str:
             "the splits (labels, preprocessing) or a model that memorises its training set"
         )
     if facts.stale_share >= STALE:
-        return (
-            f"likely BatchNorm's running statistics ({facts.describe()}); evaluation "
-            "normalises with them, training with each batch's own: raise the layers' "
-            "momentum (torch's default: 0.1) or train longer"
-        )
+        return f"likely {stale_statistics(facts)}"
     return (
         f"not likely BatchNorm's running statistics ({facts.describe()}); look for a "
         "difference between the splits (labels, preprocessing) or a model that memorises its "
