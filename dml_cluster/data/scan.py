@@ -51,17 +51,19 @@ def _one_line(dataset: str, failures: Sequence[Failure]) -> str:
 
 
 class SplitPass:
-    """One ordered pass over a whole split by `workers` loader processes: iterating yields the
-    batches read whole; `failures` then holds every sample that could not be read."""
+    """One ordered pass over a whole split by up to `workers` loader processes (no more than it
+    has batches; none for a single batch, which one process reads either way): iterating yields
+    the batches read whole; `failures` then holds every sample that could not be read."""
 
     def __init__(self, split: Any, name: str, dataset: str, workers: int) -> None:
         self.reader = BatchReader(split, name, dataset, every_item=True)
-        self.workers = workers
+        self.sampler = InOrder(len(self.reader), PASS_BATCH)
+        batches = len(self.sampler)
+        self.workers = min(workers, batches) if batches > 1 else 0
         self.failures: list[Failure] = []
 
     def __iter__(self) -> Iterator[Batch]:
-        sampler = InOrder(len(self.reader), PASS_BATCH)
-        for batch in make_loader(self.reader, sampler, self.workers):
+        for batch in make_loader(self.reader, self.sampler, self.workers):
             if isinstance(batch, LoadFailure):
                 self.failures.extend(batch.failures)
             else:
