@@ -230,6 +230,12 @@ def analyze_run(
 # -- the figure -------------------------------------------------------------------------------
 
 
+def readable_groups(groups: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """`groups` without the results that carry `flags` (and without groups left empty)."""
+    readable = {k: [p for p in ps if not p.get("flags")] for k, ps in groups.items()}
+    return {k: ps for k, ps in readable.items() if ps}
+
+
 def flatness_plot(
     groups: dict[str, list[dict[str, Any]]], sigmas: Sequence[float], path: Path
 ) -> Path:
@@ -238,8 +244,7 @@ def flatness_plot(
     peers whose results carry `flags` are left out (a group of only such peers too)."""
     fig = Figure(figsize=(10, 3.8))
     rise_ax, ent_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
-    readable = {k: [p for p in ps if not p.get("flags")] for k, ps in groups.items()}
-    groups = {k: ps for k, ps in readable.items() if ps}
+    groups = readable_groups(groups)
     for i, (label, peers) in enumerate(groups.items()):
         means = [statistics.mean(p["flatness"][f"{s:g}"] for p in peers) for s in sigmas]
         stds = [

@@ -17,7 +17,8 @@ import torch
 import yaml
 from torch import nn
 
-from dml_cluster.analyze import flatness_flags
+from dml_cluster import analyze, plots
+from dml_cluster.analyze import flatness_flags, readable_groups
 from dml_cluster.bus.base import BusStats
 from dml_cluster.cli import main
 from dml_cluster.metrics.batch import PeerBatchStats
@@ -110,6 +111,12 @@ def test_results_that_cannot_be_read_as_flatness_are_flagged() -> None:
     assert huge.startswith("its training loss 1.5e+06 exceeds ln 10 = 2.303")
 
 
+def test_flagged_results_are_left_out_of_the_figure() -> None:
+    flagged, fine = {"flags": ["at chance"]}, {"flags": []}
+    groups = {"dml": [flagged, fine], "broken": [flagged], "old": [{}]}
+    assert readable_groups(groups) == {"dml": [fine], "old": [{}]}
+
+
 def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str):
     """`dml-cluster ARGS` in this process: (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["dml-cluster", *args])
@@ -125,6 +132,11 @@ def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: 
 def test_a_cohort_peer_whose_batchnorm_lags_is_named_in_the_run_the_report_and_analyze(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    """The commands as they run, but drawing no figure (PNGs cost seconds here and are tested
+    in tests/test_report.py and tests/test_analyze.py): the analysis figure's groups recorded."""
+    drawn = []
+    monkeypatch.setattr(plots, "all_figures", lambda logs: {})
+    monkeypatch.setattr(analyze, "flatness_plot", lambda *args: drawn.append(args) or args[2])
     config = tmp_path / "bn.yaml"
     config.write_text(yaml.safe_dump({
         "run": {"name": "bn", "log_every": 1, "progress_every_s": 0, "out_dir": str(tmp_path)},
@@ -164,3 +176,5 @@ def test_a_cohort_peer_whose_batchnorm_lags_is_named_in_the_run_the_report_and_a
     assert rows["lag"].endswith("| ⚠ no, see below |") and rows["ok"].endswith("| yes |")
     peers = json.loads((run / "analysis.json").read_text())["peers"]
     assert peers["lag"]["flags"] and peers["ok"]["flags"] == []
+    ((groups, sigmas, _),) = drawn  # flatness_plot leaves out what readable_groups does
+    assert groups == {"bn": [peers["lag"], peers["ok"]]} and sigmas == [0.01, 0.04]
