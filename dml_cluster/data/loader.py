@@ -133,7 +133,6 @@ class BatchReader(TorchDataset):
             return Batch(torch.as_tensor(indices, dtype=torch.int64), x, y)
         images, labels, failed = [], [], []
         for i in indices:
-            image, label = None, None
             try:
                 image, label = self.split[i]
             except UnreadableImage as err:

@@ -9,7 +9,7 @@ steps, so the model reaches 100% on its training batches and sits at chance on t
 Thresholds (documented in the README, "Models that look trained and are not"):
 - chance is 1/C for C classes; an evaluation accuracy is *no better than chance* when it is at
   most 1/C + Z * sqrt((1/C)(1 - 1/C) / n) on n evaluation samples (Z = 3: a model that guesses
-  lands below that bound with probability 0.9987);
+  lands below that bound with probability about 0.9987, the normal approximation's);
 - a training accuracy is *high* when it is at least halfway from chance to perfect, (1 + 1/C) / 2,
   on the training batches the run log samples (every `run.log_every` steps), the later half of
   those since the previous evaluation (where training has got to, not where the epoch began).
