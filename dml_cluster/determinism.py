@@ -72,33 +72,9 @@ def apply_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown determinism mode {mode!r} (known: {', '.join(MODES)})")
     prepare_environment(mode)
-    set_deterministic_kernels(mode != "off", warn_only=mode == "warn")
+    torch.use_deterministic_algorithms(mode != "off", warn_only=mode == "warn")
     torch.backends.cudnn.deterministic = mode != "off"
     torch.backends.cudnn.benchmark = mode == "off"
-
-
-def set_deterministic_kernels(on: bool, warn_only: bool) -> None:
-    """What `torch.use_deterministic_algorithms` sets, without importing torch._inductor.
-
-    torch's own function imports inductor's config to set its `deterministic` flag, which costs
-    more CPU than importing torch itself (about 2 s per process on a CI core); that flag only
-    matters to torch.compile, so it is set here when inductor is already loaded and otherwise by
-    `sync_inductor` just before a model is compiled (dml_cluster.precision).
-    """
-    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if setter is None:  # a torch without the private switch: take the public path
-        torch.use_deterministic_algorithms(on, warn_only=warn_only)
-        return
-    setter(on, warn_only=warn_only)
-    if "torch._inductor.config" in sys.modules:
-        sync_inductor()
-
-
-def sync_inductor() -> None:
-    """Give torch.compile's inductor the determinism torch's kernels are set to."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.deterministic = torch.are_deterministic_algorithms_enabled()
 
 
 def current_mode() -> str:

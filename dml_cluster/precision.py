@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from dml_cluster.config import Config, RunConfig
-from dml_cluster.determinism import sync_inductor
 from dml_cluster.errors import ConfigError, first_line
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
@@ -106,7 +105,6 @@ def compile_model(model: nn.Module, setting: bool | str, device: torch.device) -
     if reason is not None:
         print(f"dml-cluster: run.compile: {reason}; running eagerly", file=sys.stderr)
         return False
-    sync_inductor()  # determinism.apply_mode left inductor unloaded
     model.compile(mode=mode)
     return True
 
