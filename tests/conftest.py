@@ -21,6 +21,14 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dml_cluster"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_cache(tmp_path_factory: pytest.TempPathFactory):
+    """One cache of made dataset splits for the session's processes (data/digits.py), not the
+    user's own."""
+    os.environ["DML_CLUSTER_CACHE"] = str(tmp_path_factory.mktemp("dataset-cache"))
+    yield
+
+
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

@@ -121,6 +121,26 @@ def test_digits_shapes_and_normalisation():
         load_dataset("digits", test_fraction=1.5)
 
 
+def test_digits_split_cache_gives_sklearns_split_and_survives_a_bad_file(tmp_path, monkeypatch):
+    from dml_cluster.data import digits
+
+    monkeypatch.setenv("DML_CLUSTER_CACHE", str(tmp_path))
+    fresh = digits.make_split(0.3, 5)
+    first = load_dataset("digits", test_fraction=0.3, split_seed=5)  # made, then kept
+    path = digits.split_cache_file(0.3, 5)
+    assert path is not None and path.parent == tmp_path
+    for made, kept in zip(fresh, digits.read_split(path), strict=True):
+        assert np.array_equal(made, kept)
+    again = load_dataset("digits", test_fraction=0.3, split_seed=5)  # read from the cache
+    assert torch.equal(as_seen(first, "train"), as_seen(again, "train"))
+    assert torch.equal(first.test.targets, again.test.targets)
+    path.write_bytes(b"not a zip")  # torn or foreign: made again, and the file replaced
+    third = load_dataset("digits", test_fraction=0.3, split_seed=5)
+    assert torch.equal(as_seen(first, "train"), as_seen(third, "train"))
+    assert digits.read_split(path) is not None
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 # --------------------------------------------------------------------------- IDX
 
 
