@@ -241,15 +241,18 @@ class BusConfig(Strict):
     """How peers in different processes exchange predictions."""
 
     transport: Literal["local", "zmq", "torch"] = "local"
-    encoding: Literal["float32", "float16", "bfloat16", "topk"] = Field(
+    encoding: Literal["float32", "float16", "bfloat16", "topk", "sampled"] = Field(
         "float32",
-        description="what travels: every class's log-probability in a float type, or topk: "
+        description="what travels: every class's log-probability in a float type; topk: "
         "each row's k most likely classes (bus.k) as (index, log-probability) pairs, the rest of "
-        "the mass spread evenly over the other classes",
+        "the mass spread evenly over the other classes; sampled: bus.samples class ids drawn "
+        "from each row at the temperature its receivers distil at, with counts (an unbiased "
+        "estimate of the distribution and of the distillation gradient)",
     )  # fmt: skip
     k: int | None = Field(None, description="topk: classes kept per row (1..C)")
+    samples: int | None = Field(None, description="sampled: ids drawn per row (n >= 1)")
     sparse_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="topk: the float type of the kept log-probabilities"
+        "bfloat16", description="topk, sampled: the float type of the sent log-probabilities"
     )
     timeout_s: float = Field(
         60.0, gt=0.0,
@@ -290,13 +293,19 @@ class BusConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _topk_settings(self) -> BusConfig:
+    def _sparse_settings(self) -> BusConfig:
         if self.encoding == "topk" and self.k is None:
             raise ValueError("encoding topk needs k (the classes kept per row)")
         if self.encoding != "topk" and self.k is not None:
             raise ValueError(f"k is a setting of encoding topk, not of {self.encoding}")
         if self.k is not None and self.k <= 0:
             raise ValueError(f"k must be at least 1, got {self.k}")
+        if self.encoding == "sampled" and self.samples is None:
+            raise ValueError("encoding sampled needs samples (the ids drawn per row)")
+        if self.encoding != "sampled" and self.samples is not None:
+            raise ValueError(f"samples is a setting of encoding sampled, not of {self.encoding}")
+        if self.samples is not None and self.samples <= 0:
+            raise ValueError(f"samples must be at least 1, got {self.samples}")
         return self
 
     @model_validator(mode="after")
@@ -449,7 +458,8 @@ class Config(Strict):
         """A short hash of what decides the trained numbers: the config minus where results go
         (run.name, run.out_dir, run.log_every), how the run is watched (run.progress_every_s,
         metrics), how it is checkpointed (checkpoint) and how peers are wired and placed (bus, all
-        but its encoding and, for topk, k and sparse_dtype; cohort.devices).
+        but its encoding and, for topk and sampled, k or samples and sparse_dtype;
+        cohort.devices).
 
         Two configs with the same hash train the same weights, bitwise: a checkpoint of one
         resumes under the other (one process <-> torchrun, zmq <-> torch), so checkpoints, the
@@ -461,6 +471,8 @@ class Config(Strict):
         d["bus"] = {"encoding": bus["encoding"]}
         if bus["encoding"] == "topk":
             d["bus"].update(k=bus["k"], sparse_dtype=bus["sparse_dtype"])
+        if bus["encoding"] == "sampled":
+            d["bus"].update(samples=bus["samples"], sparse_dtype=bus["sparse_dtype"])
         d["cohort"].pop("devices", None)  # where peers run (same hardware: the same numbers)
         for key in ("workers", "prefetch", "cache_dir"):  # how batches are read, not which
             d["data"].pop(key, None)
@@ -618,16 +630,19 @@ def check_teachers(cfg: Config) -> None:
         )
 
 
+SPARSE_ENCODINGS = ("topk", "sampled")
 SPARSE_REFUSED = {
     "dml_js": "the Jensen-Shannon divergence needs every class of both distributions",
     "dkd": "DKD's non-target part needs every class's probability",
 }
-"""Methods that cannot learn from top-k rows, and why."""
+"""Methods that cannot learn from sparse rows (top-k or sampled), and why."""
 
 
 def check_encoding(cfg: Config) -> None:
-    """A sparse bus.encoding only with a method that learns from a sparse support."""
-    if cfg.bus.encoding != "topk":
+    """A sparse bus.encoding only with a method that learns from a sparse support; sampled
+    ids only where each sender's receivers distil at one temperature."""
+    encoding = cfg.bus.encoding
+    if encoding not in SPARSE_ENCODINGS:
         return
     name = cfg.method.name
     why = SPARSE_REFUSED.get(name)
@@ -635,9 +650,34 @@ def check_encoding(cfg: Config) -> None:
         why = "dml_e's logit ensemble (method.ensemble: logits) needs every class's log-probability"
     if why is not None:
         raise ConfigError(
-            f"config error: bus.encoding: topk cannot be used with method {name!r}: {why} "
+            f"config error: bus.encoding: {encoding} cannot be used with method {name!r}: {why} "
             "(use a dense encoding)"
         )
+    if encoding == "sampled":
+        draw_temperatures(cfg.method.read_temperatures())
+
+
+def draw_temperatures(read: dict[str, set[float]]) -> dict[str, float]:
+    """By sender role, the one temperature its receivers distil at (what `sampled` draws its
+    ids at; 1 for a role nobody learns from), from a method's `read_temperatures`; a role read
+    at several temperatures is one ConfigError line."""
+    out = {"student": 1.0, "teacher": 1.0}
+    for role, temperatures in read.items():
+        if len(temperatures) > 1:
+            listed = " and ".join(f"{t:g}" for t in sorted(temperatures))
+            raise ConfigError(
+                f"config error: bus.encoding: sampled draws each peer's ids at the temperature "
+                f"its receivers distil at, but the {role}s' predictions are read at {listed} "
+                "(use one temperature, or topk)"
+            )
+        out[role] = next(iter(temperatures), 1.0)
+    return out
+
+
+def peer_temperatures(cfg: Config) -> tuple[float, ...]:
+    """By peer index, the temperature the `sampled` encoding draws its ids at."""
+    by_role = draw_temperatures(cfg.method.read_temperatures())
+    return tuple(by_role[p.role] for p in cfg.peers)
 
 
 def check_names(cfg: Config) -> None:

@@ -12,7 +12,7 @@ import dataclasses
 import gc
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dml_cluster.bus import EVAL_ROUND, Bus, StepKey
-from dml_cluster.bus.sparse import TopK, densify
 from dml_cluster.checkpoint import CohortCheckpoints, Position, Restored
 from dml_cluster.cohort import Peer, build_peer, refresh_predictions
 from dml_cluster.config import Config
@@ -42,13 +41,15 @@ from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
+from dml_cluster.sparse_rows import TopK, Sampled, densify, describe
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
 
 
-def readable(received: Tensor | TopK) -> Tensor:
-    """Dense log-probabilities of what the bus delivered (top-k rows: the rest spread evenly),
-    for the evaluation and batch statistics; the losses read top-k rows sparsely."""
-    return densify(received) if isinstance(received, TopK) else received
+def readable(received: Tensor | TopK | Sampled) -> Tensor:
+    """Dense log-probabilities of what the bus delivered (sparse rows: the kept or drawn
+    classes' own, the rest spread evenly; sampled training rows are at the draws' temperature),
+    for the evaluation and batch statistics; the losses read sparse rows sparsely."""
+    return received if isinstance(received, Tensor) else densify(received)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class StepResult:
     parts: dict[int, LossParts]
     log_ps: dict[int, Tensor]
     times: StepTimes  # the step's and its phases' (read on reporting steps: a device's wait)
+    encoded: dict[int, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
+    """Sparse encodings: by peer, what its rows kept (sparse_rows.describe: device scalars)."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +123,7 @@ class CohortTrainer:
         self.test_fingerprint = fingerprint(torch.arange(self.batches.num_test))
         self.method = build_method(cfg.method)
         shape, classes = data.input_shape, data.num_classes
-        if cfg.bus.encoding == "topk" and cfg.bus.k > classes:
+        if cfg.bus.encoding == "topk" and cfg.bus.k > classes:  # C known from the data
             raise ConfigError(
                 f"config error: bus.k: {cfg.bus.k} classes kept per row, but the data has "
                 f"{classes} classes"
@@ -240,7 +243,8 @@ class CohortTrainer:
         local = {i: self._log_probs(z) for i, z in logits.items()}
         self.timer.mark(FORWARD)
         log_ps = self._exchange(StepKey(step, 0, fp), local, range(self.size))
-        batch_log_ps = {j: readable(p) for j, p in log_ps.items()}  # top-k rows: densified
+        batch_log_ps = {j: readable(p) for j, p in log_ps.items()}  # sparse rows: densified
+        encoded = {j: describe(p) for j, p in log_ps.items() if not isinstance(p, Tensor)}
         learners = [i for i in self.students if i in self.peers]
         given = self.method_inputs.gather(
             learners, self.placement.device_of, lambda i: self._input(i, x), features, sample_ids
@@ -270,34 +274,48 @@ class CohortTrainer:
                     with self.peers[i].stream:
                         parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
                 self.timer.mark(UPDATE)
-        return StepResult(parts, batch_log_ps, self.timer.stop(self._wait_seconds))
+        return StepResult(parts, batch_log_ps, self.timer.stop(self._wait_seconds), encoded)
 
     # -- evaluation -------------------------------------------------------------------------
 
     def evaluate(self, after_step: int) -> dict[str, Any]:
-        """Every hosted peer predicts the test set; the bus brings the others' predictions."""
+        """Every hosted peer predicts the test set, `eval_batch_size` rows at a time; the bus
+        brings the others' predictions chunk by chunk (`exchange_evaluation`)."""
         bs = self.cfg.data.eval_batch_size
-        parts: dict[int, list[Tensor]] = {i: [] for i in self.peers}
-        labels = []
-        for x, y in self.batches.test_batches():  # read once for every hosted peer
-            for i, p in self.peers.items():
-                parts[i].append(predict(p.model, x, bs))
-            labels.append(y)
-        local = {i: torch.cat(chunks) for i, chunks in parts.items()}
-        key = StepKey(after_step, EVAL_ROUND, self.test_fingerprint)
-        # peers evaluate at their own pace (a compiled model compiles its eval graph the first
-        # time): the start-up timeout for this exchange
-        patience = self.bus.patience_s
-        self.bus.set_patience(self.cfg.bus.startup_timeout_s)
-        try:
-            log_ps = self.bus.exchange(key, local, range(self.size))
-        finally:
-            self.bus.set_patience(patience)
-        # top-k rows are scored as they travelled: densified, the rest spread evenly
-        named = {self.names[i]: readable(log_ps[i]) for i in range(self.size)}
+        labels: list[Tensor] = []
+
+        def chunks() -> Iterator[dict[int, Tensor]]:
+            for x, y in self.batches.test_batches():  # read once for every hosted peer
+                labels.append(y)
+                yield {i: predict(p.model, x, bs) for i, p in self.peers.items()}
+
+        received: dict[int, list[Tensor]] = {i: [] for i in range(self.size)}
+        for got in self.exchange_evaluation(after_step, chunks()):
+            for i in range(self.size):  # sparse rows are scored as they travelled: densified
+                received[i].append(readable(got[i]))
+        named = {self.names[i]: torch.cat(received[i]) for i in range(self.size)}
         students = [self.names[i] for i in self.students]
         test_y = torch.cat(labels)
         return evaluate_cohort(named, test_y, self.data.num_classes, ensemble_of=students)
+
+    def exchange_evaluation(
+        self, after_step: int, chunks: Iterable[Mapping[int, Tensor]]
+    ) -> Iterator[dict[int, Tensor | TopK | Sampled]]:
+        """The cohort's predictions on evaluation rows, one chunk at a time: each of `chunks`
+        holds the hosted peers' log-probabilities [rows, C] on the same rows in every process
+        (a chunk of the test set, or of a text's token positions); for each, every peer's
+        predictions as the bus delivers them. Chunk c travels as round EVAL_ROUND + c of
+        `after_step`, so no message holds more than a chunk (a large C or a long validation
+        text fits in memory); the start-up timeout is the patience throughout (peers evaluate
+        at their own pace: a compiled model compiles its eval graph the first time)."""
+        patience = self.bus.patience_s
+        self.bus.set_patience(self.cfg.bus.startup_timeout_s)
+        try:
+            for c, local in enumerate(chunks):
+                key = StepKey(after_step, EVAL_ROUND + c, self.test_fingerprint)
+                yield self.bus.exchange(key, local, range(self.size))
+        finally:
+            self.bus.set_patience(patience)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -432,6 +450,7 @@ class CohortTrainer:
             times=result.times,
             bus=self.bus.stats,
             with_batch_stats=any(o.wants_batch_stats(step) for o in self.observers),
+            encoded=result.encoded,
         )
         for observer in self.observers:
             observer.on_step(event)

@@ -1,4 +1,4 @@
-"""Top-k rows (dml_cluster/bus/sparse.py) and the losses on their support
+"""Top-k rows (dml_cluster/sparse_rows.py) and the losses on their support
 (dml_cluster/losses_sparse.py): encoding round trip, index dtypes, the residual, top-k with
 k = C against the dense loss, the sparse DML / DML_e / KD losses against the dense ones on the
 densified targets, and bad settings refused. The wire format's
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dml_cluster import losses, losses_sparse
 from dml_cluster.bus.local import LocalBus
-from dml_cluster.bus.sparse import TopK, densify, encode_topk, index_dtype
+from dml_cluster.sparse_rows import TopK, densify, encode_topk, index_dtype
 from dml_cluster.config import load_config
 from dml_cluster.errors import ConfigError
 from dml_cluster.launch.transports import bus_encoding

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import zmq
 
 from dml_cluster.bus import StepKey
-from dml_cluster.bus.sparse import encode_topk
+from dml_cluster.sparse_rows import encode_topk
 from dml_cluster.bus.wire import (
     HEADER,
     TOPK,

@@ -27,6 +27,8 @@ class BusStats:
 
     bytes_sent: int = 0
     bytes_received: int = 0
+    exchanges: int = 0
+    """Exchanges this process took part in (bytes per exchange: bytes over exchanges)."""
     messages_rejected: int = 0
     wait_seconds: float = 0.0
     max_pending_steps: int = 0
@@ -34,6 +36,17 @@ class BusStats:
     max_lead_steps: int = 0
     """The furthest this process has published ahead of a receiver's last consumed step (zmq:
     <= window)."""
+
+    def per_exchange(self, since: BusStats) -> tuple[float, float] | None:
+        """(bytes sent, bytes received) per exchange since the counters were `since`; None
+        when no exchange took place in between."""
+        n = self.exchanges - since.exchanges
+        if n <= 0:
+            return None
+        return (
+            (self.bytes_sent - since.bytes_sent) / n,
+            (self.bytes_received - since.bytes_received) / n,
+        )
 
     def copy(self) -> BusStats:
         """The counters as they are now (a copy taken after every step: a cheap one)."""

@@ -26,10 +26,11 @@ class LocalBus(Bus):
         senders: Sequence[int],
         receivers: Sequence[int] | None = None,
     ) -> dict[int, Tensor]:
+        self.stats.exchanges += 1
         missing = [s for s in senders if s not in local]
         if missing:
             raise ValueError(f"LocalBus hosts every peer, but peers {missing} were not given")
         # every receiver gets the others' on one device: the first sender's (the trainer hands
         # in predictions already on its exchange device; peers on other GPUs move here)
-        sent = {s: self.encoding.as_received(local[s]) for s in senders}
+        sent = {s: self.encoding.as_received(local[s], key, s) for s in senders}
         return on_one_device(sent, local[senders[0]].device)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dml_cluster.bus.encoding import from_wire
-from dml_cluster.bus.sparse import TopK
+from dml_cluster.bus.encoding import Sent, from_wire
 
 
 def to_host(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -35,12 +34,12 @@ def to_host(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return host
 
 
-def to_device(tensor: Tensor | TopK, device: torch.device) -> Tensor | TopK:
+def to_device(tensor: Sent, device: torch.device) -> Sent:
     """A received CPU tensor on `device` as float32: for a GPU uploaded asynchronously from
     page-locked memory (a tensor decoded there, `wire.decode(pinned=True)`, is not copied again
-    on the host) and converted from its wire dtype on the device. Top-k rows (decoded widened)
+    on the host) and converted from its wire dtype on the device. Sparse rows (decoded widened)
     are moved."""
-    if isinstance(tensor, TopK):
+    if not isinstance(tensor, Tensor):
         return tensor.to(device)
     if device.type != "cuda":
         return from_wire(tensor.to(device))

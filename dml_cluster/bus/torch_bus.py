@@ -6,8 +6,9 @@ on the host in one copy per exchange, to check that every peer is at the same st
 Under gloo the messages live on the CPU (`device`: where the launcher says messages live).
 
 Each message is one flat byte tensor: a 6 x int64 header (step, round, fingerprint, rows, cols,
-classes) followed by the encoded payload (bus/encoding.py: dense values, or top-k rows' indices
-then values), so an exchange is a single all_gather (or, for a sequential
+classes) followed by the encoded payload (bus/encoding.py::payload_parts: dense values, top-k
+rows' indices then values, or sampled rows' ids, counts, values), so an exchange is a single
+all_gather (or, for a sequential
 round with one sender, a broadcast of the header then of the payload). Collectives involve every
 rank, so `receivers` changes nothing here: a teacher's process takes part in every exchange (and
 so stays in lockstep with the students), it just does not use what it receives.
@@ -24,8 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
-from dml_cluster.bus.encoding import Encoding, from_wire
-from dml_cluster.bus.sparse import TopK, index_dtype
+from dml_cluster.bus.encoding import Encoding, Sent, from_wire, payload_bytes, rows_from_bytes
 from dml_cluster.errors import PeerError, first_line
 
 _HEADER_BYTES = 6 * 8
@@ -54,16 +54,18 @@ class TorchBus(Bus):
         self.timeout_s, self.store, self.prefix = timeout_s, store, prefix
         self.last_step = -1  # the last step whose exchange completed
 
-    def _pack(self, key: StepKey, tensor: Tensor) -> Tensor:
-        sent = self.encoding.send(tensor.to(self.device))
-        parts = [sent.indices, sent.values] if isinstance(sent, TopK) else [sent]
-        rows, cols = parts[0].shape
-        classes = tensor.shape[1]
+    def _pack(self, key: StepKey, sent: Sent, classes: int) -> Tensor:
+        """One message: the header, then `sent`'s payload (what `Encoding.send` made)."""
+        rows, cols = (sent if isinstance(sent, Tensor) else sent.indices).shape
         head = torch.tensor([key.step, key.round, _signed(key.fingerprint), rows, cols, classes])
-        body = [p.contiguous().view(-1).view(torch.uint8) for p in parts]
-        return torch.cat([head.to(self.device).view(torch.uint8), *body])
+        return torch.cat([head.to(self.device).view(torch.uint8), payload_bytes(sent)])
 
-    def _unpack(self, key: StepKey, sender: int, buf: Tensor, header: list[int]) -> Tensor:
+    def _send(self, key: StepKey, tensor: Tensor) -> tuple[Sent, Tensor]:
+        """This process's peer's encoded predictions (sparse rows drawn once) and message."""
+        sent = self.encoding.send(tensor.to(self.device), key, self.rank)
+        return sent, self._pack(key, sent, tensor.shape[1])
+
+    def _unpack(self, key: StepKey, sender: int, buf: Tensor, header: list[int]) -> Sent:
         """The payload of `buf`, whose header (read on the host) is `header`."""
         step, rnd, fp, rows, cols, classes = header
         if (step, rnd) != (key.step, key.round) or fp != _signed(key.fingerprint):
@@ -75,11 +77,8 @@ class TorchBus(Bus):
         body = buf[_HEADER_BYTES:]
         if not self.encoding.sparse:
             return from_wire(body.view(self.dtype).view(rows, cols))
-        idx_dtype = index_dtype(classes)
-        split = rows * cols * idx_dtype.itemsize
-        indices = body[:split].view(idx_dtype).view(rows, cols)
-        values = body[split:].clone().view(self.dtype).view(rows, cols)  # aligned
-        return TopK(indices, values, classes).widened()
+        name = self.encoding.name
+        return rows_from_bytes(name, body, rows, cols, classes, self.dtype).widened()
 
     def _timeout(self) -> float:
         return self.patience_s if self.patience_s is not None else self.timeout_s
@@ -135,14 +134,17 @@ class TorchBus(Bus):
         senders: Sequence[int],
         receivers: Sequence[int] | None = None,
     ) -> dict[int, Tensor]:
+        self.stats.exchanges += 1
         senders = list(senders)
         try:
+            own = None  # this peer's encoded predictions, when it sends
             if len(senders) == self.world:
-                buf = self._pack(key, local[self.rank])
+                own, buf = self._send(key, local[self.rank])
                 bufs = [torch.empty_like(buf) for _ in range(self.world)]
                 self._wait(dist.all_gather(bufs, buf, async_op=True))
             elif len(senders) == 1:
-                bufs = {senders[0]: self._broadcast(key, local, senders[0])}
+                own, buf = self._broadcast(key, local, senders[0])
+                bufs = {senders[0]: buf}
             else:
                 raise ValueError("the torch transport exchanges with everyone or one sender")
         except (RuntimeError, dist.DistBackendError) as err:
@@ -156,7 +158,7 @@ class TorchBus(Bus):
             headers = dict(zip(others, heads.view(torch.int64).tolist(), strict=True))
         for s in senders:
             if s == self.rank:  # read as the others read it (bus/encoding.py)
-                out[s] = self.encoding.as_received(local[s])
+                out[s] = self.encoding.receive(own).to(local[s].device)
                 continue
             # on the peer's own device (a GPU shared over gloo: the messages are on the CPU)
             out[s] = self._unpack(key, s, bufs[s], headers[s]).to(home)
@@ -165,9 +167,13 @@ class TorchBus(Bus):
             self.rank in senders) else 0  # fmt: skip
         return out
 
-    def _broadcast(self, key: StepKey, local: Mapping[int, Tensor], src: int) -> Tensor:
+    def _broadcast(
+        self, key: StepKey, local: Mapping[int, Tensor], src: int
+    ) -> tuple[Sent | None, Tensor]:
+        """`src`'s message to every process (and, in `src`'s, its encoded predictions)."""
+        own = None
         if src == self.rank:
-            buf = self._pack(key, local[src])
+            own, buf = self._send(key, local[src])
             size = torch.tensor([buf.numel()], device=self.device)
         else:
             size = torch.zeros(1, dtype=torch.int64, device=self.device)
@@ -175,4 +181,4 @@ class TorchBus(Bus):
         if src != self.rank:
             buf = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
         self._wait(dist.broadcast(buf, src, async_op=True))
-        return buf
+        return own, buf

@@ -6,10 +6,13 @@ Header (little-endian, 56 bytes):
     sender_rank I | sender_peer I | classes I | fingerprint Q | rows I | cols I
 
 Encodings 1-3 are dense [rows, cols] float32 / float16 / bfloat16 (`values` and `classes` 0);
-4 is top-k rows (bus/sparse.py): `cols` = k, `classes` = C, `values` the dense id of the kept
-log-probabilities' dtype; the payload is the [rows, k] indices (the smallest integer dtype that
-holds C) then the [rows, k] values. A top-k message with k outside 1..C or an index outside
-0..C-1 is refused like any other malformed message.
+4 is top-k rows (dml_cluster/sparse_rows.py): `cols` = k, `classes` = C, `values` the dense id
+of the kept log-probabilities' dtype; the payload is the [rows, k] indices (the smallest integer
+dtype that holds C) then the [rows, k] values. 5 is sampled rows: `cols` = n (draws per row),
+`classes` and `values` as for top-k; the payload is the [rows, n] distinct ids, the [rows, n]
+counts (the smallest integer dtype that holds n) and the [rows, n] values. A sparse message with
+k outside 1..C, an index outside 0..C-1, a negative count or a row whose counts do not add up
+to n is refused like any other malformed message.
 
 Kinds: HELLO (the handshake: the config hash in `fingerprint`), DATA (predictions [rows, cols]
 for a step and round) and CREDIT (flow control: the receiver has consumed every message of steps
@@ -28,8 +31,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dml_cluster.bus.encoding import Sent, from_wire, to_wire
-from dml_cluster.bus.sparse import TopK, index_dtype
+from dml_cluster.bus.encoding import (
+    Sent,
+    expected_bytes,
+    from_wire,
+    payload_bytes,
+    rows_from_bytes,
+    to_wire,
+)
+from dml_cluster.sparse_rows import Sampled, TopK
 
 MAGIC = b"DMLC"
 VERSION = 1
@@ -46,6 +56,9 @@ ENCODINGS: dict[int, torch.dtype] = {1: torch.float32, 2: torch.float16, 3: torc
 ENCODING_IDS = {"float32": 1, "float16": 2, "bfloat16": 3}
 TOPK = 4
 """The encoding id of top-k rows (their values' dtype: one of ENCODINGS, in `values`)."""
+SAMPLED = 5
+"""The encoding id of sampled rows (their values' dtype likewise)."""
+SPARSE_IDS = {TOPK: "topk", SAMPLED: "sampled"}
 
 
 class WireError(ValueError):
@@ -65,9 +78,9 @@ class Header:
     rows: int
     cols: int
     values: int = 0
-    """Top-k: the encoding id of the kept values' dtype; 0 otherwise."""
+    """Sparse rows: the encoding id of the values' dtype; 0 otherwise."""
     classes: int = 0
-    """Top-k: the number of classes C; 0 otherwise."""
+    """Sparse rows: the number of classes C; 0 otherwise."""
 
     def pack(self) -> bytes:
         return HEADER.pack(
@@ -77,10 +90,15 @@ class Header:
         )  # fmt: skip
 
     @property
+    def sparse(self) -> str | None:
+        """The sparse encoding's name ("topk", "sampled"), None for a dense one."""
+        return SPARSE_IDS.get(self.encoding)
+
+    @property
     def payload_bytes(self) -> int:
-        if self.encoding == TOPK:
-            per = index_dtype(self.classes).itemsize + ENCODINGS[self.values].itemsize
-            return self.rows * self.cols * per
+        if self.sparse:
+            value_dtype = ENCODINGS[self.values]
+            return expected_bytes(self.sparse, self.rows, self.cols, self.classes, value_dtype)
         return self.rows * self.cols * ENCODINGS[self.encoding].itemsize
 
 
@@ -95,19 +113,22 @@ def unpack_header(raw: bytes | memoryview) -> Header:
         raise WireError(f"wire format version {version}, this peer speaks {VERSION}")
     if kind not in set(Kind):
         raise WireError(f"unknown message kind {kind}")
-    if encoding not in ENCODINGS and encoding != TOPK:
+    if encoding not in ENCODINGS and encoding not in SPARSE_IDS:
         raise WireError(f"unknown encoding {encoding}")
     if kind != Kind.DATA and (rows or cols):
         raise WireError(f"a {Kind(kind).name} message with a {rows}x{cols} payload")
-    if encoding == TOPK:
+    if encoding in SPARSE_IDS:
+        name = "top-k" if encoding == TOPK else "sampled"
         if kind != Kind.DATA:
-            raise WireError(f"a {Kind(kind).name} message with the top-k encoding")
+            raise WireError(f"a {Kind(kind).name} message with the {name} encoding")
         if values not in ENCODINGS:
-            raise WireError(f"top-k values of unknown encoding {values}")
-        if not 0 < cols <= classes:
+            raise WireError(f"{name} values of unknown encoding {values}")
+        if encoding == TOPK and not 0 < cols <= classes:
             raise WireError(f"top-k rows keeping {cols} of {classes} classes")
+        if encoding == SAMPLED and not (cols > 0 and classes > 0):
+            raise WireError(f"sampled rows of {cols} draws over {classes} classes")
     elif values or classes:
-        raise WireError(f"a dense message with top-k fields (values {values}, classes {classes})")
+        raise WireError(f"a dense message with sparse fields (values {values}, classes {classes})")
     return Header(Kind(kind), encoding, run_id, step, rnd, rank, peer, fp, rows, cols, values,
                   classes)  # fmt: skip
 
@@ -126,46 +147,49 @@ def encode(tensor: Tensor, encoding: str) -> tuple[int, Tensor]:
 def encode_sent(sent: Sent) -> tuple[dict[str, int], Tensor]:
     """The header fields (encoding, rows, cols, values, classes) and the flat uint8 payload of
     what `Encoding.send` made, on the CPU."""
-    if isinstance(sent, TopK):
-        rows, k = sent.indices.shape
-        body = torch.cat([
-            sent.indices.cpu().contiguous().view(-1).view(torch.uint8),
-            sent.values.cpu().contiguous().view(-1).view(torch.uint8),
-        ])  # fmt: skip
-        value_id = {v: i for i, v in ENCODINGS.items()}[sent.values.dtype]
-        return dict(encoding=TOPK, rows=rows, cols=k, values=value_id,
-                    classes=sent.num_classes), body  # fmt: skip
+    ids = {v: i for i, v in ENCODINGS.items()}
+    body = payload_bytes(sent).cpu()
+    if isinstance(sent, (TopK, Sampled)):
+        rows, cols = sent.indices.shape
+        kind = TOPK if isinstance(sent, TopK) else SAMPLED
+        fields = dict(encoding=kind, rows=rows, cols=cols, values=ids[sent.values.dtype],
+                      classes=sent.num_classes)  # fmt: skip
+        return fields, body
     rows, cols = sent.shape
-    eid = {v: i for i, v in ENCODINGS.items()}[sent.dtype]
-    payload = sent.cpu().contiguous()
-    return dict(encoding=eid, rows=rows, cols=cols), payload.view(-1).view(torch.uint8)
+    return dict(encoding=ids[sent.dtype], rows=rows, cols=cols), body
 
 
-def decode_topk(header: Header, payload: memoryview | bytes) -> TopK:
-    """The top-k rows a validated top-k message carries (indices checked: 0..C-1), widened."""
+def decode_sparse(header: Header, payload: memoryview | bytes) -> TopK | Sampled:
+    """The sparse rows a validated sparse message carries, checked (indices 0..C-1; sampled:
+    counts >= 0 adding up to n a row) and widened."""
     if len(payload) != header.payload_bytes:
         raise WireError(
-            f"payload of {len(payload)} bytes, header says {header.rows}x{header.cols} top-k "
-            f"rows of {header.classes} classes ({header.payload_bytes} bytes)"
+            f"payload of {len(payload)} bytes, header says {header.rows}x{header.cols} "
+            f"{header.sparse} rows of {header.classes} classes ({header.payload_bytes} bytes)"
         )
     raw = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else (
         torch.empty(0, dtype=torch.uint8))  # fmt: skip
-    idx_dtype = index_dtype(header.classes)
-    split = header.rows * header.cols * idx_dtype.itemsize
-    shape = (header.rows, header.cols)
-    indices = raw[:split].view(idx_dtype).view(shape)
-    values = raw[split:].clone().view(ENCODINGS[header.values]).view(shape)  # aligned
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= header.classes):
-        raise WireError(f"top-k index outside 0..{header.classes - 1}")
-    return TopK(indices, values, header.classes).widened()
+    rows = rows_from_bytes(
+        header.sparse, raw, header.rows, header.cols, header.classes, ENCODINGS[header.values]
+    )
+    if isinstance(rows, TopK):
+        indices = rows.indices
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= header.classes):
+            raise WireError(f"top-k index outside 0..{header.classes - 1}")
+    else:
+        try:
+            rows.check()
+        except ValueError as err:
+            raise WireError(str(err)) from None
+    return rows.widened()
 
 
 def decode(header: Header, payload: memoryview | bytes, pinned: bool = False) -> Sent:
     """The [rows, cols] tensor a validated message carries (a copy, safe to keep): float32, or
     with `pinned` the wire dtype in page-locked memory, copied there once from the message (the
-    device converts it after the upload: `staging.to_device`); top-k rows as `decode_topk`."""
-    if header.encoding == TOPK:
-        return decode_topk(header, payload)
+    device converts it after the upload: `staging.to_device`); sparse rows as `decode_sparse`."""
+    if header.sparse:
+        return decode_sparse(header, payload)
     if len(payload) != header.payload_bytes:
         raise WireError(
             f"payload of {len(payload)} bytes, header says {header.rows}x{header.cols} "

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from dml_cluster.bus.base import Bus, BusStats, StepKey
 from dml_cluster.bus.curve import CurveGuard, CurveKeys
-from dml_cluster.bus.encoding import Encoding
+from dml_cluster.bus.encoding import Encoding, Sent
 from dml_cluster.bus.staging import to_device, to_host
 from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode_sent, unpack_header
 from dml_cluster.errors import ConfigError, PeerError
@@ -206,16 +206,23 @@ class ZmqBus(Bus):
     ) -> dict[int, Tensor]:
         # only receivers are sent to (a teacher's inbox would otherwise fill with messages it
         # never reads) and only a receiver waits (a teacher publishes and moves on)
+        self.stats.exchanges += 1
         listeners = range(self.world) if receivers is None else receivers
         self._current = (key.step, key.round)
         listening = self.rank in listeners
         wanted = [s for s in senders if s != self.rank] if listening else []
         out: dict[int, Tensor] = {}
         if self.rank in senders:
+            own = local[self.rank]
+            # sparse rows are chosen (drawn) once, on the device: read as the others read them
+            sent = self.encoding.send(own, key, self.rank) if self.encoding.sparse else None
             # read as the others read it (bus/encoding.py)
-            out[self.rank] = self.encoding.as_received(local[self.rank])
+            out[self.rank] = (
+                self.encoding.as_received(own, key, self.rank) if sent is None
+                else self.encoding.receive(sent)
+            )  # fmt: skip
             to = [r for r in listeners if r != self.rank]
-            self._publish(key, local[self.rank], to, wanted)
+            self._publish(key, own if sent is None else sent, to, wanted)
         if not listening:
             return out
         self._credit(key.step - 1, wanted)
@@ -240,17 +247,16 @@ class ZmqBus(Bus):
         return out
 
     def _publish(
-        self, key: StepKey, tensor: Tensor, to: Sequence[int], wanted: Sequence[int] = ()
+        self, key: StepKey, tensor: Sent, to: Sequence[int], wanted: Sequence[int] = ()
     ) -> None:
-        """Send to `to`, once the window allows; `wanted`: the peers this one receives from in
-        the same exchange (told of its progress before it waits, so two senders never wait on
-        each other)."""
+        """Send `tensor` (dense log-probabilities, or the sparse rows `Encoding.send` made) to
+        `to`, once the window allows; `wanted`: the peers this one receives from in the same
+        exchange (told of its progress before it waits, so two senders never wait on each
+        other)."""
         self._await_credit(key, to, wanted)
-        if self.encoding.sparse:  # top-k rows chosen on the device, then copied
-            sent = self.encoding.send(tensor)
-        else:  # one device -> host copy per step
-            sent = to_host(tensor, self.encoding.value_dtype)
-        fields, payload = encode_sent(sent)
+        if isinstance(tensor, Tensor):  # one device -> host copy per step
+            tensor = to_host(tensor, self.encoding.value_dtype)
+        fields, payload = encode_sent(tensor)
         header = Header(
             Kind.DATA, fields["encoding"], self.run_id, key.step, key.round, self.rank, self.rank,
             key.fingerprint, fields["rows"], fields["cols"], fields.get("values", 0),

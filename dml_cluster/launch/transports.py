@@ -13,15 +13,19 @@ import torch.distributed as dist
 
 from dml_cluster.bus import Bus
 from dml_cluster.bus.encoding import Encoding
-from dml_cluster.config import Config
+from dml_cluster.config import Config, peer_temperatures
 
 TRANSPORTS = ("zmq", "torch")
 """The transports that cross processes (`make_bus`)."""
 
 
 def bus_encoding(cfg: Config) -> Encoding:
-    """bus.encoding with its settings, as every bus applies it (the one-process one too)."""
-    return Encoding(cfg.bus.encoding, cfg.bus.k, cfg.bus.sparse_dtype)
+    """bus.encoding with its settings, as every bus applies it (the one-process one too):
+    sampled ids are drawn with run.seed at each peer's receivers' temperature."""
+    bus = cfg.bus
+    return Encoding(
+        bus.encoding, bus.k, bus.sparse_dtype, bus.samples, cfg.run.seed, peer_temperatures(cfg)
+    )
 
 
 def make_bus(cfg: Config, rank: int, world: int, wire_id: bytes, device: torch.device) -> Bus:

@@ -18,6 +18,12 @@ class MethodSettings(Strict):
     name: str
     teachers: ClassVar[Literal["none", "required"]] = "none"
 
+    def read_temperatures(self) -> dict[str, set[float]]:
+        """By sender role ("student", "teacher"): the temperatures at which a student's loss
+        reads that role's predictions from the bus (none: it does not learn from them). A
+        sampled encoding draws each sender's ids at its receivers' one temperature."""
+        return {}
+
     @classmethod
     def names(cls) -> tuple[str, ...]:
         """The method names this family answers to."""

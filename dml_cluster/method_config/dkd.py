@@ -21,3 +21,10 @@ class DKDConfig(MethodSettings):
     peer_weight: float = Field(
         0.0, ge=0.0, description="weight of DML links to fellow students (teacher + DML)"
     )
+
+    def read_temperatures(self) -> dict[str, set[float]]:
+        """Teachers at `temperature`; fellow students at T = 1 when `peer_weight` > 0."""
+        read = {"teacher": {self.temperature}}
+        if self.peer_weight > 0:
+            read["student"] = {1.0}
+        return read

@@ -24,6 +24,10 @@ class DMLConfig(MethodSettings):
         "softmax of the mean of their log-probabilities (a normalised geometric mean: sharper)",
     )
 
+    def read_temperatures(self) -> dict[str, set[float]]:
+        """Fellow students at `temperature` (independent: nothing)."""
+        return {} if self.name == "independent" else {"student": {self.temperature}}
+
     @model_validator(mode="after")
     def _ensemble_of_dml_e(self) -> DMLConfig:
         if self.ensemble != "probs" and self.name != "dml_e":

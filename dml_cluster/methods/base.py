@@ -27,9 +27,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from dml_cluster.bus.sparse import TopK
 from dml_cluster.method_config.base import MethodSettings
 from dml_cluster.schema import PeerConfig
+from dml_cluster.sparse_rows import Rows, Sampled, TopK
 
 
 @dataclass(frozen=True)
@@ -58,31 +58,32 @@ class Predictions:
     """Another peer's predictions on the step's rows, as a method reads them.
 
     A row is a sample (a token position, for sequence models). `encoding` says how the values
-    are held: "dense" is every class's log-probability at T = 1, [rows, classes], detached (what
-    the bus carries today); sparse encodings (top-k indices + values, sampled ids + counts) are
-    further values of `encoding` with their own fields: "topk" holds `TopK` rows (bus/sparse.py:
-    each row's k most likely classes, the rest of the mass spread evenly), read through
-    `top_k()` by the methods that learn from a sparse support (losses_sparse.py). `mask`
-    ([rows], bool) marks the rows that carry a prediction (None: every row). Read them through
-    `log_probs()`, which refuses what a dense-reading method cannot use rather than reading it
-    wrongly.
+    are held: "dense" is every class's log-probability at T = 1, [rows, classes], detached;
+    "topk" holds `TopK` rows (dml_cluster/sparse_rows.py: each row's k most likely classes, the
+    rest of the mass spread evenly) and "sampled" `Sampled` rows (ids drawn at the receivers'
+    temperature, with counts), read through `sparse_rows()` by the methods that learn from a
+    sparse support (losses_sparse.py). `mask` ([rows], bool) marks the rows that carry a
+    prediction (None: every row). Read dense ones through `log_probs()`, which refuses what a
+    dense-reading method cannot use rather than reading it wrongly.
     """
 
-    values: Tensor | TopK
+    values: Tensor | Rows
     mask: Tensor | None = None
-    encoding: Literal["dense", "topk"] = "dense"
+    encoding: Literal["dense", "topk", "sampled"] = "dense"
 
     @classmethod
-    def of(cls, received: Tensor | TopK) -> Predictions:
+    def of(cls, received: Tensor | Rows) -> Predictions:
         """What the bus delivered, as predictions of its encoding."""
         if isinstance(received, TopK):
             return cls(received, encoding="topk")
+        if isinstance(received, Sampled):
+            return cls(received, encoding="sampled")
         return cls(received)
 
-    def top_k(self) -> TopK:
-        """The top-k rows (encoding "topk"), every row predicted."""
-        if self.encoding != "topk" or self.mask is not None:
-            raise ValueError("these predictions are not top-k rows covering every row")
+    def sparse_rows(self) -> Rows:
+        """The sparse rows (encoding "topk" or "sampled"), every row predicted."""
+        if self.encoding == "dense" or self.mask is not None:
+            raise ValueError("these predictions are not sparse rows covering every row")
         return self.values
 
     def log_probs(self) -> Tensor:
@@ -105,12 +106,12 @@ def dense(predictions: Sequence[Predictions]) -> list[Tensor]:
     return [p.log_probs() for p in predictions]
 
 
-def sparse(predictions: Sequence[Predictions]) -> list[TopK] | None:
-    """The top-k rows of each of `predictions` when they are top-k (a cohort's predictions share
-    one encoding), else None."""
-    if not predictions or predictions[0].encoding != "topk":
+def sparse(predictions: Sequence[Predictions]) -> list[Rows] | None:
+    """The sparse rows of each of `predictions` when they are sparse (a cohort's predictions
+    share one encoding), else None."""
+    if not predictions or predictions[0].encoding == "dense":
         return None
-    return [p.top_k() for p in predictions]
+    return [p.sparse_rows() for p in predictions]
 
 
 @dataclass(frozen=True)

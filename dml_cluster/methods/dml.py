@@ -39,8 +39,8 @@ class MutualLearning(Method):
 
     divergence = staticmethod(losses.mutual_kl)
     sparse_divergence: Mimicry | None = staticmethod(losses_sparse.mutual_kl)
-    """The mimicry towards top-k peers (None: this method reads every class; refused at config
-    time, config.check_encoding)."""
+    """The mimicry towards sparse (top-k, sampled) peers (None: this method reads every class;
+    refused at config time, config.check_encoding)."""
 
     def __init__(self, cfg: DMLConfig) -> None:
         super().__init__(cfg)
@@ -51,10 +51,10 @@ class MutualLearning(Method):
         ce = losses.cross_entropy(logits, target)
         mimicry = None
         if self.weight != 0.0:
-            top_k = sparse(view.peers)
+            rows = sparse(view.peers)
             divergence, peers = (
-                (self.divergence, dense(view.peers)) if top_k is None
-                else (self.sparse_divergence, top_k)
+                (self.divergence, dense(view.peers)) if rows is None
+                else (self.sparse_divergence, rows)
             )  # fmt: skip
             mimicry = mutual_term(
                 divergence, logits, target, peers, self.temperature, self.unlabelled_mimicry
@@ -79,7 +79,7 @@ class EnsembleTeacher(MutualLearning):
     def __init__(self, cfg: DMLConfig) -> None:
         super().__init__(cfg)
         self.divergence = functools.partial(losses.ensemble_kl, ensemble=cfg.ensemble)
-        # the probability ensemble of top-k peers stays sparse (losses_sparse.ensemble); the
+        # the probability ensemble of sparse peers stays sparse (losses_sparse.ensemble_kl); the
         # logit ensemble needs every class (refused at config time)
         self.sparse_divergence = losses_sparse.ensemble_kl if cfg.ensemble == "probs" else None
 

@@ -14,17 +14,17 @@ import torch
 from torch import Tensor
 
 from dml_cluster import losses, losses_sparse
-from dml_cluster.bus.sparse import TopK
 from dml_cluster.method_config.kd import KDConfig
 from dml_cluster.methods.base import LossParts, Method, StepView, dense, sparse
 from dml_cluster.methods.dml import mutual_term
+from dml_cluster.sparse_rows import Rows
 
 
-def distill_from(logits: Tensor, teachers: list[Tensor | TopK], temperature: float) -> Tensor:
-    """Mean over teachers of the KD loss (on the sent support for top-k teachers)."""
+def distill_from(logits: Tensor, teachers: list[Tensor | Rows], temperature: float) -> Tensor:
+    """Mean over teachers of the KD loss (on the sent support for sparse teachers)."""
     return torch.stack([
-        losses_sparse.kd_loss(logits, t, temperature) if isinstance(t, TopK)
-        else losses.kd_loss(logits, t, temperature)
+        losses.kd_loss(logits, t, temperature) if isinstance(t, Tensor)
+        else losses_sparse.kd_loss(logits, t, temperature)
         for t in teachers
     ]).mean()  # fmt: skip
 
@@ -35,11 +35,11 @@ def with_peers(
     """Add DML towards fellow students (T = 1, every sample) when `weight` > 0."""
     if weight == 0.0:
         return total
-    top_k = sparse(view.peers)
-    if top_k is None:
+    rows = sparse(view.peers)
+    if rows is None:
         term = mutual_term(losses.mutual_kl, logits, target, dense(view.peers), 1.0, True)
     else:
-        term = mutual_term(losses_sparse.mutual_kl, logits, target, top_k, 1.0, True)
+        term = mutual_term(losses_sparse.mutual_kl, logits, target, rows, 1.0, True)
     return total if term is None else total + weight * term
 
 

@@ -66,6 +66,7 @@ class StepEvent:
         times: StepTimes,
         bus: BusStats,
         stats: Mapping[int, PeerBatchStats] | None = None,
+        encoded: Mapping[int, Mapping[str, Tensor]] | None = None,
     ) -> None:
         self.step, self.epoch = step, epoch
         self.batch_size = target.shape[0]
@@ -76,6 +77,8 @@ class StepEvent:
         self.times = times
         self.bus = bus  # this process's bus counters after the step (a copy)
         self.stats = stats  # the hosted peers' batch statistics, or None (not asked for)
+        # sparse encodings: by peer, what its rows kept (device scalars until `encoding` reads)
+        self.encoded = encoded or {}
 
     @classmethod
     def of(
@@ -115,6 +118,21 @@ class StepEvent:
     def losses(self) -> dict[int, Losses]:
         """Every hosted student's losses as floats (one transfer; a sync on an accelerator)."""
         return losses_as_floats([self.parts])[0]
+
+    @cached_property
+    def encoding(self) -> dict[int, dict[str, float]]:
+        """Sparse encodings, by peer whose rows this process read: `kept_mass` (the kept or
+        drawn classes' probability mass, mean over rows), for sampled rows `distinct_ids` (per
+        row, beside bus.samples draws); empty for a dense encoding. One transfer for all."""
+        if not self.encoded:
+            return {}
+        keyed = [(i, name) for i, d in self.encoded.items() for name in d]
+        scalars = [self.encoded[i][name].float() for i, name in keyed]
+        values = torch.stack(all_on(scalars, scalars[0].device)).cpu().tolist()
+        out: dict[int, dict[str, float]] = {}
+        for (i, name), value in zip(keyed, values, strict=True):
+            out.setdefault(i, {})[name] = value
+        return out
 
     @cached_property
     def peers(self) -> dict[int, PeerStep]:
@@ -178,14 +196,16 @@ def build_step_event(
     times: StepTimes,
     bus: BusStats,
     with_batch_stats: bool,
+    encoded: Mapping[int, Mapping[str, Tensor]] | None = None,
 ) -> StepEvent:
     """The step's event for the peers in `lrs` (the hosted ones). `parts` are the hosted
     students' losses. Statistics of the batch are computed for every hosted peer when
-    `with_batch_stats` (one copy of the predictions to the host), else left out."""
+    `with_batch_stats` (one copy of the predictions to the host), else left out. `encoded`:
+    what each peer's sparse rows kept (`StepEvent.encoding`)."""
     stats = cohort_batch_stats(log_ps, target, list(lrs)) if with_batch_stats else None
     return StepEvent(
         step=step, epoch=epoch, target=target, log_ps=log_ps, lrs=lrs, parts=parts,
-        times=times, bus=bus.copy(), stats=stats,
+        times=times, bus=bus.copy(), stats=stats, encoded=encoded,
     )  # fmt: skip
 
 

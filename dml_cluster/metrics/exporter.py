@@ -207,6 +207,24 @@ class PrometheusExporter:
         self._rejected = counter(
             "dml_bus_rejected_messages", "Bus messages dropped as malformed, foreign or stale."
         )
+        self._sent_each = gauge(
+            "dml_bus_sent_bytes_per_exchange",
+            "Bytes this process sent per exchange on the bus (mean since the last scrape).",
+        )
+        self._received_each = gauge(
+            "dml_bus_received_bytes_per_exchange",
+            "Bytes this process received per exchange on the bus (mean since the last scrape).",
+        )
+        self._kept_mass = gauge(
+            "dml_encoding_kept_mass_ratio",
+            "Sparse bus.encoding: the probability mass of the peer's kept (topk) or distinct "
+            "drawn (sampled) classes, mean over rows (moving average over sampled steps).",
+        )
+        self._distinct = gauge(
+            "dml_encoding_distinct_ids",
+            "bus.encoding sampled: distinct class ids per row among bus.samples draws (moving "
+            "average over sampled steps).",
+        )
         self._wait = counter(
             "dml_bus_wait_seconds",
             "Time spent waiting for the other peers' predictions (the slowest peer).",
@@ -224,7 +242,8 @@ class PrometheusExporter:
             self._run, self._peer, self._step, self._epoch, self._last, self._lr, self._kl,
             self._js, self._agree, self._ce, self._distill, self._loss, self._acc, self._entropy,
             self._ens_acc, self._ens_entropy, self._samples, self._sent, self._received,
-            self._rejected, self._wait, self._step_time, self._exchange_time,
+            self._rejected, self._wait, self._step_time, self._exchange_time, self._sent_each,
+            self._received_each, self._kept_mass, self._distinct,
         ]  # fmt: skip
 
     # -- serving ----------------------------------------------------------------------------
@@ -316,6 +335,11 @@ class PrometheusExporter:
         for counter, delta in deltas:  # per process, shown under each hosted peer
             for i in self.hosted:
                 child(counter, self.names[i]).inc(max(delta, 0))
+        per_exchange = now.per_exchange(seen)
+        if per_exchange is not None:  # else the last value stands
+            for i in self.hosted:
+                child(self._sent_each, self.names[i]).set(per_exchange[0])
+                child(self._received_each, self.names[i]).set(per_exchange[1])
         self._bus_seen = now
 
     def wants_batch_stats(self, step: int) -> bool:
@@ -361,6 +385,12 @@ class PrometheusExporter:
     def _sample(self, event: StepEvent) -> None:
         """The batch statistics of a sampled step into their moving averages."""
         names, smooth = self.names, self._smooth
+        for i, kept in event.encoding.items():
+            if i not in self.hosted:
+                continue
+            smooth(self._kept_mass, (names[i],), kept["kept_mass"])
+            if "distinct_ids" in kept:
+                smooth(self._distinct, (names[i],), kept["distinct_ids"])
         for i, batch in (event.stats or {}).items():
             name = names[i]
             if batch.accuracy is not None:

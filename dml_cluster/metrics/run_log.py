@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from dml_cluster.bus.base import BusStats
 from dml_cluster.metrics.events import EvalEvent, StepEvent
 from dml_cluster.run_folder import JsonlLog
 
@@ -29,6 +30,7 @@ class RunLog:
         self.peer_logs, self.cohort_log = peer_logs, cohort_log
         self.names, self.every, self.epochs = list(names), every, epochs
         self.devices = dict(devices or {})
+        self._bus_seen = BusStats()  # the bus counters at the last train record
 
     def wants_batch_stats(self, step: int) -> bool:
         return step % self.every == 0
@@ -37,6 +39,10 @@ class RunLog:
         if event.step % self.every:
             return  # nothing read from the event (its losses and times are device values)
         times = event.times
+        per_exchange = event.bus.per_exchange(self._bus_seen)  # since the last record
+        self._bus_seen = event.bus
+        sent_each, received_each = per_exchange or (0.0, 0.0)
+        encoding = event.encoding
         for i, peer in event.peers.items():
             if peer.losses is None:
                 continue  # a teacher
@@ -56,6 +62,11 @@ class RunLog:
                 exchange_seconds=times.exchange_seconds,
                 update_seconds=times.update_seconds,  # losses, backward, optimizer step
                 bytes_sent=event.bus.bytes_sent,
+                bytes_received=event.bus.bytes_received,
+                # means over the exchanges since the previous record (this process's)
+                bytes_sent_per_exchange=sent_each,
+                bytes_received_per_exchange=received_each,
+                **encoding.get(i, {}),  # sparse: kept_mass (and sampled: distinct_ids)
                 wait_seconds=event.bus.wait_seconds,
                 step_wait_seconds=event.wait_seconds,
                 train_accuracy=peer.batch.accuracy,
