@@ -41,7 +41,7 @@ from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
-from dml_cluster.sparse_rows import TopK, Sampled, densify, describe
+from dml_cluster.sparse_rows import Sampled, TopK, densify, describe
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
 
 

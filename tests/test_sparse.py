@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from dml_cluster import losses, losses_sparse
 from dml_cluster.bus.local import LocalBus
-from dml_cluster.sparse_rows import TopK, densify, encode_topk, index_dtype
 from dml_cluster.config import load_config
 from dml_cluster.errors import ConfigError
 from dml_cluster.launch.transports import bus_encoding
 from dml_cluster.losses_sparse import topk_kl, topk_kl_rows
+from dml_cluster.sparse_rows import TopK, densify, encode_topk, index_dtype
 from dml_cluster.trainer import CohortTrainer, Placement
 
 from .cohort_runs import REPO

@@ -17,7 +17,6 @@ import torch.distributed as dist
 import zmq
 
 from dml_cluster.bus import StepKey
-from dml_cluster.sparse_rows import encode_topk
 from dml_cluster.bus.wire import (
     HEADER,
     TOPK,
@@ -31,6 +30,7 @@ from dml_cluster.bus.wire import (
 )  # fmt: skip
 from dml_cluster.bus.zmq_bus import ZmqBus
 from dml_cluster.errors import ConfigError, PeerError
+from dml_cluster.sparse_rows import encode_topk
 
 RUN = b"run-0001"
 HASH = "0123456789abcdef"

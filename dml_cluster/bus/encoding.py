@@ -138,9 +138,7 @@ def payload_bytes(sent: Sent) -> Tensor:
     return torch.cat([p.contiguous().view(-1).view(torch.uint8) for p in payload_parts(sent)])
 
 
-def part_dtypes(
-    name: str, cols: int, classes: int, value_dtype: torch.dtype
-) -> list[torch.dtype]:
+def part_dtypes(name: str, cols: int, classes: int, value_dtype: torch.dtype) -> list[torch.dtype]:
     """The dtypes of a message's payload parts under encoding `name` (sparse: `cols` = k or n)."""
     if name == "topk":
         return [index_dtype(classes), value_dtype]
