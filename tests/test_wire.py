@@ -206,6 +206,17 @@ def test_bad_messages_are_dropped_and_counted(pair: list[ZmqBus], intruder: zmq.
         [_header(step=1, encoding=4, values=3, classes=10, cols=11), payload],
         [_header(step=1, encoding=4, values=9, classes=10), payload],
         [_header(step=1, values=3, classes=10), payload],
+        # sampled rows (encoding 5) of 3 draws over 10 classes, uint8 ids and counts, bf16
+        # values: no draws; a count too many; an id outside the classes
+        [_header(step=1, encoding=5, values=3, classes=10, cols=0), payload],
+        [
+            _header(step=1, encoding=5, values=3, classes=10, rows=4, cols=3),
+            bytes([0, 1, 2] * 4) + bytes([2, 1, 1] * 4) + b"\x00" * 24,
+        ],
+        [
+            _header(step=1, encoding=5, values=3, classes=10, rows=4, cols=3),
+            bytes([10, 1, 2] * 4) + bytes([1, 1, 1] * 4) + b"\x00" * 24,
+        ],
     ]
     for frames in bad:
         intruder.send_multipart(frames)
