@@ -158,8 +158,9 @@ def test_a_peer_draws_at_its_receivers_temperature_and_evaluations_at_one() -> N
     log_p = _log_p(8, 10)
     sent = encoding.send(log_p, StepKey(4, 0, 1), 1)
     expected = encode_sampled(log_p, 12, 3.0, draw_key(cfg.run.seed, 4, 0, 1))
-    assert torch.equal(sent.indices, expected.indices) and torch.equal(sent.values, expected.values)
-    # KD: teachers drawn at the KD temperature, students at 1 (DML among students with peer_weight)
+    assert torch.equal(sent.indices, expected.indices)
+    assert torch.equal(sent.values, expected.values)
+    # KD: teachers drawn at the KD temperature, students at 1 (DML among students, peer_weight)
     assert draw_temperatures({"teacher": {4.0}, "student": {1.0}}) == {
         "teacher": 4.0,
         "student": 1.0,
@@ -268,7 +269,7 @@ BAD_SETTINGS = {
     "bus.encoding=sampled,bus.samples=-3": "bus: samples must be at least 1, got -3",
     "bus.samples=12": "bus: samples is a setting of encoding sampled, not of float32",
     "bus.encoding=sampled,bus.samples=12,bus.k=3": "k is a setting of encoding topk",
-    "bus.encoding=sampled,bus.samples=12,method.name=dkd": "sampled cannot be used with method 'dkd'",
+    "bus.encoding=sampled,bus.samples=12,method.name=dkd": "sampled cannot be used with method",
     "bus.encoding=sampled,bus.samples=12,method.name=dml_js": "sampled cannot be used with method",
     "bus.encoding=sampled,bus.samples=12,method.name=dml_e,method.ensemble=logits": (
         "sampled cannot be used with method 'dml_e': dml_e's logit ensemble"
@@ -348,7 +349,8 @@ def test_bytes_per_exchange_and_kept_mass_are_logged_and_served(
         assert r["bytes_sent_per_exchange"] == r["bytes_received_per_exchange"] == 0  # one process
 
     served = load_config(CONFIG, ["metrics.port=0", "metrics.address=127.0.0.1",
-                                  "metrics.stats_every=1", f"run.out_dir={tmp_path / 'm'}"])  # fmt: skip
+                                  "metrics.stats_every=1",
+                                  f"run.out_dir={tmp_path / 'm'}"])  # fmt: skip
     exporter = PrometheusExporter(served, (0, 1), "0123456789abcdef", 0)
     try:
         for step, (sent, received, mass) in enumerate([(0, 0, 0.5), (3000, 5000, 0.7)]):
