@@ -39,6 +39,8 @@ ENCODED = ("train.max_steps=3",)
 """The encodings' cohorts: three steps and the evaluation after the last."""
 TOPK = ("bus.encoding=topk", "bus.k=3")
 """Each row's 3 most likely of 10 classes, the rest spread evenly (bfloat16 values)."""
+SAMPLED = ("bus.encoding=sampled", "bus.samples=12", "method.temperature=2")
+"""12 ids drawn from each row at T = 2, with counts (bfloat16 values)."""
 TRANSPORTS = ("zmq", "torch")
 # name: (cohort size, config, overrides); each runs over both transports (ONE_TRANSPORT: one)
 MATRIX = {
@@ -58,6 +60,12 @@ MATRIX = {
     ),
     "topk": (2, "configs/digits-dml.yaml", (*TWO_HETERO, *ENCODED, *TOPK)),
     "topk-dml-e": (3, "configs/digits-dml-e.yaml", (*ENCODED, *TOPK, "cohort.update=sequential")),
+    # sequential rounds draw ids of their own; the evaluation travels in 4 chunks of 100 rows
+    "sampled": (
+        2,
+        "configs/digits-dml.yaml",
+        (*TWO_HETERO, *ENCODED, *SAMPLED, "cohort.update=sequential", "data.eval_batch_size=100"),
+    ),
     "stochastic-simultaneous": (3, "configs/digits-dml.yaml", STOCHASTIC),
     "stochastic-sequential": (
         3,
@@ -144,13 +152,14 @@ def test_semi_supervised_and_dml_e_match_across_processes(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("encoding", ["bfloat16", "float16", "topk", "topk-dml-e"])
+@pytest.mark.parametrize("encoding", ["bfloat16", "float16", "topk", "topk-dml-e", "sampled"])
 def test_every_encoding_trains_alike_in_one_process_and_in_processes(
     matrix: Matrix, references: References, encoding: str, transport: str
 ) -> None:
     """bus.encoding encodes what peers read in the one-process engine as between processes:
     bfloat16 (simultaneous) and float16 (sequential) predictions, top-k rows (DML
-    simultaneous; DML_e's probability ensemble of three, sequential), weights and evaluations."""
+    simultaneous; DML_e's probability ensemble of three, sequential), sampled ids (DML at T = 2,
+    sequential; the evaluation in chunks), weights and evaluations."""
     got = matrix.run_dir(encoding, transport)
     assert_same_states(_expected(references, encoding), got)
 
