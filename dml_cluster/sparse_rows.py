@@ -30,8 +30,10 @@ from dml_cluster.data.seeding import derive_seed
 
 DRAW_DOMAIN = "sampled-ids"
 """The seed domain of `Sampled` draws (dml_cluster.data.seeding.derive_seed)."""
-_CHUNK_ELEMENTS = 1 << 24
-"""Rows are drawn in chunks of at most this many [rows, C] elements (64 MB of float32 each)."""
+_CHUNK_ELEMENTS = 1 << 23
+"""Rows are drawn in chunks of at most this many [rows, C] elements (64 MB of int64 each)."""
+_WEIGHT_SCALE = 2.0**60
+"""A probability's integer weight in the draw's cumulative sum (its sum stays below 2^62)."""
 
 
 def index_dtype(num_classes: int) -> torch.dtype:
@@ -200,14 +202,17 @@ def _mix32(h: Tensor) -> Tensor:
 
 
 def uniforms(key: int, first_row: int, rows: int, n: int, device: torch.device) -> Tensor:
-    """[rows, n] float32 uniform variates in [0, 1) for draws j of rows first_row.., a function
-    of (key, row, j) only: counter-based, the same on every device and in every chunking."""
+    """[rows, n] float64 uniform variates in [0, 1), 48 random bits each, for draws j of rows
+    first_row.., a function of (key, row, j) only: counter-based, the same on every device and
+    in every chunking."""
     k0, k1 = key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF
     counter = torch.arange(first_row * n, (first_row + rows) * n, device=device)
     h = _mix32((counter & 0xFFFFFFFF) ^ k0)
     h = _mix32(h ^ (counter >> 32) ^ k1)
-    h = _mix32(h ^ k0 ^ 0x9E3779B9)
-    return ((h >> 8).float() * 2.0**-24).view(rows, n)  # 24 bits: exact in float32
+    high = _mix32(h ^ k0 ^ 0x9E3779B9)
+    low = _mix32(high ^ k1 ^ 0x7F4A7C15)
+    bits = ((high >> 8) << 24) | (low >> 8)  # 48 bits: exact in float64
+    return (bits.double() * 2.0**-48).view(rows, n)
 
 
 def _group(ids: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -232,7 +237,9 @@ def encode_sampled(
 ) -> Sampled:  # fmt: skip
     """`samples` ids drawn with replacement from each row of softmax(`log_p` / `temperature`)
     ([rows, C] log-probabilities, detached) by inverse transform of the counter-based uniforms
-    of `key` (`draw_key`); values in `dtype`."""
+    of `key` (`draw_key`); values in `dtype`. The cumulative distribution is summed in integers
+    (each probability times 2^60, truncated): exact, and deterministic on every device, where a
+    float cumsum on CUDA is not (it raises under strict determinism)."""
     check_samples(samples)
     log_p = log_p.detach()
     rows, num_classes = log_p.shape
@@ -241,9 +248,12 @@ def encode_sampled(
     for first in range(0, rows, step):
         chunk = log_p[first : first + step].float()
         log_q = torch.log_softmax(chunk / temperature, dim=1) if temperature != 1.0 else chunk
-        cdf = log_q.exp().cumsum(dim=1)
-        u = uniforms(key, first, chunk.shape[0], samples, log_p.device) * cdf[:, -1:]
-        ids = torch.searchsorted(cdf, u, right=True).clamp(max=num_classes - 1)
+        # deterministic: an int64 cumsum (torch raises for floating point only); exact too
+        cdf = (log_q.exp() * _WEIGHT_SCALE).long().cumsum(dim=1)
+        total = cdf[:, -1:]
+        u = uniforms(key, first, chunk.shape[0], samples, log_p.device)
+        point = torch.minimum((u * total.double()).long(), total - 1)  # in [0, total)
+        ids = torch.searchsorted(cdf, point, right=True)  # the first class with cdf > point
         parts.append(_group(ids, log_q))
     if not parts:
         empty = log_p.new_zeros((0, samples))
