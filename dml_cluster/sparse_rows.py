@@ -231,29 +231,45 @@ def _group(ids: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return distinct, counts, values
 
 
+def _inverse_cdf(q: Tensor, u: Tensor, integer: bool) -> Tensor:
+    """[rows, n] class ids: for each uniform u, the first class whose cumulative probability
+    (of the rows of `q`, [rows, C]) exceeds u times the row's total. `integer`: the cumulative
+    sum in int64 (each probability times 2^60, truncated: exact, and deterministic on CUDA,
+    where a float cumsum raises under strict determinism); else in float32 (on the CPU, where
+    it is deterministic too and several times faster)."""
+    if integer:
+        # deterministic: an int64 cumsum (torch raises for floating point only)
+        cdf = (q * _WEIGHT_SCALE).long().cumsum(dim=1)
+        total = cdf[:, -1:]
+        point = torch.minimum((u * total.double()).long(), total - 1)  # in [0, total)
+    else:
+        cdf = q.cumsum(dim=1)  # deterministic: on the CPU only (the caller's rule)
+        total = cdf[:, -1:]
+        below = torch.nextafter(total, torch.zeros_like(total))  # the largest float < total
+        point = torch.minimum((u * total.double()).float(), below)
+    return torch.searchsorted(cdf, point, right=True)  # a class of probability 0 never
+
+
 def encode_sampled(
     log_p: Tensor, samples: int, temperature: float, key: int,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype = torch.bfloat16, integer: bool | None = None,
 ) -> Sampled:  # fmt: skip
     """`samples` ids drawn with replacement from each row of softmax(`log_p` / `temperature`)
     ([rows, C] log-probabilities, detached) by inverse transform of the counter-based uniforms
-    of `key` (`draw_key`); values in `dtype`. The cumulative distribution is summed in integers
-    (each probability times 2^60, truncated): exact, and deterministic on every device, where a
-    float cumsum on CUDA is not (it raises under strict determinism)."""
+    of `key` (`draw_key`); values in `dtype`. `integer`: how the cumulative distribution is
+    summed (`_inverse_cdf`; default: in int64 off the CPU, in float32 on it)."""
     check_samples(samples)
     log_p = log_p.detach()
     rows, num_classes = log_p.shape
+    if integer is None:
+        integer = log_p.device.type != "cpu"
     step = max(1, _CHUNK_ELEMENTS // max(num_classes, 1))
     parts = []
     for first in range(0, rows, step):
         chunk = log_p[first : first + step].float()
         log_q = torch.log_softmax(chunk / temperature, dim=1) if temperature != 1.0 else chunk
-        # deterministic: an int64 cumsum (torch raises for floating point only); exact too
-        cdf = (log_q.exp() * _WEIGHT_SCALE).long().cumsum(dim=1)
-        total = cdf[:, -1:]
         u = uniforms(key, first, chunk.shape[0], samples, log_p.device)
-        point = torch.minimum((u * total.double()).long(), total - 1)  # in [0, total)
-        ids = torch.searchsorted(cdf, point, right=True)  # the first class with cdf > point
+        ids = _inverse_cdf(log_q.exp(), u, integer)
         parts.append(_group(ids, log_q))
     if not parts:
         empty = log_p.new_zeros((0, samples))

@@ -5,7 +5,7 @@ exchanged in chunks.
 - Round trips: the zmq wire and the torch transport's payload give back what the sender drew.
 - The draw: counter-based, seeded by (run.seed, step, round, peer) and the row: the same rows draw
   the same ids whatever the chunking and the process; another key, other ids.
-- The statistical test: over 600 seeds the sampled estimator's gradient w.r.t. the receiver's
+- The statistical test: over 400 seeds the sampled estimator's gradient w.r.t. the receiver's
   logits averages to the dense KL's gradient (a z-test on every logit, tolerance below).
 - Top-k's bias, measured: the KL gradient towards top-k rows (the rest spread evenly) against
   the dense one, 256 rows of C = 100 (logits randn * 3; top-5 keeps 79% of the mass, top-16
@@ -188,12 +188,16 @@ def _grad(loss_of, logits: torch.Tensor) -> torch.Tensor:
     return g
 
 
-SEEDS = 600
+SEEDS = 400
 
 
-def test_the_sampled_estimator_is_unbiased_for_the_gradient_wrt_the_receivers_logits() -> None:
-    """Over SEEDS runs (run.seed = 0..599), the gradient of DML's term (T = 2, n = 4 draws of
-    C = 10) towards sampled rows averages to the dense term's gradient.
+@pytest.mark.parametrize("integer", [False, True], ids=["float-cdf", "int64-cdf"])
+def test_the_sampled_estimator_is_unbiased_for_the_gradient_wrt_the_receivers_logits(
+    integer: bool,
+) -> None:
+    """Over SEEDS runs (run.seed = 0..399), the gradient of DML's term (T = 2, n = 4 draws of
+    C = 10) towards sampled rows averages to the dense term's gradient; with either cumulative
+    sum of the draw (float32, the CPU's; int64, a GPU's).
 
     Tolerance: a z-test per logit: |mean - dense| <= 5 standard errors (the empirical standard
     deviation over seeds / sqrt(SEEDS)), on each of the 60 logits. Under an unbiased estimator
@@ -205,7 +209,8 @@ def test_the_sampled_estimator_is_unbiased_for_the_gradient_wrt_the_receivers_lo
     dense = _grad(lambda z: losses.mutual_kl(z, [target], temperature), logits)
     draws = torch.stack([
         _grad(lambda z, s=s: losses_sparse.mutual_kl(z, [encode_sampled(
-            target, 4, temperature, draw_key(s, 0, 0, 1), torch.float32)], temperature), logits)
+            target, 4, temperature, draw_key(s, 0, 0, 1), torch.float32, integer)], temperature),
+            logits)
         for s in range(SEEDS)
     ])  # fmt: skip
     z = (draws.mean(dim=0) - dense) / (draws.std(dim=0) / math.sqrt(SEEDS))
@@ -213,7 +218,7 @@ def test_the_sampled_estimator_is_unbiased_for_the_gradient_wrt_the_receivers_lo
     top3 = encode_topk(target, 3, torch.float32)
     biased = _grad(lambda z: losses_sparse.mutual_kl(z, [top3], temperature), logits)
     z_topk = (biased - dense) / (draws.std(dim=0) / math.sqrt(SEEDS))
-    assert float(z_topk.abs().max()) > 20.0  # the test tells a biased estimator
+    assert float(z_topk.abs().max()) > 10.0  # the test tells a biased estimator (19 here)
 
 
 def test_topk_bias_is_measured() -> None:

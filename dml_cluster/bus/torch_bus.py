@@ -58,11 +58,13 @@ class TorchBus(Bus):
         """One message: the header, then `sent`'s payload (what `Encoding.send` made)."""
         rows, cols = (sent if isinstance(sent, Tensor) else sent.indices).shape
         head = torch.tensor([key.step, key.round, _signed(key.fingerprint), rows, cols, classes])
-        return torch.cat([head.to(self.device).view(torch.uint8), payload_bytes(sent)])
+        body = payload_bytes(sent).to(self.device)
+        return torch.cat([head.to(self.device).view(torch.uint8), body])
 
     def _send(self, key: StepKey, tensor: Tensor) -> tuple[Sent, Tensor]:
-        """This process's peer's encoded predictions (sparse rows drawn once) and message."""
-        sent = self.encoding.send(tensor.to(self.device), key, self.rank)
+        """This process's peer's encoded predictions (sparse rows drawn once, on the device the
+        predictions are on, as the other transports draw them) and its message."""
+        sent = self.encoding.send(tensor, key, self.rank)
         return sent, self._pack(key, sent, tensor.shape[1])
 
     def _unpack(self, key: StepKey, sender: int, buf: Tensor, header: list[int]) -> Sent:
