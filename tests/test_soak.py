@@ -22,7 +22,7 @@ run: {{name: soak, log_every: 100, out_dir: {out_dir}}}
 data: {{name: digits, batch_size: 16}}
 cohort: {{size: 3, model: mlp, args: {{hidden: [32]}}}}
 optim: {{lr: 0.05}}
-train: {{epochs: {epochs}, eval_every: 5}}
+train: {{epochs: {epochs}, eval_every: 2}}
 bus: {{transport: zmq, timeout_s: 60}}
 checkpoint: {{every_steps: 200, keep: 2}}
 metrics: {{enabled: false}}
@@ -68,7 +68,8 @@ def _soak(tmp_path: Path, epochs: int) -> None:
             launcher.kill()
     assert launcher.returncode == 0, output
     total = epochs * STEPS_PER_EPOCH
-    # warm-up over (imports, first allocations, sockets): from 20% of the steps to the end
+    # warm-up over (imports, first allocations, sockets, the first evaluation at step 178):
+    # from 20% of the steps to the end
     window = [s for s in samples if s.step >= total // 5]
     assert len(window) >= 20, f"only {len(window)} samples while training"
     tenth = max(len(window) // 10, 3)
