@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from dml_cluster.process_exit import run_then_end
+
 from .fault_injection import FAULT_ENV, arm_from_environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,4 +180,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_then_end(lambda: main(sys.argv[1:]))  # as `python -m dml_cluster` ends

@@ -4,11 +4,12 @@ The oracle: every peer's saved state (final weights; model, optimizer, schedule,
 loss scaler and random stream in the last checkpoint) equals the one-process engine's on the
 same config and seed, bit for bit (`torch.equal`), for zmq and torch, simultaneous and
 sequential; models that draw random numbers in training too (dropout, drop-path: each peer draws
-from its own stream, dml_cluster.streams), also after a SIGKILL and a resume in another layout.
-The matrix trains under two torchrun launches (one per cohort size), each peer process running
-its configurations one after the other (tests/cohort_runs.py); the references train once per
-session (conftest's `references`). `dml-cluster train` itself starts the cohort below and in
-test_faults.py, test_curve.py, test_teacher.py and the k8s / multi-node tests.
+from its own stream, dml_cluster.streams), also after a SIGKILL and a resume in another layout;
+bf16 autocast and channels_last models on the CPU too. The matrix trains under two torchrun
+launches (one per cohort size), each peer process running its configurations one after the
+other (tests/cohort_runs.py); the references train once per session (conftest's `references`).
+`dml-cluster train` itself starts the cohort below and in test_faults.py, test_curve.py,
+test_teacher.py and the k8s / multi-node tests.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ TOPK = ("bus.encoding=topk", "bus.k=3")
 """Each row's 3 most likely of 10 classes, the rest spread evenly (bfloat16 values)."""
 SAMPLED = ("bus.encoding=sampled", "bus.samples=12", "method.temperature=2")
 """12 ids drawn from each row at T = 2, with counts (bfloat16 values)."""
+GPU_READY = ("cohort.args.width=8", "train.max_steps=8")
 TRANSPORTS = ("zmq", "torch")
 # name: (cohort size, config, overrides); each runs over both transports (ONE_TRANSPORT: one)
 MATRIX = {
@@ -72,8 +74,16 @@ MATRIX = {
         "configs/digits-dml.yaml",
         (*STOCHASTIC, "cohort.update=sequential"),
     ),
+    # CPU autocast and memory layout (dml_cluster/precision.py): bitwise in every layout too
+    "bf16": (2, "configs/digits-dml.yaml", (*GPU_READY, "run.precision=bf16")),
+    "channels-last": (2, "configs/digits-dml.yaml", (*GPU_READY, "run.channels_last=true")),
 }
-ONE_TRANSPORT = {"stochastic-simultaneous": "zmq", "stochastic-sequential": "torch"}
+ONE_TRANSPORT = {
+    "stochastic-simultaneous": "zmq",
+    "stochastic-sequential": "torch",
+    "bf16": "torch",
+    "channels-last": "zmq",
+}
 """The stochastic cohort once per transport (launches are the suite's cost): zmq simultaneous,
 torch sequential (its refresh forward draws too); the resumed run below is zmq simultaneous."""
 KILLED = "stochastic-simultaneous"
@@ -164,7 +174,22 @@ def test_every_encoding_trains_alike_in_one_process_and_in_processes(
     assert_same_states(_expected(references, encoding), got)
 
 
-@pytest.mark.parametrize("name", list(ONE_TRANSPORT))
+@pytest.mark.parametrize("name", ["bf16", "channels-last"])
+def test_bf16_and_channels_last_match_across_processes(
+    matrix: Matrix, references: References, name: str
+) -> None:
+    """bf16 autocast (torch transport) and channels_last (zmq) on the CPU: every peer's state
+    equals the one-process engine's; the peers trained on the CPU, with finite losses."""
+    got = matrix.run_dir(name, ONE_TRANSPORT[name])
+    assert_same_states(_expected(references, name), got)
+    log = got / "peers" / "small_cnn-0.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records and all(r["device"] == "cpu" for r in records)  # the peer's device
+    losses = [r["ce"] for r in records if r["event"] == "train"]
+    assert losses and all(loss == loss for loss in losses), losses  # no NaN: it trains
+
+
+@pytest.mark.parametrize("name", ["stochastic-simultaneous", "stochastic-sequential"])
 def test_peers_that_draw_random_numbers_match_across_layouts(
     matrix: Matrix, references: References, name: str
 ) -> None:

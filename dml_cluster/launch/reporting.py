@@ -7,6 +7,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from dml_cluster.control import Control, Topic
@@ -56,7 +57,41 @@ def together(control: Control, topic: Topic, rank: int, attempt: Callable[[], T]
 
 def let_the_cause_exit_first() -> None:
     """A lost cohort is mostly the consequence of another peer's failure. Next to other workers
-    of one torchrun agent, give that peer time to exit first (interpreter shutdown with torch
-    takes a second or more), so the launcher reports the cause and its exit code."""
-    if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        time.sleep(CAUSE_GRACE_S)
+    of one torchrun agent, give that peer time to exit first (up to CAUSE_GRACE_S), so the
+    launcher reports the cause and its exit code: the wait ends as soon as one of the agent's
+    workers has exited (a killed peer has gone already; a peer reporting a config error goes
+    first)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    workers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if workers <= 1:
+        return
+    deadline = time.monotonic() + CAUSE_GRACE_S
+    while time.monotonic() < deadline:
+        running = _running_workers()
+        if running is not None and running < workers:
+            return
+        time.sleep(0.02)
+
+
+def _running_workers() -> int | None:
+    """How many children of this process's parent (the agent's workers, this one among them)
+    are still running; None where /proc cannot tell (then the grace is waited in full)."""
+    parent = os.getppid()
+    try:
+        tasks = os.listdir(f"/proc/{parent}/task")
+        children = {
+            int(pid)
+            for task in tasks
+            for pid in Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+        }
+    except (OSError, ValueError):
+        return None
+    running = 0
+    for pid in children:
+        try:  # the state follows the command's name, which is in parentheses
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # reaped meanwhile
+        running += state not in ("Z", "X")  # a zombie has exited, not yet reaped
+    return running
