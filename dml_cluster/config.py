@@ -235,6 +235,12 @@ class TrainConfig(Strict):
     epochs: int = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps in all")
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
+    init_from: str | None = Field(
+        None,
+        description="another run's folder: every student starts from its final weights "
+        "(RUN/final/<peer>.pt; `dml-cluster train --init-from RUN`), with a fresh optimizer "
+        "and schedule",
+    )
 
 
 class BusConfig(Strict):
@@ -465,23 +471,67 @@ class Config(Strict):
         resumes under the other (one process <-> torchrun, zmq <-> torch), so checkpoints, the
         cohort's start-up agreement, run ids, summaries, metrics and manifests all use it.
         """
-        d = self.to_dict()
-        d["run"] = {k: v for k, v in d["run"].items() if k not in _NOT_HASHED_RUN}
-        bus = d["bus"]  # float16 messages change the numbers; so do top-k's k and values
-        d["bus"] = {"encoding": bus["encoding"]}
-        if bus["encoding"] == "topk":
-            d["bus"].update(k=bus["k"], sparse_dtype=bus["sparse_dtype"])
-        if bus["encoding"] == "sampled":
-            d["bus"].update(samples=bus["samples"], sparse_dtype=bus["sparse_dtype"])
-        d["cohort"].pop("devices", None)  # where peers run (same hardware: the same numbers)
-        for key in ("workers", "prefetch", "cache_dir"):  # how batches are read, not which
+        return config_hash(self.to_dict())
+
+
+def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config dict (`Config.to_dict()`, or a run folder's recorded config) that
+    its hash covers (see `Config.hash`)."""
+    d = json.loads(json.dumps(config))  # a deep copy
+    d["run"] = {k: v for k, v in d["run"].items() if k not in _NOT_HASHED_RUN}
+    bus = d["bus"]  # float16 messages change the numbers; so do top-k's k and values
+    d["bus"] = {"encoding": bus["encoding"]}
+    if bus["encoding"] == "topk":
+        d["bus"].update(k=bus["k"], sparse_dtype=bus["sparse_dtype"])
+    if bus["encoding"] == "sampled":
+        d["bus"].update(samples=bus["samples"], sparse_dtype=bus["sparse_dtype"])
+    d["cohort"].pop("devices", None)  # where peers run (same hardware: the same numbers)
+    for key in ("workers", "prefetch", "cache_dir"):  # how batches are read, not which
+        d["data"].pop(key, None)
+    for key in _TEXT_KEYS:  # unset text settings: image configs hash as they always did
+        if d["data"].get(key) is None:
             d["data"].pop(key, None)
-        for key in _TEXT_KEYS:  # unset text settings: image configs hash as they always did
-            if d["data"].get(key) is None:
-                d["data"].pop(key, None)
-        for section in ("metrics", "checkpoint"):
-            d.pop(section, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    for section in ("metrics", "checkpoint"):
+        d.pop(section, None)
+    if d.get("train", {}).get("init_from") is None:  # unset: configs hash as before the key
+        d.get("train", {}).pop("init_from", None)
+    return d
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """The hash of a config dict: `Config.hash` of the config it describes. A recorded config of
+    an earlier version (without keys added since) hashes as that version hashed it."""
+    view = json.dumps(hashed_view(config), sort_keys=True)
+    return hashlib.sha256(view.encode()).hexdigest()[:16]
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The keys whose values differ between two config dicts, one `key: old → new` each (dotted
+    keys, list items by index; a key one side lacks is `(absent)` there), in key order."""
+    a, b = _flat(old), _flat(new)
+    absent = "(absent)"
+    return [
+        f"{key}: {_shown(a.get(key, absent))} → {_shown(b.get(key, absent))}"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, absent) != b.get(key, absent)
+    ]
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        items = tree.items()
+    elif isinstance(tree, list) and tree:
+        items = enumerate(tree)
+    else:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out |= _flat(value, f"{prefix}.{key}" if prefix else str(key))
+    return out
+
+
+def _shown(value: Any) -> str:
+    return value if value == "(absent)" else json.dumps(value)
 
 
 _NOT_HASHED_RUN = ("name", "out_dir", "log_every", "progress_every_s")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,22 @@ class Position:
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """What a checkpoint must match to belong to this run: its folder, peers and config."""
+    """What a checkpoint must match to belong to this run: its folder, peers and config.
+
+    `config` is the part of the config its hash covers (`config.hashed_view`), recorded in every
+    manifest so that a refusal can name the keys that differ; `continues` are the hashes of
+    configs whose checkpoints this run may load as its own (dml_cluster.checkpoint.standing: the
+    same config with keys added since at their defaults, or a longer schedule)."""
 
     root: Path
     names: tuple[str, ...]
     config_hash: str
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+    continues: frozenset[str] = frozenset()
+
+    def accepts(self, config_hash: Any) -> bool:
+        """Whether checkpoints written under `config_hash` load into this run."""
+        return config_hash == self.config_hash or config_hash in self.continues
 
     @property
     def size(self) -> int:
@@ -111,6 +122,7 @@ def manifest(position: Position, run: RunIdentity, digests: dict[int, bytes]) ->
             "config_hash": run.config_hash,
             "cohort_size": run.size,
             "peers": {run.names[i]: digests[i].hex() for i in range(run.size)},
+            "config": run.config,
         },
         indent=1,
     ).encode()
@@ -141,7 +153,7 @@ def read_manifest(path: Path, step: int, run: RunIdentity) -> dict[str, Any]:
             f"({', '.join(sorted(peers))}), this config has {run.size} "
             f"({', '.join(run.names)}): choose another run.name, or the config that wrote them"
         )
-    if fields[2] != run.config_hash:
+    if not run.accepts(fields[2]):
         raise CheckpointError(
             f"{run.root} holds checkpoints of another config (hash {fields[2]}, this "
             f"config {run.config_hash}): choose another run.name, or the config that wrote "
@@ -179,7 +191,8 @@ def read_peer_file(
         tuple(state["position"])
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem
         raise Unverified(f"{path} is not a readable checkpoint ({first_line(err)})") from None
-    if checks != (FORMAT, run.config_hash, run.size, name):
+    format_, config_hash, size, peer = checks
+    if (format_, size, peer) != (FORMAT, run.size, name) or not run.accepts(config_hash):
         raise CheckpointError(
             f"{path} belongs to another run (format {checks[0]}, config {checks[1]}, cohort "
             f"of {checks[2]}, peer {checks[3]!r}): choose another run.name"

@@ -14,8 +14,9 @@ from typing import Any
 from dml_cluster.checkpoint import agreement, files, pruning
 from dml_cluster.checkpoint.files import MANIFEST, Position, RunIdentity, Unverified
 from dml_cluster.checkpoint.process_rng import capture_rng, restore_rng
+from dml_cluster.checkpoint.standing import Standing, examine
 from dml_cluster.cohort import Peer
-from dml_cluster.config import Config
+from dml_cluster.config import Config, hashed_view
 from dml_cluster.control import Control, Topic
 from dml_cluster.errors import CheckpointError
 from dml_cluster.run_folder import write_atomic
@@ -39,7 +40,12 @@ class CohortCheckpoints:
         self.names = [p.name for p in cfg.peers]
         self.size = len(self.names)
         self.config_hash = cfg.hash()
-        self.run = RunIdentity(self.root, tuple(self.names), self.config_hash)
+        # what the folder holds for this config: refused here when it is another config's
+        self.standing: Standing = examine(cfg, run_dir) if self.settings.enabled else Standing()
+        self.run = RunIdentity(
+            self.root, tuple(self.names), self.config_hash, hashed_view(cfg.to_dict()),
+            self.standing.continues,
+        )  # fmt: skip
         for name in self.names:
             if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
                 raise CheckpointError(
