@@ -19,6 +19,8 @@ from torch import nn
 
 from dml_cluster.config import Config, OptimConfig, PeerConfig, ScheduleConfig
 from dml_cluster.errors import ConfigError, first_line
+from dml_cluster.init_from import KEY as INIT_FROM
+from dml_cluster.init_from import initial_weights
 from dml_cluster.models import build_model
 from dml_cluster.precision import make_scaler, prepare_model
 from dml_cluster.streams import PeerStream
@@ -105,6 +107,8 @@ def build_peer(
         load_teacher(model, peer_cfg)
     elif peer_cfg.weights:
         load_weights(model, peer_cfg, "weights")
+    elif (start := initial_weights(cfg, peer_cfg.name)) is not None:
+        load_weights(model, peer_cfg, INIT_FROM, start)  # another run's final weights
     if peer_cfg.role == "student" and method is not None:
         torch.manual_seed(cfg.run.seed * 1009 + index + 7919)
         extras.update(method.attach(index, model, device))
@@ -180,9 +184,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_weights(model: nn.Module, peer_cfg: PeerConfig, key: str = "checkpoint") -> nn.Module:
-    """Load the file of the peer's `key` (checkpoint or weights) into `model`, strictly."""
-    path = getattr(peer_cfg, key) or ""
+def load_weights(
+    model: nn.Module, peer_cfg: PeerConfig, key: str = "checkpoint", path: Path | None = None
+) -> nn.Module:
+    """Load the file of the peer's `key` (checkpoint or weights; or `path`, named `key` in
+    errors) into `model`, strictly."""
+    path = path if path is not None else getattr(peer_cfg, key) or ""
     state = read_weights(path, peer_cfg.name, key)
     try:
         model.load_state_dict(state)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import sys
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +29,9 @@ from dml_cluster.data.prepare import RunData, prepare_data
 from dml_cluster.data.sampler import fingerprint, steps_per_epoch
 from dml_cluster.data.stats import DATA_FILE, record_data
 from dml_cluster.devices import all_on
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import CheckpointError, ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
+from dml_cluster.init_from import source_record, source_summary, starting_line
 from dml_cluster.method_inputs import Given, MethodInputs
 from dml_cluster.methods import LossParts, Predictions, Progress, StepView, build_method
 from dml_cluster.metrics.chance import ChanceWatch
@@ -129,6 +129,8 @@ class CohortTrainer:
                 f"{classes} classes"
             )
         self.method_inputs = inputs = MethodInputs(self.method, cfg.run, shape, classes)
+        # another run's final weights to start from (train.init_from), checked before building
+        self.init_source = source_record(cfg, source_summary(cfg))
         self.peers: dict[int, Peer] = {
             i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs)
             for i in placement.hosted
@@ -340,10 +342,9 @@ class CohortTrainer:
                 f"config error: data.batch_size: {bs} exceeds the {n} training samples"
             )
         max_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
-        start = time.perf_counter()
         if self.placement.reporter:
             record_data(self.run_dir / DATA_FILE, self.data, self.normalisation)
-        restored = self._resume()
+        restored = self._resume(per_epoch, max_steps)
         if self.placement.reporter:  # the config of this start (a refused resume leaves it)
             record_config(self.run_dir, cfg.to_dict())
         self.stop.arm()  # from here a SIGTERM stops the cohort at an agreed step, saved
@@ -392,7 +393,7 @@ class CohortTrainer:
                 self._checkpoint(Position(epoch + 1, 0, step), history)
             if self.stop.stop_at is not None and step >= self.stop.stop_at and step < max_steps:
                 raise self._preempted(step)  # asked to stop at this epoch's end: saved just now
-        summary = self._finish(history, step, time.perf_counter() - start)
+        summary = self._finish(history, step, self.clock.elapsed())
         self.stop.disarm()  # trained and saved: a SIGTERM from here on (metrics.linger_s) stops
         for observer in self.observers:
             observer.on_end(summary)
@@ -413,25 +414,41 @@ class CohortTrainer:
         self.checkpoints.save(at, self.peers, history, self.control)
         self.clock.record(at.step)
 
-    def _resume(self) -> Restored | None:
+    def _resume(self, per_epoch: int, max_steps: int) -> Restored | None:
         """Load the newest checkpoint complete for the whole cohort, if there is one."""
         if not self.checkpoints.enabled:
+            if self.init_source is not None and self.placement.reporter:
+                print(starting_line(self.init_source), flush=True)
             return None
         restored = self.checkpoints.restore(self.peers, self.control)
         if restored is None:
+            if self.init_source is not None and self.placement.reporter:
+                print(starting_line(self.init_source), flush=True)
             return None
-        self.clock.carry_on()
         at = restored.position
+        standing = self.checkpoints.standing
+        if standing.changed and at.step_in_epoch == 0 and at.step != at.epoch * per_epoch:
+            raise CheckpointError(
+                f"{self.run_dir} stopped at train.max_steps in the middle of an epoch (step "
+                f"{at.step}, {per_epoch} steps per epoch): a run planned longer would have "
+                f"finished that epoch, so it cannot carry on with {'; '.join(standing.changed)}; "
+                f"start a new run from its final weights: --init-from {self.run_dir} "
+                "--set run.name=NEW"
+            )
+        self.clock.carry_on()
         where = dict(step=at.step, epoch=at.epoch, step_in_epoch=at.step_in_epoch)
         for log in self.peer_logs.values():
             log.write("resume", **where, checkpoint=str(restored.folder))
         if self.cohort_log is not None:
             self.cohort_log.write("resume", **where, checkpoint=str(restored.folder))
-            print(
-                f"resuming at step {at.step} (epoch {at.epoch + 1}, step {at.step_in_epoch} of "
-                f"it) from {restored.folder}",
-                flush=True,
-            )
+            note = standing.note(self.run_dir, self.cfg.optim.schedule.name)
+            if note is not None:
+                print(note, flush=True)
+            if at.step >= max_steps or at.epoch >= self.cfg.train.epochs:
+                where_text = f"the end of training ({at.epoch} epochs): writing the results"
+            else:
+                where_text = f"epoch {at.epoch + 1}, step {at.step_in_epoch} of it"
+            print(f"resuming at step {at.step} ({where_text}) from {restored.folder}", flush=True)
         return restored
 
     # -- output -----------------------------------------------------------------------------
@@ -472,7 +489,7 @@ class CohortTrainer:
             "cohort_size": self.size,
             "steps": steps,
             "epochs": last["epoch"],
-            "wall_seconds": round(wall, 3),
+            "wall_seconds": round(wall, 3),  # the run's: every attempt's training time
             "peers": {},
             "class_names": list(self.data.class_names),
         }
@@ -490,6 +507,8 @@ class CohortTrainer:
             }
         ens = [h["ensemble"]["accuracy"] for h in history]
         summary["ensemble"] = {"final_accuracy": ens[-1], "best_accuracy": max(ens)}
+        if self.init_source is not None:  # where the students' initial weights came from
+            summary["init_from"] = self.init_source
         if self.cohort_log is not None:
             self.cohort_log.close()
             write_json_atomic(self.run_dir / "summary.json", summary)
