@@ -31,9 +31,27 @@ def cli() -> None:
     "the default for the zmq and torch transports, and it makes 'local' zmq.",
 )  # fmt: skip
 @click.option("--max-restarts", type=int, default=0, help="Restarts of the peer group (--nproc).")
-def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restarts: int) -> None:
-    """Train the cohort described by CONFIG (a YAML file)."""
+@click.option(
+    "--init-from", "init_from", default=None, metavar="RUN",
+    help="Start every student from the final weights of the run in folder RUN (its peer of the "
+    "same name), with a fresh optimizer and schedule (= --set train.init_from=RUN).",
+)  # fmt: skip
+def train(
+    config: str,
+    overrides: tuple[str, ...],
+    nproc: int | None,
+    max_restarts: int,
+    init_from: str | None,
+) -> None:
+    """Train the cohort described by CONFIG (a YAML file).
+
+    Started again in a run folder it resumes from the newest complete checkpoint; a finished
+    run says so in one line and changes nothing."""
+    import json
+
+    from dml_cluster.checkpoint.standing import examine, finished_line
     from dml_cluster.config import load_config
+    from dml_cluster.init_from import source_summary
     from dml_cluster.launch import (
         adopt_torch_runtime_env,
         launch_elastic,
@@ -46,6 +64,8 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
     from dml_cluster.preemption import launcher_wait_s
 
     adopt_torch_runtime_env()  # a Kubeflow Trainer v2 node: PET_* as RANK, WORLD_SIZE, ...
+    if init_from is not None:  # a string whatever it looks like (YAML would read 12 as a number)
+        overrides = (*overrides, f"train.init_from={json.dumps(init_from)}")
     if under_launcher():  # one peer of a cohort; its launcher's --nproc is not ours to check
         stop_on_signals()
         with reported_once():
@@ -60,6 +80,12 @@ def train(config: str, overrides: tuple[str, ...], nproc: int | None, max_restar
     size = len(cfg.peers)
     _check_nproc(nproc, size, max_restarts)
     check_loggers(cfg)  # before the launcher starts anything
+    source_summary(cfg)  # --init-from: a finished run with these peers
+    names = [p.name for p in cfg.peers]
+    finished = finished_line(cfg, examine(cfg, cfg.run.dir), names, reporter=True)
+    if finished:  # a complete run started again: no peer process to start, nothing written
+        click.echo(finished)
+        return
     if cfg.bus.transport == "local":  # --nproc asks for a process per peer: that takes a bus
         overrides = (*overrides, "bus.transport=zmq")
         load_config(config, list(overrides))  # the zmq settings are valid too

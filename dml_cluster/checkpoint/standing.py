@@ -124,7 +124,7 @@ def finished_line(cfg: Config, standing: Standing, hosted: Sequence[str], report
         return ""
     if not all((run_dir / "final" / f"{name}.pt").is_file() for name in hosted):
         return ""
-    summary = _summary(run_dir) if reporter else {}
+    summary = read_summary(run_dir) if reporter else {}
     if summary is None or (reporter and summary.get("steps") != standing.position.step):
         return ""
     at = standing.position
@@ -198,7 +198,8 @@ def _upgraded(recorded: dict[str, Any]) -> dict[str, Any]:
         return recorded
 
 
-def _summary(run_dir: Path) -> dict[str, Any] | None:
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's summary.json (None: none, or unreadable)."""
     try:
         summary = json.loads((run_dir / SUMMARY).read_text())
     except (OSError, ValueError):
@@ -208,7 +209,7 @@ def _summary(run_dir: Path) -> dict[str, Any] | None:
 
 def _without_checkpoints(cfg: Config, run_dir: Path) -> Standing:
     """With checkpoints off, a run is complete when its summary is of this config."""
-    summary = _summary(run_dir)
+    summary = read_summary(run_dir)
     if summary is None or summary.get("config_hash") != cfg.hash():
         return Standing()
     steps, epochs = summary.get("steps"), summary.get("epochs")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dml_cluster.bus.local import LocalBus
+from dml_cluster.checkpoint.standing import examine, finished_line, read_summary
 from dml_cluster.config import Config
 from dml_cluster.data.prepare import prepare_data
 from dml_cluster.determinism import set_determinism
@@ -29,7 +30,12 @@ def run_local(cfg: Config, observers: Sequence[Observer] = ()) -> dict[str, Any]
     hosted = tuple(range(len(cfg.peers)))
     devices = hosted_devices(cfg, hosted)  # peer i on GPU i % n, or cohort.devices
     device = make_current(devices[hosted[0]])
-    with claim_run_folder(cfg.run.dir, {i: cfg.peers[i].name for i in hosted}):
+    names = {i: cfg.peers[i].name for i in hosted}
+    with claim_run_folder(cfg.run.dir, names):
+        finished = finished_line(cfg, examine(cfg, cfg.run.dir), list(names.values()), True)
+        if finished:  # a complete run started again: nothing to do, nothing is written
+            print(finished, flush=True)
+            return read_summary(cfg.run.dir) or {}
         data = prepare_data(cfg)  # bad data, a bad model: before anything is written
         placement = Placement(hosted, device, reporter=True, devices=devices)
         trainer = CohortTrainer(cfg, LocalBus(bus_encoding(cfg)), placement, data=data)

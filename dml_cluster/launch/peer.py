@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dml_cluster.bus import Bus
+from dml_cluster.checkpoint.standing import examine, finished_line, read_summary
 from dml_cluster.config import Config
 from dml_cluster.control import Control, Topic, TorchControl
 from dml_cluster.data.prepare import prepare_data
@@ -82,6 +83,21 @@ def _claim_together(cfg: Config, rank: int, control: Control) -> Iterator[None]:
         yield
 
 
+def _finished(cfg: Config, rank: int, control: Control) -> bool:
+    """Whether the run is complete in every process (the reporting one says so in one line):
+    then there is nothing to do and nothing is written. Checkpoints of another config are
+    refused here, by one process, before anything is built or written."""
+    standing = together(control, Topic.STANDING, rank, lambda: examine(cfg, cfg.run.dir))
+    line = finished_line(cfg, standing, [cfg.peers[rank].name], reporter=rank == 0)
+    if not all(
+        flag == [1] for flag in control.all_gather_ints(Topic.STANDING, 1, [int(bool(line))])
+    ):
+        return False
+    if rank == 0:
+        print(line, flush=True)
+    return True
+
+
 def run_peer(cfg: Config) -> dict[str, Any]:
     """This process is one peer of a cohort started by torchrun (or a compatible launcher)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -110,6 +126,8 @@ def run_peer(cfg: Config) -> dict[str, Any]:
         _check_same_config(cfg, control)
         wire_id = run_id(cfg, agree_on_nonce(control))
         with _claim_together(cfg, rank, control):
+            if _finished(cfg, rank, control):
+                return read_summary(cfg.run.dir) or {}
             with reported_once():  # bad data: before anything is written to the run folder
                 data = prepare_data(cfg)
             bus = make_bus(cfg, rank, world, wire_id, bus_device)
