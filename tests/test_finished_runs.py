@@ -7,7 +7,6 @@ orphan a run folder."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -29,6 +28,7 @@ from dml_cluster.init_from import source_summary
 
 from .cohort_runs import sets, train_many
 from .conftest import REPO, final_weights
+from .faults_helpers import snapshot
 
 CONFIG = str(REPO / "configs" / "digits-dml.yaml")
 TINY = (
@@ -40,15 +40,6 @@ STEP = ("optim.schedule.name=step", "optim.schedule.step_epochs=1")  # a length-
 
 def settings(out: Path, name: str, *more: str) -> list[str]:
     return [*TINY, f"run.out_dir={out}", f"run.name={name}", *more]
-
-
-def fingerprint(folder: Path) -> dict[str, str]:
-    """Every file under `folder` and the sha256 of its bytes."""
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture
@@ -109,21 +100,21 @@ def test_finished_run_started_again_changes_nothing(
     """One process, then the `--nproc 2` launcher: one line each (where the results are, how to
     start a new run or train longer), exit 0, every file byte for byte as it was."""
     folder = runs / "cosine"
-    before = fingerprint(folder)
+    before = snapshot(folder)
     for more in ([], ["--nproc", "2"]):
         code, lines = dml(capsys, "train", CONFIG, *sets(*settings(runs, "cosine")), *more)
         assert code == 0 and len(lines) == 1, lines
         assert lines[0].startswith(f"{folder} is a finished run (2 epochs, 6 steps;"), lines
         assert f"{folder / 'summary.json'}" in lines[0] and "--set run.name=NEW" in lines[0]
         assert f"--init-from {folder}" in lines[0] and "train.epochs=N" in lines[0]
-        assert fingerprint(folder) == before
+        assert snapshot(folder) == before
 
 
 def test_config_mismatch_names_the_keys_and_what_to_do(
     runs: Path, capsys: pytest.CaptureFixture[str], quiet_process: None
 ) -> None:
     folder = runs / "cosine"
-    before = fingerprint(folder)
+    before = snapshot(folder)
     code, lines = dml(capsys, "train", CONFIG, *sets(*settings(runs, "cosine", "train.epochs=5")))
     assert code == 2 and len(lines) == 1, lines
     assert "(train.epochs: 2 → 5): the cosine schedule spans train.epochs" in lines[0], lines
@@ -138,7 +129,7 @@ def test_config_mismatch_names_the_keys_and_what_to_do(
     )
     assert code == 2 and len(lines) == 1, lines
     assert "past the end of this config (train.epochs: " in lines[0], lines  # 2 or 3 → 1
-    assert fingerprint(folder) == before
+    assert snapshot(folder) == before
     assert config_diff({"a": {"b": [1, 2]}}, {"a": {"b": [1, 3]}, "c": "x"}) == [
         'a.b.1: 2 → 3', 'c: (absent) → "x"'
     ]  # fmt: skip
@@ -149,7 +140,7 @@ def test_torchrun_peers_finish_and_extend(runs: Path, tmp_path: Path) -> None:
     the finished run changes nothing and says so once; the `step` run given a third epoch carries
     on and ends bitwise as the run planned three epochs from the start."""
     finished = runs / "cosine"
-    before = fingerprint(finished)
+    before = snapshot(finished)
     zmq = "bus.transport=zmq"
     proc = train_many(
         [
@@ -160,7 +151,7 @@ def test_torchrun_peers_finish_and_extend(runs: Path, tmp_path: Path) -> None:
         nproc=2,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert fingerprint(finished) == before
+    assert snapshot(finished) == before
     assert proc.stdout.count(f"{finished} is a finished run") == 1, proc.stdout
     assert proc.stdout.count("continuing") == 1 and "train.epochs: 2 → 3" in proc.stdout
     assert f"resuming at step 6 (epoch 3, step 0 of it) from {runs / 'step'}" in proc.stdout
