@@ -63,6 +63,13 @@ def _table(head: list[str], rows: list[list[str]], align: str = "---:") -> list[
     return lines
 
 
+def _init_from(record: Any) -> str | None:
+    """Where a run's students started (`train.init_from`), as the report's fact line says it."""
+    if not isinstance(record, dict):
+        return None
+    return f"the final weights of {record.get('folder')} (step {record.get('steps')})"
+
+
 def summary_markdown(logs: RunLogs, images: dict[str, str]) -> str:
     """The report page: Markdown with the plots embedded by relative path."""
     s = logs.summary or {}
@@ -77,6 +84,7 @@ def summary_markdown(logs: RunLogs, images: dict[str, str]) -> str:
         ("epochs", s.get("epochs", last["epoch"] if last else None)),
         ("wall time", f"{s['wall_seconds']:.1f} s" if "wall_seconds" in s else None),
         ("config hash", f"`{s['config_hash']}`" if "config_hash" in s else None),
+        ("initialised from", _init_from(s.get("init_from"))),
     ]
     out += [f"- **{k}**: {v}" for k, v in facts if v is not None]
     if logs.summary is None:

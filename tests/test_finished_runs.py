@@ -188,6 +188,10 @@ def test_init_from_starts_from_the_final_weights(
     assert record == {
         "run": "cosine", "config_hash": source_hash, "steps": 6, "epochs": 2, "folder": str(source)
     }  # fmt: skip
+    from dml_cluster.report import load_run, summary_markdown
+
+    page = summary_markdown(load_run(runs / "warm"), {})
+    assert f"- **initialised from**: the final weights of {source} (step 6)" in page
     refusals = {
         "cohort.model=mlp": "no final weights for mlp-0, mlp-1 (its peers: small_cnn-0, small_cnn-1)",  # noqa: E501
         f"train.init_from={runs / 'nope'}": "nope: no such folder",
