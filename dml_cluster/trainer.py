@@ -416,11 +416,8 @@ class CohortTrainer:
 
     def _resume(self, per_epoch: int, max_steps: int) -> Restored | None:
         """Load the newest checkpoint complete for the whole cohort, if there is one."""
-        if not self.checkpoints.enabled:
-            if self.init_source is not None and self.placement.reporter:
-                print(starting_line(self.init_source), flush=True)
-            return None
-        restored = self.checkpoints.restore(self.peers, self.control)
+        enabled = self.checkpoints.enabled
+        restored = self.checkpoints.restore(self.peers, self.control) if enabled else None
         if restored is None:
             if self.init_source is not None and self.placement.reporter:
                 print(starting_line(self.init_source), flush=True)

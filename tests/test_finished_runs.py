@@ -130,6 +130,14 @@ def test_config_mismatch_names_the_keys_and_what_to_do(
     assert code == 2 and len(lines) == 1, lines
     assert "past the end of this config (train.epochs: " in lines[0], lines  # 2 or 3 → 1
     assert snapshot(folder) == before
+    cut = settings(runs, "cut", *STEP, "train.epochs=3", "train.max_steps=4")  # 3 steps an epoch
+    train_local(*cut)
+    before = snapshot(runs / "cut")
+    with pytest.raises(
+        CheckpointError, match="stopped at train.max_steps in the middle of an epoch"
+    ):
+        train_local(*cut, "train.max_steps=6")
+    assert snapshot(runs / "cut") == before
     assert config_diff({"a": {"b": [1, 2]}}, {"a": {"b": [1, 3]}, "c": "x"}) == [
         'a.b.1: 2 → 3', 'c: (absent) → "x"'
     ]  # fmt: skip

@@ -118,9 +118,11 @@ def finished_line(cfg: Config, standing: Standing, hosted: Sequence[str], report
     """The one line saying that the run in `cfg.run.dir` is complete and nothing is to be done,
     or '' when it is not: training at its end and its results (the hosted peers' final weights;
     for the reporting process the summary of that step) in place. A run that saved its last
-    checkpoint but not its results resumes there and writes them."""
+    checkpoint but not its results resumes there and writes them, and so does one whose length
+    of training changed (the results then are the new config's; the trainer refuses a run cut
+    at train.max_steps mid-epoch)."""
     run_dir = cfg.run.dir
-    if not standing.at_end or standing.position is None:
+    if not standing.at_end or standing.position is None or standing.changed:
         return ""
     if not all((run_dir / "final" / f"{name}.pt").is_file() for name in hosted):
         return ""
