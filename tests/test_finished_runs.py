@@ -85,12 +85,11 @@ def train_local(*items: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Finished two-epoch runs, one process each: `cosine` (the config's schedule), `step` (a
-    length-free schedule) and `step3`, the same trained three epochs from the start."""
+    """Finished two-epoch runs, one process each: `cosine` (the config's schedule) and `step` (a
+    length-free schedule)."""
     out = tmp_path_factory.mktemp("finished")
     train_local(*settings(out, "cosine"))
     train_local(*settings(out, "step", *STEP))
-    train_local(*settings(out, "step3", *STEP, "train.epochs=3"))
     return out
 
 
@@ -143,10 +142,11 @@ def test_config_mismatch_names_the_keys_and_what_to_do(
     ]  # fmt: skip
 
 
-def test_torchrun_peers_finish_and_extend(runs: Path, tmp_path: Path) -> None:
-    """One real two-process cohort (each process a peer, as torchrun or Kubernetes start them):
-    the finished run changes nothing and says so once; the `step` run given a third epoch carries
-    on and ends bitwise as the run planned three epochs from the start."""
+def test_torchrun_peers_finish_extend_and_init_from(runs: Path, tmp_path: Path) -> None:
+    """One real two-process cohort (each process a peer, as torchrun or Kubernetes start them)
+    for four runs: the finished run changes nothing and says so once; the `step` run given a
+    third epoch carries on and ends bitwise as `step3`, the run planned three epochs from the
+    start; `warm` starts from `cosine`'s final weights and records it."""
     finished = runs / "cosine"
     before = snapshot(finished)
     zmq = "bus.transport=zmq"
@@ -154,15 +154,30 @@ def test_torchrun_peers_finish_and_extend(runs: Path, tmp_path: Path) -> None:
         [
             [CONFIG, *sets(*settings(runs, "cosine", zmq))],
             [CONFIG, *sets(*settings(runs, "step", *STEP, "train.epochs=3", zmq))],
+            [CONFIG, *sets(*settings(runs, "step3", *STEP, "train.epochs=3", zmq))],
+            [CONFIG, *sets(*settings(runs, "warm", "train.epochs=1", zmq)), "--init-from",
+             str(finished)],
         ],
         tmp_path / "spec.json",
         nproc=2,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert snapshot(finished) == before
     assert proc.stdout.count(f"{finished} is a finished run") == 1, proc.stdout
     assert proc.stdout.count("continuing") == 1 and "train.epochs: 2 → 3" in proc.stdout
     assert f"resuming at step 6 (epoch 3, step 0 of it) from {runs / 'step'}" in proc.stdout
+    starting = f"starting from the final weights of {finished} (step 6, epoch 2, config "
+    assert proc.stdout.count(starting) == 1, proc.stdout
+    record = json.loads((runs / "warm" / "summary.json").read_text())["init_from"]
+    source_hash = load_config(CONFIG, settings(runs, "cosine")).hash()
+    assert record == {
+        "run": "cosine", "config_hash": source_hash, "steps": 6, "epochs": 2,
+        "folder": str(finished),
+    }  # fmt: skip
+    from dml_cluster.report import load_run, summary_markdown
+
+    page = summary_markdown(load_run(runs / "warm"), {})
+    assert f"- **initialised from**: the final weights of {finished} (step 6)" in page
     longer, planned = final_weights(runs / "step"), final_weights(runs / "step3")
     assert longer.keys() == planned.keys()
     for peer, state in longer.items():
@@ -175,31 +190,13 @@ def test_torchrun_peers_finish_and_extend(runs: Path, tmp_path: Path) -> None:
     )
 
 
-def test_init_from_starts_from_the_final_weights(
-    runs: Path, capsys: pytest.CaptureFixture[str], quiet_process: None
-) -> None:
+def test_init_from_loads_the_final_weights_and_checks_the_source(runs: Path) -> None:
     source = runs / "cosine"
     cfg = load_config(CONFIG, settings(runs, "warm", f"train.init_from={source}"))
     for i, name in enumerate(["small_cnn-0", "small_cnn-1"]):
         model = build_peer(cfg, i, (1, 8, 8), 10, torch.device("cpu")).model.state_dict()
         final = torch.load(source / "final" / f"{name}.pt", weights_only=True)
         assert all(torch.equal(model[k], final[k]) for k in final)
-    code, lines = dml(
-        capsys, "train", CONFIG, *sets(*settings(runs, "warm", "train.epochs=1")),
-        "--init-from", str(source),
-    )  # fmt: skip
-    assert code == 0 and lines[0].startswith(
-        f"starting from the final weights of {source} (step 6"
-    ), lines
-    record = json.loads((runs / "warm" / "summary.json").read_text())["init_from"]
-    source_hash = load_config(CONFIG, settings(runs, "cosine")).hash()
-    assert record == {
-        "run": "cosine", "config_hash": source_hash, "steps": 6, "epochs": 2, "folder": str(source)
-    }  # fmt: skip
-    from dml_cluster.report import load_run, summary_markdown
-
-    page = summary_markdown(load_run(runs / "warm"), {})
-    assert f"- **initialised from**: the final weights of {source} (step 6)" in page
     refusals = {
         "cohort.model=mlp": "no final weights for mlp-0, mlp-1 (its peers: small_cnn-0, small_cnn-1)",  # noqa: E501
         f"train.init_from={runs / 'nope'}": "nope: no such folder",
