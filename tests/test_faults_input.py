@@ -54,9 +54,11 @@ def good_run(runs: Path) -> Path:
 
 @pytest.fixture
 def existing(good_run: Path, tmp_path: Path) -> Path:
-    """A private copy of the good run's folder, under tmp_path/runs/good."""
+    """A private copy of the good run's folder, under tmp_path/runs/good, as if killed after its
+    last checkpoint (a finished run started again has nothing to do: test_finished_runs.py)."""
     run_dir = tmp_path / "runs" / "good"
     shutil.copytree(good_run, run_dir)
+    cut_back_to(run_dir, 44)
     return run_dir
 
 
@@ -155,6 +157,7 @@ def refused(
     for name, (damage, extra) in REFUSED.items():
         run_dir = root / name / "good"
         shutil.copytree(good_run, run_dir)
+        cut_back_to(run_dir, 44)  # unfinished: a finished run would not be resumed
         if damage is not None:
             damage(run_dir)
         cases[name] = Refusal(run_dir, snapshot(run_dir))
