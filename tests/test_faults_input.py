@@ -278,7 +278,9 @@ def mnist_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_dataset_folder_with_missing_or_truncated_files_is_refused(
     mnist_run: Path, damage: str
 ) -> None:
-    run_dir = mnist_run / "runs" / "mnist"
+    run_dir = mnist_run / "runs" / f"mnist-{damage}"  # unfinished: a finished run reads no data
+    shutil.copytree(mnist_run / "runs" / "mnist", run_dir)
+    cut_back_to(run_dir, 0)
     before = snapshot(run_dir)
     labels = mnist_run / "mnist" / "t10k-labels-idx1-ubyte"
     good = labels.read_bytes()
@@ -289,7 +291,7 @@ def test_a_dataset_folder_with_missing_or_truncated_files_is_refused(
         else:
             labels.write_bytes(good[:-10])
             expected = "is truncated"
-        proc = train(*_mnist_args(mnist_run))
+        proc = train(*_mnist_args(mnist_run), "--set", f"run.name={run_dir.name}")
     finally:
         labels.write_bytes(good)
     assert proc.returncode == 2
