@@ -3,12 +3,15 @@ session's reference runs (each trained once, shared by every module that compare
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +24,30 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "dml_cluster"]
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A folder of this test session that every pytest-xdist worker shares (the session's base
+    folder when the tests run in one process)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # each worker's base is a child of the session's
+    folder = base / name
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path) -> Iterator[None]:
+    """Hold `folder`'s lock (one process, of any worker, at a time)."""
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _dataset_cache(tmp_path_factory: pytest.TempPathFactory):
     """One cache of made dataset splits for the session's processes (data/digits.py), not the
     user's own."""
-    os.environ["DML_CLUSTER_CACHE"] = str(tmp_path_factory.mktemp("dataset-cache"))
+    os.environ["DML_CLUSTER_CACHE"] = str(shared_dir(tmp_path_factory, "dataset-cache"))
     yield
 
 
@@ -136,19 +158,22 @@ class References:
     A reference is asked for as (CONFIG, KEY=VALUE, ...) and known by its config hash (what
     decides the trained numbers; where results go, the bus, metrics and checkpoints do not), so
     a module asking for a run another module trained gets that folder. The runs asked for in
-    one call that are not trained yet train in one process (tests/cohort_runs.py)."""
+    one call that are not trained yet train in one process (tests/cohort_runs.py). The folder is
+    shared by the session's pytest-xdist workers: one trains a reference (under the folder's
+    lock), the others find it done."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.trained: dict[str, Path] = {}
 
     def __call__(self, *runs: tuple[str, ...]) -> list[Path]:
-        keys, todo = self._todo(runs)
-        if todo:
-            proc = train_many(self._batch(todo), self.root / f"batch-{len(self.trained)}.json")
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            self.trained.update({key: self.root / key for key in todo})
-        return [self.trained[key] for key in keys]
+        keys = self._keys(runs)
+        with exclusive(self.root):
+            todo = self._todo(keys, runs)
+            if todo:
+                proc = train_many(self._batch(todo), self._spec())
+                assert proc.returncode == 0, proc.stderr[-3000:]
+                self._done(todo)
+        return [self.root / key for key in keys]
 
     def then_killed(
         self, runs: Sequence[tuple[str, ...]], killed: Sequence[str], fault: str
@@ -156,21 +181,35 @@ class References:
         """The references of `runs`, as a call gives them, trained in one process that then
         trains `killed` (arguments after `train`) until `fault` SIGKILLs it
         (tests/fault_injection.py): one process start for both. Also returns that process."""
-        keys, todo = self._todo(runs)
-        batch = [*self._batch(todo), list(killed)]
-        proc = train_many(batch, self.root / f"batch-{len(self.trained)}.json", fault=fault)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-        self.trained.update({key: self.root / key for key in todo})
-        return [self.trained[key] for key in keys], proc
+        keys = self._keys(runs)
+        with exclusive(self.root):
+            todo = self._todo(keys, runs)
+            batch = [*self._batch(todo), list(killed)]
+            proc = train_many(batch, self._spec(), fault=fault)
+            assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+            self._done(todo)
+        return [self.root / key for key in keys], proc
 
-    def _todo(
-        self, runs: Sequence[tuple[str, ...]]
-    ) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    @staticmethod
+    def _keys(runs: Sequence[tuple[str, ...]]) -> list[str]:
         from dml_cluster.config import load_config
 
-        keys = [load_config(REPO / run[0], list(run[1:])).hash() for run in runs]
-        todo = {key: run for key, run in zip(keys, runs, strict=True) if key not in self.trained}
-        return keys, todo
+        return [load_config(REPO / run[0], list(run[1:])).hash() for run in runs]
+
+    def _todo(self, keys: list[str], runs: Sequence[tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        """The runs not trained yet (by this worker or another), by key."""
+        return {
+            key: run
+            for key, run in zip(keys, runs, strict=True)
+            if not (self.root / f"{key}.done").exists()
+        }
+
+    def _done(self, todo: dict[str, tuple[str, ...]]) -> None:
+        for key in todo:
+            (self.root / f"{key}.done").touch()
+
+    def _spec(self) -> Path:
+        return self.root / f"batch-{os.getpid()}-{next(_batches)}.json"
 
     def _batch(self, todo: dict[str, tuple[str, ...]]) -> list[list[str]]:
         return [
@@ -180,9 +219,12 @@ class References:
         ]  # fmt: skip
 
 
+_batches = itertools.count()
+
+
 @pytest.fixture(scope="session")
 def references(tmp_path_factory: pytest.TempPathFactory) -> References:
-    return References(tmp_path_factory.mktemp("references"))
+    return References(shared_dir(tmp_path_factory, "references"))
 
 
 CHECKPOINTED_EPOCHS = 4  # 22 steps per epoch: checkpoints at 10, 20, 22, 30, 40, 44, ... 88
@@ -195,7 +237,10 @@ def checkpointed_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     like. Read-only: copy it to change it."""
     from .faults_helpers import settings, train
 
-    runs = tmp_path_factory.mktemp("checkpointed")
-    proc = train(*settings(runs, "reference", epochs=CHECKPOINTED_EPOCHS))
-    assert proc.returncode == 0, proc.stderr
+    runs = shared_dir(tmp_path_factory, "checkpointed")  # one training for every worker
+    with exclusive(runs):
+        if not (runs / "reference.done").exists():
+            proc = train(*settings(runs, "reference", epochs=CHECKPOINTED_EPOCHS))
+            assert proc.returncode == 0, proc.stderr
+            (runs / "reference.done").touch()
     return runs / "reference"
