@@ -56,6 +56,7 @@ class Topic(IntEnum):
     RUN_FOLDER = 6  # start-up: whether a process could claim its share of the run folder
     RUN_NONCE = 7  # start-up: the launch's random nonce in the wire's run id (rank 0 draws it)
     BUILD = 8  # start-up: whether a process could build its peers (models, weights, method)
+    REPLICA_STREAMS = 9  # checkpoint save: a data-parallel replica's random stream
 
 
 _DOING = {
@@ -67,6 +68,7 @@ _DOING = {
     Topic.RUN_FOLDER: "claiming the run folder",
     Topic.RUN_NONCE: "agreeing on the run id",
     Topic.BUILD: "building the peers",
+    Topic.REPLICA_STREAMS: "gathering the replicas' random streams for step {about}",
 }
 
 

@@ -40,6 +40,7 @@ from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, 
 from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
+from dml_cluster.replicas import Replicas, gather_streams, replicate
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
 from dml_cluster.sparse_rows import Sampled, TopK, densify, describe
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
@@ -70,12 +71,14 @@ class Placement:
     """Which peers this process hosts, on which device, and whether it reports for the cohort.
 
     `device` holds the data and what the bus exchanges; `devices` gives a hosted peer another
-    one (the one-process engine spreading peers over GPUs; dml_cluster.devices)."""
+    one (the one-process engine spreading peers over GPUs; dml_cluster.devices); `replicas`:
+    which of its peer's data-parallel replicas this process is (dml_cluster.replicas)."""
 
     hosted: tuple[int, ...]
     device: torch.device
     reporter: bool
     devices: Mapping[int, torch.device] = dataclasses.field(default_factory=dict)
+    replicas: Replicas = Replicas()
 
     def device_of(self, peer: int) -> torch.device:
         return self.devices.get(peer, self.device)
@@ -119,6 +122,7 @@ class CohortTrainer:
             crop_padding=cfg.data.augment.crop_padding,
             flip=data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip,
             labels=prepared.labels,
+            shard=placement.replicas.shard,
         )
         self.test_fingerprint = fingerprint(torch.arange(self.batches.num_test))
         self.method = build_method(cfg.method)
@@ -129,19 +133,24 @@ class CohortTrainer:
                 f"{classes} classes"
             )
         self.method_inputs = inputs = MethodInputs(self.method, cfg.run, shape, classes)
+        replicas = placement.replicas
         self.peers: dict[int, Peer] = {
-            i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs)
+            i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs, replicas.index)
             for i in placement.hosted
         }
+        for peer in self.peers.values():  # a data-parallel student trains through DDP
+            replicate(peer, replicas)
         # device events where the peers step on a GPU, the host clock on the CPU
         self.timer = step_timer({placement.device, *map(placement.device_of, placement.hosted)})
         self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
         self.teachers = [i for i, p in enumerate(cfg.peers) if p.role == "teacher"]
         self.per_epoch = max(steps_per_epoch(self.batches.num_train, cfg.data.batch_size), 1)
         self.run_dir = cfg.run.dir
-        self.checkpoints = CohortCheckpoints(cfg, self.run_dir)
+        self.checkpoints = CohortCheckpoints(cfg, self.run_dir, replicas.index)
+        # a data-parallel peer's log is its first replica's (the others write nothing)
+        logged = self.peers if replicas.first else {}
         self.peer_logs = {
-            i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
+            i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in logged.items()
         }
         self.cohort_log = JsonlLog(self.run_dir / "cohort.jsonl") if placement.reporter else None
         devices = {i: str(placement.device_of(i)) for i in self.peers}
@@ -212,7 +221,7 @@ class CohortTrainer:
         x = self._input(peer.index, x)
         with peer.stream:
             if not peer.is_teacher:
-                return peer.model(x)
+                return peer.train_forward(x)  # through DDP for a data-parallel student
             with torch.no_grad():
                 return peer.model(x)
 
@@ -376,7 +385,8 @@ class CohortTrainer:
             for peer in self.peers.values():
                 peer.scheduler.step()
             last = epoch == cfg.train.epochs - 1 or step >= max_steps
-            if (epoch + 1) % cfg.train.eval_every == 0 or last:
+            evaluates = self.placement.replicas.first  # a peer's replica 0 evaluates it
+            if ((epoch + 1) % cfg.train.eval_every == 0 or last) and evaluates:
                 report = self.evaluate(step - 1)
                 history.append({"epoch": epoch + 1, "step": step, **report})
                 evaluated = EvalEvent(
@@ -410,7 +420,13 @@ class CohortTrainer:
     def _checkpoint(self, at: Position, history: list[dict[str, Any]]) -> None:
         """Save the hosted peers; the cohort confirms over the control channel. Every process
         saves at the same steps, so a teacher running ahead waits there for the students."""
-        self.checkpoints.save(at, self.peers, history, self.control)
+        streams = None
+        if self.placement.replicas.active:  # every replica's stream in replica 0's file
+            streams = {
+                i: gather_streams(self.control, at.step, p.stream, i, self.placement.replicas)
+                for i, p in self.peers.items()
+            }
+        self.checkpoints.save(at, self.peers, history, self.control, streams)
         self.clock.record(at.step)
 
     def _resume(self) -> Restored | None:
@@ -456,6 +472,8 @@ class CohortTrainer:
             observer.on_step(event)
 
     def _finish(self, history: list[dict[str, Any]], steps: int, wall: float) -> dict[str, Any]:
+        if not self.placement.replicas.first:  # replica 0 writes and reports the peer
+            return {"run": self.cfg.run.name, "steps": steps, "wall_seconds": round(wall, 3)}
         final_dir = self.run_dir / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
         for peer in self.peers.values():
