@@ -57,6 +57,15 @@ class Replicas:
     def active(self) -> bool:
         return self.count > 1
 
+    def whole_batch_share(self, marked: Tensor) -> Tensor:
+        """The count of marked rows (a bool [B] of this replica's share) over the peer's whole
+        batch, divided by the replicas: what a replica's masked mean divides by, so that DDP's
+        average of the replicas' gradients is the gradient of the whole batch's masked mean.
+        An all-reduce over the replica group, on the device (no host read)."""
+        count = marked.sum().to(torch.float32)
+        dist.all_reduce(count, group=self.group)
+        return count / self.count
+
 
 def replicate(peer: Peer, replicas: Replicas) -> None:
     """Make a student's training data-parallel over its replicas (nothing for one replica or a

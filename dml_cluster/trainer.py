@@ -32,6 +32,7 @@ from dml_cluster.data.stats import DATA_FILE, record_data
 from dml_cluster.devices import all_on
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
+from dml_cluster.losses import UNLABELLED
 from dml_cluster.method_inputs import Given, MethodInputs
 from dml_cluster.methods import LossParts, Predictions, Progress, StepView, build_method
 from dml_cluster.metrics.chance import ChanceWatch
@@ -179,10 +180,12 @@ class CohortTrainer:
     # -- one step ---------------------------------------------------------------------------
 
     def _update(
-        self, i: int, logits: Tensor, y: Tensor, log_ps: dict[int, Tensor], step: int, given: Given
-    ) -> LossParts:
+        self, i: int, logits: Tensor, y: Tensor, log_ps: dict[int, Tensor], step: int, given: Given,
+        labelled: Tensor | None = None,
+    ) -> LossParts:  # fmt: skip
         """Student i's loss on the step, backward, optimizer step (the caller enters its stream).
-        `given`: what its method declared it reads beyond logits (already on its device)."""
+        `given`: what its method declared it reads beyond logits (already on its device);
+        `labelled`: a data-parallel replica's count for masked means (`StepView.labelled`)."""
         progress = Progress(step // self.per_epoch, step, self.per_epoch)
         on = logits.device  # the others' predictions (and teachers') come to this peer's device
         others = all_on([log_ps[j] for j in self.students if j != i], on)
@@ -191,7 +194,7 @@ class CohortTrainer:
         peer = self.peers[i]
         view = StepView(
             i, peers, teachers, progress, given.features, given.teacher, given.sample_ids,
-            peer.extras,
+            peer.extras, labelled,
         )  # fmt: skip
         with autocast(self.cfg.run.precision, on):  # a method's own modules (hints) too
             parts = self.method(logits.float(), y.to(on), view)  # losses in float32
@@ -259,10 +262,11 @@ class CohortTrainer:
             learners, self.placement.device_of, lambda i: self._input(i, x), features, sample_ids
         )
         parts: dict[int, LossParts] = {}
+        labelled = self._labelled(y, learners)
         if self.cfg.cohort.update == "simultaneous":
             for i in learners:
                 with self.peers[i].stream:  # a peer's draws come from its own stream
-                    parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
+                    parts[i] = self._update(i, logits[i], y, log_ps, step, given[i], labelled)
             self.timer.mark(UPDATE)
         else:
             # sequential (the paper's Algorithm 1): the r-th student updates in round r, after the
@@ -281,9 +285,18 @@ class CohortTrainer:
                     log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [prev]))
                 if i in self.peers:
                     with self.peers[i].stream:
-                        parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
+                        parts[i] = self._update(i, logits[i], y, log_ps, step, given[i], labelled)
                 self.timer.mark(UPDATE)
         return StepResult(parts, batch_log_ps, self.timer.stop(self._wait_seconds), encoded)
+
+    def _labelled(self, y: Tensor, learners: Sequence[int]) -> Tensor | None:
+        """A data-parallel student's count for masked means: the labelled rows of its peer's
+        whole batch over the replicas (only where labels may be missing: a semi-supervised
+        run); None otherwise (the batch's own count, as in one process per peer)."""
+        replicas = self.placement.replicas
+        if not (replicas.active and learners and self.batches.labels is not None):
+            return None
+        return replicas.whole_batch_share(y != UNLABELLED)
 
     # -- evaluation -------------------------------------------------------------------------
 
