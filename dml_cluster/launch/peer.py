@@ -131,7 +131,8 @@ def run_peer(cfg: Config) -> dict[str, Any]:
                 control, Topic.BUILD, rank,
                 lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
             )  # fmt: skip
-            with metrics_observers(cfg, (peer,), run_id(cfg).hex(), local_rank) as observers:
+            run = run_id(cfg).hex()
+            with metrics_observers(cfg, (peer,), run, local_rank, replica) as observers:
                 trainer.observe(observers)
                 return trainer.run()
     except PeerError:
