@@ -1,15 +1,16 @@
 """K peers x D data-parallel replicas (cohort.replicas): a K = 2, D = 2 cohort on the CPU (gloo,
 4 processes under torchrun) against the K = 2, D = 1 run with the same global batch.
 
-Two torchrun launches of 4 processes and two one-process launches carry every configuration
-(tests/cohort_runs.py):
+One torchrun launch of 4 processes and one process carry every configuration (process starts are
+the cost; tests/cohort_runs.py):
 
-- launch A: the MLP cohort over zmq and over torch, a semi-supervised MLP cohort (labelled-only
-  mimicry, sequential update) over torch, and the small CNN with BatchNorm per replica;
-- launch B (restarts allowed): the MLP cohort over zmq again, whose replica 0 of peer mlp-1 is
-  SIGKILLed half-way through writing its checkpoint of step 16 (tests/fault_injection.py);
-- one process: the D = 1 references of the MLP and the semi-supervised cohorts; another: every
-  command that must stop at start-up with one line (the bad inputs, a resume with another D).
+- the launch (one restart allowed): first the MLP cohort over zmq whose replica 0 of peer mlp-1
+  is SIGKILLed half-way through writing its checkpoint of step 16 (tests/fault_injection.py):
+  torchrun restarts the group, which resumes it from step 8 and then runs the rest once: the same
+  MLP cohort over torch, a semi-supervised MLP cohort (labelled-only mimicry, sequential update)
+  over torch, and the small CNN with BatchNorm per replica over zmq;
+- one process, after it: the D = 1 references of the MLP and the semi-supervised cohorts, then
+  every command that must stop at start-up with one line (bad inputs, a resume with another D).
 
 Why a tolerance against D = 1 and which: the replicas' mean gradient is DDP's average of two
 half-batch gradients, the D = 1 gradient is one sum over the whole batch: the same terms, added in
@@ -44,13 +45,19 @@ MLP = ("cohort.model=mlp", "cohort.args={}", "train.max_steps=24", "metrics.enab
 CHECKPOINTS = ("checkpoint.every_steps=8", "checkpoint.keep=10")
 SEMI_MLP = (*MLP, "method.unlabelled_mimicry=false", "cohort.update=sequential")
 """CE and mimicry on the labelled rows only: both means divide by the all-reduced count."""
-BN = ("cohort.model=small_cnn", "cohort.args={width: 8}", "train.max_steps=22")
+BN = (
+    "cohort.model=small_cnn",
+    "cohort.args={width: 8}",
+    "train.max_steps=22",
+    "metrics.enabled=false",
+)
 TOLERANCE = 1e-6  # float32 summation order of the gradient average (module docstring)
 D2 = ("cohort.replicas=2",)
 
 
 class Runs:
-    """Every run folder of the module's three launches, and the launches' output."""
+    """Every run folder of the module's two launches, the launches' output, and the one-line
+    refusals' results (in the order of `REFUSED`)."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -58,32 +65,53 @@ class Runs:
         def run(config: str, name: str, *items: str) -> list[str]:
             return [config, *sets(*items, f"run.out_dir={root}", f"run.name={name}")]
 
-        references = [
-            run(CONFIG, "d1", *MLP, *CHECKPOINTS),
-            run(SEMI, "semi-d1", *SEMI_MLP),
-        ]
-        launch_a = [
-            run(CONFIG, "zmq", *MLP, *CHECKPOINTS, *D2, "bus.transport=zmq"),
+        launch = [
+            run(CONFIG, "killed", *MLP, *CHECKPOINTS, *D2, "bus.transport=zmq"),
             run(CONFIG, "torch", *MLP, *CHECKPOINTS, *D2, "bus.transport=torch"),
             run(SEMI, "semi", *SEMI_MLP, *D2, "bus.transport=torch"),
-            run(CONFIG, "bn", *BN, *D2, "bus.transport=zmq", "metrics.enabled=false"),
+            run(CONFIG, "bn", *BN, *D2, "bus.transport=zmq"),
         ]
-        launch_b = [run(CONFIG, "killed", *MLP, *CHECKPOINTS, *D2, "bus.transport=zmq")]
-        self.output = {}
-        proc = train_many(references, root / "d1.json")
-        self.output["d1"] = f"exit {proc.returncode}\n{proc.stderr[-3000:]}\n{proc.stdout}"
-        proc = train_many(launch_a, root / "a.json", nproc=4)
-        self.output["a"] = f"exit {proc.returncode}\n{proc.stderr[-3000:]}\n{proc.stdout}"
         fault = "die-saving:mlp-1:16:killed"  # replica 0 of mlp-1 dies writing step 16
-        self.killed = train_many(launch_b, root / "b.json", nproc=4, max_restarts=1, fault=fault)
-        self.output["b"] = (
-            f"exit {self.killed.returncode}\n{self.killed.stderr[-3000:]}\n{self.killed.stdout}"
-        )
+        self.launch = train_many(launch, root / "a.json", nproc=4, max_restarts=1, fault=fault)
+        self.output = {
+            "a": f"exit {self.launch.returncode}\n{self.launch.stderr[-3000:]}\n"
+            f"{self.launch.stdout}"
+        }
+        self.torch_before = _contents(root / "torch")  # what the resume refusal must not change
+        references = [run(CONFIG, "d1", *MLP, *CHECKPOINTS), run(SEMI, "semi-d1", *SEMI_MLP)]
+        bad_out = sets(f"run.out_dir={root / 'bad'}")
+        refused = [
+            *(["train", CONFIG, *args, *bad_out] for args in BAD.values()),
+            ["train", *run(CONFIG, "torch", *MLP, *CHECKPOINTS)],  # D = 2's folder under D = 1
+        ]
+        done = cli_each([["train", *r] for r in references] + refused, root / "one.json")
+        self.references, self.refused = done[: len(references)], done[len(references) :]
+        self.output["d1"] = "\n".join(f"exit {d.returncode}\n{d.stderr[-2000:]}" for d in done)
 
     def dir(self, name: str, launch: str) -> Path:
         run_dir = self.root / name
         assert (run_dir / "summary.json").exists(), self.output[launch]
         return run_dir
+
+
+def _contents(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+BAD = {
+    "data.batch_size: 64 does not divide into cohort.replicas 3": sets("cohort.replicas=3"),
+    "--nproc 4 (or torchrun --nproc-per-node 4)": [
+        "--nproc", "2", *sets("cohort.replicas=2", "bus.transport=zmq"),
+    ],
+    "cohort.replicas: 2 runs each peer as 2 processes: --nproc 4": sets("cohort.replicas=2"),
+    "cohort.shard: fsdp": sets("cohort.replicas=2", "cohort.shard=fsdp"),
+}  # fmt: skip
+"""A batch that does not divide by D, --nproc other than K x D, replicas without processes,
+fsdp: the line each says (in part)."""
+REFUSED = [
+    *BAD,
+    "was written by a cohort of 2 replica(s) per peer, this config has cohort.replicas 1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +123,7 @@ def test_two_replicas_per_peer_end_within_rounding_of_one(runs: Runs) -> None:
     """K = 2, D = 2 against K = 2, D = 1 (one process): the same weights up to the order of the
     gradient average's additions; the semi-supervised cohort too (masked means divided by the
     all-reduced labelled count)."""
-    for name, reference in (("zmq", "d1"), ("semi", "semi-d1")):
+    for name, reference in (("torch", "d1"), ("semi", "semi-d1")):
         replicated = final_weights(runs.dir(name, "a"))
         single = final_weights(runs.dir(reference, "d1"))
         diff = max_weight_diff(replicated, single)
@@ -105,21 +133,19 @@ def test_two_replicas_per_peer_end_within_rounding_of_one(runs: Runs) -> None:
 
 
 def test_replicated_runs_are_bitwise_equal_across_transports_and_a_kill(runs: Runs) -> None:
-    """zmq and torch, and the zmq run killed while saving and restarted by torchrun: every
-    peer's saved state equal bit for bit (its every replica's random stream included)."""
-    zmq = runs.dir("zmq", "a")
-    assert_same_states(zmq, runs.dir("torch", "a"))
-    killed = runs.dir("killed", "b")
-    assert "failed (exitcode: -9) local_rank: 2" in runs.killed.stderr  # replica 0 of mlp-1
-    assert "resuming at step 8 (epoch 1, step 8 of it)" in runs.killed.stdout
+    """Two runs of one config: over zmq, killed while saving and restarted by torchrun, and over
+    torch: every peer's saved state equal bit for bit (its every replica's stream included)."""
+    killed = runs.dir("killed", "a")
+    assert "failed (exitcode: -9) local_rank: 2" in runs.launch.stderr  # replica 0 of mlp-1
+    assert "resuming at step 8 (epoch 1, step 8 of it)" in runs.launch.stdout
     assert not list(killed.rglob("*.tmp"))
-    assert_same_states(killed, zmq)
+    assert_same_states(killed, runs.dir("torch", "a"))
 
 
 def test_one_file_per_peer_holds_every_replica_stream(runs: Runs) -> None:
     """Replica 0 writes its peer's file (the plain model's names, no DDP `module.` prefix), the
     manifest records the replicas, the other replicas write no file of their own."""
-    run_dir = runs.dir("zmq", "a")
+    run_dir = runs.dir("torch", "a")
     step = run_dir / "checkpoints" / "step-000000024"
     assert sorted(p.name for p in step.iterdir() if p.suffix == ".pt") == ["mlp-0.pt", "mlp-1.pt"]
     assert json.loads((step / "manifest.json").read_text())["replicas"] == 2
@@ -138,43 +164,17 @@ def test_batchnorm_per_replica_trains(runs: Runs) -> None:
         assert peer["final_accuracy"] > 0.4, (name, peer["final_accuracy"])
 
 
-BAD = {
-    "data.batch_size: 64 does not divide into cohort.replicas 3": sets("cohort.replicas=3"),
-    "--nproc 4 (or torchrun --nproc-per-node 4)": [
-        "--nproc", "2", *sets("cohort.replicas=2", "bus.transport=zmq"),
-    ],
-    "cohort.replicas: 2 runs each peer as 2 processes: --nproc 4": sets("cohort.replicas=2"),
-    "cohort.shard: fsdp": sets("cohort.replicas=2", "cohort.shard=fsdp"),
-}  # fmt: skip
-"""A batch that does not divide by D, --nproc other than K x D, replicas without processes,
-fsdp: the line each says (in part)."""
-
-
-def _contents(folder: Path) -> dict[Path, bytes]:
-    return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def test_refusals_are_one_line_each_and_write_nothing(runs: Runs, tmp_path: Path) -> None:
+def test_refusals_are_one_line_each_and_write_nothing(runs: Runs) -> None:
     """The bad settings, and checkpoints of D = 2 resumed under D = 1 (refused: one line naming
     both; the weights would load, but each replica's random stream is in the file): one line,
-    exit 2, nothing written (a new folder not made, the D = 2 folder byte for byte as it was)."""
-    out = sets(f"run.out_dir={tmp_path / 'runs'}")
-    resumed = runs.dir("torch", "a")
-    before = _contents(resumed)
-    again = [*sets(*MLP, *CHECKPOINTS, f"run.out_dir={runs.root}", "run.name=torch")]
-    commands = [
-        *(["train", CONFIG, *args, *out] for args in BAD.values()),
-        ["train", CONFIG, *again],
-    ]
-    results = cli_each(commands, tmp_path / "refused.json")
-    expected = [*BAD, "was written by a cohort of 2 replica(s) per peer, this config has "
-                      "cohort.replicas 1"]  # fmt: skip
-    for line, done in zip(expected, results, strict=True):
+    exit 2, nothing written (no new folder, the D = 2 folder byte for byte as it was)."""
+    for line, done in zip(REFUSED, runs.refused, strict=True):
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
         assert line in lines[0], lines[0]
-    assert not (tmp_path / "runs").exists()
-    assert _contents(resumed) == before
+    assert not (runs.root / "bad").exists()
+    resumed = runs.dir("torch", "a")
+    assert _contents(resumed) == runs.torch_before
     manifest = resumed / "checkpoints" / "step-000000024" / "manifest.json"
     identity = RunIdentity(resumed / "checkpoints", ("mlp-0", "mlp-1"), "x", replicas=4)
     with pytest.raises(CheckpointError, match="2 replica"):
