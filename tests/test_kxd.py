@@ -193,3 +193,19 @@ def test_the_world_must_be_peers_times_replicas() -> None:
     line = str(err.value)
     assert "2 peers x 2 replicas" in line and "--nproc 4" in line
     assert "torchrun --nproc-per-node 4" in line
+
+
+def test_k8s_render_writes_one_pod_per_process() -> None:
+    """`k8s render` of a 2 x 2 cohort: 4 pods of one process each, in every engine's terms."""
+    from dml_cluster.k8s import RenderOptions, pod_config, render
+
+    from .conftest import REPO
+
+    cfg, raw = pod_config(REPO / CONFIG, ["cohort.replicas=2", "bus.transport=torch"])
+    opts = {"image": "example.org/dml:1", "namespace": "dml"}
+    job = render(cfg, raw, RenderOptions(engine="indexed-job", **opts))["indexed-job.yaml"]
+    indexed = next(d for d in job if d["kind"] == "Job")
+    assert indexed["spec"]["completions"] == indexed["spec"]["parallelism"] == 4
+    trainjob = render(cfg, raw, RenderOptions(engine="trainjob", **opts))["trainjob.yaml"]
+    train = next(d for d in trainjob if d["kind"] == "TrainJob")
+    assert train["spec"]["trainer"]["numNodes"] == 4
