@@ -169,7 +169,7 @@ class CohortTrainer:
         self.clock = RunClock(self.run_dir / CLOCK_FILE if placement.reporter else None)
         if placement.reporter and cfg.run.progress_every_s > 0:
             max_steps = cfg.train.max_steps or cfg.train.epochs * self.per_epoch
-            plan = RunPlan(self.per_epoch, max_steps, cfg.train.epochs)
+            plan = RunPlan(self.per_epoch, max_steps, cfg.train.epochs, replicas.count)
             every = cfg.run.progress_every_s
             self.observers.append(ProgressDisplay(plan, self.names, self.clock, every, sys.stderr))
 
