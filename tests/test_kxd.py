@@ -209,3 +209,21 @@ def test_k8s_render_writes_one_pod_per_process() -> None:
     trainjob = render(cfg, raw, RenderOptions(engine="trainjob", **opts))["trainjob.yaml"]
     train = next(d for d in trainjob if d["kind"] == "TrainJob")
     assert train["spec"]["trainer"]["numNodes"] == 4
+
+
+def test_replicas_read_the_batch_in_shares_each_sample_augmented_as_in_one() -> None:
+    """The D shares of a step's batch are its rows in order, and each row is cropped and flipped
+    as the whole batch's augmentation does it (the draws are made for the batch, rows taken)."""
+    from dml_cluster.data.augment import augment_batch
+    from dml_cluster.data.loader import StepSampler, shard_rows
+
+    whole = list(StepSampler(100, 16, 7, 2, 0, 3))
+    shares = [list(StepSampler(100, 16, 7, 2, 0, 3, (r, 4))) for r in range(4)]
+    assert [sum((s[step] for s in shares), []) for step in range(3)] == whole
+    x = torch.arange(16 * 3 * 8 * 8, dtype=torch.float32).view(16, 3, 8, 8)
+    kwargs = {"seed": 1, "epoch": 2, "step": 3, "crop_padding": 2, "flip": True}
+    expected = augment_batch(x, **kwargs)
+    for r in range(4):
+        rows = shard_rows(16, (r, 4))
+        share = augment_batch(x[rows], rows=rows, batch_size=16, **kwargs)
+        assert torch.equal(share, expected[rows])
