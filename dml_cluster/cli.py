@@ -27,7 +27,8 @@ def cli() -> None:
 @_SET
 @click.option(
     "--nproc", type=int, default=None, metavar="K",
-    help="Run one process per peer (K = the cohort size) through torch's elastic launcher; "
+    help="Run one process per peer (K = the cohort size; K x D with cohort.replicas D) "
+    "through torch's elastic launcher; "
     "the default for the zmq and torch transports, and it makes 'local' zmq.",
 )  # fmt: skip
 @click.option("--max-restarts", type=int, default=0, help="Restarts of the peer group (--nproc).")
@@ -73,12 +74,18 @@ def train(
         run_peer(cfg)
         return
     cfg = load_config(config, list(overrides))
+    replicas = cfg.cohort.replicas
+    size = len(cfg.peers) * replicas
     if nproc is None and cfg.bus.transport == "local":
+        if replicas > 1:
+            raise ConfigError(
+                f"config error: cohort.replicas: {replicas} runs each peer as {replicas} "
+                f"processes: --nproc {size} (with bus.transport zmq or torch)"
+            )
         stop_on_signals()
         run_local(cfg)
         return
-    size = len(cfg.peers)
-    _check_nproc(nproc, size, max_restarts)
+    _check_nproc(nproc, size, max_restarts, replicas)
     check_loggers(cfg)  # before the launcher starts anything
     source_summary(cfg)  # --init-from: a finished run with these peers
     names = [p.name for p in cfg.peers]
@@ -98,13 +105,20 @@ def train(
     sys.exit(launch_elastic(config, list(overrides), size, max_restarts, wait_s, cfg.run.dir))
 
 
-def _check_nproc(nproc: int | None, size: int, max_restarts: int) -> None:
-    """`--nproc K` starts one process per peer: K must be the cohort size (checked before torch's
-    launcher starts anything)."""
+def _check_nproc(nproc: int | None, size: int, max_restarts: int, replicas: int = 1) -> None:
+    """`--nproc K` starts one process per peer: K must be the cohort size, K x D with
+    cohort.replicas D (`size`: the processes the cohort takes; checked before torch's launcher
+    starts anything)."""
     if nproc is not None and nproc < 1:
         raise ConfigError(
             f"--nproc {nproc}: at least one process is needed, one per peer "
             f"(this cohort has {size}: --nproc {size})"
+        )
+    if nproc is not None and nproc != size and replicas > 1:
+        raise ConfigError(
+            f"--nproc {nproc}, but the cohort has {size // replicas} peers x {replicas} replicas "
+            f"(cohort.replicas) and runs one process per replica: --nproc {size} (or torchrun "
+            f"--nproc-per-node {size})"
         )
     if nproc is not None and nproc != size:
         raise ConfigError(

@@ -45,6 +45,14 @@ class Peer:
     extras: nn.ModuleDict = field(default_factory=nn.ModuleDict)
     scaler: torch.amp.GradScaler | None = None
     """fp16's loss scaler (run.precision: fp16; checkpointed with the peer)."""
+    replicated: nn.Module | None = None
+    """A data-parallel student's DDP wrapper (dml_cluster.replicas), which its training forward
+    goes through so that backward averages the gradients over its replicas; `model` stays the
+    plain module (evaluation, checkpoints: the plain parameter names)."""
+
+    def train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward: through the DDP wrapper where there is one."""
+        return (self.replicated or self.model)(x)
 
     @property
     def is_teacher(self) -> bool:
@@ -87,8 +95,10 @@ def build_peer(
     num_classes: int,
     device: torch.device,
     method: MethodInputs | None = None,
+    replica: int = 0,
 ) -> Peer:
-    """Build peer `index` of the cohort, seeded by (run.seed, index); its random stream too.
+    """Build peer `index` of the cohort, seeded by (run.seed, index); its random stream too
+    (by (run.seed, index, replica) for a data-parallel peer's replica `replica` > 0).
 
     A student is attached to its method's inputs (`method`: its declared features hooked, its
     teacher on `device`) and gets the extra modules the method trains next to its model (seeded
@@ -119,7 +129,7 @@ def build_peer(
         optimizer.step()  # no parameter has a gradient: changes nothing, marks the optimizer used
     prepare_model(model, cfg.run, device)  # layout, autocast, compile: after weights and probes
     scaler = make_scaler(cfg.run.precision, device) if peer_cfg.role == "student" else None
-    stream = PeerStream(cfg.run.seed, index, device)
+    stream = PeerStream(cfg.run.seed, index, device, replica)
     return Peer(index, peer_cfg.name, peer_cfg, model, optimizer, scheduler, stream, extras, scaler)
 
 

@@ -163,6 +163,18 @@ class CohortConfig(Strict):
         description="one device per peer ('cuda:0', 'cuda', 'cpu'; 'cuda' = the peer's round-robin "
         "GPU); default: peers spread round-robin over the visible GPUs, else the CPU",
     )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="data-parallel processes per peer (D): the world is K peers x D replicas, "
+        "each replica trains on 1/D of the peer's batch, gradients averaged over them",
+    )
+    shard: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="how a peer's replicas share it: ddp (a whole copy each)"
+    )
+    sync_batchnorm: bool = Field(
+        False, description="BatchNorm statistics over the peer's replicas (SyncBatchNorm)"
+    )
 
     @field_validator("devices")
     @classmethod
@@ -486,6 +498,9 @@ def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
     if bus["encoding"] == "sampled":
         d["bus"].update(samples=bus["samples"], sparse_dtype=bus["sparse_dtype"])
     d["cohort"].pop("devices", None)  # where peers run (same hardware: the same numbers)
+    for key, default in _REPLICA_DEFAULTS.items():  # one process per peer: hashed as before
+        if d["cohort"].get(key) == default:
+            d["cohort"].pop(key, None)
     for key in ("workers", "prefetch", "cache_dir"):  # how batches are read, not which
         d["data"].pop(key, None)
     for key in _TEXT_KEYS:  # unset text settings: image configs hash as they always did
@@ -534,6 +549,9 @@ def _shown(value: Any) -> str:
     return value if value == "(absent)" else json.dumps(value)
 
 
+_REPLICA_DEFAULTS = {"replicas": 1, "shard": "ddp", "sync_batchnorm": False}
+"""Cohort keys of data-parallel peers, left out of the hash at their defaults (the configs of
+one process per peer hash as they did before replicas existed)."""
 _NOT_HASHED_RUN = ("name", "out_dir", "log_every", "progress_every_s")
 _TEXT_KEYS = ("train", "val", "tokenizer", "block_size", "val_tokens")
 
@@ -637,7 +655,23 @@ def parse_config(raw: Any) -> Config:
     check_encoding(cfg)
     check_teachers(cfg)
     check_names(cfg)
+    check_replicas(cfg)
     return cfg
+
+
+def check_replicas(cfg: Config) -> None:
+    """Data-parallel peers: every replica reads an equal share of the batch, through DDP."""
+    d, bs = cfg.cohort.replicas, cfg.data.batch_size
+    if bs % d:
+        raise ConfigError(
+            f"config error: data.batch_size: {bs} does not divide into cohort.replicas {d} equal "
+            f"shards (each replica reads batch_size / replicas samples): choose a multiple of {d}"
+        )
+    if cfg.cohort.shard == "fsdp":
+        raise ConfigError(
+            "config error: cohort.shard: fsdp (FSDP2 fully_shard) is not supported yet: use "
+            "cohort.shard: ddp (each replica holds the whole peer)"
+        )
 
 
 def read_yaml(path: str | Path) -> Any:

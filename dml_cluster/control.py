@@ -57,6 +57,7 @@ class Topic(IntEnum):
     RUN_NONCE = 7  # start-up: the launch's random nonce in the wire's run id (rank 0 draws it)
     BUILD = 8  # start-up: whether a process could build its peers (models, weights, method)
     STANDING = 9  # start-up: what the run folder holds for the config (a finished run?)
+    REPLICA_STREAMS = 10  # checkpoint save: a data-parallel replica's random stream
 
 
 _DOING = {
@@ -69,6 +70,7 @@ _DOING = {
     Topic.RUN_NONCE: "agreeing on the run id",
     Topic.BUILD: "building the peers",
     Topic.STANDING: "reading the run folder's checkpoints",
+    Topic.REPLICA_STREAMS: "gathering the replicas' random streams for step {about}",
 }
 
 

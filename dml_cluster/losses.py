@@ -6,6 +6,9 @@ bus); a temperature T is re-applied as log_softmax(log_p / T), which equals log_
 because log_softmax ignores a per-row shift. Targets from other peers are always detached.
 `rows` ([B] bool, where given) restricts a divergence's mean to the marked samples without
 selecting them (a boolean index would make an accelerator wait for the host); none marked: 0.
+`count` (a 0-d tensor, where given) is what such a mean divides by instead of the batch's own
+marked count (a data-parallel replica's share of the whole batch's count; 0: nothing marked
+anywhere, the mean is 0).
 """
 
 from __future__ import annotations
@@ -20,15 +23,23 @@ from torch import Tensor
 UNLABELLED = -1
 
 
-def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean CE over the labelled samples (target != -1); 0 when none is labelled."""
+def _denominator(marked: Tensor, count: Tensor | None) -> Tensor:
+    """The marked count (at least 1), or `count` where given (1 where it is 0)."""
+    if count is None:
+        return marked.clamp(min=1)
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def cross_entropy(logits: Tensor, target: Tensor, count: Tensor | None = None) -> Tensor:
+    """Mean CE over the labelled samples (target != -1); 0 when none is labelled. `count`: the
+    labelled count to divide by in place of this batch's (module docstring)."""
     # no host read of the labels (an accelerator would sync every step): the unlabelled rows
     # are ignored in a sum, divided by the labelled count (at least 1: all unlabelled -> 0).
     labelled = (target != UNLABELLED).sum()
     # deterministic: [B, C] logits: nll_loss's 1-D-target CUDA kernels reduce in one block
     # without atomics; only nll_loss2d (spatial targets) raises under strict mode
     total = F.cross_entropy(logits, target, ignore_index=UNLABELLED, reduction="sum")
-    return total / labelled.clamp(min=1)
+    return total / _denominator(labelled, count)
 
 
 def tempered(log_p: Tensor, temperature: float) -> Tensor:
@@ -36,23 +47,28 @@ def tempered(log_p: Tensor, temperature: float) -> Tensor:
     return F.log_softmax(log_p / temperature, dim=1)
 
 
-def _mean(per_sample: Tensor, rows: Tensor | None) -> Tensor:
-    """Mean over the samples, or over those marked in `rows` (0 when none is)."""
+def masked_mean(per_sample: Tensor, rows: Tensor | None, count: Tensor | None = None) -> Tensor:
+    """Mean over the samples, or over those marked in `rows` (0 when none is; divided by
+    `count` where given)."""
     if rows is None:
         return per_sample.mean()
-    return per_sample.masked_fill(~rows, 0.0).sum() / rows.sum().clamp(min=1)
+    return per_sample.masked_fill(~rows, 0.0).sum() / _denominator(rows.sum(), count)
 
 
-def kl(target_log_p: Tensor, log_p: Tensor, rows: Tensor | None = None) -> Tensor:
+def kl(
+    target_log_p: Tensor, log_p: Tensor, rows: Tensor | None = None, count: Tensor | None = None
+) -> Tensor:
     """KL(target || p): sum over classes, mean over samples. The arguments come in the formula's
     order, the opposite of `F.kl_div(log_p, target)`."""
-    return _mean((target_log_p.exp() * (target_log_p - log_p)).sum(dim=1), rows)
+    return masked_mean((target_log_p.exp() * (target_log_p - log_p)).sum(dim=1), rows, count)
 
 
-def js_div(log_a: Tensor, log_b: Tensor, rows: Tensor | None = None) -> Tensor:
+def js_div(
+    log_a: Tensor, log_b: Tensor, rows: Tensor | None = None, count: Tensor | None = None
+) -> Tensor:
     """Jensen-Shannon divergence 1/2 KL(a || m) + 1/2 KL(b || m), m = (a + b) / 2."""
     log_m = torch.logsumexp(torch.stack([log_a, log_b]), dim=0) - math.log(2.0)
-    return 0.5 * kl(log_a, log_m, rows) + 0.5 * kl(log_b, log_m, rows)
+    return 0.5 * kl(log_a, log_m, rows, count) + 0.5 * kl(log_b, log_m, rows, count)
 
 
 def entropy(log_p: Tensor) -> Tensor:
@@ -62,21 +78,21 @@ def entropy(log_p: Tensor) -> Tensor:
 
 def mutual_kl(
     logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0,
-    rows: Tensor | None = None,
+    rows: Tensor | None = None, count: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """DML mimicry for one peer: 1/(K-1) sum_l KL(p_l || p_k), scaled by T^2."""
     log_p = tempered(logits, temperature)
-    links = [kl(tempered(o.detach(), temperature), log_p, rows) for o in others]
+    links = [kl(tempered(o.detach(), temperature), log_p, rows, count) for o in others]
     return torch.stack(links).mean() * temperature**2
 
 
 def mutual_js(
     logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0,
-    rows: Tensor | None = None,
+    rows: Tensor | None = None, count: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Symmetric DML mimicry: 1/(K-1) sum_l JS(p_l, p_k), scaled by T^2."""
     log_p = tempered(logits, temperature)
-    links = [js_div(tempered(o.detach(), temperature), log_p, rows) for o in others]
+    links = [js_div(tempered(o.detach(), temperature), log_p, rows, count) for o in others]
     return torch.stack(links).mean() * temperature**2
 
 
@@ -97,11 +113,11 @@ ENSEMBLES = {"probs": ensemble_log_probs, "logits": geometric_ensemble_log_probs
 
 def ensemble_kl(
     logits: Tensor, others: Sequence[Tensor], temperature: float = 1.0, ensemble: str = "probs",
-    rows: Tensor | None = None,
+    rows: Tensor | None = None, count: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """DML_e mimicry: KL(p_bar || p_k), p_bar the others' ensemble (`ENSEMBLES[ensemble]`)."""
     target = ENSEMBLES[ensemble]([tempered(o.detach(), temperature) for o in others])
-    return kl(target, tempered(logits, temperature), rows) * temperature**2
+    return kl(target, tempered(logits, temperature), rows, count) * temperature**2
 
 
 # -- distillation from a teacher ------------------------------------------------------------------

@@ -53,6 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dml_cluster.losses import masked_mean
 from dml_cluster.sparse_rows import Rows, Sampled, TopK
 
 
@@ -146,21 +147,19 @@ def sampled_kl_rows(target: Sampled, log_q: Tensor) -> Tensor:
     return (rows.weights() * (rows.values - at)).sum(dim=1)
 
 
-def _mean(per_row: Tensor, rows: Tensor | None) -> Tensor:
-    if rows is None:
-        return per_row.mean()
-    return per_row.masked_fill(~rows, 0.0).sum() / rows.sum().clamp(min=1)
-
-
-def topk_kl(target: TopK, log_q: Tensor, rows: Tensor | None = None) -> Tensor:
+def topk_kl(
+    target: TopK, log_q: Tensor, rows: Tensor | None = None, count: Tensor | None = None
+) -> Tensor:
     """KL(target || q): summed over classes, averaged over rows (or the `rows` mask's rows; 0
-    when none is marked), as losses.kl reduces the dense one."""
-    return _mean(topk_kl_rows(target, log_q), rows)
+    when none is marked; `count`: as in losses), as losses.kl reduces the dense one."""
+    return masked_mean(topk_kl_rows(target, log_q), rows, count)
 
 
-def sampled_kl(target: Sampled, log_q: Tensor, rows: Tensor | None = None) -> Tensor:
+def sampled_kl(
+    target: Sampled, log_q: Tensor, rows: Tensor | None = None, count: Tensor | None = None
+) -> Tensor:
     """`sampled_kl_rows` averaged over rows (or the `rows` mask's rows) as `topk_kl`."""
-    return _mean(sampled_kl_rows(target, log_q), rows)
+    return masked_mean(sampled_kl_rows(target, log_q), rows, count)
 
 
 def _link_rows(other: Rows, log_q: Tensor, temperature: float) -> Tensor:
@@ -173,26 +172,27 @@ def _link_rows(other: Rows, log_q: Tensor, temperature: float) -> Tensor:
 
 def mutual_kl(
     logits: Tensor, others: Sequence[Rows], temperature: float = 1.0,
-    rows: Tensor | None = None,
+    rows: Tensor | None = None, count: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """DML's mimicry towards sparse peers: 1/(K-1) sum_l KL(p_l || p_k), scaled by T^2 (as
     losses.mutual_kl for dense peers; for sampled peers, its unbiased estimate)."""
     log_q = torch.log_softmax(logits / temperature, dim=1)
-    links = [_mean(_link_rows(o, log_q, temperature), rows) for o in others]
+    links = [masked_mean(_link_rows(o, log_q, temperature), rows, count) for o in others]
     return torch.stack(links).mean() * temperature**2
 
 
 def ensemble_kl(
-    logits: Tensor, others: Sequence[Rows], temperature: float = 1.0, rows: Tensor | None = None
-) -> Tensor:
+    logits: Tensor, others: Sequence[Rows], temperature: float = 1.0,
+    rows: Tensor | None = None, count: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """DML_e's mimicry towards the mean of sparse peers' (tempered) probabilities, scaled by
     T^2 (as losses.ensemble_kl with `ensemble: probs`). Top-k peers: KL to their sparse
     ensemble; sampled peers: the mean of their estimators (the module's docstring says why)."""
     if others and isinstance(others[0], Sampled):
-        return mutual_kl(logits, others, temperature, rows)
+        return mutual_kl(logits, others, temperature, rows, count)
     target = ensemble([tempered(from_topk(o), temperature) for o in others])
     log_q = torch.log_softmax(logits / temperature, dim=1)
-    return _mean(support_kl_rows(target, log_q), rows) * temperature**2
+    return masked_mean(support_kl_rows(target, log_q), rows, count) * temperature**2
 
 
 def kd_loss(logits: Tensor, teacher: Rows, temperature: float) -> Tensor:

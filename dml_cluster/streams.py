@@ -40,12 +40,14 @@ class PeerStream:
     """One peer's random stream: a CPU generator state and, on CUDA, its device's.
 
     A context manager (re-entrant: an inner `with` of the same stream changes nothing).
-    `state_dict` / `load_state_dict` carry it through checkpoints."""
+    `state_dict` / `load_state_dict` carry it through checkpoints. `replica`: which of a
+    data-parallel peer's processes draws from it (each its own masks for its own samples);
+    replica 0 draws the stream of a peer in one process."""
 
-    def __init__(self, seed: int, peer: int, device: torch.device) -> None:
+    def __init__(self, seed: int, peer: int, device: torch.device, replica: int = 0) -> None:
         self.device = device
         self.on_cuda = device.type == "cuda"
-        seed = derive_seed(DOMAIN, seed, peer)
+        seed = derive_seed(DOMAIN, seed, peer, *((replica,) if replica else ()))
         self._cpu = _seeded_state(torch.device("cpu"), seed)
         self._cuda = _seeded_state(device, seed) if self.on_cuda else None
         self._outer: tuple[Tensor, Tensor | None] | None = None

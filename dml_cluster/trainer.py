@@ -32,6 +32,7 @@ from dml_cluster.devices import all_on
 from dml_cluster.errors import CheckpointError, ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
 from dml_cluster.init_from import source_record, source_summary, starting_line
+from dml_cluster.losses import UNLABELLED
 from dml_cluster.method_inputs import Given, MethodInputs
 from dml_cluster.methods import LossParts, Predictions, Progress, StepView, build_method
 from dml_cluster.metrics.chance import ChanceWatch
@@ -40,6 +41,7 @@ from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, 
 from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
+from dml_cluster.replicas import Replicas, gather_streams, replicate
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
 from dml_cluster.sparse_rows import Sampled, TopK, densify, describe
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
@@ -70,12 +72,14 @@ class Placement:
     """Which peers this process hosts, on which device, and whether it reports for the cohort.
 
     `device` holds the data and what the bus exchanges; `devices` gives a hosted peer another
-    one (the one-process engine spreading peers over GPUs; dml_cluster.devices)."""
+    one (the one-process engine spreading peers over GPUs; dml_cluster.devices); `replicas`:
+    which of its peer's data-parallel replicas this process is (dml_cluster.replicas)."""
 
     hosted: tuple[int, ...]
     device: torch.device
     reporter: bool
     devices: Mapping[int, torch.device] = dataclasses.field(default_factory=dict)
+    replicas: Replicas = Replicas()
 
     def device_of(self, peer: int) -> torch.device:
         return self.devices.get(peer, self.device)
@@ -119,6 +123,7 @@ class CohortTrainer:
             crop_padding=cfg.data.augment.crop_padding,
             flip=data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip,
             labels=prepared.labels,
+            shard=placement.replicas.shard,
         )
         self.test_fingerprint = fingerprint(torch.arange(self.batches.num_test))
         self.method = build_method(cfg.method)
@@ -131,19 +136,24 @@ class CohortTrainer:
         self.method_inputs = inputs = MethodInputs(self.method, cfg.run, shape, classes)
         # another run's final weights to start from (train.init_from), checked before building
         self.init_source = source_record(cfg, source_summary(cfg))
+        replicas = placement.replicas
         self.peers: dict[int, Peer] = {
-            i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs)
+            i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs, replicas.index)
             for i in placement.hosted
         }
+        for peer in self.peers.values():  # a data-parallel student trains through DDP
+            replicate(peer, replicas)
         # device events where the peers step on a GPU, the host clock on the CPU
         self.timer = step_timer({placement.device, *map(placement.device_of, placement.hosted)})
         self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
         self.teachers = [i for i, p in enumerate(cfg.peers) if p.role == "teacher"]
         self.per_epoch = max(steps_per_epoch(self.batches.num_train, cfg.data.batch_size), 1)
         self.run_dir = cfg.run.dir
-        self.checkpoints = CohortCheckpoints(cfg, self.run_dir)
+        self.checkpoints = CohortCheckpoints(cfg, self.run_dir, replicas.index)
+        # a data-parallel peer's log is its first replica's (the others write nothing)
+        logged = self.peers if replicas.first else {}
         self.peer_logs = {
-            i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in self.peers.items()
+            i: JsonlLog(self.run_dir / "peers" / f"{p.name}.jsonl") for i, p in logged.items()
         }
         self.cohort_log = JsonlLog(self.run_dir / "cohort.jsonl") if placement.reporter else None
         devices = {i: str(placement.device_of(i)) for i in self.peers}
@@ -161,7 +171,7 @@ class CohortTrainer:
         self.clock = RunClock(self.run_dir / CLOCK_FILE if placement.reporter else None)
         if placement.reporter and cfg.run.progress_every_s > 0:
             max_steps = cfg.train.max_steps or cfg.train.epochs * self.per_epoch
-            plan = RunPlan(self.per_epoch, max_steps, cfg.train.epochs)
+            plan = RunPlan(self.per_epoch, max_steps, cfg.train.epochs, replicas.count)
             every = cfg.run.progress_every_s
             self.observers.append(ProgressDisplay(plan, self.names, self.clock, every, sys.stderr))
 
@@ -172,10 +182,12 @@ class CohortTrainer:
     # -- one step ---------------------------------------------------------------------------
 
     def _update(
-        self, i: int, logits: Tensor, y: Tensor, log_ps: dict[int, Tensor], step: int, given: Given
-    ) -> LossParts:
+        self, i: int, logits: Tensor, y: Tensor, log_ps: dict[int, Tensor], step: int, given: Given,
+        labelled: Tensor | None = None,
+    ) -> LossParts:  # fmt: skip
         """Student i's loss on the step, backward, optimizer step (the caller enters its stream).
-        `given`: what its method declared it reads beyond logits (already on its device)."""
+        `given`: what its method declared it reads beyond logits (already on its device);
+        `labelled`: a data-parallel replica's count for masked means (`StepView.labelled`)."""
         progress = Progress(step // self.per_epoch, step, self.per_epoch)
         on = logits.device  # the others' predictions (and teachers') come to this peer's device
         others = all_on([log_ps[j] for j in self.students if j != i], on)
@@ -184,7 +196,7 @@ class CohortTrainer:
         peer = self.peers[i]
         view = StepView(
             i, peers, teachers, progress, given.features, given.teacher, given.sample_ids,
-            peer.extras,
+            peer.extras, labelled,
         )  # fmt: skip
         with autocast(self.cfg.run.precision, on):  # a method's own modules (hints) too
             parts = self.method(logits.float(), y.to(on), view)  # losses in float32
@@ -214,7 +226,7 @@ class CohortTrainer:
         x = self._input(peer.index, x)
         with peer.stream:
             if not peer.is_teacher:
-                return peer.model(x)
+                return peer.train_forward(x)  # through DDP for a data-parallel student
             with torch.no_grad():
                 return peer.model(x)
 
@@ -252,10 +264,11 @@ class CohortTrainer:
             learners, self.placement.device_of, lambda i: self._input(i, x), features, sample_ids
         )
         parts: dict[int, LossParts] = {}
+        labelled = self._labelled(y, learners)
         if self.cfg.cohort.update == "simultaneous":
             for i in learners:
                 with self.peers[i].stream:  # a peer's draws come from its own stream
-                    parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
+                    parts[i] = self._update(i, logits[i], y, log_ps, step, given[i], labelled)
             self.timer.mark(UPDATE)
         else:
             # sequential (the paper's Algorithm 1): the r-th student updates in round r, after the
@@ -274,9 +287,18 @@ class CohortTrainer:
                     log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [prev]))
                 if i in self.peers:
                     with self.peers[i].stream:
-                        parts[i] = self._update(i, logits[i], y, log_ps, step, given[i])
+                        parts[i] = self._update(i, logits[i], y, log_ps, step, given[i], labelled)
                 self.timer.mark(UPDATE)
         return StepResult(parts, batch_log_ps, self.timer.stop(self._wait_seconds), encoded)
+
+    def _labelled(self, y: Tensor, learners: Sequence[int]) -> Tensor | None:
+        """A data-parallel student's count for masked means: the labelled rows of its peer's
+        whole batch over the replicas (only where labels may be missing: a semi-supervised
+        run); None otherwise (the batch's own count, as in one process per peer)."""
+        replicas = self.placement.replicas
+        if not (replicas.active and learners and self.batches.labels is not None):
+            return None
+        return replicas.whole_batch_share(y != UNLABELLED)
 
     # -- evaluation -------------------------------------------------------------------------
 
@@ -377,7 +399,8 @@ class CohortTrainer:
             for peer in self.peers.values():
                 peer.scheduler.step()
             last = epoch == cfg.train.epochs - 1 or step >= max_steps
-            if (epoch + 1) % cfg.train.eval_every == 0 or last:
+            evaluates = self.placement.replicas.first  # a peer's replica 0 evaluates it
+            if ((epoch + 1) % cfg.train.eval_every == 0 or last) and evaluates:
                 report = self.evaluate(step - 1)
                 history.append({"epoch": epoch + 1, "step": step, **report})
                 evaluated = EvalEvent(
@@ -411,7 +434,13 @@ class CohortTrainer:
     def _checkpoint(self, at: Position, history: list[dict[str, Any]]) -> None:
         """Save the hosted peers; the cohort confirms over the control channel. Every process
         saves at the same steps, so a teacher running ahead waits there for the students."""
-        self.checkpoints.save(at, self.peers, history, self.control)
+        streams = None
+        if self.placement.replicas.active:  # every replica's stream in replica 0's file
+            streams = {
+                i: gather_streams(self.control, at.step, p.stream, i, self.placement.replicas)
+                for i, p in self.peers.items()
+            }
+        self.checkpoints.save(at, self.peers, history, self.control, streams)
         self.clock.record(at.step)
 
     def _resume(self, per_epoch: int, max_steps: int) -> Restored | None:
@@ -470,6 +499,8 @@ class CohortTrainer:
             observer.on_step(event)
 
     def _finish(self, history: list[dict[str, Any]], steps: int, wall: float) -> dict[str, Any]:
+        if not self.placement.replicas.first:  # replica 0 writes and reports the peer
+            return {"run": self.cfg.run.name, "steps": steps, "wall_seconds": round(wall, 3)}
         final_dir = self.run_dir / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
         for peer in self.peers.values():

@@ -1,7 +1,8 @@
-"""Print the cohort size of an experiment config: `cohort_size.py CONFIG [--set KEY=VALUE ...]`.
+"""Print the processes a cohort takes: `cohort_size.py CONFIG [--set KEY=VALUE ...]`.
 
-The launch scripts start one process per peer; the config, read exactly as `dml-cluster train`
-reads it, says how many. A bad config is one line on stderr and exit status 2.
+The launch scripts start one process per peer, K x D with `cohort.replicas: D` (each peer
+data-parallel over D processes, ranks peer-major); the config, read exactly as `dml-cluster
+train` reads it, says how many. A bad config is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def main() -> None:
     if len(sys.argv) < 2:
         sys.exit("usage: cohort_size.py CONFIG [--set KEY=VALUE ...]")
     try:
-        print(len(load_config(sys.argv[1], overrides(sys.argv[2:])).peers))
+        cfg = load_config(sys.argv[1], overrides(sys.argv[2:]))
+        print(len(cfg.peers) * cfg.cohort.replicas)
     except DmlError as err:
         print(f"dml-cluster: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

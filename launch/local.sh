@@ -2,8 +2,9 @@
 # One node, K peers: one torchrun agent starts one process per peer of the cohort in CONFIG.
 #
 #   launch/local.sh CONFIG [--set KEY=VALUE ...]
+#   launch/local.sh CONFIG --set cohort.replicas=2      # K peers x 2 data-parallel replicas
 #
-# K is the cohort size of CONFIG after the overrides (NPROC overrides it). The rendezvous is c10d
+# K (K x D with cohort.replicas D) comes from CONFIG after the overrides (NPROC overrides it). The rendezvous is c10d
 # on 127.0.0.1, not --standalone: with --standalone, a restarted worker group failed to set up
 # gloo 4 times of 4 (keys of the failed attempt stay in the reused store, pytorch/pytorch#135712).
 # Environment: PYTHON (default python3; e.g. .venv/bin/python), NPROC, RDZV_PORT (default: a

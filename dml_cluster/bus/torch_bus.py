@@ -43,11 +43,15 @@ class TorchBus(Bus):
         self, *, rank: int, world: int, names: Sequence[str], device: torch.device,
         encoding: Encoding | str = "float32", timeout_s: float = 60.0,
         store: dist.Store | None = None, prefix: str = "dml-lost",
+        group: dist.ProcessGroup | None = None,
     ) -> None:  # fmt: skip
         """`timeout_s`: how long an exchange waits in steady state (`set_patience` lengthens
         it); `store`: the cohort's rendezvous store, where peers that time out check in so that
-        the one missing is named (`prefix`: this launch's keys there)."""
+        the one missing is named (`prefix`: this launch's keys there); `group`: the processes
+        that exchange, in peer order, `rank` this one's index in it (default: the default
+        group; a data-parallel cohort's replica r exchanges with every peer's replica r)."""
         self.rank, self.world, self.names, self.device = rank, world, list(names), device
+        self.group = group
         self.encoding = Encoding.of(encoding)
         self.dtype = self.encoding.value_dtype
         self.stats = BusStats()
@@ -143,7 +147,7 @@ class TorchBus(Bus):
             if len(senders) == self.world:
                 own, buf = self._send(key, local[self.rank])
                 bufs = [torch.empty_like(buf) for _ in range(self.world)]
-                self._wait(dist.all_gather(bufs, buf, async_op=True))
+                self._wait(dist.all_gather(bufs, buf, group=self.group, async_op=True))
             elif len(senders) == 1:
                 own, buf = self._broadcast(key, local, senders[0])
                 bufs = {senders[0]: buf}
@@ -170,17 +174,18 @@ class TorchBus(Bus):
         return out
 
     def _broadcast(
-        self, key: StepKey, local: Mapping[int, Tensor], src: int
+        self, key: StepKey, local: Mapping[int, Tensor], peer: int
     ) -> tuple[Sent | None, Tensor]:
-        """`src`'s message to every process (and, in `src`'s, its encoded predictions)."""
+        """`peer`'s message to every process (and, in `peer`'s, its encoded predictions)."""
+        src = peer if self.group is None else dist.get_global_rank(self.group, peer)
         own = None
-        if src == self.rank:
-            own, buf = self._send(key, local[src])
+        if peer == self.rank:
+            own, buf = self._send(key, local[peer])
             size = torch.tensor([buf.numel()], device=self.device)
         else:
             size = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._wait(dist.broadcast(size, src, async_op=True))
-        if src != self.rank:
+        self._wait(dist.broadcast(size, src, group=self.group, async_op=True))
+        if peer != self.rank:
             buf = torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
-        self._wait(dist.broadcast(buf, src, async_op=True))
+        self._wait(dist.broadcast(buf, src, group=self.group, async_op=True))
         return own, buf

@@ -81,10 +81,12 @@ class ZmqBus(Bus):
         port: int | None = None,
         curve: CurveKeys | None = None,
         window: int = 4,
+        scope: str = "",
     ) -> None:
         """`port`: bind the inbox there (default: any free port); `curve`: encrypt and admit
         only the cohort's keys (dml_cluster.bus.curve); `window`: how many steps a sender may
-        run ahead of a receiver (bus.window)."""
+        run ahead of a receiver (bus.window); `scope`: which of several buses of one launch
+        this is (a data-parallel cohort's replica index: its endpoints' keys in the store)."""
         if window < 1:
             raise ConfigError(f"bus: window must be at least 1 step, not {window}")
         self.rank, self.world, self.names = rank, world, list(names)
@@ -92,7 +94,7 @@ class ZmqBus(Bus):
         self.encoding = Encoding.of(encoding)
         self.startup_timeout_s = max(startup_timeout_s or timeout_s, timeout_s)
         self.config_hash = int(config_hash, 16)
-        self.window = window
+        self.window, self.scope = window, scope
         self.stats = BusStats()
         # with CUDA a message is decoded straight into page-locked memory (the one host copy)
         self._pinned = torch.cuda.is_available()
@@ -129,6 +131,7 @@ class ZmqBus(Bus):
     def _connect(self, store: torch.distributed.Store, run_id: bytes, timeout_s: float) -> None:
         rank, world = self.rank, self.world
         prefix = f"dml-bus/{run_id.hex()}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        prefix += f"/{self.scope}" if self.scope else ""
         store.set(f"{prefix}/endpoint/{rank}", self.endpoint)
         self.outboxes: dict[int, zmq.Socket] = {}
         for other in range(world):
@@ -147,7 +150,9 @@ class ZmqBus(Bus):
 
     def _bind(self, address: str, ipc: bool, port: int | None) -> str:
         if ipc:
-            path = os.path.join(tempfile.gettempdir(), f"dml-{self.run_id.hex()}-{self.rank}.sock")
+            scope = f"-{self.scope}" if self.scope else ""
+            name = f"dml-{self.run_id.hex()}{scope}-{self.rank}.sock"
+            path = os.path.join(tempfile.gettempdir(), name)
             endpoint = f"ipc://{path}"
             self.inbox.bind(endpoint)
             return endpoint

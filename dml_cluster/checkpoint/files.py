@@ -51,6 +51,8 @@ class RunIdentity:
     config_hash: str
     config: dict[str, Any] = field(default_factory=dict, compare=False)
     continues: frozenset[str] = frozenset()
+    replicas: int = 1
+    """Processes per peer (cohort.replicas): a peer's file holds every replica's stream."""
 
     def accepts(self, config_hash: Any) -> bool:
         """Whether checkpoints written under `config_hash` load into this run."""
@@ -76,8 +78,10 @@ def peer_state(
     history: list[dict[str, Any]],
     process_rng: dict[str, Any],
     run: RunIdentity,
+    replica_streams: list[dict[str, Tensor]] | None = None,
 ) -> dict[str, Any]:
-    """Everything of `peer` a resume needs, as tensors and plain types."""
+    """Everything of `peer` a resume needs, as tensors and plain types. `replica_streams`: a
+    data-parallel peer's every replica's random stream, in replica order."""
     state: dict[str, Any] = {
         "format": FORMAT,
         "config_hash": run.config_hash,
@@ -94,6 +98,9 @@ def peer_state(
     }
     if peer.scaler is not None:  # fp16's loss scale and its growth tracker
         state["scaler"] = peer.scaler.state_dict()
+    if run.replicas > 1:
+        state["replicas"] = run.replicas
+        state["replica_streams"] = replica_streams
     return state
 
 
@@ -112,20 +119,33 @@ def write_peer_file(path: Path, data: bytes | memoryview) -> bytes:
 
 
 def manifest(position: Position, run: RunIdentity, digests: dict[int, bytes]) -> bytes:
-    """The manifest of a complete step: its position and every peer's digest."""
-    return json.dumps(
-        {
-            "format": FORMAT,
-            "step": position.step,
-            "epoch": position.epoch,
-            "step_in_epoch": position.step_in_epoch,
-            "config_hash": run.config_hash,
-            "cohort_size": run.size,
-            "peers": {run.names[i]: digests[i].hex() for i in range(run.size)},
-            "config": run.config,
-        },
-        indent=1,
-    ).encode()
+    """The manifest of a complete step: its position, every peer's digest, the hashed config
+    (and, for data-parallel peers, how many replicas each had)."""
+    record = {
+        "format": FORMAT,
+        "step": position.step,
+        "epoch": position.epoch,
+        "step_in_epoch": position.step_in_epoch,
+        "config_hash": run.config_hash,
+        "cohort_size": run.size,
+        "peers": {run.names[i]: digests[i].hex() for i in range(run.size)},
+        "config": run.config,
+    }
+    if run.replicas > 1:
+        record["replicas"] = run.replicas
+    return json.dumps(record, indent=1).encode()
+
+
+def check_replicas(saved: Any, run: RunIdentity, where: Path) -> None:
+    """A checkpoint of peers with another number of replicas is refused in one line: each
+    replica's random stream is in it, and a resume would need as many (the weights would do)."""
+    saved = 1 if saved is None else saved
+    if saved != run.replicas:
+        raise CheckpointError(
+            f"{where} was written by a cohort of {saved} replica(s) per peer, this config has "
+            f"cohort.replicas {run.replicas}: resume with cohort.replicas {saved}, or start "
+            "another run.name (a final/<peer>.pt as cohort.peers.N.weights carries the weights)"
+        )
 
 
 def read_manifest(path: Path, step: int, run: RunIdentity) -> dict[str, Any]:
@@ -147,6 +167,7 @@ def read_manifest(path: Path, step: int, run: RunIdentity) -> dict[str, Any]:
         )
     if fields[1] != step or not all(isinstance(v, int) for v in position):
         raise Unverified(f"{path} is corrupt (not the manifest of step {step})")
+    check_replicas(manifest.get("replicas"), run, run.root)
     if size != run.size or sorted(peers) != sorted(run.names):
         raise CheckpointError(
             f"{run.root} holds checkpoints of a cohort of {size} peers "
@@ -191,6 +212,7 @@ def read_peer_file(
         tuple(state["position"])
     except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem
         raise Unverified(f"{path} is not a readable checkpoint ({first_line(err)})") from None
+    check_replicas(state.get("replicas"), run, run.root)
     format_, config_hash, size, peer = checks
     if (format_, size, peer) != (FORMAT, run.size, name) or not run.accepts(config_hash):
         raise CheckpointError(
@@ -206,9 +228,10 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def apply_state(peer: Peer, state: dict[str, Any], folder: Path) -> None:
+def apply_state(peer: Peer, state: dict[str, Any], folder: Path, replica: int = 0) -> None:
     """Load a verified state into `peer`. A state without a random stream (written before
-    peers had their own) leaves the peer's stream as seeded."""
+    peers had their own) leaves the peer's stream as seeded; a data-parallel peer's replica
+    `replica` takes its own stream from the file's replicas' streams."""
     device = _device_of(peer.model)
 
     def to_device(tree: Any) -> Any:
@@ -227,7 +250,9 @@ def apply_state(peer: Peer, state: dict[str, Any], folder: Path) -> None:
         peer.extras.load_state_dict(to_device(state["extra"]))
         if peer.scaler is not None and "scaler" in state:
             peer.scaler.load_state_dict(state["scaler"])
-        if "stream" in state:
+        if "replica_streams" in state:
+            peer.stream.load_state_dict(state["replica_streams"][replica])
+        elif "stream" in state:
             peer.stream.load_state_dict(state["stream"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(

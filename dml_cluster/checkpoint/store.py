@@ -34,8 +34,11 @@ class Restored:
 class CohortCheckpoints:
     """Saves and restores the peers one process hosts, in step with the rest of the cohort."""
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, replica: int = 0) -> None:
+        """`replica`: this process's replica of its data-parallel peers (only replica 0 writes
+        their files and the manifest; every replica loads them)."""
         self.settings = cfg.checkpoint
+        self.replica = replica
         self.root = run_dir / "checkpoints"
         self.names = [p.name for p in cfg.peers]
         self.size = len(self.names)
@@ -44,7 +47,7 @@ class CohortCheckpoints:
         self.standing: Standing = examine(cfg, run_dir) if self.settings.enabled else Standing()
         self.run = RunIdentity(
             self.root, tuple(self.names), self.config_hash, hashed_view(cfg.to_dict()),
-            self.standing.continues,
+            self.standing.continues, cfg.cohort.replicas,
         )  # fmt: skip
         for name in self.names:
             if name in (".", "..") or "/" in name or "\\" in name or name.startswith("."):
@@ -72,21 +75,28 @@ class CohortCheckpoints:
         peers: Mapping[int, Peer],
         history: list[dict[str, Any]],
         control: Control,
+        replica_streams: Mapping[int, list[dict[str, Any]]] | None = None,
     ) -> Path:
         """Write the hosted peers' files, confirm with the cohort, write the manifest, prune.
 
         A peer that cannot write (disk full) tells the others through the confirmation: every
         process removes its files of this step and raises, the complete checkpoints stay.
+        A replica other than 0 writes nothing and confirms nothing (its peer's replica 0 does);
+        `replica_streams`: by hosted peer, every replica's stream (data-parallel peers).
         """
+        writer = self.replica == 0
+        peers = peers if writer else {}
         folder = self.folder(position.step)
         rng = capture_rng()
         digests: dict[int, bytes] = {}
         problem: str | None = None
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            folder.mkdir(exist_ok=True)
+            if peers:
+                self.root.mkdir(parents=True, exist_ok=True)
+                folder.mkdir(exist_ok=True)
             for i, peer in peers.items():
-                state = files.peer_state(peer, position, history, rng, self.run)
+                streams = (replica_streams or {}).get(i)
+                state = files.peer_state(peer, position, history, rng, self.run, streams)
                 data = files.serialise(state)
                 digests[i] = files.write_peer_file(folder / f"{peer.name}.pt", data)
         except OSError as err:
@@ -111,6 +121,8 @@ class CohortCheckpoints:
                 f"{position.step} (see its error); the run folder keeps {keeps}"
             )
         complete = {i: d for i, d in everyone.items() if d is not None}
+        if not writer:
+            return folder
         try:
             write_atomic(folder / MANIFEST, files.manifest(position, self.run, complete))
         except OSError as err:
@@ -207,7 +219,8 @@ class CohortCheckpoints:
                     file=sys.stderr,
                     flush=True,
                 )
-        pruning.remove_after(self.root, step)
+        if self.replica == 0:  # the writers remove what they wrote
+            pruning.remove_after(self.root, step)
         return restored
 
     def _verify_with_cohort(
@@ -314,7 +327,7 @@ class CohortCheckpoints:
         global RNGs."""
         folder = self.folder(step)
         for i, peer in peers.items():
-            files.apply_state(peer, states[i], folder)
+            files.apply_state(peer, states[i], folder, self.replica)
         first = states[min(states)]
         restore_rng(first["rng"])
         epoch, in_epoch, done = first["position"]

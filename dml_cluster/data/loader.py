@@ -69,21 +69,36 @@ class LoadFailure(NamedTuple):
 
 
 class StepSampler(Sampler[list[int]]):
-    """The index lists of steps `first`..`stop - 1` of `epoch`: the same in every peer."""
+    """The index lists of steps `first`..`stop - 1` of `epoch`: the same in every peer.
+
+    `shard` (r, D): replica r of a peer of D replicas reads the r-th of D equal slices of each
+    step's batch, so the D replicas together read the batch of one process per peer."""
 
     def __init__(
-        self, num_samples: int, batch_size: int, seed: int, epoch: int, first: int, stop: int
-    ) -> None:
+        self, num_samples: int, batch_size: int, seed: int, epoch: int, first: int, stop: int,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:  # fmt: skip
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.epoch, self.first, self.stop = epoch, first, stop
+        self.shard = shard
 
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(self.num_samples, self.seed, self.epoch)
+        rows = shard_rows(self.batch_size, self.shard)
         for step in range(self.first, self.stop):
-            yield batch_indices(order, step, self.batch_size).tolist()
+            yield batch_indices(order, step, self.batch_size)[rows].tolist()
 
     def __len__(self) -> int:
         return max(0, self.stop - self.first)
+
+
+def shard_rows(batch_size: int, shard: tuple[int, int]) -> slice:
+    """The rows of a step's batch that replica r of D reads: the r-th of D equal slices."""
+    r, d = shard
+    if not 0 <= r < d or batch_size % d:
+        raise ValueError(f"replica {r} of {d} cannot read an equal share of {batch_size} samples")
+    per = batch_size // d
+    return slice(r * per, (r + 1) * per)
 
 
 class InOrder(Sampler[list[int]]):
@@ -265,7 +280,9 @@ class DataPath:
     """A peer process's batches: training steps from (seed, epoch), evaluation in order.
 
     `labels`: train labels to use instead of the dataset's (a semi-supervised run's, with -1 for
-    the unlabelled samples), looked up by sample index.
+    the unlabelled samples), looked up by sample index. `shard` (r, D): this process is replica
+    r of a peer of D replicas and reads the r-th slice of each step's batch, each sample
+    augmented with the draw the whole batch gives it (the draws of one process per peer).
     """
 
     def __init__(
@@ -282,6 +299,7 @@ class DataPath:
         crop_padding: int,
         flip: bool,
         labels: Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.dataset, self.normalisation, self.device = dataset, normalisation, device
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
@@ -291,7 +309,8 @@ class DataPath:
         self._stats = normalisation.on(device)
         self.train = BatchReader(dataset.train, "train", dataset.name)
         self.test = BatchReader(dataset.test, "test", dataset.name)
-        self._steps = StepSampler(self.num_train, batch_size, seed, 0, 0, 0)
+        self.rows = shard_rows(batch_size, shard)
+        self._steps = StepSampler(self.num_train, batch_size, seed, 0, 0, 0, shard)
         self._loaders: dict[str, DataLoader] = {}
 
     @property
@@ -337,6 +356,8 @@ class DataPath:
                 step=step,
                 crop_padding=self.crop_padding,
                 flip=self.flip,
+                rows=self.rows,
+                batch_size=self.batch_size,
             )
             yield step, batch.indices, x, y
 

@@ -24,7 +24,9 @@ class Job:
 
     @property
     def size(self) -> int:
-        return len(self.cfg.peers)
+        """The pods (one process each): K peers x D replicas (cohort.replicas), ranks
+        peer-major, so pod i is replica i % D of peer i // D."""
+        return len(self.cfg.peers) * self.cfg.cohort.replicas
 
     @property
     def config_map(self) -> str:

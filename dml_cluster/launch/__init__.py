@@ -6,7 +6,8 @@ otherwise every peer runs here on a `LocalBus` (`local.run_local`). A Kubeflow T
 started without torchrun becomes one peer from its PET_* variables (`environment`).
 `elastic.launch_elastic` starts torch's own elastic launcher for `--nproc K`. The other
 modules: `identity` (the run id and the launch's nonce), `transports` (the bus a peer process
-talks on), `reporting` (which process of the cohort reports an error every process met).
+talks on), `reporting` (which process of the cohort reports an error every process met),
+`topology` (which peer and replica a rank is: K peers x D data-parallel replicas).
 """
 
 from __future__ import annotations

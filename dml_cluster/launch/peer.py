@@ -28,11 +28,13 @@ from dml_cluster.devices import (
 from dml_cluster.errors import ConfigError, PeerError, first_line
 from dml_cluster.launch.identity import agree_on_nonce, run_id
 from dml_cluster.launch.reporting import let_the_cause_exit_first, reported_once, together
+from dml_cluster.launch.topology import Topology, check_world, make_groups
 from dml_cluster.launch.transports import make_bus
 from dml_cluster.metrics import metrics_observers
 from dml_cluster.metrics.loggers import check_loggers
 from dml_cluster.precision import check_precision
 from dml_cluster.preemption import CohortStop, stop_margin
+from dml_cluster.replicas import Replicas
 from dml_cluster.run_lock import claim_run_folder
 from dml_cluster.trainer import CohortTrainer, Placement
 
@@ -42,34 +44,31 @@ def _check_same_config(cfg: Config, control: Control) -> None:
     settings every process must share (the zmq handshake checks the hash too; torch has none).
     """
     mine = f"hash {cfg.hash()}, transport {cfg.bus.transport}, window {cfg.bus.window}"
+    topology = Topology.of(cfg)
     for other, theirs in enumerate(control.all_gather_bytes(Topic.CONFIG, 0, mine.encode())):
         if theirs != mine.encode():
+            peer = topology.peer_of(other)
             raise ConfigError(
-                f"peer {other} ({cfg.peers[other].name}, rank {other}) runs a different config "
+                f"peer {peer} ({control.names[other]}, rank {other}) runs a different config "
                 f"({theirs.decode(errors='replace')}; mine: {mine}): every peer must be given "
                 "the same config"
             )
 
 
 def _check_layout(cfg: Config, world: int) -> None:
-    """One process per peer, on a transport that crosses processes."""
-    size = len(cfg.peers)
+    """One process per peer (K x D for data-parallel peers), on a transport that crosses
+    processes."""
     if cfg.bus.transport == "local":
         raise ConfigError(
             "config error: bus.transport: 'local' keeps every peer in one process; "
             "choose zmq or torch to run one peer per process"
         )
-    if world == size:
-        return
-    nodes = world // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    if nodes > 1:
-        hint = f"the nodes times torchrun's --nproc-per-node must make {size}"
-    else:
-        hint = f"dml-cluster train CONFIG --nproc {size}, or torchrun --nproc-per-node {size}"
-    raise ConfigError(
-        f"config error: the cohort has {size} peers but WORLD_SIZE is {world}: "
-        f"start one process per peer ({hint})"
-    )
+    check_world(Topology.of(cfg), world)
+    if cfg.cohort.replicas > 1 and cfg.cohort.sync_batchnorm and cohort_device_type(cfg) != "cuda":
+        raise ConfigError(
+            "config error: cohort.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only, and "
+            "this cohort runs on the CPU: leave it false (BatchNorm per replica)"
+        )
 
 
 @contextlib.contextmanager
@@ -77,8 +76,12 @@ def _claim_together(cfg: Config, rank: int, control: Control) -> Iterator[None]:
     """Each peer process claims its share of the run folder (run_lock.py); when any was
     refused (another run holds the folder, it is not writable) every process exits before
     any of them writes a file."""
+    topology = Topology.of(cfg)
+    peer = topology.peer_of(rank)
+    # a data-parallel peer's files are its replica 0's: the others lock nothing
+    hosted = {peer: cfg.peers[peer].name} if topology.replica_of(rank) == 0 else {}
     with contextlib.ExitStack() as held:
-        claim = claim_run_folder(cfg.run.dir, {rank: cfg.peers[rank].name})
+        claim = claim_run_folder(cfg.run.dir, hosted)
         together(control, Topic.RUN_FOLDER, rank, lambda: held.enter_context(claim))
         yield
 
@@ -106,8 +109,10 @@ def run_peer(cfg: Config) -> dict[str, Any]:
         check_precision(cfg, cohort_device_type(cfg))
         check_loggers(cfg)
     set_determinism(cfg)
+    topology = Topology.of(cfg)
+    peer, replica = topology.peer_of(rank), topology.replica_of(rank)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = make_current(hosted_devices(cfg, (rank,), local_rank)[rank])
+    device = make_current(hosted_devices(cfg, (peer,), local_rank)[peer])
     backend = process_group_backend(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     # NCCL moves CUDA tensors GPU to GPU; over gloo the torch transport stages on the CPU
     bus_device = device if backend == "nccl" else torch.device("cpu")
@@ -122,7 +127,9 @@ def run_peer(cfg: Config) -> dict[str, Any]:
     bus: Bus | None = None
     control: Control | None = None
     try:
-        control = TorchControl([p.name for p in cfg.peers], cfg.bus.startup_timeout_s)
+        names = [p.name for p in cfg.peers]
+        processes = [topology.process_name(names, r) for r in range(world)]
+        control = TorchControl(processes, cfg.bus.startup_timeout_s)
         _check_same_config(cfg, control)
         wire_id = run_id(cfg, agree_on_nonce(control))
         with _claim_together(cfg, rank, control):
@@ -130,15 +137,20 @@ def run_peer(cfg: Config) -> dict[str, Any]:
                 return read_summary(cfg.run.dir) or {}
             with reported_once():  # bad data: before anything is written to the run folder
                 data = prepare_data(cfg)
-            bus = make_bus(cfg, rank, world, wire_id, bus_device)
-            placement = Placement((rank,), device, reporter=rank == 0)
+            groups = make_groups(topology, device.type)  # D > 1: the (peer, replica) mesh
+            bus = make_bus(cfg, peer, topology.peers, wire_id, bus_device, replica, groups.exchange)
+            replicas = Replicas(
+                replica, topology.replicas, groups.replica, cfg.cohort.sync_batchnorm
+            )
+            placement = Placement((peer,), device, reporter=rank == 0, replicas=replicas)
             stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
             # the models are built before anything is written: a bad one is one line, once
             trainer = together(
                 control, Topic.BUILD, rank,
                 lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
             )  # fmt: skip
-            with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
+            run = run_id(cfg).hex()
+            with metrics_observers(cfg, (peer,), run, local_rank, replica) as observers:
                 trainer.observe(observers)
                 return trainer.run()
     except PeerError:

@@ -28,18 +28,23 @@ def bus_encoding(cfg: Config) -> Encoding:
     )
 
 
-def make_bus(cfg: Config, rank: int, world: int, wire_id: bytes, device: torch.device) -> Bus:
-    """Peer `rank`'s bus of `cfg.bus.transport`, in a process group already joined. `wire_id`:
-    the run id its messages carry (`identity.run_id`); `device`: where the torch transport's
-    collectives run (zmq stages on the host whatever the device)."""
+def make_bus(
+    cfg: Config, rank: int, world: int, wire_id: bytes, device: torch.device,
+    replica: int = 0, group: dist.ProcessGroup | None = None,
+) -> Bus:  # fmt: skip
+    """Peer `rank`'s bus of `cfg.bus.transport` (of `world` peers), in a process group already
+    joined. `wire_id`: the run id its messages carry (`identity.run_id`); `device`: where the
+    torch transport's collectives run (zmq stages on the host whatever the device); `replica`
+    and `group`: a data-parallel cohort's replica index, whose bus joins every peer's replica of
+    that index (`group`: their processes, for the torch transport; launch/topology.py)."""
     if cfg.bus.transport == "zmq":
-        return _zmq_bus(cfg, rank, world, wire_id)
+        return _zmq_bus(cfg, rank, world, wire_id, replica)
     if cfg.bus.transport == "torch":
-        return _torch_bus(cfg, rank, world, wire_id, device)
+        return _torch_bus(cfg, rank, world, wire_id, device, replica, group)
     raise ValueError(f"bus.transport {cfg.bus.transport!r} does not cross processes")
 
 
-def _zmq_bus(cfg: Config, rank: int, world: int, wire_id: bytes) -> Bus:
+def _zmq_bus(cfg: Config, rank: int, world: int, wire_id: bytes, replica: int) -> Bus:
     from dml_cluster.bus.zmq_bus import ZmqBus, bind_address
 
     master = os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -59,8 +64,14 @@ def _zmq_bus(cfg: Config, rank: int, world: int, wire_id: bytes) -> Bus:
         address=address, timeout_s=cfg.bus.timeout_s,
         startup_timeout_s=cfg.bus.startup_timeout_s, encoding=bus_encoding(cfg),
         ipc=cfg.bus.ipc, port=port, curve=curve, window=cfg.bus.window,
+        scope=f"replica-{replica}" if cfg.cohort.replicas > 1 else "",
     )  # fmt: skip
-    print(f"dml-cluster: {names[rank]} (rank {rank}) bus inbox {bus.endpoint}", file=sys.stderr)
+    who = (
+        f"{names[rank]} replica {replica}"
+        if cfg.cohort.replicas > 1
+        else f"{names[rank]} (rank {rank})"
+    )
+    print(f"dml-cluster: {who} bus inbox {bus.endpoint}", file=sys.stderr)
     return bus
 
 
@@ -83,12 +94,16 @@ def _warn_if_unreachable(master: str, address: str, world: int) -> None:
     )
 
 
-def _torch_bus(cfg: Config, rank: int, world: int, wire_id: bytes, device: torch.device) -> Bus:
+def _torch_bus(
+    cfg: Config, rank: int, world: int, wire_id: bytes, device: torch.device, replica: int,
+    group: dist.ProcessGroup | None,
+) -> Bus:  # fmt: skip
     from dml_cluster.bus.torch_bus import TorchBus
 
     names = [p.name for p in cfg.peers]
+    scope = f"/replica-{replica}" if cfg.cohort.replicas > 1 else ""
     return TorchBus(
         rank=rank, world=world, names=names, device=device, encoding=bus_encoding(cfg),
         timeout_s=cfg.bus.timeout_s, store=dist.distributed_c10d._get_default_store(),
-        prefix=f"dml-lost/{wire_id.hex()}",
+        prefix=f"dml-lost/{wire_id.hex()}{scope}", group=group,
     )  # fmt: skip

@@ -86,7 +86,7 @@ class AttentionTransfer(Method):
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
         assert view.teacher is not None, "AT declares a teacher"
-        ce = losses.cross_entropy(logits, target)
+        ce = losses.cross_entropy(logits, target, view.labelled)
         terms = [
             at_term(view.features[s], view.teacher.features[t], self.p) for s, t in self.layers
         ]

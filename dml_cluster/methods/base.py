@@ -159,7 +159,10 @@ class StepView:
     `peers` (fellow students) and `teachers` (teacher peers on the bus) are `Predictions`;
     `features`, `teacher` and `sample_ids` are what `Method.needs` declared (empty / None when
     not declared); `modules` are the student's extra modules (`Method.extra_modules`). Everything
-    is on the student's device.
+    is on the student's device. `labelled`: what a mean over the labelled rows divides by, as
+    losses' `count` (a data-parallel peer's replica: the labelled rows of the peer's whole batch
+    over its replicas, so that the replicas' averaged gradients are the whole batch's mean;
+    None: this batch's own count).
     """
 
     peer: int
@@ -170,6 +173,7 @@ class StepView:
     teacher: TeacherOutputs | None = None
     sample_ids: Tensor | None = None
     modules: Mapping[str, nn.Module] = field(default_factory=dict)
+    labelled: Tensor | None = None
 
     @classmethod
     def of(

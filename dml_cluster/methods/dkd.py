@@ -33,7 +33,7 @@ class DecoupledKD(Method):
         self.warmup_epochs, self.peer_weight = cfg.warmup_epochs, cfg.peer_weight
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
-        ce = losses.cross_entropy(logits, target)
+        ce = losses.cross_entropy(logits, target, view.labelled)
         # labelled samples only, without a host read of the labels: every row is computed (an
         # unlabelled one against class 0) and weighted 0 or 1 in the mean (0 when none is)
         rows = (target != losses.UNLABELLED).float()
@@ -42,7 +42,8 @@ class DecoupledKD(Method):
             losses.dkd_parts(logits, t, safe, self.temperature, reduction="none")
             for t in dense(view.teachers)
         ]
-        count = rows.sum().clamp(min=1.0)
+        count = rows.sum().clamp(min=1.0) if view.labelled is None else view.labelled
+        count = torch.where(count > 0, count, torch.ones_like(count))
         tckd = torch.stack([(s[0] * rows).sum() / count for s in per_teacher]).mean()
         nckd = torch.stack([(s[1] * rows).sum() / count for s in per_teacher]).mean()
         dkd = warmup_factor(view.progress, self.warmup_epochs) * (

@@ -24,14 +24,17 @@ Mimicry = Callable[..., Tensor]  # (logits, peers, temperature, rows=None): loss
 
 def mutual_term(
     divergence: Mimicry, logits: Tensor, target: Tensor, peers: Sequence[Tensor],
-    temperature: float, unlabelled: bool,
+    temperature: float, unlabelled: bool, count: Tensor | None = None,
 ) -> Tensor | None:  # fmt: skip
     """The DML mimicry of one student towards `peers`; None when there is nothing to mimic.
-    Without `unlabelled`, the mean over the labelled samples (0 when none is)."""
+    Without `unlabelled`, the mean over the labelled samples (0 when none is; divided by
+    `count` where given: `StepView.labelled`)."""
     if not peers or logits.shape[0] == 0:
         return None
-    rows = None if unlabelled else target != losses.UNLABELLED  # masked, not selected: no sync
-    return divergence(logits, peers, temperature, rows=rows)
+    if unlabelled:
+        return divergence(logits, peers, temperature)
+    rows = target != losses.UNLABELLED  # masked, not selected: no sync
+    return divergence(logits, peers, temperature, rows=rows, count=count)
 
 
 class MutualLearning(Method):
@@ -48,7 +51,7 @@ class MutualLearning(Method):
         self.unlabelled_mimicry = cfg.unlabelled_mimicry
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
-        ce = losses.cross_entropy(logits, target)
+        ce = losses.cross_entropy(logits, target, view.labelled)
         mimicry = None
         if self.weight != 0.0:
             rows = sparse(view.peers)
@@ -57,8 +60,9 @@ class MutualLearning(Method):
                 else (self.sparse_divergence, rows)
             )  # fmt: skip
             mimicry = mutual_term(
-                divergence, logits, target, peers, self.temperature, self.unlabelled_mimicry
-            )
+                divergence, logits, target, peers, self.temperature, self.unlabelled_mimicry,
+                view.labelled,
+            )  # fmt: skip
         if mimicry is None:
             return LossParts(ce, ce, ce.detach() * 0.0)
         return LossParts(ce + self.weight * mimicry, ce, mimicry)

@@ -80,7 +80,7 @@ class FitNets(Method):
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
         assert view.teacher is not None, "FitNets declares a teacher"
-        ce = losses.cross_entropy(logits, target)
+        ce = losses.cross_entropy(logits, target, view.labelled)
         if view.progress.epoch < self.hint_epochs:
             guided = view.features[self.guided_layer]
             hint = view.teacher.features[self.hint_layer]

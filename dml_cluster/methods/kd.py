@@ -50,7 +50,7 @@ class KnowledgeDistillation(Method):
         self.peer_weight = cfg.peer_weight
 
     def __call__(self, logits: Tensor, target: Tensor, view: StepView) -> LossParts:
-        ce = losses.cross_entropy(logits, target)
+        ce = losses.cross_entropy(logits, target, view.labelled)
         kd = distill_from(logits, sparse(view.teachers) or dense(view.teachers), self.temperature)
         total = with_peers((1 - self.a) * ce + self.a * kd, logits, target, view, self.peer_weight)
         return LossParts(total, ce, kd)

@@ -20,21 +20,23 @@ if TYPE_CHECKING:
 
 @contextmanager
 def metrics_observers(
-    cfg: Config, hosted: tuple[int, ...], run_id: str, local_rank: int = 0
+    cfg: Config, hosted: tuple[int, ...], run_id: str, local_rank: int = 0, replica: int = 0
 ) -> Iterator[list[Observer]]:
     """The observers that serve /metrics for the peers this process hosts (none when
     `metrics.enabled` is off) and write their experiment loggers' runs (`metrics.loggers`), for
-    the block's duration (the port is released after it, the logger runs are closed)."""
+    the block's duration (the port is released after it, the logger runs are closed).
+    `replica`: which of its data-parallel peer's replicas this process is (each serves its own
+    /metrics, labelled with it; only replica 0 writes the peer's logger runs)."""
     from dml_cluster.metrics.loggers import experiment_logger
 
-    logger = experiment_logger(cfg, hosted, run_id)
+    logger = experiment_logger(cfg, hosted, run_id) if replica == 0 else None
     observers: list[Observer] = [] if logger is None else [logger]
     exporter = None
     try:
         if cfg.metrics.enabled:
             from dml_cluster.metrics.exporter import PrometheusExporter
 
-            exporter = PrometheusExporter(cfg, hosted, run_id, local_rank)
+            exporter = PrometheusExporter(cfg, hosted, run_id, local_rank, replica)
             observers.insert(0, exporter)
         yield observers
     finally:

@@ -97,7 +97,11 @@ class _Latest:
 class PrometheusExporter:
     """Serves the cohort's health for the peers this process hosts; see the module docstring."""
 
-    def __init__(self, cfg: Config, hosted: tuple[int, ...], run_id: str, local_rank: int) -> None:
+    def __init__(
+        self, cfg: Config, hosted: tuple[int, ...], run_id: str, local_rank: int, replica: int = 0
+    ) -> None:
+        """`replica`: a data-parallel peer's replica (D > 1: in the dml_run and dml_peer info
+        as `replica`, so every series of the process joins to it)."""
         self.cfg, self.hosted = cfg, hosted
         self.names = [p.name for p in cfg.peers]
         self.smoothing = cfg.metrics.smoothing
@@ -111,6 +115,9 @@ class PrometheusExporter:
         self._bus = BusStats()  # the bus counters at the last event
         self._bus_seen = BusStats()  # ... and at the last scrape
         self._define()
+        replicated = {}
+        if cfg.cohort.replicas > 1:
+            replicated = {"replica": str(replica), "replicas": str(cfg.cohort.replicas)}
         self._run.info(
             {
                 "run_id": run_id,
@@ -120,13 +127,14 @@ class PrometheusExporter:
                 "cohort_size": str(len(cfg.peers)),
                 "method": cfg.method.name,
                 "update": cfg.cohort.update,
+                **replicated,
             }
         )
         devices = hosted_devices(cfg, hosted, local_rank)
         for i in hosted:
             peer = cfg.peers[i]
             info = {"model": peer.model, "index": str(i), "device": str(devices[i])}
-            self._peer.labels(self.names[i]).info(info)
+            self._peer.labels(self.names[i]).info({**info, **replicated})
         self.registry = CollectorRegistry()
         self.registry.register(_Snapshot(self._lock, self._all, self._publish))
         ProcessCollector(registry=self.registry)

@@ -72,11 +72,14 @@ class RunClock:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """The run's shape: steps per epoch, steps in all, epochs."""
+    """The run's shape: steps per epoch, steps in all, epochs; `replicas`: the processes a
+    peer's batch is split over (cohort.replicas: the reporting process sees 1/D of each batch,
+    samples per second count the whole)."""
 
     per_epoch: int
     max_steps: int
     epochs: int
+    replicas: int = 1
 
     def steps_in_epoch(self, epoch: int) -> int:
         return max(0, min(self.per_epoch, self.max_steps - epoch * self.per_epoch))
@@ -174,7 +177,7 @@ class ProgressDisplay:
             self.first_step_at = now
         else:
             self.steps_since_first += 1
-        self.window_samples += event.batch_size
+        self.window_samples += event.batch_size * self.plan.replicas
         self.losses.add(event.log_ps, event.target)
         if now >= self.next_record:
             self.clock.record(event.step + 1)

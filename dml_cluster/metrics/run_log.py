@@ -44,8 +44,8 @@ class RunLog:
         sent_each, received_each = per_exchange or (0.0, 0.0)
         encoding = event.encoding
         for i, peer in event.peers.items():
-            if peer.losses is None:
-                continue  # a teacher
+            if peer.losses is None or i not in self.peer_logs:
+                continue  # a teacher; a data-parallel peer's replica other than 0
             assert peer.batch is not None, "statistics are computed on the steps asked for"
             self.peer_logs[i].write(
                 "train",
