@@ -212,6 +212,11 @@ class ScheduleConfig(Strict):
         default_factory=list, description="multistep: the epochs after which lr *= gamma"
     )
     gamma: float = Field(0.1, gt=0.0)
+    warmup_steps: int = Field(
+        0, ge=0,
+        description="linear warm-up: over the first N steps the learning rate rises from 1/N of "
+        "the schedule's to all of it (per step; 0: none)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _milestones(self) -> ScheduleConfig:
@@ -479,6 +484,8 @@ class Config(Strict):
         for key in _TEXT_KEYS:  # unset text settings: image configs hash as they always did
             if d["data"].get(key) is None:
                 d["data"].pop(key, None)
+        if not d["optim"]["schedule"].get("warmup_steps"):  # none: configs hash as before
+            d["optim"]["schedule"].pop("warmup_steps", None)
         for section in ("metrics", "checkpoint"):
             d.pop(section, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -103,3 +103,37 @@ class TokenEvaluation:
                 for (a, b), s in self.pairs.items()
             },
         }
+
+
+def evaluate_tokens(
+    log_ps: Mapping[str, Tensor],
+    y: Tensor,
+    ensemble_of: Sequence[str] | None = None,
+    chunk: int = 8192,
+) -> dict[str, Any]:
+    """`TokenEvaluation` of whole validation predictions (every peer's rows [N, V], next
+    tokens [N]), `chunk` positions at a time: the report of a language-model cohort."""
+    evaluation = TokenEvaluation(list(log_ps), ensemble_of)
+    y = y.reshape(-1)
+    for start in range(0, int(y.shape[0]), chunk):
+        part = slice(start, start + chunk)
+        evaluation.add({name: lp[part] for name, lp in log_ps.items()}, y[part])
+    return evaluation.result()
+
+
+def token_table(report: Mapping[str, Any]) -> str:
+    """A Markdown table of a language-model evaluation: per peer (and the ensemble of several)
+    validation loss (nats per token), perplexity, next-token accuracy and ECE."""
+    rows = dict(report["peers"])
+    if len(rows) > 1:
+        rows["ensemble"] = report["ensemble"]
+    lines = [
+        "| peer | val loss | perplexity | next-token acc. % | ECE |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['nll']:.4f} | {r['perplexity']:.2f} | {100 * r['accuracy']:.2f} | "
+            f"{r['ece']:.4f} |"
+        )
+    return "\n".join(lines)
