@@ -174,13 +174,31 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def tokenize_split(
-    patterns: str | Sequence[str], split: str, tokenizer: Tokenizer, cache_dir: Path
-) -> TokenFile:
-    """The cached token file of a split, written first if no valid one is there (by one process:
-    the others wait on the lock and then find it)."""
+@dataclass(frozen=True)
+class SplitPlan:
+    """A split's files, checked (present, non-empty, UTF-8) and hashed: what to tokenize."""
+
+    split: str
+    files: list[Path]
+    key: str
+    facts: list[dict[str, Any]]
+
+
+def plan_split(patterns: str | Sequence[str], split: str, tokenizer: Tokenizer) -> SplitPlan:
+    """Resolve and check a split's files and compute its cache key; writes nothing."""
     files = resolve_files(patterns, split)
     key, facts = cache_key(files, tokenizer)
+    return SplitPlan(split, files, key, facts)
+
+
+def tokenize_split(
+    patterns: str | Sequence[str] | SplitPlan, split: str, tokenizer: Tokenizer, cache_dir: Path
+) -> TokenFile:
+    """The cached token file of a split, written first if no valid one is there (by one process:
+    the others wait on the lock and then find it). `patterns`: the split's files, or their
+    `plan_split`."""
+    plan = patterns if isinstance(patterns, SplitPlan) else plan_split(patterns, split, tokenizer)
+    files, key, facts = plan.files, plan.key, plan.facts
     dtype = token_dtype(tokenizer.vocab_size)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -390,8 +408,9 @@ def load_text(
         )
     tok = load_tokenizer(tokenizer)
     cache = Path(cache_dir)
-    train_tokens = tokenize_split(train, "train", tok, cache)
-    val_tokens_file = tokenize_split(val, "val", tok, cache)
+    plans = plan_split(train, "train", tok), plan_split(val, "val", tok)  # both checked first
+    train_tokens = tokenize_split(plans[0], "train", tok, cache)
+    val_tokens_file = tokenize_split(plans[1], "val", tok, cache)
     windows = TokenWindows(train_tokens, block_size)
     if num_windows(train_tokens.num_tokens, block_size) < 1:
         raise DataError(
