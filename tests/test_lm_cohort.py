@@ -28,10 +28,40 @@ import torch
 from .cohort_runs import _cli, sets, train_many
 from .conftest import assert_same_states
 
-WORDS = (
-    "the cohort of small models learns each token from the others while every peer reads "
-    "the same window of text and publishes what it expects to come next"
-).split()
+WORDS = [
+    *[
+        "the",
+        "cohort",
+        "of",
+        "small",
+        "models",
+        "learns",
+        "each",
+        "token",
+        "from",
+        "the",
+        "others",
+        "while",
+        "every",
+        "peer",
+    ],
+    *[
+        "reads",
+        "the",
+        "same",
+        "window",
+        "of",
+        "text",
+        "and",
+        "publishes",
+        "what",
+        "it",
+        "expects",
+        "to",
+        "come",
+        "next",
+    ],
+]
 CONFIG = """
 run: {name: lm, seed: 3, progress_every_s: 0.001}
 data:
@@ -212,9 +242,8 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_warm_up_rises_linearly_and_leaves_the_schedule_alone() -> None:
-    from dml_cluster.cohort import step_schedule, warm_up
+    from dml_cluster.cohort import build_peer, step_schedule, warm_up
     from dml_cluster.config import parse_config
-    from dml_cluster.cohort import build_peer
 
     cfg = parse_config({
         "cohort": {"size": 1, "model": "gpt", "args": {"n_layer": 1, "n_head": 2, "n_embd": 8}},
