@@ -28,40 +28,7 @@ import torch
 from .cohort_runs import _cli, sets, train_many
 from .conftest import assert_same_states
 
-WORDS = [
-    *[
-        "the",
-        "cohort",
-        "of",
-        "small",
-        "models",
-        "learns",
-        "each",
-        "token",
-        "from",
-        "the",
-        "others",
-        "while",
-        "every",
-        "peer",
-    ],
-    *[
-        "reads",
-        "the",
-        "same",
-        "window",
-        "of",
-        "text",
-        "and",
-        "publishes",
-        "what",
-        "it",
-        "expects",
-        "to",
-        "come",
-        "next",
-    ],
-]
+WORDS = ("the", "cohort", "of", "small", "models", "learns", "each", "token", "from", "every")
 CONFIG = """
 run: {name: lm, seed: 3, progress_every_s: 0.001}
 data:
