@@ -219,6 +219,7 @@ def test_warm_up_rises_linearly_and_leaves_the_schedule_alone() -> None:
                                                          "gamma": 0.5, "warmup_steps": 4}},
     })  # fmt: skip
     peer = build_peer(cfg, 0, (4,), 11, torch.device("cpu"))
+    peer.optimizer.step()  # no gradients: changes nothing (the schedule steps after it)
     seen = []
     for step in range(6):
         warm_up(peer, step, 4)
@@ -230,3 +231,30 @@ def test_warm_up_rises_linearly_and_leaves_the_schedule_alone() -> None:
     warmed = parse_config({"cohort": {"size": 1, "model": "mlp"},
                            "optim": {"schedule": {"warmup_steps": 0}}})  # fmt: skip
     assert plain.hash() == warmed.hash()  # no warm-up: configs hash as before it existed
+
+
+def test_text_path_reads_the_steps_windows_and_fingerprints_the_text(tmp_path: Path) -> None:
+    """Batches are the text data's windows of (seed, epoch, step), from any first step; their
+    fingerprint names the text's content (not its path), so peers on other text are refused."""
+    from dml_cluster.data.text import load_text
+    from dml_cluster.data.text_path import TextPath
+
+    def path(folder: str, text: str) -> TextPath:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.txt").write_text(text)
+        data = load_text(str(tmp_path / folder / "t.txt"), str(tmp_path / folder / "t.txt"),
+                         block_size=8, cache_dir=tmp_path / "cache")  # fmt: skip
+        return TextPath(data, torch.device("cpu"), batch_size=3, eval_batch_size=4, seed=5,
+                        workers=0, prefetch=2)  # fmt: skip
+
+    a, moved, other = path("a", _text(0, 30)), path("b", _text(0, 30)), path("c", _text(1, 30))
+    steps = list(a.epoch(1, 0, 4))
+    for s, _, x, y in steps:
+        want_x, want_y = a.text.train_batch(3, seed=5, epoch=1, step=s)
+        assert torch.equal(x, want_x) and torch.equal(y, want_y.reshape(-1))
+    resumed = list(a.epoch(1, 2, 4))
+    assert all(torch.equal(r[2], s[2]) for r, s in zip(resumed, steps[2:], strict=True))
+    starts = steps[0][1]
+    assert a.fingerprint(starts) == moved.fingerprint(starts) != other.fingerprint(starts)
+    assert a.test_fingerprint() == moved.test_fingerprint() != other.test_fingerprint()
+    assert sum(y.numel() for _, y in a.test_batches()) == a.num_test * 8
