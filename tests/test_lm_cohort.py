@@ -146,6 +146,11 @@ def test_the_run_reports_per_token(trained: Trained) -> None:
     assert generate_from_run(reference, "gpt-a", "the cohort", tokens=8).startswith("the cohort")
     page = summary_markdown(load_run(reference), {})  # the report's page, without its plots
     assert "## Validation per token" in page and "Per-class" not in page
+    from dml_cluster.analyze import analyze_run
+
+    analysis = analyze_run(reference, sigmas=(0.01,), draws=1)  # on training windows, per token
+    assert set(analysis["peers"]) == {"gpt-a", "gpt-b"}
+    assert all(math.isfinite(p["train_loss"]) for p in analysis["peers"].values())
 
 
 def test_teachers_wire_and_precision_in_one_process(
