@@ -5,7 +5,7 @@ The guarantees: the cohort trained by two torchrun peer processes over zmq, one 
 while saving a checkpoint mid-epoch (SIGKILL, tests/fault_injection.py) and the group restarted,
 ends bitwise equal to the one-process engine trained uninterrupted in this process (one launch
 serves parity and resume). In this process: KD and DKD from a larger teacher LM peer, sequential
-DML over the top-k wire, bf16 autocast, progress in tokens/s, the warm-up, generate and analyze
+DML_e over the top-k wire, bf16 autocast, progress in tokens/s, the warm-up, generate and analyze
 on the trained run, and bad input refused in one line.
 """
 
@@ -157,7 +157,7 @@ def test_teachers_wire_and_precision_in_one_process(
     corpus: Path, trained: Trained, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """KD and DKD from a 2-layer teacher LM (the reference's gpt-b) to a 1-layer student,
-    sequential DML over the top-k wire, bf16 autocast: each trains and evaluates per token."""
+    sequential DML_e over the top-k wire, bf16 autocast: each trains and evaluates per token."""
     runs = corpus / "runs-methods"
     short = (f"run.out_dir={runs}", "train.max_steps=3", "checkpoint.every_steps=null")
     teacher = trained.runs / "reference" / "final" / "gpt-b.pt"
@@ -166,10 +166,11 @@ def test_teachers_wire_and_precision_in_one_process(
         f"{{name: teacher, model: gpt, role: teacher, checkpoint: '{teacher}', "
         "args: {n_layer: 2, n_head: 2, n_embd: 32}}]"
     )
+    topk = ("bus.encoding=topk", "bus.k=8")
     cases = {
         "kd": ("method={name: kd}", peers, "run.precision=bf16"),
         "dkd": ("method={name: dkd}", peers),
-        "topk": ("cohort.update=sequential", "bus.encoding=topk", "bus.k=8"),
+        "topk": ("method={name: dml_e}", "cohort.update=sequential", *topk),
     }
     for name, items in cases.items():
         assert _train(corpus, *short, f"run.name={name}", *items) == 0, capfd.readouterr().err
