@@ -208,12 +208,17 @@ def run_job(job: Job, config: dict[str, Any], out: Path) -> dict[str, Any]:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "dml_cluster", "train", str(path)],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(f"{job.name} failed ({done.returncode}): {done.stderr[-2000:]}")
+    log = out / "logs" / f"{job.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dml_cluster", "train", str(path)],
+            cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        _, status, usage = os.wait4(proc.pid, 0)  # its CPU time: the machine's load aside
+    code = proc.returncode = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"{job.name} failed ({code}): {log.read_text()[-2000:]}")
     run_dir = Path(config["run"]["out_dir"]) / job.name
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
@@ -221,6 +226,7 @@ def run_job(job: Job, config: dict[str, Any], out: Path) -> dict[str, Any]:
         "row": job.row,
         "seed": job.seed,
         "seconds": round(time.perf_counter() - start, 1),
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "steps": summary["steps"],
         "peers": {
             name: {
@@ -328,9 +334,11 @@ def table(results: list[dict[str, Any]], tokenizer: str) -> list[str]:
 def render(saved: dict[str, Any]) -> str:
     meta = saved.get("meta", {})
     results = saved.get("results", [])
+    cpu = sum(r.get("cpu_seconds", 0.0) for r in results) / 60
     out = [
         f"Measured at commit `{meta.get('commit', '?')}` on {meta.get('machine', '?')}; "
-        f"{meta.get('minutes', 0):.0f} minutes; command: `{meta.get('command', '?')}`.",
+        f"{meta.get('minutes', 0):.0f} minutes ({cpu:.0f} CPU minutes over {len(results)} "
+        f"runs); command: `{meta.get('command', '?')}`.",
         "",
         f"Corpus: `{json.dumps(meta.get('corpus', {}))}`.",
         "",
@@ -445,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         json_path.write_text(json.dumps(saved, indent=1))
         print(f"{result['tokenizer']} {result['row']} seed {result['seed']}: "
               f"{ {n: round(p['perplexity'], 2) for n, p in result['peers'].items()} } "
-              f"({result['seconds']} s)", flush=True)  # fmt: skip
+              f"({result['seconds']} s, {result['cpu_seconds']} s CPU)", flush=True)  # fmt: skip
 
     first = [j for j in jobs if j.row == "teacher"]
     rest = [j for j in jobs if j.row != "teacher"]
