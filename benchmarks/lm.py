@@ -1,7 +1,7 @@
 """The language-model benchmark of benchmarks/LM.md (issue 26): what token-level mutual learning
 and distillation buy small GPTs, with paired seeds, on a corpus nobody here wrote.
 
-    .venv/bin/python benchmarks/lm.py                 # the protocol (about 90 min on 2 cores)
+    .venv/bin/python benchmarks/lm.py                 # the protocol (~90 min on 2 idle cores)
     .venv/bin/python benchmarks/lm.py --smoke         # a tiny run of every row (a minute)
     .venv/bin/python benchmarks/lm.py --render-only   # rewrite LM.md from lm_results.json
 
@@ -19,7 +19,7 @@ the same numbers as one process per peer, tests/test_lm_cohort.py), seeds 0, 1, 
   every row reads the same windows of (seed, epoch, step), so row R's peer k at seed s is
   compared with ind's peer k at seed s);
 - kd: small GPT 0 distilled (KD) from a larger GPT trained first (once per tokenizer, seed 0,
-  on twice the small peers' token budget), compared with ind's peer 0;
+  on 1.5 times the small peers' token budget), compared with ind's peer 0;
 - topk / sampled: DML with the wire carrying each position's top-k log-probabilities, or
   draws from each position's distribution (`sampled`, where that encoding exists), compared
   with dense DML; the bytes one peer sends per step (from the real encoder, zmq framing) side
@@ -81,7 +81,7 @@ FULL = Size(
     large={"n_layer": 4, "n_head": 4, "n_embd": 192},
     block=128,
     batch=16,
-    tokens=1_024_000,  # 500 steps of 16 x 128
+    tokens=786_432,  # 384 steps of 16 x 128
     val_tokens={"bytes": 65_536, "bpe": 16_384},  # about the same stretch of text
     bpe_vocab=4096,
     topk=32,
@@ -181,9 +181,9 @@ def job_config(job: Job, base: dict[str, Any], size: Size, out: Path) -> dict[st
     cfg = json.loads(json.dumps(base))
     cfg["run"].update(name=job.name, seed=job.seed, out_dir=str(out / "runs"))
     cfg["data"]["cache_dir"] = str(out / "cache")  # tokenized once for every run
-    if job.row == "teacher":  # one larger GPT, twice the budget
+    if job.row == "teacher":  # one larger GPT, 1.5 times the budget
         cfg["cohort"]["peers"] = [{"name": "teacher", "model": "gpt", "args": dict(size.large)}]
-        cfg["train"]["max_steps"] *= 2
+        cfg["train"]["max_steps"] = cfg["train"]["max_steps"] * 3 // 2
         return cfg
     row = ROWS[job.row]
     cfg["method"] = {"name": row.method}
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     before = saved.get("meta", {}).get("minutes", 0.0)  # an interrupted benchmark's time
     protocol = (
-        f"small GPT {size.small}, teacher GPT {size.large} (twice the budget), windows of "
+        f"small GPT {size.small}, teacher GPT {size.large} (1.5 times the budget), windows of "
         f"{size.block} tokens, batch {size.batch}, {size.tokens:,} training tokens per small "
         f"peer, Adam lr 3e-3 constant after {size.warmup} warm-up steps, validation on "
         f"{size.val_tokens} positions, BPE of {size.bpe_vocab} ids, top-{size.topk}, "
