@@ -320,7 +320,7 @@ def table(results: list[dict[str, Any]], tokenizer: str) -> list[str]:
                 ci = interval(ds)
         sent = next(r["bytes_per_step"] for r in results
                     if r["tokenizer"] == tokenizer and r["row"] == key)  # fmt: skip
-        wire = f"{sent:,}" if row.method != "independent" else "–"
+        wire = f"{sent:,}" if row.method == "dml" else "–"  # what DML peers send each other
         lines.append(
             f"| {row.label} | {mean_std(values)} | {vs} | {delta} | {ci} | {len(mine)} | {wire} |"
         )
