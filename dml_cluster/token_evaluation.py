@@ -105,22 +105,6 @@ class TokenEvaluation:
         }
 
 
-def evaluate_tokens(
-    log_ps: Mapping[str, Tensor],
-    y: Tensor,
-    ensemble_of: Sequence[str] | None = None,
-    chunk: int = 8192,
-) -> dict[str, Any]:
-    """`TokenEvaluation` of whole validation predictions (every peer's rows [N, V], next
-    tokens [N]), `chunk` positions at a time: the report of a language-model cohort."""
-    evaluation = TokenEvaluation(list(log_ps), ensemble_of)
-    y = y.reshape(-1)
-    for start in range(0, int(y.shape[0]), chunk):
-        part = slice(start, start + chunk)
-        evaluation.add({name: lp[part] for name, lp in log_ps.items()}, y[part])
-    return evaluation.result()
-
-
 def token_table(report: Mapping[str, Any]) -> str:
     """A Markdown table of a language-model evaluation: per peer (and the ensemble of several)
     validation loss (nats per token), perplexity, next-token accuracy and ECE."""

@@ -43,7 +43,7 @@ from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
 from dml_cluster.sparse_rows import Sampled, TopK, densify, describe
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
-from dml_cluster.token_evaluation import evaluate_tokens, token_table
+from dml_cluster.token_evaluation import TokenEvaluation, token_table
 
 
 def readable(received: Tensor | TopK | Sampled) -> Tensor:
@@ -141,9 +141,9 @@ class CohortTrainer:
         self.observers.insert(0, run_log)
         # a peer good on its training batches and at chance in evaluation: one warning line
         models = {i: p.model for i, p in self.peers.items()}
-        watch = ChanceWatch(
-            self.names, models, self.peer_logs, classes, self.batches.num_test, cfg.run.log_every
-        )
+        per_window = cfg.data.block_size if self.tokens and cfg.data.block_size else 1
+        rows = self.batches.num_test * per_window  # evaluated rows: a text's positions
+        watch = ChanceWatch(self.names, models, self.peer_logs, classes, rows, cfg.run.log_every)
         self.observers.insert(1, watch)
         self.clock = RunClock(self.run_dir / CLOCK_FILE if placement.reporter else None)
         if placement.reporter and cfg.run.progress_every_s > 0:
@@ -281,16 +281,18 @@ class CohortTrainer:
                 labels.append(y)
                 yield {i: predict(p.model, x, bs) for i, p in self.peers.items()}
 
+        students = [self.names[i] for i in self.students]
+        if self.tokens:  # per position, each chunk measured as it arrives (no per-class table)
+            tokens = TokenEvaluation(self.names, ensemble_of=students)
+            for c, got in enumerate(self.exchange_evaluation(after_step, chunks())):
+                tokens.add({self.names[i]: readable(got[i]) for i in range(self.size)}, labels[c])
+            return tokens.result()
         received: dict[int, list[Tensor]] = {i: [] for i in range(self.size)}
         for got in self.exchange_evaluation(after_step, chunks()):
             for i in range(self.size):  # sparse rows are scored as they travelled: densified
                 received[i].append(readable(got[i]))
         named = {self.names[i]: torch.cat(received[i]) for i in range(self.size)}
-        students = [self.names[i] for i in self.students]
         test_y = torch.cat(labels)
-        if self.tokens:  # per position, chunk by chunk (a vocabulary has no per-class table)
-            chunk = bs * self.cfg.data.block_size
-            return evaluate_tokens(named, test_y, ensemble_of=students, chunk=chunk)
         return evaluate_cohort(named, test_y, self.data.num_classes, ensemble_of=students)
 
     def exchange_evaluation(

@@ -4,9 +4,9 @@ thousand tokens of generated text.
 The guarantees: the cohort trained by two torchrun peer processes over zmq, one of them killed
 while saving a checkpoint mid-epoch (SIGKILL, tests/fault_injection.py) and the group restarted,
 ends bitwise equal to the one-process engine trained uninterrupted in this process (one launch
-serves parity and resume). In this process: KD and DKD from a larger teacher LM peer, sequential
-DML_e over the top-k wire, bf16 autocast, progress in tokens/s, the warm-up, generate and analyze
-on the trained run, and bad input refused in one line.
+serves parity and resume). In this process: KD (over the sampled wire) and DKD from a larger
+teacher LM peer, sequential DML_e over the top-k wire, bf16 autocast, progress in tokens/s, the
+warm-up, generate and analyze on the trained run, and bad input refused in one line.
 """
 
 from __future__ import annotations
@@ -156,8 +156,9 @@ def test_the_run_reports_per_token(trained: Trained) -> None:
 def test_teachers_wire_and_precision_in_one_process(
     corpus: Path, trained: Trained, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """KD and DKD from a 2-layer teacher LM (the reference's gpt-b) to a 1-layer student,
-    sequential DML_e over the top-k wire, bf16 autocast: each trains and evaluates per token."""
+    """KD (bf16 autocast, the sampled wire) and DKD from a 2-layer teacher LM (the reference's
+    gpt-b) to a 1-layer student, sequential DML_e over the top-k wire: each trains and
+    evaluates per token."""
     runs = corpus / "runs-methods"
     short = (f"run.out_dir={runs}", "train.max_steps=3", "checkpoint.every_steps=null")
     teacher = trained.runs / "reference" / "final" / "gpt-b.pt"
@@ -167,8 +168,9 @@ def test_teachers_wire_and_precision_in_one_process(
         "args: {n_layer: 2, n_head: 2, n_embd: 32}}]"
     )
     topk = ("bus.encoding=topk", "bus.k=8")
+    sampled = ("bus.encoding=sampled", "bus.samples=8")
     cases = {
-        "kd": ("method={name: kd}", peers, "run.precision=bf16"),
+        "kd": ("method={name: kd}", peers, "run.precision=bf16", *sampled),
         "dkd": ("method={name: dkd}", peers),
         "topk": ("method={name: dml_e}", "cohort.update=sequential", *topk),
     }
