@@ -247,6 +247,7 @@ def wire_bytes(config: dict[str, Any]) -> int:
     the real encoder on a step's [B·T, V] rows (values do not change the size)."""
     import torch
 
+    from dml_cluster.bus import StepKey
     from dml_cluster.bus.wire import HEADER, encode_sent
     from dml_cluster.config import parse_config
     from dml_cluster.data.tokenizers import load_tokenizer
@@ -256,7 +257,7 @@ def wire_bytes(config: dict[str, Any]) -> int:
     rows = cfg.data.batch_size * (cfg.data.block_size or 1)
     vocab = load_tokenizer(cfg.data.tokenizer).vocab_size
     log_p = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)).log_softmax(1)
-    _, body = encode_sent(bus_encoding(cfg).send(log_p))
+    _, body = encode_sent(bus_encoding(cfg).send(log_p, StepKey(0, 0, 0), 0))
     return (len(cfg.peers) - 1) * (HEADER.size + body.numel())
 
 
