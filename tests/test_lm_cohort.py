@@ -121,9 +121,11 @@ def trained(corpus: Path, deterministic_torch: None) -> Trained:
 def test_two_processes_killed_and_resumed_equal_one_process(trained: Trained) -> None:
     proc = trained.launch
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "failed (exitcode: -9) local_rank: 1" in proc.stderr
+    # the killed peer, or the survivor that lost it (bus: exit 200), whichever torchrun sees first
+    lost = ("failed (exitcode: -9) local_rank: 1", "failed (exitcode: 200) local_rank: 0")
+    assert any(line in proc.stderr for line in lost), proc.stderr[-3000:]
     assert "resuming at step 8 (epoch 1, step 8 of it)" in proc.stdout  # mid-epoch
-    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr[-6000:]
     assert_same_states(trained.runs / "killed", trained.runs / "reference")
 
 
