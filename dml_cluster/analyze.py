@@ -30,6 +30,7 @@ from dml_cluster import losses
 from dml_cluster.config import Config, apply_overrides, parse_config
 from dml_cluster.data.dataset import Dataset
 from dml_cluster.data.seeding import seeded_generator
+from dml_cluster.data.text import TextData, val_starts
 from dml_cluster.errors import ConfigError
 from dml_cluster.metrics.chance import (
     STALE,
@@ -38,6 +39,7 @@ from dml_cluster.metrics.chance import (
     chance_bound,
     stale_statistics,
 )
+from dml_cluster.models import as_rows
 from dml_cluster.precision import to_layout, to_model_layout
 from dml_cluster.run_folder import CONFIG_FILE
 
@@ -59,7 +61,8 @@ def loss_and_entropy(model: nn.Module, batches: Batches) -> dict[str, float]:
     total = entropy = correct = 0.0
     count = 0
     for x, y in batches:
-        log_p = F.log_softmax(model(x), dim=1)
+        log_p = F.log_softmax(as_rows(model(x)), dim=1)  # a language model's: per position
+        y = y.reshape(-1)
         # deterministic: [B, C] inputs: nll_loss's 1-D-target CUDA kernels reduce in one block
         total += F.nll_loss(log_p, y, reduction="sum").item()
         entropy += losses.entropy(log_p).item() * len(y)
@@ -172,15 +175,24 @@ def run_config(run_dir: Path, config: str | None = None, overrides: Sequence[str
     return parse_config(apply_overrides(raw, list(overrides)))
 
 
-def training_batches(cfg: Config, run_dir: Path, device: torch.device) -> tuple[Batches, Dataset]:
+def training_batches(
+    cfg: Config, run_dir: Path, device: torch.device
+) -> tuple[Batches, Dataset | TextData]:
     """The run's training set (its subset, if it had one) in order, normalised as the run saw
     it, without augmentation, with its true labels, held on `device` in the run's memory layout
-    (`run.channels_last`); and the dataset."""
+    (`run.channels_last`); and the dataset. Text: the first `data.val_tokens` positions of the
+    training split, in consecutive windows (ids [B, T], next tokens [B·T])."""
     from dml_cluster.data.loader import DataPath
     from dml_cluster.data.prepare import prepare_data
 
     prepared = prepare_data(cfg, run_dir)  # true labels: semi-supervised masks are not applied
     data, normalisation = prepared.dataset, prepared.normalisation
+    if isinstance(data, TextData):
+        starts = val_starts(data.train.tokens.num_tokens, data.block_size, data.val_tokens)
+        bs = cfg.data.eval_batch_size
+        windows = [data.train.read(starts[i : i + bs]) for i in range(0, len(starts), bs)]
+        return [(x.to(device), y.reshape(-1).to(device)) for x, y in windows], data
+    assert normalisation is not None
     train = data.train
     in_order = dataclasses.replace(data, test=train)  # the in-order split reader, on train
     path = DataPath(
@@ -209,6 +221,7 @@ def analyze_run(
     torch.set_num_threads(cfg.run.threads)
     device = torch.device("cpu")
     batches, data = training_batches(cfg, run_dir, device)
+    scored = sum(int(y.numel()) for _, y in batches)  # samples, or a language model's positions
     result: dict[str, Any] = {"run": str(run_dir), "sigmas": list(sigmas), "draws": draws,
                               "peers": {}}  # fmt: skip
     for k, peer in enumerate(cfg.peers):
@@ -221,7 +234,7 @@ def analyze_run(
         model.load_state_dict(read_weights(weights))
         to_model_layout(model, cfg.run.channels_last)  # as the run computed it (up to rounding)
         found = analyze_model(model, batches, sigmas, draws, seed=k)
-        found["flags"] = flatness_flags(found, model, data.num_classes, len(data.train), draws)
+        found["flags"] = flatness_flags(found, model, data.num_classes, scored, draws)
         result["peers"][peer.name] = found
     (run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1))
     return result

@@ -88,10 +88,29 @@ def build_scheduler(
     return schedules[cfg.name]()
 
 
+def warm_up(peer: Peer, step: int, steps: int) -> None:
+    """Linear warm-up (`optim.schedule.warmup_steps`): during the first `steps` steps the
+    peer's learning rate at step s (from 0) is the schedule's times (s + 1) / steps; from step
+    `steps - 1` on, the schedule's own. A function of the step alone, so a resumed run warms up
+    exactly as an uninterrupted one."""
+    if step >= steps:
+        return
+    for group, lr in zip(peer.optimizer.param_groups, peer.scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr * (step + 1) / steps
+
+
+def step_schedule(peer: Peer) -> None:
+    """The epoch's step of the peer's LR schedule, from the schedule's own rate (a warm-up
+    still under way scaled the optimizer's; the schedules that chain read it)."""
+    for group, lr in zip(peer.optimizer.param_groups, peer.scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    peer.scheduler.step()
+
+
 def build_peer(
     cfg: Config,
     index: int,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     num_classes: int,
     device: torch.device,
     method: MethodInputs | None = None,

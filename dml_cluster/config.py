@@ -224,6 +224,11 @@ class ScheduleConfig(Strict):
         default_factory=list, description="multistep: the epochs after which lr *= gamma"
     )
     gamma: float = Field(0.1, gt=0.0)
+    warmup_steps: int = Field(
+        0, ge=0,
+        description="linear warm-up: over the first N steps the learning rate rises from 1/N of "
+        "the schedule's to all of it (per step; 0: none)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _milestones(self) -> ScheduleConfig:
@@ -506,6 +511,8 @@ def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
     for key in _TEXT_KEYS:  # unset text settings: image configs hash as they always did
         if d["data"].get(key) is None:
             d["data"].pop(key, None)
+    if not d.get("optim", {}).get("schedule", {}).get("warmup_steps"):  # none: as before
+        d.get("optim", {}).get("schedule", {}).pop("warmup_steps", None)
     for section in ("metrics", "checkpoint"):
         d.pop(section, None)
     if d.get("train", {}).get("init_from") is None:  # unset: configs hash as before the key
@@ -671,6 +678,11 @@ def check_replicas(cfg: Config) -> None:
         raise ConfigError(
             "config error: cohort.shard: fsdp (FSDP2 fully_shard) is not supported yet: use "
             "cohort.shard: ddp (each replica holds the whole peer)"
+        )
+    if d > 1 and cfg.data.name == "text":
+        raise ConfigError(
+            f"config error: cohort.replicas: {d} with data.name text: language-model peers are "
+            "not data-parallel yet (text is read by one process per peer): use cohort.replicas 1"
         )
 
 

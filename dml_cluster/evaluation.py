@@ -13,19 +13,21 @@ from torch import Tensor, nn
 from dml_cluster import losses
 from dml_cluster.calibration import expected_calibration_error, nll
 from dml_cluster.devices import on_one_device
+from dml_cluster.models import as_rows
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
     """Float32 log-probabilities of `model` on `x` (on x's device), in eval mode, batch by
-    batch, each batch run on the model's device."""
+    batch, each batch run on the model's device; rows [N, C] (a language model's: one row per
+    position, `models.as_rows`)."""
     was_training = model.training
     model.eval()
     device = next(iter(model.parameters()), x).device
     out = []
     for i in range(0, len(x), batch_size):
         batch = x[i : i + batch_size].to(device, non_blocking=True)
-        out.append(F.log_softmax(model(batch).float(), dim=1).to(x.device))
+        out.append(F.log_softmax(as_rows(model(batch)).float(), dim=1).to(x.device))
     model.train(was_training)
     return torch.cat(out)
 

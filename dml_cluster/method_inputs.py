@@ -29,7 +29,7 @@ from dml_cluster.cohort import load_teacher
 from dml_cluster.config import RunConfig
 from dml_cluster.errors import ConfigError
 from dml_cluster.methods.base import Method, Shapes, TeacherOutputs
-from dml_cluster.models import build_model
+from dml_cluster.models import as_rows, build_model
 from dml_cluster.precision import prepare_model
 from dml_cluster.schema import PeerConfig
 
@@ -86,7 +86,7 @@ class Teacher:
 
     def __call__(self, x: Tensor) -> TeacherOutputs:
         with torch.no_grad(), self.recorder.recording() as features:
-            logits = self.model(x)
+            logits = as_rows(self.model(x))  # a language model's: one row per position
         return TeacherOutputs(logits, dict(features))
 
 
@@ -148,7 +148,9 @@ class MethodInputs:
         self._recorders[peer] = recorder
         shapes = Shapes(self.input_shape, self.classes)
         if needs.features or needs.teacher is not None:
-            probe = torch.zeros(2, *self.input_shape, device=device)
+            ids = len(self.input_shape) == 1  # a language model's input: token ids
+            dtype = torch.int64 if ids else torch.float32
+            probe = torch.zeros(2, *self.input_shape, dtype=dtype, device=device)
             was_training = model.training
             model.eval()
             with torch.no_grad(), recorder.recording() as features:

@@ -3,7 +3,8 @@
 Reads the run folder the trainer writes (cohort.jsonl evaluations, peers/<name>.jsonl training
 records, summary.json when the run finished) and writes, into RUN_DIR/report/ by default,
 PNG plots (see `plots`) and report.md: the run at a glance, final accuracies, divergence between
-peers, where a step's time goes, and the per-class accuracy table.
+peers, where a step's time goes, and the per-class accuracy table (a language-model cohort's:
+validation loss, perplexity, next-token accuracy and ECE per peer instead).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dml_cluster import plots
 from dml_cluster.errors import DmlError
 from dml_cluster.evaluation import per_class_table
 from dml_cluster.run_folder import RunLogs, read_jsonl, time_split, train_record
+from dml_cluster.token_evaluation import token_table
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -111,6 +113,9 @@ def summary_markdown(logs: RunLogs, images: dict[str, str]) -> str:
         head = ["peer", "model", "final", "best", "entropy (nats)"]
         out += _table(head, rows) + [""]
     out += _image(images, "accuracy", "Test accuracy per peer and of the ensemble")
+    if last is not None and "perplexity" in last["ensemble"]:  # a language-model cohort
+        out += [f"## Validation per token (epoch {last['epoch']})", ""]
+        out += [token_table(last), ""]
 
     if last is not None and last.get("pairs"):
         out += ["## Divergence between peers (final evaluation, test set)", ""]
@@ -146,7 +151,7 @@ def summary_markdown(logs: RunLogs, images: dict[str, str]) -> str:
         ]
     out += _image(images, "timing", "Where a step's time goes")
 
-    if last is not None:
+    if last is not None and "per_class" in last["ensemble"]:
         out += [f"## Per-class test accuracy (epoch {last['epoch']}, %)", ""]
         out += [per_class_table(last, logs.class_names), ""]
     return "\n".join(out).rstrip() + "\n"

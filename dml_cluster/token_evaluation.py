@@ -103,3 +103,21 @@ class TokenEvaluation:
                 for (a, b), s in self.pairs.items()
             },
         }
+
+
+def token_table(report: Mapping[str, Any]) -> str:
+    """A Markdown table of a language-model evaluation: per peer (and the ensemble of several)
+    validation loss (nats per token), perplexity, next-token accuracy and ECE."""
+    rows = dict(report["peers"])
+    if len(rows) > 1:
+        rows["ensemble"] = report["ensemble"]
+    lines = [
+        "| peer | val loss | perplexity | next-token acc. % | ECE |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['nll']:.4f} | {r['perplexity']:.2f} | {100 * r['accuracy']:.2f} | "
+            f"{r['ece']:.4f} |"
+        )
+    return "\n".join(lines)

@@ -21,13 +21,12 @@ from torch import Tensor
 
 from dml_cluster.bus import EVAL_ROUND, Bus, StepKey
 from dml_cluster.checkpoint import CohortCheckpoints, Position, Restored
-from dml_cluster.cohort import Peer, build_peer, refresh_predictions
+from dml_cluster.cohort import Peer, build_peer, refresh_predictions, step_schedule, warm_up
 from dml_cluster.config import Config
 from dml_cluster.control import Control, LocalControl
-from dml_cluster.data.loader import DataPath
-from dml_cluster.data.prepare import RunData, prepare_data
-from dml_cluster.data.sampler import fingerprint, steps_per_epoch
-from dml_cluster.data.stats import DATA_FILE, record_data
+from dml_cluster.data.prepare import RunData, data_path, prepare_data
+from dml_cluster.data.sampler import steps_per_epoch
+from dml_cluster.data.stats import DATA_FILE
 from dml_cluster.devices import all_on
 from dml_cluster.errors import CheckpointError, ConfigError
 from dml_cluster.evaluation import evaluate_cohort, per_class_table, predict
@@ -39,12 +38,14 @@ from dml_cluster.metrics.chance import ChanceWatch
 from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_step_event
 from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, RunPlan
 from dml_cluster.metrics.run_log import RunLog
+from dml_cluster.models import as_rows
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.replicas import Replicas, gather_streams, replicate
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
 from dml_cluster.sparse_rows import Sampled, TopK, densify, describe
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
+from dml_cluster.token_evaluation import TokenEvaluation, token_table
 
 
 def readable(received: Tensor | TopK | Sampled) -> Tensor:
@@ -108,24 +109,11 @@ class CohortTrainer:
         self.size = len(cfg.peers)
         self.names = [p.name for p in cfg.peers]
         device = placement.device
-        prepared = data if data is not None else prepare_data(cfg)
+        self.prepared = prepared = data if data is not None else prepare_data(cfg)
         self.data = data = prepared.dataset
-        self.normalisation = prepared.normalisation
-        self.batches = DataPath(
-            data,
-            self.normalisation,
-            device,
-            batch_size=cfg.data.batch_size,
-            eval_batch_size=cfg.data.eval_batch_size,
-            seed=cfg.run.seed,
-            workers=prepared.workers,
-            prefetch=cfg.data.prefetch,
-            crop_padding=cfg.data.augment.crop_padding,
-            flip=data.flip if cfg.data.augment.flip is None else cfg.data.augment.flip,
-            labels=prepared.labels,
-            shard=placement.replicas.shard,
-        )
-        self.test_fingerprint = fingerprint(torch.arange(self.batches.num_test))
+        self.tokens = prepared.is_text  # language models: one prediction row per position
+        self.batches = data_path(cfg, prepared, device, placement.replicas.shard)
+        self.test_fingerprint = self.batches.test_fingerprint()
         self.method = build_method(cfg.method)
         shape, classes = data.input_shape, data.num_classes
         if cfg.bus.encoding == "topk" and cfg.bus.k > classes:  # C known from the data
@@ -164,14 +152,15 @@ class CohortTrainer:
         self.observers.insert(0, run_log)
         # a peer good on its training batches and at chance in evaluation: one warning line
         models = {i: p.model for i, p in self.peers.items()}
-        watch = ChanceWatch(
-            self.names, models, self.peer_logs, classes, self.batches.num_test, cfg.run.log_every
-        )
+        per_window = cfg.data.block_size if self.tokens and cfg.data.block_size else 1
+        rows = self.batches.num_test * per_window  # evaluated rows: a text's positions
+        watch = ChanceWatch(self.names, models, self.peer_logs, classes, rows, cfg.run.log_every)
         self.observers.insert(1, watch)
         self.clock = RunClock(self.run_dir / CLOCK_FILE if placement.reporter else None)
         if placement.reporter and cfg.run.progress_every_s > 0:
             max_steps = cfg.train.max_steps or cfg.train.epochs * self.per_epoch
-            plan = RunPlan(self.per_epoch, max_steps, cfg.train.epochs, replicas.count)
+            unit = "tokens" if self.tokens else "samples"
+            plan = RunPlan(self.per_epoch, max_steps, cfg.train.epochs, replicas.count, unit)
             every = cfg.run.progress_every_s
             self.observers.append(ProgressDisplay(plan, self.names, self.clock, every, sys.stderr))
 
@@ -200,6 +189,7 @@ class CohortTrainer:
         )  # fmt: skip
         with autocast(self.cfg.run.precision, on):  # a method's own modules (hints) too
             parts = self.method(logits.float(), y.to(on), view)  # losses in float32
+        warm_up(peer, step, self.cfg.optim.schedule.warmup_steps)
         peer.optimizer.zero_grad(set_to_none=True)
         if peer.scaler is None:
             parts.total.backward()
@@ -222,13 +212,14 @@ class CohortTrainer:
 
     def _forward(self, peer: Peer, x: Tensor) -> Tensor:
         """A student's training forward; a teacher's in eval mode without a graph. Either on the
-        peer's own random stream (dropout masks, drop-path: alike in every layout)."""
+        peer's own random stream (dropout masks, drop-path: alike in every layout). Logits as
+        rows (a language model's: one per position)."""
         x = self._input(peer.index, x)
         with peer.stream:
             if not peer.is_teacher:
-                return peer.train_forward(x)  # through DDP for a data-parallel student
+                return as_rows(peer.train_forward(x))  # through DDP for a data-parallel student
             with torch.no_grad():
-                return peer.model(x)
+                return as_rows(peer.model(x))
 
     def _exchange(
         self, key: StepKey, local: dict[int, Tensor], senders: Sequence[int]
@@ -281,7 +272,7 @@ class CohortTrainer:
                     if prev in self.peers:
                         model = self.peers[prev].model
                         with self.peers[prev].stream:  # its dropout draws on
-                            fresh_logits = refresh_predictions(model, self._input(prev, x))
+                            fresh_logits = as_rows(refresh_predictions(model, self._input(prev, x)))
                         fresh = {prev: self._log_probs(fresh_logits)}
                     self.timer.mark(FORWARD)
                     log_ps.update(self._exchange(StepKey(step, r, fp), fresh, [prev]))
@@ -313,12 +304,17 @@ class CohortTrainer:
                 labels.append(y)
                 yield {i: predict(p.model, x, bs) for i, p in self.peers.items()}
 
+        students = [self.names[i] for i in self.students]
+        if self.tokens:  # per position, each chunk measured as it arrives (no per-class table)
+            tokens = TokenEvaluation(self.names, ensemble_of=students)
+            for c, got in enumerate(self.exchange_evaluation(after_step, chunks())):
+                tokens.add({self.names[i]: readable(got[i]) for i in range(self.size)}, labels[c])
+            return tokens.result()
         received: dict[int, list[Tensor]] = {i: [] for i in range(self.size)}
         for got in self.exchange_evaluation(after_step, chunks()):
             for i in range(self.size):  # sparse rows are scored as they travelled: densified
                 received[i].append(readable(got[i]))
         named = {self.names[i]: torch.cat(received[i]) for i in range(self.size)}
-        students = [self.names[i] for i in self.students]
         test_y = torch.cat(labels)
         return evaluate_cohort(named, test_y, self.data.num_classes, ensemble_of=students)
 
@@ -365,7 +361,7 @@ class CohortTrainer:
             )
         max_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
         if self.placement.reporter:
-            record_data(self.run_dir / DATA_FILE, self.data, self.normalisation)
+            self.prepared.record(self.run_dir / DATA_FILE)
         restored = self._resume(per_epoch, max_steps)
         if self.placement.reporter:  # the config of this start (a refused resume leaves it)
             record_config(self.run_dir, cfg.to_dict())
@@ -385,7 +381,7 @@ class CohortTrainer:
             first = at.step_in_epoch if epoch == at.epoch else 0
             stop = min(per_epoch, first + max_steps - step)
             for s, idx, x, y in self.batches.epoch(epoch, first, stop):
-                result = self.train_step(x, y, step, fingerprint(idx), idx)
+                result = self.train_step(x, y, step, self.batches.fingerprint(idx), idx)
                 if step + 1 == patient_until:
                     self.bus.set_patience(None)
                 self._observe_step(step, epoch, y, result)
@@ -397,7 +393,7 @@ class CohortTrainer:
                     if stopping:
                         raise self._preempted(step)
             for peer in self.peers.values():
-                peer.scheduler.step()
+                step_schedule(peer)
             last = epoch == cfg.train.epochs - 1 or step >= max_steps
             evaluates = self.placement.replicas.first  # a peer's replica 0 evaluates it
             if ((epoch + 1) % cfg.train.eval_every == 0 or last) and evaluates:
@@ -519,7 +515,7 @@ class CohortTrainer:
             "epochs": last["epoch"],
             "wall_seconds": round(wall, 3),  # the run's: every attempt's training time
             "peers": {},
-            "class_names": list(self.data.class_names),
+            "class_names": list(getattr(self.data, "class_names", ())),
         }
         for i, name in enumerate(self.names):
             accs = [h["peers"][name]["accuracy"] for h in history]
@@ -531,15 +527,29 @@ class CohortTrainer:
                 "best_accuracy": accs[best],
                 "best_epoch": history[best]["epoch"],
                 "final_entropy": last["peers"][name]["entropy"],
-                "per_class": last["peers"][name]["per_class"],
             }
+            if self.tokens:  # validation loss (nats per token) and perplexity
+                final = last["peers"][name]
+                summary["peers"][name].update(
+                    final_nll=final["nll"], final_perplexity=final["perplexity"]
+                )
+            else:
+                summary["peers"][name]["per_class"] = last["peers"][name]["per_class"]
         ens = [h["ensemble"]["accuracy"] for h in history]
         summary["ensemble"] = {"final_accuracy": ens[-1], "best_accuracy": max(ens)}
+        if self.tokens:
+            ensemble = last["ensemble"]
+            summary["ensemble"].update(
+                final_nll=ensemble["nll"], final_perplexity=ensemble["perplexity"]
+            )
         if self.init_source is not None:  # where the students' initial weights came from
             summary["init_from"] = self.init_source
         if self.cohort_log is not None:
             self.cohort_log.close()
             write_json_atomic(self.run_dir / "summary.json", summary)
-            print(per_class_table(last, self.data.class_names), flush=True)
+            table = (
+                token_table(last) if self.tokens else per_class_table(last, self.data.class_names)
+            )
+            print(table, flush=True)
             print(f"summary: {self.run_dir / 'summary.json'}", flush=True)
         return summary

@@ -68,7 +68,8 @@ def _loader(name: str) -> Callable[..., Dataset]:
     key = name.strip().lower().replace("_", "-")
     if key == "text":
         raise DataError(
-            "data.name: text: token data (data/text.py) is not yet read by the training loop"
+            "data.name: text: token data is read by data/text.py (data.prepare.prepare_data), "
+            "not as a dataset of samples"
         )
     if key not in _LOADERS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset as TorchDataset
 from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.images import UnreadableImage
-from dml_cluster.data.sampler import batch_indices, epoch_order
+from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import DataError, typed_first_line
 
@@ -320,6 +320,14 @@ class DataPath:
     @property
     def num_test(self) -> int:
         return len(self.test)
+
+    def fingerprint(self, indices: Tensor) -> int:
+        """A training batch's fingerprint (what the bus checks): its sample indices'."""
+        return fingerprint(indices)
+
+    def test_fingerprint(self) -> int:
+        """The test set's fingerprint: every index, in order."""
+        return fingerprint(torch.arange(self.num_test))
 
     def _loader(self, which: str, reader: BatchReader, sampler: Sampler[list[int]]) -> DataLoader:
         """The split's one loader: made on first use, its workers kept alive across epochs and

@@ -97,6 +97,10 @@ class TokenFile:
     num_tokens: int
     vocab_size: int
     eot_id: int
+    content: str
+    """A hash of what the ids are made of (the tokenizer's identity, every file's size and
+    content hash, in order; not where the files lie): equal on every peer that reads the same
+    text with the same tokenizer, whatever its paths."""
 
     def open(self) -> np.memmap:
         """The ids, memory-mapped read-only (shared through the page cache)."""
@@ -120,6 +124,17 @@ def cache_key(files: Sequence[Path], tokenizer: Tokenizer) -> tuple[str, list[di
     ident = {"format": _FORMAT, "tokenizer": tokenizer.identity, "files": facts}
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
     return key, facts
+
+
+def content_hash(facts: Sequence[dict[str, Any]], tokenizer: Tokenizer) -> str:
+    """The hash of a split's ids by what they are made of (`TokenFile.content`): the cache key's
+    facts without the paths."""
+    ident = {
+        "format": _FORMAT,
+        "tokenizer": tokenizer.identity,
+        "files": [(f["size"], f["sha256"]) for f in facts],
+    }
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()
 
 
 def _read_meta(meta_path: Path, tokens_path: Path) -> dict[str, Any] | None:
@@ -159,13 +174,31 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def tokenize_split(
-    patterns: str | Sequence[str], split: str, tokenizer: Tokenizer, cache_dir: Path
-) -> TokenFile:
-    """The cached token file of a split, written first if no valid one is there (by one process:
-    the others wait on the lock and then find it)."""
+@dataclass(frozen=True)
+class SplitPlan:
+    """A split's files, checked (present, non-empty, UTF-8) and hashed: what to tokenize."""
+
+    split: str
+    files: list[Path]
+    key: str
+    facts: list[dict[str, Any]]
+
+
+def plan_split(patterns: str | Sequence[str], split: str, tokenizer: Tokenizer) -> SplitPlan:
+    """Resolve and check a split's files and compute its cache key; writes nothing."""
     files = resolve_files(patterns, split)
     key, facts = cache_key(files, tokenizer)
+    return SplitPlan(split, files, key, facts)
+
+
+def tokenize_split(
+    patterns: str | Sequence[str] | SplitPlan, split: str, tokenizer: Tokenizer, cache_dir: Path
+) -> TokenFile:
+    """The cached token file of a split, written first if no valid one is there (by one process:
+    the others wait on the lock and then find it). `patterns`: the split's files, or their
+    `plan_split`."""
+    plan = patterns if isinstance(patterns, SplitPlan) else plan_split(patterns, split, tokenizer)
+    files, key, facts = plan.files, plan.key, plan.facts
     dtype = token_dtype(tokenizer.vocab_size)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +225,7 @@ def tokenize_split(
                 write_json_atomic(meta_path, meta)  # last: its presence marks the file complete
     return TokenFile(
         tokens_path, np.dtype(meta["dtype"]), int(meta["num_tokens"]), tokenizer.vocab_size,
-        tokenizer.eot_id,
+        tokenizer.eot_id, content_hash(facts, tokenizer),
     )  # fmt: skip
 
 
@@ -315,6 +348,22 @@ class TextData:
         """The classes of every position's prediction: the vocabulary."""
         return self.tokenizer.vocab_size
 
+    def record(self) -> dict[str, Any]:
+        """What the run folder's `data.json` holds for text: the splits' token files."""
+        splits = {"train": self.train.tokens, "val": self.val.tokens}
+        return {
+            "dataset": "text",
+            "tokenizer": self.tokenizer.identity,
+            "vocab_size": self.vocab_size,
+            "eot_id": self.tokenizer.eot_id,
+            "block_size": self.block_size,
+            "val_tokens": self.val_tokens,
+            "splits": {
+                name: {"tokens": t.num_tokens, "content": t.content, "file": str(t.path)}
+                for name, t in splits.items()
+            },
+        }
+
     def steps_per_epoch(self, batch_size: int) -> int:
         return num_windows(self.train.tokens.num_tokens, self.block_size) // batch_size
 
@@ -359,8 +408,9 @@ def load_text(
         )
     tok = load_tokenizer(tokenizer)
     cache = Path(cache_dir)
-    train_tokens = tokenize_split(train, "train", tok, cache)
-    val_tokens_file = tokenize_split(val, "val", tok, cache)
+    plans = plan_split(train, "train", tok), plan_split(val, "val", tok)  # both checked first
+    train_tokens = tokenize_split(plans[0], "train", tok, cache)
+    val_tokens_file = tokenize_split(plans[1], "val", tok, cache)
     windows = TokenWindows(train_tokens, block_size)
     if num_windows(train_tokens.num_tokens, block_size) < 1:
         raise DataError(

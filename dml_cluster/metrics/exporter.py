@@ -190,6 +190,16 @@ class PrometheusExporter:
         self._entropy = gauge(
             "dml_posterior_entropy_nats", "Mean posterior entropy of the peer.", ("peer", "split")
         )
+        self._nll = gauge(
+            "dml_validation_loss_nats",
+            "Mean negative log-likelihood of the true class (a language model's: nats per "
+            "token) at the last evaluation.",
+        )
+        self._perplexity = gauge(
+            "dml_perplexity",
+            "A language model's validation perplexity, exp(nats per token), at the last "
+            "evaluation (language-model cohorts only).",
+        )
         self._ens_acc = Gauge(
             "dml_ensemble_accuracy_ratio",
             "Top-1 accuracy of the cohort ensemble (mean of probabilities).",
@@ -209,7 +219,9 @@ class PrometheusExporter:
         def histogram(name: str, doc: str) -> Histogram:
             return Histogram(name, doc, PEER, buckets=TIME_BUCKETS, registry=None)
 
-        self._samples = counter("dml_train_samples", "Training samples processed.")
+        self._samples = counter(
+            "dml_train_samples", "Training samples (a language model's: tokens) processed."
+        )
         self._sent = counter("dml_bus_sent_bytes", "Bytes this process sent on the bus.")
         self._received = counter("dml_bus_received_bytes", "Bytes this process received.")
         self._rejected = counter(
@@ -249,9 +261,10 @@ class PrometheusExporter:
         self._all = [
             self._run, self._peer, self._step, self._epoch, self._last, self._lr, self._kl,
             self._js, self._agree, self._ce, self._distill, self._loss, self._acc, self._entropy,
-            self._ens_acc, self._ens_entropy, self._samples, self._sent, self._received,
-            self._rejected, self._wait, self._step_time, self._exchange_time, self._sent_each,
-            self._received_each, self._kept_mass, self._distinct,
+            self._nll, self._perplexity, self._ens_acc, self._ens_entropy, self._samples,
+            self._sent, self._received, self._rejected, self._wait, self._step_time,
+            self._exchange_time, self._sent_each, self._received_each, self._kept_mass,
+            self._distinct,
         ]  # fmt: skip
 
     # -- serving ----------------------------------------------------------------------------
@@ -419,6 +432,9 @@ class PrometheusExporter:
                 peer = report["peers"][name]
                 self._acc.labels(name, "test").set(peer["accuracy"])
                 self._entropy.labels(name, "test").set(peer["entropy"])
+                self._nll.labels(name).set(peer["nll"])
+                if "perplexity" in peer:
+                    self._perplexity.labels(name).set(peer["perplexity"])
                 for j, other in enumerate(self.names):
                     pair = report["pairs"].get(f"{name}|{other}")
                     if j == i or pair is None:

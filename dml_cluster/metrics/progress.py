@@ -1,8 +1,9 @@
 """Progress of a run while it trains, drawn by the reporting process only.
 
-On a terminal, a live bar per epoch (tqdm): step / steps of the epoch, samples per second, every
-peer's running training cross-entropy, the run's elapsed time and ETA. Off a terminal (a file, a
-pipe, a pod's log), one whole line every `run.progress_every_s` seconds with the same figures.
+On a terminal, a live bar per epoch (tqdm): step / steps of the epoch, samples (a language
+model's: tokens) per second, every peer's running training cross-entropy, the run's elapsed time
+and ETA. Off a terminal (a file, a pipe, a pod's log), one whole line every
+`run.progress_every_s` seconds with the same figures.
 
 The running cross-entropy of a peer is its mean over the epoch so far, computed from the
 predictions every process receives on the bus (so the reporting process shows every peer's, not
@@ -74,12 +75,14 @@ class RunClock:
 class RunPlan:
     """The run's shape: steps per epoch, steps in all, epochs; `replicas`: the processes a
     peer's batch is split over (cohort.replicas: the reporting process sees 1/D of each batch,
-    samples per second count the whole)."""
+    rates count the whole); what a batch's rows are (`unit`: samples, or a language model's
+    tokens)."""
 
     per_epoch: int
     max_steps: int
     epochs: int
     replicas: int = 1
+    unit: str = "samples"
 
     def steps_in_epoch(self, epoch: int) -> int:
         return max(0, min(self.per_epoch, self.max_steps - epoch * self.per_epoch))
@@ -242,7 +245,7 @@ class ProgressDisplay:
             ]
         span = now - self.window_start
         if span > 0:
-            parts.append(f"{self.window_samples / span:.0f} samples/s")
+            parts.append(f"{self.window_samples / span:.0f} {self.plan.unit}/s")
         self.window_start, self.window_samples = now, 0
         ce = self.losses.means()
         if ce:

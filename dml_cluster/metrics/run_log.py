@@ -81,9 +81,8 @@ class RunLog:
         self.cohort_log.write(
             "eval", epoch=event.epoch, step=event.step, elapsed_seconds=elapsed, **report
         )
-        accs = "  ".join(f"{n} {100 * r['accuracy']:.2f}%" for n, r in report["peers"].items())
-        ensemble = report["ensemble"]["accuracy"]
-        ens = f"  ensemble {100 * ensemble:.2f}%" if len(self.names) > 1 else ""
+        accs = "  ".join(f"{n} {_figure(r)}" for n, r in report["peers"].items())
+        ens = f"  ensemble {_figure(report['ensemble'])}" if len(self.names) > 1 else ""
         print(
             f"epoch {event.epoch}/{self.epochs}  step {event.step}  {accs}{ens}  ({elapsed:.1f} s)",
             flush=True,
@@ -91,3 +90,10 @@ class RunLog:
 
     def on_end(self, summary: dict[str, Any]) -> None:
         pass  # the trainer closes the logs and writes summary.json
+
+
+def _figure(result: dict[str, Any]) -> str:
+    """A peer's headline figure: accuracy, or a language model's validation perplexity."""
+    if "perplexity" in result:
+        return f"ppl {result['perplexity']:.2f}"
+    return f"{100 * result['accuracy']:.2f}%"

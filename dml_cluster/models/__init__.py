@@ -26,6 +26,7 @@ from dml_cluster.models import (
 from dml_cluster.models.registry import (
     InputShape,
     ModelSource,
+    as_rows,
     build_model,
     check_model_name,
     is_builtin,
@@ -39,6 +40,7 @@ from dml_cluster.models.registry import (
 __all__ = [
     "InputShape",
     "ModelSource",
+    "as_rows",
     "build_model",
     "check_model_name",
     "cnn",

@@ -80,6 +80,12 @@ def register_source(scheme: str, source: ModelSource) -> None:
     _SOURCES[scheme] = source
 
 
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A model's predictions as rows [N, C], as the cohort exchanges, learns from and evaluates
+    them: a token model's [B, T, V] is one row per position, [B·T, V] (a view); [B, C] as it is."""
+    return logits.flatten(0, -2) if logits.dim() > 2 else logits
+
+
 def model_names() -> list[str]:
     """All registered (built-in) model names, sorted."""
     return sorted(_REGISTRY)

@@ -5,8 +5,9 @@ On every `run.log_every`-th step (a reporting step; any other step costs one mod
 hosted student: `train/loss`, `train/ce`, `train/distill`, `train/lr`, `train/samples_per_s`
 (this process's, since the previous reporting step), and the batch's `train/accuracy` and
 `train/entropy`. On every evaluation, for each hosted peer: `eval/accuracy`, `eval/nll`,
-`eval/ece`, `eval/entropy`, `eval/kl_from_others` (the mean KL(p_other || p_peer)),
-`eval/agreement`, and the cohort's `ensemble/accuracy`, `ensemble/nll`, `ensemble/ece`. The step
+`eval/ece`, `eval/entropy` (and a language model's `eval/perplexity`), `eval/kl_from_others`
+(the mean KL(p_other || p_peer)), `eval/agreement`, and the cohort's `ensemble/accuracy`,
+`ensemble/nll`, `ensemble/ece` (`ensemble/perplexity`). The step
 is the training step. The config (flattened) and its hash are each run's hyper-parameters.
 """
 
@@ -69,13 +70,13 @@ class ExperimentLogger:
             mine = report["peers"].get(name)
             if mine is None:
                 continue
-            scalars = {f"eval/{k}": float(mine[k]) for k in ("accuracy", "nll", "ece", "entropy")
-                       if k in mine}  # fmt: skip
+            keys = ("accuracy", "nll", "ece", "entropy", "perplexity")
+            scalars = {f"eval/{k}": float(mine[k]) for k in keys if k in mine}
             pairs = [v for k, v in report.get("pairs", {}).items() if k.startswith(f"{name}|")]
             if pairs:
                 scalars["eval/kl_from_others"] = sum(p["kl"] for p in pairs) / len(pairs)
                 scalars["eval/agreement"] = sum(p["agreement"] for p in pairs) / len(pairs)
-            for key in ("accuracy", "nll", "ece"):
+            for key in ("accuracy", "nll", "ece", "perplexity"):
                 if key in ensemble and len(report["peers"]) > 1:
                     scalars[f"ensemble/{key}"] = float(ensemble[key])
             self._log(i, scalars, event.step)
