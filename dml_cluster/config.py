@@ -527,13 +527,19 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(view.encode()).hexdigest()[:16]
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def config_diff(
+    old: dict[str, Any], new: dict[str, Any], shown: tuple[dict, dict] | None = None
+) -> list[str]:
     """The keys whose values differ between two config dicts, one `key: old → new` each (dotted
-    keys, list items by index; a key one side lacks is `(absent)` there), in key order."""
+    keys, list items by index; a key one side lacks is `(absent)` there), in key order. `shown`:
+    fuller dicts of the same two configs whose values are shown where they have the key (a
+    hashed view leaves out keys at their defaults: `cohort.replicas: 2 → 1`, not `→ (absent)`)."""
     a, b = _flat(old), _flat(new)
+    full_a, full_b = (_flat(shown[0]), _flat(shown[1])) if shown else ({}, {})
     absent = "(absent)"
     return [
-        f"{key}: {_shown(a.get(key, absent))} → {_shown(b.get(key, absent))}"
+        f"{key}: {_shown(full_a.get(key, a.get(key, absent)))} → "
+        f"{_shown(full_b.get(key, b.get(key, absent)))}"
         for key in sorted(a.keys() | b.keys())
         if a.get(key, absent) != b.get(key, absent)
     ]

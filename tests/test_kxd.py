@@ -110,7 +110,7 @@ BAD = {
 fsdp: the line each says (in part)."""
 REFUSED = [
     *BAD,
-    "was written by a cohort of 2 replica(s) per peer, this config has cohort.replicas 1",
+    "holds checkpoints of another config (cohort.replicas: 2 → 1;",
 ]
 
 

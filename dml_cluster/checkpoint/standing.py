@@ -151,7 +151,9 @@ def _continuable(
             f"{this}; the run folder does not record that config): choose another run.name, or "
             "the config that wrote them (`dml-cluster config show` prints a config's hash)"
         )
-    diff = config_diff(_upgraded(recorded), hashed_view(cfg.to_dict()))
+    fuller = _validated(recorded)
+    shown = (fuller, cfg.to_dict()) if fuller is not None else None
+    diff = config_diff(_upgraded(recorded), hashed_view(cfg.to_dict()), shown)
     if not diff:
         return ()
     shown = "; ".join(diff)
@@ -194,10 +196,17 @@ def _recorded_config(
 def _upgraded(recorded: dict[str, Any]) -> dict[str, Any]:
     """The recorded config as today's code reads it (keys added since at their defaults), when
     it still validates; else as recorded (its removed or renamed keys then show in the diff)."""
+    fuller = _validated(recorded)
+    return recorded if fuller is None else hashed_view(fuller)
+
+
+def _validated(recorded: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded config with every key (defaults filled in), or None if it does not
+    validate today."""
     try:
-        return hashed_view(Config.model_validate(recorded).to_dict())
+        return Config.model_validate(recorded).to_dict()
     except ValidationError:
-        return recorded
+        return None
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:

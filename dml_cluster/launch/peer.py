@@ -91,7 +91,8 @@ def _finished(cfg: Config, rank: int, control: Control) -> bool:
     then there is nothing to do and nothing is written. Checkpoints of another config are
     refused here, by one process, before anything is built or written."""
     standing = together(control, Topic.STANDING, rank, lambda: examine(cfg, cfg.run.dir))
-    line = finished_line(cfg, standing, [cfg.peers[rank].name], reporter=rank == 0)
+    peer = Topology.of(cfg).peer_of(rank)  # a data-parallel peer's replicas read its files
+    line = finished_line(cfg, standing, [cfg.peers[peer].name], reporter=rank == 0)
     if not all(
         flag == [1] for flag in control.all_gather_ints(Topic.STANDING, 1, [int(bool(line))])
     ):
