@@ -57,6 +57,7 @@ class Topic(IntEnum):
     RUN_NONCE = 7  # start-up: the launch's random nonce in the wire's run id (rank 0 draws it)
     BUILD = 8  # start-up: whether a process could build its peers (models, weights, method)
     STANDING = 9  # start-up: what the run folder holds for the config (a finished run?)
+    METRICS = 10  # start-up: whether a process could serve its metrics and open its loggers
 
 
 _DOING = {
@@ -69,6 +70,7 @@ _DOING = {
     Topic.RUN_NONCE: "agreeing on the run id",
     Topic.BUILD: "building the peers",
     Topic.STANDING: "reading the run folder's checkpoints",
+    Topic.METRICS: "starting the metrics endpoints",
 }
 
 

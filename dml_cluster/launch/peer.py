@@ -25,7 +25,7 @@ from dml_cluster.devices import (
     make_current,
     process_group_backend,
 )
-from dml_cluster.errors import ConfigError, PeerError, first_line
+from dml_cluster.errors import ConfigError, DataError, PeerError, first_line
 from dml_cluster.launch.identity import agree_on_nonce, run_id
 from dml_cluster.launch.reporting import let_the_cause_exit_first, reported_once, together
 from dml_cluster.launch.transports import make_bus
@@ -138,9 +138,16 @@ def run_peer(cfg: Config) -> dict[str, Any]:
                 control, Topic.BUILD, rank,
                 lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
             )  # fmt: skip
-            with metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank) as observers:
+            with contextlib.ExitStack() as watching:  # a port in use: one line, no files
+                observers = together(
+                    control, Topic.METRICS, rank,
+                    lambda: watching.enter_context(
+                        metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank)
+                    ),
+                )  # fmt: skip
                 trainer.observe(observers)
-                return trainer.run()
+                with reported_once(DataError):  # a bad image: every peer reads it, one says so
+                    return trainer.run()
     except PeerError:
         let_the_cause_exit_first()
         raise
