@@ -90,10 +90,10 @@ def launch_elastic(
         sigterm = {128 + signal.SIGTERM, -signal.SIGTERM}  # a peer's own exit, or the agent's
         if code == 128 + signal.SIGTERM and {f.exitcode for f in err.failures.values()} <= sigterm:
             saved = log.preempted_at()
-            where = "where the cohort stopped" if saved is None else f"at step {saved}"
+            where = "where the cohort stopped " if saved is None else f"at step {saved} "
             error = PeerError(
-                f"the peers stopped on SIGTERM (exit {code}), after saving a complete checkpoint "
-                f"{where} (checkpoint.on_signal): run the same command again to resume"
+                f"the peers stopped on SIGTERM (exit {code}), and saved a complete checkpoint "
+                f"{where}(checkpoint.on_signal): run the same command again to resume"
             )
         error.exit_code = code
         if code == ConfigError.exit_code:  # a permanent error: the peer has said it in one line
