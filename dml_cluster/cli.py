@@ -63,6 +63,8 @@ def train(
     from dml_cluster.metrics.loggers import check_loggers
     from dml_cluster.preemption import launcher_wait_s
 
+    if max_restarts < 0:  # whichever way the cohort runs
+        raise ConfigError(f"--max-restarts {max_restarts}: must be 0 or more")
     adopt_torch_runtime_env()  # a Kubeflow Trainer v2 node: PET_* as RANK, WORLD_SIZE, ...
     if init_from is not None:  # a string whatever it looks like (YAML would read 12 as a number)
         overrides = (*overrides, f"train.init_from={json.dumps(init_from)}")
@@ -78,7 +80,7 @@ def train(
         run_local(cfg)
         return
     size = len(cfg.peers)
-    _check_nproc(nproc, size, max_restarts)
+    _check_nproc(nproc, size)
     check_loggers(cfg)  # before the launcher starts anything
     source_summary(cfg)  # --init-from: a finished run with these peers
     names = [p.name for p in cfg.peers]
@@ -98,7 +100,7 @@ def train(
     sys.exit(launch_elastic(config, list(overrides), size, max_restarts, wait_s, cfg.run.dir))
 
 
-def _check_nproc(nproc: int | None, size: int, max_restarts: int) -> None:
+def _check_nproc(nproc: int | None, size: int) -> None:
     """`--nproc K` starts one process per peer: K must be the cohort size (checked before torch's
     launcher starts anything)."""
     if nproc is not None and nproc < 1:
@@ -111,8 +113,6 @@ def _check_nproc(nproc: int | None, size: int, max_restarts: int) -> None:
             f"--nproc {nproc}, but the cohort has {size} peers and runs one process per peer: "
             f"--nproc {size} (or change cohort.size)"
         )
-    if max_restarts < 0:
-        raise ConfigError(f"--max-restarts {max_restarts}: must be 0 or more")
 
 
 @cli.command()
@@ -402,6 +402,14 @@ def generate(
     click.echo(generate_from_run(run_dir, peer, prompt, tokens, temperature, seed))
 
 
+# click >= 8.2 raises it for a group given no command (it shows the group's help)
+_HELP_FOR_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and an exit status, never a traceback."""
     write_whole_lines()  # peer processes share a terminal or log: no line split by another's
@@ -416,8 +424,15 @@ def main() -> None:
     except DmlError as err:
         click.echo(f"dml-cluster: {err}", err=True)
         sys.exit(err.exit_code)
-    except click.ClickException as err:
+    except _HELP_FOR_NO_ARGS as err:  # `dml-cluster keys` alone: that group's help
         err.show()
+        sys.exit(err.exit_code)
+    except click.UsageError as err:  # a bad option or argument: one line, as every error
+        where = err.ctx.command_path if err.ctx is not None else "dml-cluster"
+        click.echo(f"dml-cluster: {_one_line(err.format_message())} (see {where} --help)", err=True)
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        click.echo(f"dml-cluster: {_one_line(err.format_message())}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("dml-cluster: aborted", err=True)

@@ -130,20 +130,20 @@ def run_peer(cfg: Config) -> dict[str, Any]:
                 return read_summary(cfg.run.dir) or {}
             with reported_once():  # bad data: before anything is written to the run folder
                 data = prepare_data(cfg)
-            bus = make_bus(cfg, rank, world, wire_id, bus_device)
-            placement = Placement((rank,), device, reporter=rank == 0)
-            stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
-            # the models are built before anything is written: a bad one is one line, once
-            trainer = together(
-                control, Topic.BUILD, rank,
-                lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
-            )  # fmt: skip
             with contextlib.ExitStack() as watching:  # a port in use: one line, no files
                 observers = together(
                     control, Topic.METRICS, rank,
                     lambda: watching.enter_context(
                         metrics_observers(cfg, (rank,), run_id(cfg).hex(), local_rank)
                     ),
+                )  # fmt: skip
+                bus = make_bus(cfg, rank, world, wire_id, bus_device)
+                placement = Placement((rank,), device, reporter=rank == 0)
+                stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
+                # the models are built before anything is written: a bad one is one line, once
+                trainer = together(
+                    control, Topic.BUILD, rank,
+                    lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
                 )  # fmt: skip
                 trainer.observe(observers)
                 with reported_once(DataError):  # a bad image: every peer reads it, one says so
