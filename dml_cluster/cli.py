@@ -9,7 +9,13 @@ import yaml
 
 from dml_cluster.console import write_whole_lines
 from dml_cluster.errors import ConfigError, DmlError, ReportedElsewhere
-from dml_cluster.signals import Interrupted, reports_signals, stop_on_signals
+from dml_cluster.signals import (
+    Interrupted,
+    reports_signals,
+    signal_name,
+    stop_on_signals,
+    stopping,
+)
 
 _SET = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -422,6 +428,7 @@ def main() -> None:
             click.echo(f"dml-cluster: stopped by {stop}", err=True)
         sys.exit(stop.exit_code)
     except DmlError as err:
+        _exit_if_stopping()  # a peer lost because a stop signal ended it: the stop says it
         click.echo(f"dml-cluster: {err}", err=True)
         sys.exit(err.exit_code)
     except _HELP_FOR_NO_ARGS as err:  # `dml-cluster keys` alone: that group's help
@@ -440,3 +447,17 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("dml-cluster: interrupted", err=True)
         sys.exit(130)
+    except Exception:
+        _exit_if_stopping()
+        raise
+
+
+def _exit_if_stopping() -> None:
+    """After a stop signal, an error on the way out is its consequence (a peer it stopped first,
+    a loader worker it ended): the stop is the story, told in its one line, with its status."""
+    signum = stopping()
+    if signum is None:
+        return
+    if reports_signals():
+        click.echo(f"dml-cluster: stopped by {signal_name(signum)}", err=True)
+    sys.exit(128 + signum)

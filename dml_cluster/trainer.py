@@ -331,6 +331,7 @@ class CohortTrainer:
             return self._run()
         finally:
             self.stop.disarm()
+            self.batches.close()  # the loader workers, also when stopped by a signal
             gc.unfreeze()
 
     def _run(self) -> dict[str, Any]:
