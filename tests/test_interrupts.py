@@ -45,8 +45,12 @@ def _run_each_phase(root: str) -> None:
     """In a child process per phase, forked from this interpreter once it has imported the
     CLI and torch: `dml-cluster train` in a process group of its own, output to files. Prints
     {phase: exit status} as JSON."""
-    import torch  # noqa: F401 - imported once, before the children are forked
+    # what a run imports, imported once before the children are forked: the engine, digits
+    # (scikit-learn), the deterministic mode (torch's compiler stack)
+    import sklearn.datasets  # noqa: F401
+    import torch._inductor  # noqa: F401
 
+    import dml_cluster.launch  # noqa: F401
     from dml_cluster import cli
 
     children = {}
