@@ -9,6 +9,7 @@ the same status.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
 import signal
@@ -129,9 +130,9 @@ def _stop_again_if_swallowed(
             return previous(unraisable)
         signum = unraisable.exc_value.signum
         signal.signal(signum, _interrupted)
-        # from another thread: the handler then runs in the main thread once this is over
-        again = threading.Thread(target=os.kill, args=(os.getpid(), signum), daemon=True)
-        again.start()
+        # from a bare thread (threading's start() would wait here, where the signal could land
+        # again): the handler runs in the main thread once this hook has returned
+        _thread.start_new_thread(os.kill, (os.getpid(), signum))
         return None
 
     return hook
