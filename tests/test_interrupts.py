@@ -46,8 +46,9 @@ def _run_each_phase(root: str) -> None:
     CLI and torch: `dml-cluster train` in a process group of its own, output to files. Prints
     {phase: exit status} as JSON."""
     # what a run imports, imported once before the children are forked: the engine, digits
-    # (scikit-learn)
+    # (scikit-learn), torch's compiler front end (about 2 s of CPU in each child otherwise)
     import sklearn.datasets  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
     import dml_cluster.launch  # noqa: F401
     from dml_cluster import cli
