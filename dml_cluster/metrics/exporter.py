@@ -294,16 +294,17 @@ class PrometheusExporter:
     def close(self) -> None:
         """Stop serving and release the port; safe to call twice. An endpoint that served no
         step (a start that stopped: another peer's endpoint could not bind, a refused resume)
-        takes its endpoint files back, so the run folder is left as it was found."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        takes its endpoint files back, so the run folder is left as it was found (first: a
+        stop signal may end the server's shutdown, which waits for its loop)."""
         if not self._observed:
             for path in self._announced:
                 path.unlink(missing_ok=True)
             remove_if_empty(self._made)
         self._announced = []
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
 
     # -- updates ----------------------------------------------------------------------------
 
