@@ -10,7 +10,7 @@ ARG PYTORCH_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 # -- build: the package as a wheel; the build backend lives and dies in this stage -------------
 FROM ${PYTORCH_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY dml_cluster ./dml_cluster
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 

@@ -22,16 +22,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from dml_cluster import losses
-from dml_cluster.config import Config, apply_overrides, parse_config
+from dml_cluster.config import Config, load_config
 from dml_cluster.data.dataset import Dataset
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.data.text import TextData, val_starts
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, InputError
 from dml_cluster.metrics.chance import (
     STALE,
     batchnorm_facts,
@@ -165,14 +164,16 @@ def flatness_flags(
 
 def run_config(run_dir: Path, config: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """The run's resolved config: `config` (+ overrides) if given, else RUN_DIR/config.yaml."""
-    path = Path(config) if config else run_dir / CONFIG_FILE
-    if not path.exists():
+    if not run_dir.is_dir():
+        raise InputError(f"analyze: {run_dir}: no such run folder")
+    if config:
+        return load_config(config, list(overrides))
+    if not (run_dir / CONFIG_FILE).exists():
         raise ConfigError(
             f"analyze: {run_dir} has no {CONFIG_FILE}; give the config it was trained with "
             "(--config CONFIG, and the same --set overrides)"
         )
-    raw = yaml.safe_load(path.read_text()) or {}
-    return parse_config(apply_overrides(raw, list(overrides)))
+    return load_config(run_dir / CONFIG_FILE, list(overrides))
 
 
 def training_batches(

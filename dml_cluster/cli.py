@@ -9,7 +9,13 @@ import yaml
 
 from dml_cluster.console import write_whole_lines
 from dml_cluster.errors import ConfigError, DmlError, ReportedElsewhere
-from dml_cluster.signals import Interrupted, reports_signals, stop_on_signals
+from dml_cluster.signals import (
+    Interrupted,
+    reports_signals,
+    signal_name,
+    stop_on_signals,
+    stopping,
+)
 
 _SET = click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -64,6 +70,8 @@ def train(
     from dml_cluster.metrics.loggers import check_loggers
     from dml_cluster.preemption import launcher_wait_s
 
+    if max_restarts < 0:  # whichever way the cohort runs
+        raise ConfigError(f"--max-restarts {max_restarts}: must be 0 or more")
     adopt_torch_runtime_env()  # a Kubeflow Trainer v2 node: PET_* as RANK, WORLD_SIZE, ...
     if init_from is not None:  # a string whatever it looks like (YAML would read 12 as a number)
         overrides = (*overrides, f"train.init_from={json.dumps(init_from)}")
@@ -125,8 +133,6 @@ def _check_nproc(nproc: int | None, size: int, max_restarts: int, replicas: int 
             f"--nproc {nproc}, but the cohort has {size} peers and runs one process per peer: "
             f"--nproc {size} (or change cohort.size)"
         )
-    if max_restarts < 0:
-        raise ConfigError(f"--max-restarts {max_restarts}: must be 0 or more")
 
 
 @cli.command()
@@ -416,6 +422,14 @@ def generate(
     click.echo(generate_from_run(run_dir, peer, prompt, tokens, temperature, seed))
 
 
+# click >= 8.2 raises it for a group given no command (it shows the group's help)
+_HELP_FOR_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and an exit status, never a traceback."""
     write_whole_lines()  # peer processes share a terminal or log: no line split by another's
@@ -428,10 +442,18 @@ def main() -> None:
             click.echo(f"dml-cluster: stopped by {stop}", err=True)
         sys.exit(stop.exit_code)
     except DmlError as err:
+        _exit_if_stopping()  # a peer lost because a stop signal ended it: the stop says it
         click.echo(f"dml-cluster: {err}", err=True)
         sys.exit(err.exit_code)
-    except click.ClickException as err:
+    except _HELP_FOR_NO_ARGS as err:  # `dml-cluster keys` alone: that group's help
         err.show()
+        sys.exit(err.exit_code)
+    except click.UsageError as err:  # a bad option or argument: one line, as every error
+        where = err.ctx.command_path if err.ctx is not None else "dml-cluster"
+        click.echo(f"dml-cluster: {_one_line(err.format_message())} (see {where} --help)", err=True)
+        sys.exit(err.exit_code)
+    except click.ClickException as err:
+        click.echo(f"dml-cluster: {_one_line(err.format_message())}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("dml-cluster: aborted", err=True)
@@ -439,3 +461,17 @@ def main() -> None:
     except KeyboardInterrupt:
         click.echo("dml-cluster: interrupted", err=True)
         sys.exit(130)
+    except Exception:
+        _exit_if_stopping()
+        raise
+
+
+def _exit_if_stopping() -> None:
+    """After a stop signal, an error on the way out is its consequence (a peer it stopped first,
+    a loader worker it ended): the stop is the story, told in its one line, with its status."""
+    signum = stopping()
+    if signum is None:
+        return
+    if reports_signals():
+        click.echo(f"dml-cluster: stopped by {signal_name(signum)}", err=True)
+    sys.exit(128 + signum)

@@ -693,10 +693,10 @@ def check_replicas(cfg: Config) -> None:
 
 
 def read_yaml(path: str | Path) -> Any:
-    """The YAML document in `path` ({} when empty), or a one-line `ConfigError`."""
+    """The YAML mapping in `path` ({} when empty), or a one-line `ConfigError`."""
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        document = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"config error: {path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
@@ -705,6 +705,12 @@ def read_yaml(path: str | Path) -> Any:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
         raise ConfigError(f"config error: {path}{line}: not valid YAML") from None
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f"config error: {path}: a config is a YAML mapping of sections (run:, data:, ...), "
+            f"not a {type(document).__name__}"
+        )
+    return document
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

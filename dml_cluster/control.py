@@ -58,6 +58,7 @@ class Topic(IntEnum):
     BUILD = 8  # start-up: whether a process could build its peers (models, weights, method)
     STANDING = 9  # start-up: what the run folder holds for the config (a finished run?)
     REPLICA_STREAMS = 10  # checkpoint save: a data-parallel replica's random stream
+    METRICS = 11  # start-up: whether a process could serve its metrics and open its loggers
 
 
 _DOING = {
@@ -71,6 +72,7 @@ _DOING = {
     Topic.BUILD: "building the peers",
     Topic.STANDING: "reading the run folder's checkpoints",
     Topic.REPLICA_STREAMS: "gathering the replicas' random streams for step {about}",
+    Topic.METRICS: "starting the metrics endpoints",
 }
 
 

@@ -21,6 +21,13 @@ class DataError(DmlError):
     exit_code = 2
 
 
+class InputError(DmlError):
+    """A command's input cannot be used: a folder that is not a run, a log that is not JSON, a
+    run folder that takes no files. Permanent (1-127): a person has to choose another."""
+
+    exit_code = 2
+
+
 class PeerError(DmlError):
     """Another peer of the cohort stopped answering, or sent something unusable.
 

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from dml_cluster.errors import ConfigError, typed_first_line
+from dml_cluster.vision import install_import_hook
 
 
 def is_reference(text: str) -> bool:
@@ -31,6 +32,7 @@ def load_callable(reference: str) -> Any:
     module_name, _, attr_path = reference.partition(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    install_import_hook()  # the user's module may import torchvision (vision.py)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dml_cluster import plots
-from dml_cluster.errors import DmlError
+from dml_cluster.errors import DmlError, InputError
 from dml_cluster.evaluation import per_class_table
 from dml_cluster.run_folder import RunLogs, read_jsonl, time_split, train_record
 from dml_cluster.token_evaluation import token_table
@@ -24,18 +24,18 @@ def _records(path: Path) -> list[dict[str, Any]]:
     try:
         return read_jsonl(path)
     except DmlError as err:
-        raise DmlError(f"report: {err}") from None
+        raise InputError(f"report: {err}") from None
 
 
 def load_run(run_dir: str | Path) -> RunLogs:
     """Read a run folder; a folder that is not a run is one clear error."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise DmlError(f"report: {run_dir}: no such run folder")
+        raise InputError(f"report: {run_dir}: no such run folder")
     cohort = run_dir / "cohort.jsonl"
     peer_files = sorted((run_dir / "peers").glob("*.jsonl"))
     if not cohort.exists() and not peer_files:
-        raise DmlError(
+        raise InputError(
             f"report: {run_dir}: not a run folder (no cohort.jsonl, no peers/*.jsonl logs)"
         )
     evals = [r for r in _records(cohort) if r.get("event") == "eval"] if cohort.exists() else []
@@ -50,7 +50,7 @@ def load_run(run_dir: str | Path) -> RunLogs:
         try:
             summary = json.loads((run_dir / "summary.json").read_text())
         except json.JSONDecodeError:
-            raise DmlError(f"report: {run_dir / 'summary.json'}: not valid JSON") from None
+            raise InputError(f"report: {run_dir / 'summary.json'}: not valid JSON") from None
     peers = list(evals[-1]["peers"]) if evals else sorted(train)
     return RunLogs(run_dir, evals, train, summary, peers, warnings)
 

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from dml_cluster.errors import DmlError
+from dml_cluster.errors import InputError
 
 
 class JsonlLog:
@@ -40,9 +40,9 @@ class JsonlLog:
             self._file.close()
 
 
-def not_writable(folder: Path, err: OSError) -> DmlError:
+def not_writable(folder: Path, err: OSError) -> InputError:
     """The one-line error for a run folder that cannot be created or written."""
-    return DmlError(
+    return InputError(
         f"run folder {folder} is not writable ({err.strerror or err}): "
         f"choose another run.out_dir or fix its permissions"
     )
@@ -135,7 +135,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if line.endswith("\n"):
-                    raise DmlError(f"{path}:{number}: not a JSON record") from None
+                    raise InputError(f"{path}:{number}: not a JSON record") from None
     return records
 
 

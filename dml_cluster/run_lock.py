@@ -107,9 +107,13 @@ class RunFolderLock:
 
     def _open(self, path: Path) -> int:
         """The lock file at `path`, made (with `locks/`) if missing; what it made is noted."""
-        with contextlib.suppress(FileExistsError):
+        try:
             path.parent.mkdir(parents=True)
             self._created.add(path.parent)
+        except FileExistsError:
+            pass
+        except OSError as err:  # FileNotFoundError too: a parent that cannot be made (/proc)
+            raise not_writable(self.folder, err) from None
         flags = os.O_RDWR | os.O_CLOEXEC
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)

@@ -9,11 +9,14 @@ the same status.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import os
 import signal
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 LAUNCHER_ENV = "DML_CLUSTER_LAUNCHER"
@@ -25,8 +28,17 @@ HARD_STOP_S = 5.0
 """A process that has not stopped this long after the signal (its main thread held in a
 blocking C++ call, where Python handlers cannot run) exits at once, with the same status."""
 
+SIGNAL_AT_ENV = "DML_CLUSTER_TEST_SIGINT_AT"
+"""Tests only: the phase (`signal_point`) at which this process sends SIGINT to its process
+group once, as a terminal's Ctrl-C does, to interrupt every phase of a run deterministically."""
+
 _watching = False
 _hard_stop_after: dict[int, float] = {}  # a signal's own delay (a deferred SIGTERM's grace)
+_owner = 0  # the process whose handlers these are (a forked child inherits them, not the role)
+_held = 0  # depth of `held_stop` blocks: a stop signal waits for the block's end
+_pending: int | None = None  # a stop signal that came inside one, or the one being stopped on
+_signalled: set[str] = set()  # the test phases this process has signalled at
+_terminal_group = 0  # tests: the process group a terminal's Ctrl-C would reach (0: our own)
 
 
 class Interrupted(BaseException):
@@ -64,15 +76,78 @@ def stop_on_signals() -> None:
     there HARD_STOP_S later ends at once (a Python handler cannot run while C++ holds the main
     thread)."""
 
+    global _owner, _terminal_group
+    _owner = os.getpid()
+    if os.environ.get(SIGNAL_AT_ENV) and "TORCHELASTIC_RUN_ID" in os.environ:
+        _terminal_group = os.getpgid(os.getppid())  # torchrun's: each peer has a session
     for stop in STOP_SIGNALS:
         signal.signal(stop, _interrupted)
+    sys.unraisablehook = _stop_again_if_swallowed(sys.unraisablehook)
     _watch_for_a_stuck_stop()
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
+    global _pending
     for stop in STOP_SIGNALS:
         signal.signal(stop, signal.SIG_IGN)
-    raise Interrupted(signum)
+    if os.getpid() != _owner:  # a forked child (a loader worker before its own set-up): its
+        return  # parent stops it; a traceback from here would be one more line
+    _pending = signum
+    if not _held:
+        raise Interrupted(signum)
+
+
+def stopping() -> int | None:
+    """The stop signal this process received (it is on its way out), or None."""
+    return _pending
+
+
+@contextlib.contextmanager
+def held_stop() -> Iterator[None]:
+    """A stop signal arriving in the block is raised when it ends: for code whose interruption
+    half-way leaves an object its clean-up cannot handle (a DataLoader starting or resuming its
+    worker processes, whose `__del__` then fails with a traceback of its own)."""
+    global _held
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+    if not _held and _pending is not None and os.getpid() == _owner:
+        raise Interrupted(_pending)
+
+
+def _stop_again_if_swallowed(
+    previous: Callable[[sys.UnraisableHookArgs], object],
+) -> Callable[[sys.UnraisableHookArgs], object]:
+    """The hook for exceptions Python cannot raise (in a `__del__`, a weakref callback): an
+    `Interrupted` raised there would be printed as a traceback and lost, the process going on.
+    It is raised again at the main thread's next step instead; anything else goes to `previous`.
+    """
+
+    def hook(unraisable: sys.UnraisableHookArgs) -> object:
+        if not isinstance(unraisable.exc_value, Interrupted) or os.getpid() != _owner:
+            return previous(unraisable)
+        signum = unraisable.exc_value.signum
+        signal.signal(signum, _interrupted)
+        # from a bare thread (threading's start() would wait here, where the signal could land
+        # again): the handler runs in the main thread once this hook has returned
+        _thread.start_new_thread(os.kill, (os.getpid(), signum))
+        return None
+
+    return hook
+
+
+def signal_point(phase: str) -> None:
+    """Tests only: send SIGINT where a terminal's Ctrl-C goes (the launcher's process group
+    under torchrun, else this process's) at `phase` the first time it is reached when
+    `SIGNAL_AT_ENV` names it; of a cohort's processes only rank 0's, as one Ctrl-C."""
+    if os.environ.get(SIGNAL_AT_ENV) != phase or phase in _signalled:
+        return
+    if os.environ.get("RANK", "0") != "0":
+        return
+    _signalled.add(phase)
+    os.killpg(_terminal_group, signal.SIGINT)
 
 
 def defer_sigterm(requested: Callable[[int], None], grace_s: float) -> None:

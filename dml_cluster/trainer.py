@@ -349,16 +349,13 @@ class CohortTrainer:
             return self._run()
         finally:
             self.stop.disarm()
+            self.batches.close()  # the loader workers, also when stopped by a signal
             gc.unfreeze()
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
-        bs, n = cfg.data.batch_size, self.batches.num_train
-        per_epoch = steps_per_epoch(n, bs)
-        if per_epoch == 0:
-            raise ConfigError(
-                f"config error: data.batch_size: {bs} exceeds the {n} training samples"
-            )
+        # never 0: prepare_data refuses a batch larger than the training split
+        per_epoch = steps_per_epoch(self.batches.num_train, cfg.data.batch_size)
         max_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
         if self.placement.reporter:
             self.prepared.record(self.run_dir / DATA_FILE)

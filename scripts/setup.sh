@@ -97,7 +97,8 @@ else
     # named explicitly, without its dependencies, so that pip never replaces torch by the CUDA
     # build. PyPI's wheel is built against CUDA torch: its compiled operators do not load beside
     # the CPU build, which dml_cluster/vision.py handles (models, datasets and transforms are
-    # pure Python).
+    # pure Python) for every `import torchvision` in .venv: the package's install below writes
+    # dml_cluster_torchvision.pth into site-packages (setup.py).
     TORCHVISION_VERSION=${TORCHVISION_VERSION:-$(torchvision_for \
         "$(.venv/bin/python -c 'import torch; print(torch.__version__)')")}
     if ! .venv/bin/python -c "import torchvision.version as v, sys; sys.exit(v.__version__.split('+')[0] != '${TORCHVISION_VERSION}')" 2>/dev/null; then

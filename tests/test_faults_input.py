@@ -358,11 +358,11 @@ def test_an_unwritable_run_folder_is_refused(
             p.chmod(0o555 if p.is_dir() else 0o444)
     before = snapshot(runs / "good")
     proc = train(*_again(runs / "good"))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     one_line_error(proc, f"run folder {runs / 'good'} is not writable")
     assert snapshot(runs / "good") == before
     fresh = train(*settings(runs, "fresh", epochs=1))  # a new run folder cannot even be made
-    assert fresh.returncode == 1
+    assert fresh.returncode == 2
     one_line_error(fresh, "is not writable")
     assert not (runs / "fresh").exists()
 

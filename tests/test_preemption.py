@@ -62,6 +62,7 @@ def test_sigterm_saves_where_the_cohort_stopped_and_the_next_run_resumes_there(
     assert "stopped by SIGTERM" in output
     (first,) = _preempted_at(run_dir)
     assert PER_EPOCH < first < 4 * PER_EPOCH
+    assert f"saved a complete checkpoint at step {first} " in output, output  # named, as in one
     assert complete_steps(run_dir)[-1] == first  # complete, every peer's file in place
 
     progress = [*args, "--set", "run.progress_every_s=0.01"]  # not in the config hash
@@ -69,6 +70,7 @@ def test_sigterm_saves_where_the_cohort_stopped_and_the_next_run_resumes_there(
     assert f"resuming at step {first} " in output, output
     assert "the peers stopped on SIGTERM" in output, output
     second = _preempted_at(run_dir)[-1]
+    assert f"saved a complete checkpoint at step {second} " in output, output
     assert first < second < 4 * PER_EPOCH and complete_steps(run_dir)[-1] == second
     _check_progress_lines(output)
 

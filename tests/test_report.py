@@ -142,7 +142,7 @@ def test_a_run_logged_before_the_distill_rename_reports_its_mimicry_as_distill(
 )
 def test_bad_run_folders_are_one_line_errors(tmp_path: Path, make, message: str) -> None:
     proc = run_cli("report", str(make(tmp_path)))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dml-cluster: report: ") and message in lines[0]
 

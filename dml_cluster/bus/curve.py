@@ -15,6 +15,7 @@ own endpoint in the rendezvous store, receive one; and nothing on the wire is re
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -26,7 +27,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-from dml_cluster.errors import ConfigError
+from dml_cluster.errors import ConfigError, InputError
+from dml_cluster.run_folder import missing_folders, remove_if_empty
 
 COHORT = "cohort"
 """The file stem of the key pair shared by the whole cohort."""
@@ -100,13 +102,22 @@ def load_curve_keys(folder: str | Path, me: str, names: Sequence[str]) -> CurveK
 def generate_keys(folder: str | Path, name: str = COHORT) -> tuple[Path, Path]:
     """Write a new key pair `<name>.key` / `<name>.key_secret` (secret readable by owner only)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(
+            f"keys: --name {name!r}: a key pair's name is 'cohort' or a peer's name (letters, "
+            "digits, '_', '.', '-'; no path)"
+        )
     secret_path = folder / f"{name}.key_secret"
     if secret_path.exists() or (folder / f"{name}.key").exists():
         raise ConfigError(f"keys: {folder} already holds {name}.key / {name}.key_secret")
+    made = missing_folders(folder)
     old = os.umask(0o077)
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         public, secret = zmq.auth.create_certificates(folder, name)
+    except OSError as err:
+        remove_if_empty(made)
+        raise InputError(f"keys: cannot write into {folder}: {err.strerror or err}") from None
     finally:
         os.umask(old)
     os.chmod(public, 0o644)

@@ -20,6 +20,7 @@ from dml_cluster.config import Config, hashed_view
 from dml_cluster.control import Control, Topic
 from dml_cluster.errors import CheckpointError
 from dml_cluster.run_folder import write_atomic
+from dml_cluster.signals import signal_point
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class CohortCheckpoints:
                 state = files.peer_state(peer, position, history, rng, self.run, streams)
                 data = files.serialise(state)
                 digests[i] = files.write_peer_file(folder / f"{peer.name}.pt", data)
+            signal_point("checkpoint")  # files written, manifest not yet
         except OSError as err:
             problem = err.strerror or str(err)
         mine = agreement.confirmation({i: digests.get(i) for i in peers})

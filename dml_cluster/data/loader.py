@@ -32,6 +32,7 @@ from dml_cluster.data.images import UnreadableImage
 from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import DataError, typed_first_line
+from dml_cluster.signals import held_stop, signal_point
 
 MAX_AUTO_WORKERS = 4
 """The most worker processes `data.workers: null` gives a peer process."""
@@ -83,6 +84,8 @@ class StepSampler(Sampler[list[int]]):
         self.shard = shard
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.epoch > 0:  # read inside the loader's resuming of its workers for the epoch
+            signal_point("epoch-boundary")
         order = epoch_order(self.num_samples, self.seed, self.epoch)
         rows = shard_rows(self.batch_size, self.shard)
         for step in range(self.first, self.stop):
@@ -205,9 +208,14 @@ def _worker_init(worker_id: int) -> None:
     """A loader worker ignores SIGINT and SIGTERM: torchrun stops a peer with `killpg`, which
     reaches its workers too, and a worker dying first would turn the peer's orderly stop (the
     cohort's agreed stop step and checkpoint) into a "DataLoader worker exited" crash. The peer
-    ends its workers itself; a worker whose peer is gone exits on its own (torch's watchdog)."""
+    ends its workers itself; a worker whose peer is gone exits on its own (torch's watchdog).
+    Until then it has its peer's handlers, which know they are not in their own process
+    (signals.py). Nor does it wake its peer's stop watch (the signal wake-up pipe)."""
+    if worker_id == 0:
+        signal_point("worker-start")
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, signal.SIG_IGN)
+    signal.set_wakeup_fd(-1)
 
 
 def make_loader(
@@ -243,7 +251,9 @@ def make_loader(
 def checked(loader: DataLoader) -> Iterator[Batch]:
     """The loader's batches; a sample that cannot be read stops the run with one line
     (`DataError`)."""
-    for batch in loader:
+    with held_stop():  # Ctrl-C while workers start or resume: raised once they have
+        batches = iter(loader)
+    for batch in batches:
         if isinstance(batch, LoadFailure):
             raise DataError(batch.message)
         yield batch
@@ -374,3 +384,15 @@ class DataPath:
         loader = self._loader("test", self.test, InOrder(self.num_test, self.eval_batch_size))
         for batch in checked(loader):
             yield self._to_device(batch)
+            signal_point("evaluation")
+
+    def close(self) -> None:
+        """End the loaders' worker processes now (a run that ends or stops), not whenever the
+        interpreter collects them (at exit, torch leaves that to daemon-process clean-up)."""
+        for loader in self._loaders.values():
+            iterator = getattr(loader, "_iterator", None)  # persistent workers' iterator
+            loader._iterator = None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+        self._loaders.clear()

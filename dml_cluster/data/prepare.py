@@ -15,11 +15,13 @@ from dml_cluster.config import Config
 from dml_cluster.data import load_dataset, loader_options
 from dml_cluster.data.dataset import Dataset, Normalisation, take, targets
 from dml_cluster.data.loader import DataPath, Failure, default_workers
+from dml_cluster.data.sampler import steps_per_epoch
 from dml_cluster.data.scan import UnreadableSamples, unreadable_in
 from dml_cluster.data.split import labelled_mask, mask_labels, training_subset
 from dml_cluster.data.stats import DATA_FILE, record_data, resolve_normalisation
 from dml_cluster.data.text import TextData, load_text_config
 from dml_cluster.data.text_path import TextPath
+from dml_cluster.errors import ConfigError
 from dml_cluster.run_folder import write_json_atomic
 
 
@@ -51,10 +53,10 @@ class RunData:
 def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
     """Load and check the run's data; the launchers call it before the metrics endpoint or the
     trainer writes into the run folder, so bad data (a folder, a factory, unreadable samples in
-    the statistics pass or the evaluation split: data/scan.py; a missing, empty or non-UTF-8
-    text file) is one `DataError` line and the folder is left as it was. `run_dir`: where the
-    run's recorded statistics are (default: the config's run folder). Text is tokenized here,
-    once (cached under the output directory)."""
+    the statistics pass or the evaluation split: data/scan.py; a batch larger than the training
+    split; a missing, empty or non-UTF-8 text file) is one line and the folder is left as it
+    was. `run_dir`: where the run's recorded statistics are (default: the config's run folder).
+    Text is tokenized here, once (cached under the output directory)."""
     if cfg.data.name == "text":
         text = load_text_config(cfg.data, cfg.run.out_dir)
         return RunData(text, None, None, cfg.data.workers or 0)
@@ -67,6 +69,11 @@ def prepare_data(cfg: Config, run_dir: Path | None = None) -> RunData:
         train_y = targets(train)
         labels = mask_labels(train_y, labelled_mask(train_y, cfg.data.label_fraction, cfg.run.seed))
     data = dataclasses.replace(data, train=train)
+    if steps_per_epoch(len(train), cfg.data.batch_size) == 0:  # full batches only
+        raise ConfigError(
+            f"config error: data.batch_size: {cfg.data.batch_size} exceeds the {len(train)} "
+            "training samples"
+        )
     workers = default_workers(data) if cfg.data.workers is None else cfg.data.workers
     failures: list[Failure] = []
     try:

@@ -4,6 +4,7 @@ this node, and the one line that explains a failed or stopped cohort."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -66,14 +67,19 @@ def launch_elastic(
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     os.environ[LAUNCHER_ENV] = "1"  # the peers stop quietly on a signal: this process says it
     made = missing_folders(run_dir) if run_dir is not None else []
+    log = _CohortLog(run_dir)
     try:
         with _quiet_signal_relay():
             run(get_args_parser().parse_args(argv))
     except SignalException as err:
         # torch's agent has stopped the peers (the same signal, then SIGKILL after a timeout)
+        saved = log.preempted_at() if err.sigval == signal.SIGTERM else None
         stopped = DmlError(
             f"stopped by {signal_name(err.sigval)}; the peers were stopped too (run the same "
             "command again to resume from the last complete checkpoint)"
+            if saved is None
+            else f"stopped by SIGTERM; the peers saved a complete checkpoint at step {saved} "
+            "and stopped (run the same command again to resume from there)"
         )
         stopped.exit_code = 128 + err.sigval
         raise stopped from None
@@ -83,9 +89,11 @@ def launch_elastic(
         error = PeerError(f"peer process rank {rank} failed with exit code {code}")
         sigterm = {128 + signal.SIGTERM, -signal.SIGTERM}  # a peer's own exit, or the agent's
         if code == 128 + signal.SIGTERM and {f.exitcode for f in err.failures.values()} <= sigterm:
+            saved = log.preempted_at()
+            where = "where the cohort stopped " if saved is None else f"at step {saved} "
             error = PeerError(
-                f"the peers stopped on SIGTERM (exit {code}), after saving a checkpoint where the "
-                "cohort stopped (checkpoint.on_signal): run the same command again to resume"
+                f"the peers stopped on SIGTERM (exit {code}), and saved a complete checkpoint "
+                f"{where}(checkpoint.on_signal): run the same command again to resume"
             )
         error.exit_code = code
         if code == ConfigError.exit_code:  # a permanent error: the peer has said it in one line
@@ -95,6 +103,37 @@ def launch_elastic(
         os.environ.pop(LAUNCHER_ENV, None)
         remove_if_empty(made)
     return 0
+
+
+class _CohortLog:
+    """The run's cohort log (`cohort.jsonl`, written by peer 0) from where it ends at launch:
+    what this launch's peers recorded there."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self.path = None if run_dir is None else run_dir / "cohort.jsonl"
+        self.start = self._size()
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size if self.path is not None else 0
+        except OSError:
+            return 0
+
+    def preempted_at(self) -> int | None:
+        """The step this launch's cohort saved at when it stopped on SIGTERM (its `preempted`
+        record), or None when it recorded none."""
+        if self.path is None or self._size() <= self.start:
+            return None
+        with self.path.open("rb") as f:
+            f.seek(self.start)
+            lines = f.read().decode(errors="replace").splitlines()
+        steps = []
+        for line in lines:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("event") == "preempted":
+                    steps.append(int(record["step"]))
+        return steps[-1] if steps else None
 
 
 _ELASTIC_LOGGERS = (

@@ -25,7 +25,7 @@ from dml_cluster.devices import (
     make_current,
     process_group_backend,
 )
-from dml_cluster.errors import ConfigError, PeerError, first_line
+from dml_cluster.errors import ConfigError, DataError, PeerError, first_line
 from dml_cluster.launch.identity import agree_on_nonce, run_id
 from dml_cluster.launch.reporting import let_the_cause_exit_first, reported_once, together
 from dml_cluster.launch.topology import Topology, check_world, make_groups
@@ -139,21 +139,29 @@ def run_peer(cfg: Config) -> dict[str, Any]:
             with reported_once():  # bad data: before anything is written to the run folder
                 data = prepare_data(cfg)
             groups = make_groups(topology, device.type)  # D > 1: the (peer, replica) mesh
-            bus = make_bus(cfg, peer, topology.peers, wire_id, bus_device, replica, groups.exchange)
-            replicas = Replicas(
-                replica, topology.replicas, groups.replica, cfg.cohort.sync_batchnorm
-            )
-            placement = Placement((peer,), device, reporter=rank == 0, replicas=replicas)
-            stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
-            # the models are built before anything is written: a bad one is one line, once
-            trainer = together(
-                control, Topic.BUILD, rank,
-                lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
-            )  # fmt: skip
-            run = run_id(cfg).hex()
-            with metrics_observers(cfg, (peer,), run, local_rank, replica) as observers:
+            with contextlib.ExitStack() as watching:  # a port in use: one line, no files
+                observers = together(
+                    control, Topic.METRICS, rank,
+                    lambda: watching.enter_context(
+                        metrics_observers(cfg, (peer,), run_id(cfg).hex(), local_rank, replica)
+                    ),
+                )  # fmt: skip
+                bus = make_bus(
+                    cfg, peer, topology.peers, wire_id, bus_device, replica, groups.exchange
+                )
+                replicas = Replicas(
+                    replica, topology.replicas, groups.replica, cfg.cohort.sync_batchnorm
+                )
+                placement = Placement((peer,), device, reporter=rank == 0, replicas=replicas)
+                stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
+                # the models are built before anything is written: a bad one is one line, once
+                trainer = together(
+                    control, Topic.BUILD, rank,
+                    lambda: CohortTrainer(cfg, bus, placement, (), control, stop, data),
+                )  # fmt: skip
                 trainer.observe(observers)
-                return trainer.run()
+                with reported_once(DataError):  # a bad image: every peer reads it, one says so
+                    return trainer.run()
     except PeerError:
         let_the_cause_exit_first()
         raise

@@ -21,12 +21,13 @@ CAUSE_GRACE_S = 3.0
 
 
 @contextlib.contextmanager
-def reported_once() -> Iterator[None]:
-    """For errors every peer process meets alike (its config, the cohort's layout): local rank 0
+def reported_once(kind: type[DmlError] = DmlError) -> Iterator[None]:
+    """For errors every peer process meets alike (its config, the cohort's layout; `kind`: only
+    those of this type, e.g. the bad image all peers read in the same step): local rank 0
     reports it; the others let it exit first, then exit with the same status, quietly."""
     try:
         yield
-    except DmlError as err:
+    except kind as err:
         if local_reporter():
             raise
         let_the_cause_exit_first()

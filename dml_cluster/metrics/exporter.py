@@ -46,7 +46,7 @@ from dml_cluster.config import Config
 from dml_cluster.devices import hosted_devices
 from dml_cluster.errors import ConfigError
 from dml_cluster.metrics.events import losses_as_floats
-from dml_cluster.run_folder import write_atomic
+from dml_cluster.run_folder import missing_folders, remove_if_empty, write_atomic
 
 if TYPE_CHECKING:
     from dml_cluster.methods import LossParts
@@ -114,6 +114,9 @@ class PrometheusExporter:
         self._aside: list[tuple[dict[int, LossParts], StepTimes]] = []
         self._bus = BusStats()  # the bus counters at the last event
         self._bus_seen = BusStats()  # ... and at the last scrape
+        self._announced: list[Path] = []  # the endpoint files written
+        self._made: list[Path] = []  # ... and the folders made for them
+        self._observed = False  # whether the trainer has told it anything
         self._define()
         replicated = {}
         if cfg.cohort.replicas > 1:
@@ -293,6 +296,7 @@ class PrometheusExporter:
     def _announce(self) -> None:
         """Write where each hosted peer is served, for scrape configs, tests and people."""
         folder = self._endpoint_dir()
+        self._made = missing_folders(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for i in self.hosted:
             record = {
@@ -302,12 +306,22 @@ class PrometheusExporter:
                 "port": self.port,
                 "pid": os.getpid(),
             }
-            write_atomic(folder / f"{self.names[i]}.json", (json.dumps(record) + "\n").encode())
+            path = folder / f"{self.names[i]}.json"
+            write_atomic(path, (json.dumps(record) + "\n").encode())
+            self._announced.append(path)
         hosted = ", ".join(self.names[i] for i in self.hosted)
         print(f"metrics: {self.url} ({hosted})", flush=True)
 
     def close(self) -> None:
-        """Stop serving and release the port; safe to call twice."""
+        """Stop serving and release the port; safe to call twice. An endpoint that served no
+        step (a start that stopped: another peer's endpoint could not bind, a refused resume)
+        takes its endpoint files back, so the run folder is left as it was found (first: a
+        stop signal may end the server's shutdown, which waits for its loop)."""
+        if not self._observed:
+            for path in self._announced:
+                path.unlink(missing_ok=True)
+            remove_if_empty(self._made)
+        self._announced = []
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -367,6 +381,7 @@ class PrometheusExporter:
         return step % self.stats_every == 0
 
     def on_step(self, event: StepEvent) -> None:
+        self._observed = True
         now = time.time()
         with self._lock:
             latest = self._latest
@@ -424,6 +439,7 @@ class PrometheusExporter:
                 smooth(self._agree, labels, pair.agreement)
 
     def on_eval(self, event: EvalEvent) -> None:
+        self._observed = True
         report = event.report
         with self._lock:
             self._read_aside()
@@ -447,6 +463,7 @@ class PrometheusExporter:
             self._bus = event.bus
 
     def on_end(self, summary: dict[str, Any]) -> None:
+        self._observed = True
         with self._lock:
             self._read_aside()
         if self.cfg.metrics.linger_s > 0:

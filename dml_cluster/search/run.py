@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from dml_cluster.errors import ConfigError
 from dml_cluster.search.engine import Search
 from dml_cluster.search.report import best, read_records, write_report
 from dml_cluster.search.retrain import retrain
@@ -22,6 +23,12 @@ def run_search(
     """Run (or resume) the search `scfg`, write its report; returns its folder."""
     for other in compare:  # checked before hours of searching, not after
         read_records(other)
+    teacher = Path(scfg.search.teacher.checkpoint)
+    if not teacher.is_file():  # before the first round's folder is made
+        raise ConfigError(
+            f"config error: search.teacher.checkpoint: {teacher}: no such file (train the "
+            "teacher first; its final/<peer>.pt is one)"
+        )
     search = Search(scfg, nproc=nproc)
     history = search.run(say)
     winner = best(history)
