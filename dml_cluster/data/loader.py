@@ -387,12 +387,17 @@ class DataPath:
             signal_point("evaluation")
 
     def close(self) -> None:
-        """End the loaders' worker processes now (a run that ends or stops), not whenever the
-        interpreter collects them (at exit, torch leaves that to daemon-process clean-up)."""
-        for loader in self._loaders.values():
-            iterator = getattr(loader, "_iterator", None)  # persistent workers' iterator
-            loader._iterator = None
-            shutdown = getattr(iterator, "_shutdown_workers", None)
-            if shutdown is not None:
-                shutdown()
-        self._loaders.clear()
+        """End the loaders' worker processes now (a run that ends or stops)."""
+        close_loaders(self._loaders)
+
+
+def close_loaders(loaders: dict[str, DataLoader]) -> None:
+    """End `loaders`' worker processes now (a run that ends or stops), not whenever the
+    interpreter collects them (at exit, torch leaves that to daemon-process clean-up)."""
+    for loader in loaders.values():
+        iterator = getattr(loader, "_iterator", None)  # persistent workers' iterator
+        loader._iterator = None
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+    loaders.clear()

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from dml_cluster.data.loader import Batch, make_loader
+from dml_cluster.data.loader import Batch, close_loaders, make_loader
 from dml_cluster.data.sampler import fingerprint
 from dml_cluster.data.text import TextData, TokenWindows, WindowSampler, num_windows, val_starts
 
@@ -117,6 +117,10 @@ class TextPath:
                 pin_memory=pin, persistent=True,
             )  # fmt: skip
         return loader
+
+    def close(self) -> None:
+        """End the loaders' worker processes now (a run that ends or stops)."""
+        close_loaders(self._loaders)
 
     def _to_device(self, batch: Batch) -> tuple[Tensor, Tensor]:
         x = batch.x.to(self.device, non_blocking=True)
