@@ -295,9 +295,12 @@ def _short(filename: str) -> str:
 def section_overhead(ctx: Context) -> dict[str, Any]:
     """(a) One-peer cohort vs a plain loop: samples/s, same model, batch, precision."""
     sizes, device, rows = ctx.sizes, ctx.device, []
-    for model, shape in ((sizes.small_model, sizes.small), (sizes.large_model, sizes.large)):
+    pairs = ((sizes.small_model, sizes.small), (sizes.large_model, sizes.large))
+    for size, (model, shape) in zip(("small", "large"), pairs, strict=True):
         for precision in ("fp32", "bf16"):
-            name = f"overhead-{model}-{precision}"
+            # a run folder each (the dry run's two sizes are the same model: a second run of one
+            # folder would be a finished run, which trains nothing)
+            name = f"overhead-{size}-{model}-{precision}"
             cohort = timed_cohort(sizes, ctx.work, name, model, shape, device, precision=precision)
             plain = plain_loop(sizes, model, shape, device, precision)
             rows.append(

@@ -18,6 +18,11 @@ T = TypeVar("T")
 
 CAUSE_GRACE_S = 3.0
 """How long a peer that lost its cohort waits before exiting, next to other local peers."""
+AGENT_NOTICE_S = 1.0
+"""After a sibling worker has exited, how long the survivor still waits: torchrun's agent polls
+its workers (every 0.2 s as dml-cluster starts it) and names the first failure it records, by
+whole-second timestamps; exiting in the same poll as the cause would make the survivor the
+reported failure."""
 
 
 @contextlib.contextmanager
@@ -71,6 +76,7 @@ def let_the_cause_exit_first() -> None:
     while time.monotonic() < deadline:
         running = _running_workers()
         if running is not None and running < workers:
+            time.sleep(min(AGENT_NOTICE_S, max(0.0, deadline - time.monotonic())))
             return
         time.sleep(0.02)
 
