@@ -62,6 +62,7 @@ def test_at_loss_is_the_formula() -> None:
     at = 1000.0 / 2 * sum(((s - t) ** 2).mean() for s, t in zip(qs, qt, strict=True))
     ce = F.cross_entropy(logits.double(), target)
     # tolerance: the loss in float32 against the formula in float64 (rounding, not layout)
+    # float32 loss vs a float64 formula
     torch.testing.assert_close(parts.distill.double(), at, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(parts.total.double(), ce + at, rtol=1e-5, atol=1e-7)
     assert parts.total.dtype == torch.float32

@@ -36,8 +36,9 @@ LAG = "tests.bn_factories:lagging_bn_net"
 
 def test_the_thresholds_are_chance_plus_three_standard_errors_and_halfway_to_perfect() -> None:
     # 10 classes, 360 evaluation samples: 0.1 + 3 * sqrt(0.1 * 0.9 / 360) = 0.1 + 0.0474...
+    # float sqrt rounding
     assert math.isclose(chance_bound(10, 360), 0.1 + 3 * math.sqrt(0.09 / 360), rel_tol=1e-12)
-    assert math.isclose(chance_bound(2, 100), 0.5 + 3 * 0.05, rel_tol=1e-12)
+    assert math.isclose(chance_bound(2, 100), 0.5 + 3 * 0.05, rel_tol=1e-12)  # float sqrt rounding
     assert high_accuracy(10) == 0.55 and high_accuracy(2) == 0.75
 
 

@@ -155,6 +155,7 @@ def test_a_step_that_reports_nothing_reads_nothing_on_the_host(tmp_path: Path) -
     for record in read_jsonl(cfg.run.dir / "peers" / "mlp-0.jsonl"):
         phases = [record[f"{p}_seconds"] for p in ("forward", "exchange", "update")]
         # tolerance: phases summed from float seconds vs the step's own difference (rounding)
+        # float summation order
         assert min(phases) >= 0 and abs(sum(phases) - record["step_seconds"]) < 1e-6
     assert [r["step"] for r in read_jsonl(cfg.run.dir / "peers" / "mlp-0.jsonl")] == [0, 4]
 
@@ -171,6 +172,7 @@ def test_the_running_cross_entropy_sums_steps_put_aside() -> None:
     for i, mean in running.means().items():
         log_p, y = torch.cat([s[0][i] for s in steps]), torch.cat([s[1] for s in steps])
         # tolerance: a running sum of per-step means vs one mean (summation order)
+        # float summation order
         assert abs(mean - F.nll_loss(log_p, y, ignore_index=-1).item()) < 1e-6
 
 
@@ -226,7 +228,7 @@ def test_host_timer_adds_a_phase_marked_twice() -> None:
     assert times.forward_seconds >= 0.004 and times.exchange_seconds >= 0.002
     phases = times.forward_seconds + times.exchange_seconds + times.update_seconds
     # tolerance: phases summed from float seconds vs the step's own difference (rounding)
-    assert abs(phases - times.step_seconds) < 1e-9
+    assert abs(phases - times.step_seconds) < 1e-9  # float summation order
 
 
 def test_a_received_message_is_decoded_with_one_copy_in_its_wire_dtype() -> None:

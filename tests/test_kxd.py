@@ -128,7 +128,7 @@ def test_two_replicas_per_peer_end_within_rounding_of_one(runs: Runs) -> None:
         single = final_weights(runs.dir(reference, "d1"))
         diff = max_weight_diff(replicated, single)
         print(f"max |dw| {name} (D=2) vs {reference} (D=1): {diff:.3g}")
-        assert diff < TOLERANCE, diff
+        assert diff < TOLERANCE, diff  # gradient average's summation order
         assert diff > 0  # not the same run: the additions' order differs (else the test is void)
 
 

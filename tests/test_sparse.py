@@ -53,9 +53,9 @@ def test_topk_round_trip(value_dtype: torch.dtype) -> None:
     # the residual is the mass not kept, spread evenly over the other classes
     dense = densify(rows).exp()
     # tolerance: bf16 values on the wire, densified (not a layout comparison)
-    assert torch.allclose(dense.sum(dim=1), torch.ones(32), atol=1e-5)
+    assert torch.allclose(dense.sum(dim=1), torch.ones(32), atol=1e-5)  # float32 summation order
     kept = values.to(value_dtype).float().exp().sum(dim=1)
-    assert torch.allclose(back.residual(), 1 - kept)
+    assert torch.allclose(back.residual(), 1 - kept)  # float32 summation order
 
 
 @pytest.mark.parametrize("k", [0, -1, 11])
@@ -70,8 +70,10 @@ def test_topk_with_k_equal_to_c_is_the_dense_loss() -> None:
     assert float(rows.residual().abs().max()) == 0.0
     dense = losses.kl(target, log_q)
     # tolerance: the sparse formula and the dense KL add the same terms in another order
+    # float32 summation order
     assert torch.allclose(topk_kl(rows, log_q), dense, rtol=1e-6, atol=1e-7)
     mask = torch.arange(64) % 3 == 0
+    # float32 summation order
     assert torch.allclose(topk_kl(rows, log_q, mask), losses.kl(target, log_q, mask))
 
 
@@ -89,8 +91,8 @@ def test_topk_loss_on_the_support_is_the_kl_to_the_spread_target(k: int) -> None
     dense = losses.kl(densify(rows), F.log_softmax(logits, dim=1))
     (g_dense,) = torch.autograd.grad(dense, logits)
     # tolerance: sparse vs dense losses and gradients sum in another order (float32)
-    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(g_sparse, g_dense, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6)  # float32 summation order
+    assert torch.allclose(g_sparse, g_dense, rtol=1e-4, atol=1e-7)  # float32 summation order
 
 
 def test_a_row_whose_kept_mass_is_everything_has_no_residual_term() -> None:
@@ -100,7 +102,7 @@ def test_a_row_whose_kept_mass_is_everything_has_no_residual_term() -> None:
     per_row = topk_kl_rows(rows, log_q)
     assert torch.isfinite(per_row).all()
     # tolerance: bf16-rounded kept values
-    assert torch.allclose(per_row, -log_q[:, 2], atol=1e-5)
+    assert torch.allclose(per_row, -log_q[:, 2], atol=1e-5)  # float32 summation order
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
@@ -124,6 +126,7 @@ def test_sparse_mimicry_dml_dml_e_and_kd_equal_the_dense_losses_on_the_spread_ta
     ]  # fmt: skip
     for sparse, dense in pairs:
         # tolerance: sparse vs dense losses sum in another order (float32)
+        # float32 summation order
         assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-6), (sparse, dense)
 
 

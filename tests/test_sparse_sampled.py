@@ -82,7 +82,7 @@ def test_sampled_rows_hold_distinct_ids_with_counts_and_the_drawn_log_probabilit
     # densified, the drawn ids keep their own probability and the rest is spread evenly
     dense = densify(rows)
     # tolerance: bf16 values on the wire, summed in float32
-    assert torch.allclose(dense.exp().sum(dim=1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(dense.exp().sum(dim=1), torch.ones(64), atol=1e-5)  # float32 rounding
 
 
 def test_sampled_rows_round_trip_through_the_zmq_wire_and_the_torch_payload() -> None:
@@ -256,7 +256,7 @@ def test_sampled_dml_e_has_the_gradient_of_the_mean_of_the_members_estimators() 
     mixture = sum(densify_counts(p) for p in peers) / 3  # [rows, C] c / n, mixed
     expected = (torch.softmax(logits, dim=1) - mixture) / 8  # mean over 8 rows
     # tolerance: float32 sums in another order
-    assert torch.allclose(got, expected, atol=1e-7)
+    assert torch.allclose(got, expected, atol=1e-7)  # float32 rounding
 
 
 def densify_counts(rows: Sampled) -> torch.Tensor:
@@ -376,5 +376,5 @@ def test_bytes_per_exchange_and_kept_mass_are_logged_and_served(
     smoothing = served.metrics.smoothing
     kept = value(samples, "dml_encoding_kept_mass_ratio", peer=peer)
     # tolerance: float32 scalars read back as floats
-    assert abs(kept - (smoothing * 0.5 + (1 - smoothing) * 0.7)) < 1e-6
+    assert abs(kept - (smoothing * 0.5 + (1 - smoothing) * 0.7)) < 1e-6  # float32 rounding
     assert value(samples, "dml_encoding_distinct_ids", peer=peer) == 6.0
