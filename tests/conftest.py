@@ -57,6 +57,36 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def cli_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
+) -> tuple[int, str, str]:
+    """`dml-cluster ARGS` in this process: (exit status, stdout, stderr)."""
+    from dml_cluster.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dml-cluster", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture
+def restore_torch() -> Iterator[None]:
+    """An in-process run sets process-wide torch switches (threads, determinism, cuDNN): put
+    them back for the other tests."""
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
 def run_cli(*args: str, timeout: float = 240, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`dml-cluster ARGS` as a real process; stdout and stderr captured as text."""
     return subprocess.run(

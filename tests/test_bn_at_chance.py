@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from torch import nn
 from dml_cluster import analyze, plots
 from dml_cluster.analyze import flatness_flags, readable_groups
 from dml_cluster.bus.base import BusStats
-from dml_cluster.cli import main
 from dml_cluster.metrics.batch import PeerBatchStats
 from dml_cluster.metrics.chance import (
     ChanceWatch,
@@ -30,6 +28,8 @@ from dml_cluster.metrics.chance import (
 )
 from dml_cluster.metrics.events import EvalEvent, PeerStep, StepEvent
 from dml_cluster.run_folder import JsonlLog
+
+from .conftest import cli_in_process
 
 LAG = "tests.bn_factories:lagging_bn_net"
 
@@ -118,18 +118,6 @@ def test_flagged_results_are_left_out_of_the_figure() -> None:
     assert readable_groups(groups) == {"dml": [fine], "old": [{}]}
 
 
-def _cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str):
-    """`dml-cluster ARGS` in this process: (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["dml-cluster", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_a_cohort_peer_whose_batchnorm_lags_is_named_in_the_run_the_report_and_analyze(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -149,7 +137,7 @@ def test_a_cohort_peer_whose_batchnorm_lags_is_named_in_the_run_the_report_and_a
         "metrics": {"enabled": False},
         "checkpoint": {"enabled": False},
     }))  # fmt: skip
-    code, out, err = _cli(monkeypatch, capsys, "train", str(config))
+    code, out, err = cli_in_process(monkeypatch, capsys, "train", str(config))
     assert code == 0, err
     lines = out.splitlines()
     warnings = [line for line in lines if line.startswith("warning:")]
@@ -162,13 +150,14 @@ def test_a_cohort_peer_whose_batchnorm_lags_is_named_in_the_run_the_report_and_a
     logged = [json.loads(r) for r in (run / "peers" / "lag.jsonl").read_text().splitlines()]
     assert [r["message"] for r in logged if r["event"] == "warning"] == [warning]
 
-    code, out, err = _cli(monkeypatch, capsys, "report", str(run))
+    code, out, err = cli_in_process(monkeypatch, capsys, "report", str(run))
     assert code == 0, err
     assert out.splitlines()[-1] == warning
     assert f"- step 44: {warning}" in (run / "report" / "report.md").read_text()
 
-    code, out, err = _cli(monkeypatch, capsys, "analyze", str(run), "--sigma", "0.01,0.04",
-                          "--draws", "2")  # fmt: skip
+    code, out, err = cli_in_process(
+        monkeypatch, capsys, "analyze", str(run), "--sigma", "0.01,0.04", "--draws", "2"
+    )
     assert code == 0, err
     flagged = [line for line in out.splitlines() if line.startswith("warning:")]
     assert flagged and all(line.startswith("warning: bn/lag: not readable as") for line in flagged)

@@ -5,14 +5,13 @@ is still checked as training reads it. In-process, through the CLI's own entry p
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from dml_cluster.cli import main
 from dml_cluster.data.scan import NAMED
 
+from .conftest import cli_in_process
 from .imagefolder_helpers import CLASSES, write_imagefolder
 
 CONFIG = "configs/imagefolder-example.yaml"
@@ -25,14 +24,7 @@ NORMALIZE = ("data.normalize.mean=[0.5,0.5,0.5]", "data.normalize.std=[0.2,0.2,0
 def _train(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *settings: str):
     """`dml-cluster train CONFIG --set ...` in this process: (exit status, stdout, stderr)."""
     args = [arg for s in (*SMALL, *settings) for arg in ("--set", s)]
-    monkeypatch.setattr(sys, "argv", ["dml-cluster", "train", CONFIG, *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return cli_in_process(monkeypatch, capsys, "train", CONFIG, *args)
 
 
 def _break(path: Path, how: str) -> Path:

@@ -37,20 +37,6 @@ COHORT = {"size": 2, "model": "small_cnn"}
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def restore_torch():
-    """apply_mode sets process-wide torch switches; put them back for the other tests."""
-    flags = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.backends.cudnn.deterministic,
-        torch.backends.cudnn.benchmark,
-    )
-    yield
-    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[2:]
-
-
 # -- determinism modes ------------------------------------------------------------------------
 
 

@@ -56,15 +56,6 @@ def _cfg(tmp_path: Path, *overrides: str):
     )
 
 
-@pytest.fixture
-def restore_torch():
-    """The engine sets process-wide torch switches; put them back for the other tests."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 def test_batch_stats_match_hand_computation() -> None:
     g = torch.Generator().manual_seed(0)
     log_ps = {i: F.log_softmax(torch.randn(32, 7, generator=g) * 2, dim=1) for i in range(3)}

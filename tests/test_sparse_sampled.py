@@ -323,14 +323,6 @@ def test_evaluation_in_chunks_scores_what_one_message_scored(
     assert got == evaluate_cohort(named, torch.cat(ys), 10, ensemble_of=trainer.names)
 
 
-@pytest.fixture
-def restore_torch():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 def test_bytes_per_exchange_and_kept_mass_are_logged_and_served(
     tmp_path: Path, restore_torch: None
 ) -> None:
