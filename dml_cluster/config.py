@@ -816,11 +816,13 @@ def check_names(cfg: Config) -> None:
 
 
 def check_model_kind(key: str, model: str, *, text: bool) -> None:
-    """Language models (token ids in) for text data, image models for images. A user's factory
-    (`module:function`) is taken as it comes: its first forward pass tells."""
+    """Language models (token ids in: built-in ones, `hf:PATH`) for text data, image models for
+    images. A user's factory (`module:function`) is taken as it comes: its first forward pass
+    tells."""
     from dml_cluster.models import is_token_model
 
-    if ":" in model or text == is_token_model(model):
+    token_model = is_token_model(model)
+    if (":" in model and not token_model) or text == token_model:
         return
     if text:
         raise ConfigError(

@@ -39,6 +39,7 @@ from dml_cluster.metrics.events import EvalEvent, Observer, StepEvent, build_ste
 from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, RunPlan
 from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.models import as_rows
+from dml_cluster.models.hf_source import write_pretrained
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.replicas import Replicas, gather_streams, replicate
@@ -496,7 +497,8 @@ class CohortTrainer:
             return {"run": self.cfg.run.name, "steps": steps, "wall_seconds": round(wall, 3)}
         final_dir = self.run_dir / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
-        for peer in self.peers.values():
+        for peer in self.peers.values():  # an hf: peer's save_pretrained copy first: a final
+            write_pretrained(peer.model, self.run_dir, peer.name)  # .pt means both are there
             torch.save(peer.model.state_dict(), final_dir / f"{peer.name}.pt")
         for log in self.peer_logs.values():
             log.close()

@@ -73,18 +73,27 @@ def cli_in_process(
     return code, captured.out, captured.err
 
 
-@pytest.fixture
-def restore_torch() -> Iterator[None]:
+@contextlib.contextmanager
+def torch_switches_kept() -> Iterator[None]:
     """An in-process run sets process-wide torch switches (threads, determinism, cuDNN): put
-    them back for the other tests."""
+    them back afterwards, for the other tests."""
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+
+
+@pytest.fixture
+def restore_torch() -> Iterator[None]:
+    """`torch_switches_kept` around a test."""
+    with torch_switches_kept():
+        yield
 
 
 def run_cli(*args: str, timeout: float = 240, cwd: Path = REPO) -> subprocess.CompletedProcess:

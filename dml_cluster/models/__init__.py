@@ -5,7 +5,8 @@
 
 Each family module registers its builders when imported; all of them are imported here, and so
 are the sources of models built elsewhere: `torchvision.<builder>`, `timm.<name>` (the optional
-extra `[timm]`) and `package.module:factory` (the user's own nn.Module).
+extra `[timm]`), `hf:PATH` (a Hugging Face transformers causal LM from a local folder; the
+optional extra `[hf]`) and `package.module:factory` (the user's own nn.Module).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dml_cluster.models import (
     cnn,
     factory_source,
     gpt,
+    hf_source,
     mlp,
     mobilenetv2,
     resnet18,
@@ -46,6 +48,7 @@ __all__ = [
     "cnn",
     "factory_source",
     "gpt",
+    "hf_source",
     "is_builtin",
     "is_token_model",
     "mlp",

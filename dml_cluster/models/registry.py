@@ -4,10 +4,12 @@ A builder has the signature ``builder(input_shape, num_classes, *, <options>) ->
 its keyword-only options (all with defaults) are what ``build_model`` accepts as ``**kwargs``.
 
 A name that is not a built-in one belongs to a `ModelSource`, chosen by its form:
-``<scheme>.<name>`` (``torchvision.resnet18``, ``timm.resnet18``) or ``package.module:factory``
+``<scheme>.<name>`` (``torchvision.resnet18``, ``timm.resnet18``), ``<scheme>:<path>`` for a
+source of language models read from a folder (``hf:models/tiny``), or ``package.module:factory``
 (the scheme ``:``). A source checks names cheaply (`check_model_name`, at config time) and builds
-models; whatever it builds must map [B, *input_shape] to logits [B, num_classes], which
-`build_model` checks with one forward pass of a two-sample batch.
+models; whatever it builds must map [B, *input_shape] to logits [B, num_classes] (a token
+source's: token ids [B, T] to logits [B, T, num_classes]), which `build_model` checks with one
+forward pass of a two-sample batch.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class ModelSource:
     form: str  # how its names look, for messages: "torchvision.<builder>"
     check: Callable[[str], None]
     build: Callable[..., nn.Module]
+    tokens: bool = False
+    """Language models: token ids [B, T] in, logits [B, T, vocabulary] out (see `register`)."""
+    separator: str = "."
+    """What joins the scheme and the name: "." (``timm.resnet18``) or ":" (``hf:PATH``)."""
 
 
 _SOURCES: dict[str, ModelSource] = {}
@@ -97,8 +103,15 @@ def is_builtin(name: str) -> bool:
 
 
 def is_token_model(name: str) -> bool:
-    """Is `name` a built-in language model (token ids in, per-position logits out)?"""
-    return name in _TOKEN_MODELS
+    """Is `name` a language model (token ids in, per-position logits out): a built-in one, or
+    one of a token source (``hf:PATH``)?"""
+    if name in _TOKEN_MODELS:
+        return True
+    try:
+        found = _source(name)
+    except ConfigError:  # an unknown scheme: no language model
+        return False
+    return found is not None and found[0].tokens
 
 
 def model_options(name: str) -> tuple[str, ...]:
@@ -115,6 +128,9 @@ def close_names(name: str, known: list[str], n: int = 3) -> str:
 
 def _split(name: str) -> tuple[str | None, str]:
     """(scheme, the name within it); scheme None for a built-in name."""
+    prefix, colon, rest = name.partition(":")
+    if colon and prefix in _SOURCES and _SOURCES[prefix].separator == ":":
+        return prefix, rest
     if FACTORY_SCHEME in name:
         return FACTORY_SCHEME, name
     scheme, dot, rest = name.partition(".")
@@ -193,7 +209,7 @@ def build_model(
     for a model from a source, also when what it built is no nn.Module or does not map such a
     batch to such logits.
     """
-    if name in _TOKEN_MODELS:
+    if is_token_model(name):
         shape: Any = _check_token_shape(name, input_shape)
     else:
         shape = _check_input_shape(name, input_shape)
@@ -208,7 +224,7 @@ def build_model(
         if "num_classes" in kwargs:
             raise ConfigError(f"model {name!r}: args.num_classes: the number comes from the data")
         model = source.build(rest, shape, num_classes, **kwargs)
-        return _probed(name, model, shape, num_classes)
+        return _probed(name, model, shape, num_classes, tokens=source.tokens)
     builder = _lookup(name)
     unexpected = sorted(set(kwargs) - set(_OPTIONS[name]))
     if unexpected:
@@ -218,10 +234,12 @@ def build_model(
     return builder(shape, num_classes, **kwargs)
 
 
-def _probed(name: str, model: Any, shape: InputShape, num_classes: int) -> nn.Module:
+def _probed(
+    name: str, model: Any, shape: tuple[int, ...], num_classes: int, *, tokens: bool
+) -> nn.Module:
     """`model` if it is an nn.Module mapping a [2, *shape] batch to [2, num_classes] logits in
-    training mode. The probe leaves no trace: no graph, buffers (BN statistics) restored, torch's
-    RNG state restored."""
+    training mode (a token model: [2, T] ids to [2, T, num_classes]). The probe leaves no trace:
+    no graph, buffers (BN statistics) restored, torch's RNG state restored."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model {name!r} built a {type(model).__name__}, not a torch nn.Module")
     saved = [b.clone() for b in model.buffers()]
@@ -229,7 +247,7 @@ def _probed(name: str, model: Any, shape: InputShape, num_classes: int) -> nn.Mo
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model.train()
-            out = model(torch.zeros(2, *shape))
+            out = model(torch.zeros(2, *shape, dtype=torch.int64 if tokens else None))
     except Exception as err:  # noqa: BLE001 - any failure here is the same user error
         raise ConfigError(
             f"model {name!r} cannot take a batch of shape [B, {', '.join(map(str, shape))}] "
@@ -241,10 +259,12 @@ def _probed(name: str, model: Any, shape: InputShape, num_classes: int) -> nn.Mo
             for buf, old in zip(model.buffers(), saved, strict=True):
                 buf.copy_(old)
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+    want = (2, *shape, num_classes) if tokens else (2, num_classes)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        rows = "[B, T, " if tokens else "[B, "
         raise ConfigError(
-            f"model {name!r} must return logits of shape [B, {num_classes}] in training mode, "
+            f"model {name!r} must return logits of shape {rows}{num_classes}] in training mode, "
             f"got {got} for a batch of 2"
         )
     return model
