@@ -614,6 +614,44 @@ def test_a_local_factory_module_is_imported_from_the_data(
     assert "data.factory: module 'mydata' is a local file (mydata.py)" in line
 
 
+def test_text_data_and_hf_models_come_from_the_data_mount(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A language-model config: the training globs, the validation file, the tokenizer.json and
+    an `hf:` model folder are rewritten under the read-only data mount (relative ones) or
+    checked against it (an absolute one outside: one warning naming its key); the token cache
+    goes to the writable workspace; the manifests validate."""
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text('{"model_type": "gpt2"}')
+    monkeypatch.chdir(tmp_path)  # relative paths are the data's layout, as render runs here
+    peers = ("cohort.peers=[{name: g, model: gpt, args: {n_layer: 1}}, "
+             "{name: h, model: 'hf:models/tiny'}]")  # fmt: skip
+    sets = ["bus.transport=zmq", "data.tokenizer=tok/tokenizer.json", peers,
+            "data.cache_dir=/home/me/cache", "cohort.size=null", "cohort.model=null"]  # fmt: skip
+    cfg, raw = pod_config(REPO / "configs" / "lm-dml.yaml", sets)
+    files = render(cfg, raw, options(engine="jobset", data_pvc="corpora", data_pvc_mount="/text"))
+    assert capsys.readouterr().err == ""
+    data = _shipped(files)["data"]
+    assert data["train"] == ["/text/docs/*.md", "/text/benchmarks/*.md"]
+    assert data["val"] == "/text/README.md" and data["tokenizer"] == "/text/tok/tokenizer.json"
+    assert _shipped(files)["cohort"]["peers"][1]["model"] == "hf:/text/models/tiny"
+    spec = _pod_spec(files)
+    (main,) = spec["containers"]
+    mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
+    assert mounts["/text"] == {"name": "data", "mountPath": "/text", "readOnly": True}
+    cache = Path(main["workingDir"]) / data["cache_dir"]  # relative: the working directory's
+    workspace = mounts[main["workingDir"]]
+    assert workspace["name"] == "workspace" and not workspace.get("readOnly")
+    assert cache.is_relative_to(main["workingDir"]) and data["cache_dir"] == "runs/.cache/tokens"
+    for docs in files.values():
+        for doc in docs:
+            validate(doc)
+    render(*pod_config(REPO / "configs" / "lm-dml.yaml", [*sets, "data.val=/srv/val.txt"]),
+           options(engine="jobset", data_pvc="corpora", data_pvc_mount="/text"))  # fmt: skip
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "data.val: /srv/val.txt is not under the data mount /text" in line
+
+
 def test_the_manifests_in_the_readme_validate() -> None:
     """The LocalQueue and the TensorBoard pod k8s/README.md shows validate (Kueue's CRD, the
     core schemas)."""

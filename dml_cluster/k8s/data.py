@@ -1,8 +1,9 @@
 """The user's data in the pods: a PersistentVolumeClaim, a read-only hostPath, or the image.
 
-A config names local files (data roots, initial weights, teacher checkpoints, factory modules)
-that a pod cannot see. Given where the data lives in the pods, every path-valued key of the
-shipped config is rewritten to it or checked against it:
+A config names local files (data roots, initial weights, teacher checkpoints, factory modules;
+for text data the training and validation files or globs, a tokenizer.json, `hf:PATH` model
+folders) that a pod cannot see. Given where the data lives in the pods, every path-valued key of
+the shipped config is rewritten to it or checked against it:
 
 - a relative path `p` is rewritten to `<mount>/p` (the claim, the node folder or the image folder
   holds the same layout as the folder `render` runs in); one under the config's `run.out_dir`
@@ -15,6 +16,10 @@ shipped config is rewritten to it or checked against it:
 
 A key that no pod can reach is one warning line naming it (`render` writes the manifests
 anyway: the cluster may hold what this machine does not know about).
+
+The data mount is read-only; text data's token cache (`data.cache_dir`, written by the run) goes
+to the pods' workspace instead: `runs/.cache/tokens`, the default under the pods' run.out_dir
+(a local data.cache_dir is this machine's folder, no pod's).
 """
 
 from __future__ import annotations
@@ -28,11 +33,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dml_cluster.data.text import CACHE_SUBDIR
 from dml_cluster.k8s.options import RenderOptions
 from dml_cluster.k8s.pod import RUN_OUT_DIR
+from dml_cluster.models.hf_source import is_hf_name
 
 DATA_VOLUME = "data"
 PATH_KEYS = ("root", "weights", "checkpoint")  # string values under these keys are paths
+TEXT_KEYS = ("train", "val", "tokenizer")  # text data's paths (or globs): strings or lists
+BYTES_TOKENIZER = "bytes"  # data.tokenizer's built-in one: no file
+HF_PREFIX = "hf:"
+POD_TOKEN_CACHE = posixpath.join(RUN_OUT_DIR, *CACHE_SUBDIR.parts)
 SKIPPED_SECTIONS = ("run", "metrics", "bus", "checkpoint")  # no user data there
 # datasets read from a default folder when data.root is not set (dml_cluster/data/idx.py)
 DEFAULT_ROOTS = {
@@ -81,12 +92,14 @@ def place_data(raw: dict[str, Any], opts: RenderOptions, local_runs: str) -> Dat
     data = raw.get("data") or {}
     if data.get("name") in DEFAULT_ROOTS and not data.get("root"):
         raw["data"] = {**data, "root": DEFAULT_ROOTS[data["name"]]}  # explicit in the pods
-    for key, holder, name, path in _path_keys(raw):
+    if data.get("name") == "text":  # the token cache on the writable workspace
+        raw["data"] = {**raw["data"], "cache_dir": POD_TOKEN_CACHE}
+    for key, holder, name, prefix, path in _all_path_keys(raw):
         if not os.path.isabs(path):
             norm = posixpath.normpath(path)
             if norm == runs or norm.startswith(runs + "/"):
                 rest = posixpath.relpath(norm, runs)
-                holder[name] = posixpath.join(RUN_OUT_DIR, rest)
+                holder[name] = prefix + posixpath.join(RUN_OUT_DIR, rest)
                 if not opts.pvc:
                     warnings.append(
                         f"{key}: {path} is a run folder; the pods' workspace is an emptyDir that "
@@ -96,7 +109,7 @@ def place_data(raw: dict[str, Any], opts: RenderOptions, local_runs: str) -> Dat
             if mount is None:
                 warnings.append(f"{key}: {path} is a local path no pod can reach ({hint})")
                 continue
-            holder[name] = posixpath.join(mount, norm)
+            holder[name] = prefix + posixpath.join(mount, norm)
             continue
         if mount is not None and (in_image or _under(path, mount)):
             continue
@@ -132,6 +145,36 @@ def _under(path: str, mount: str) -> bool:
     return path == mount or path.startswith(mount.rstrip("/") + "/")
 
 
+PathKey = tuple[str, Any, Any, str, str]
+"""(dotted key, the dict or list holding it, its name or index there, what precedes the path in
+the value ('hf:' or ''), the path)."""
+
+
+def _all_path_keys(raw: dict[str, Any]) -> Iterator[PathKey]:
+    """Every path of the config: path-valued keys, text data's files, `hf:` model folders."""
+    for key, holder, name, path in _path_keys(raw):
+        yield key, holder, name, "", path
+    yield from _text_keys(raw)
+    for key, holder, name, value in _model_keys(raw, hf=True):
+        yield key, holder, name, HF_PREFIX, value.removeprefix(HF_PREFIX)
+
+
+def _text_keys(raw: dict[str, Any]) -> Iterator[PathKey]:
+    """data.train, data.val (a path or glob, or a list of them) and data.tokenizer (a file,
+    unless the built-in bytes) of text data."""
+    data = raw.get("data") or {}
+    if data.get("name") != "text":
+        return
+    for name in TEXT_KEYS:
+        value = data.get(name)
+        if isinstance(value, str) and value and value != BYTES_TOKENIZER:
+            yield f"data.{name}", data, name, "", value
+        elif isinstance(value, list) and name != "tokenizer":
+            for i, item in enumerate(value):
+                if isinstance(item, str) and item:
+                    yield f"data.{name}.{i}", value, i, "", item
+
+
 def _path_keys(raw: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], str, str]]:
     """(dotted key, the dict holding it, its name, the path) of every path-valued key."""
 
@@ -159,7 +202,7 @@ def _local_modules(raw: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
     data = raw.get("data") or {}
     if isinstance(data.get("factory"), str):
         refs.append(("data.factory", data["factory"]))
-    for key, holder, name, _ in _model_keys(raw):
+    for key, holder, name, _ in _model_keys(raw, hf=False):
         refs.append((key, holder[name]))
     here = Path.cwd().resolve()
     for key, ref in refs:
@@ -169,12 +212,19 @@ def _local_modules(raw: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
             yield key, module, str(origin.relative_to(here))
 
 
-def _model_keys(raw: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], str, str]]:
+def _model_keys(raw: dict[str, Any], *, hf: bool) -> Iterator[tuple[str, dict[str, Any], str, str]]:
+    """Model names with a colon: `hf:PATH` ones (`hf`), or else factory references."""
+
     def walk(node: Any, key: str) -> Iterator[tuple[str, dict[str, Any], str, str]]:
         if isinstance(node, dict):
             for name, value in node.items():
                 dotted = f"{key}.{name}" if key else str(name)
-                if name == "model" and isinstance(value, str) and ":" in value:
+                if (
+                    name == "model"
+                    and isinstance(value, str)
+                    and ":" in value
+                    and is_hf_name(value) == hf
+                ):
                     yield dotted, node, name, value
                 else:
                     yield from walk(value, dotted)

@@ -163,8 +163,7 @@ def build(path: str, input_shape: TokenShape, num_classes: int, **args: Any) -> 
             model = auto.from_config(config)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ConfigError(f"model 'hf:{path}': {type(err).__name__}: {first_line(err)}") from None
-    model = model.float()
-    model.config.dtype = torch.float32  # what save_pretrained writes (the weights' dtype)
+    model = model.float()  # save_pretrained records the weights' dtype in config.json
     model.register_forward_pre_hook(_plain_call, with_kwargs=True)
     model.register_forward_hook(_logits)
     if context is not None:
