@@ -66,12 +66,14 @@ def _transformers() -> ModuleType | None:
     return transformers
 
 
+def _missing(path: str) -> ConfigError:
+    return ConfigError(f"model 'hf:{path}' needs transformers, which is not installed: {INSTALL}")
+
+
 def _require(path: str) -> ModuleType:
     transformers = _transformers()
     if transformers is None:
-        raise ConfigError(
-            f"model 'hf:{path}' needs transformers, which is not installed: {INSTALL}"
-        )
+        raise _missing(path)
     return transformers
 
 
@@ -99,9 +101,7 @@ def check(path: str) -> None:
     """The folder and its config.json exist, transformers is installed (found, not imported)."""
     _folder(path)
     if importlib.util.find_spec("transformers") is None:
-        raise ConfigError(
-            f"model 'hf:{path}' needs transformers, which is not installed: {INSTALL}"
-        )
+        raise _missing(path)
 
 
 def _config(transformers: ModuleType, path: str, folder: Path, args: dict[str, Any]) -> Any:
@@ -119,8 +119,8 @@ def _config(transformers: ModuleType, path: str, folder: Path, args: dict[str, A
 
 
 def context_of(config: Any) -> int | None:
-    """The positions a model has embeddings for, or None (no table: rotary and the like
-    still have `max_position_embeddings`; a model without it takes any length)."""
+    """The longest window the model takes: its config's `max_position_embeddings` (GPT-2's
+    `n_positions`, `n_ctx`), or None when the config names none."""
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
