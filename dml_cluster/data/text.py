@@ -431,12 +431,3 @@ def load_text_config(data: Any, out_dir: str | Path) -> TextData:
         cache_dir=data.cache_dir or default_cache_dir(out_dir),
         val_tokens=data.val_tokens,
     )
-
-
-def check_context(block_size: int, context: int, model: str) -> None:
-    """A one-line ConfigError when windows of `block_size` do not fit `model`'s context."""
-    if block_size > context:
-        raise ConfigError(
-            f"config error: data.block_size {block_size} is larger than model {model!r}'s "
-            f"context ({context} positions)"
-        )
