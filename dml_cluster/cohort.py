@@ -10,6 +10,7 @@ peer can be handled alike by the loop and by checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,7 +49,8 @@ class Peer:
     replicated: nn.Module | None = None
     """A data-parallel student's DDP wrapper (dml_cluster.replicas), which its training forward
     goes through so that backward averages the gradients over its replicas; `model` stays the
-    plain module (evaluation, checkpoints: the plain parameter names)."""
+    plain module (evaluation, checkpoints: the plain parameter names). None for a sharded
+    student (cohort.shard: fsdp), whose `model` is itself the sharded module."""
 
     def train_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The training forward: through the DDP wrapper where there is one."""
@@ -115,9 +117,12 @@ def build_peer(
     device: torch.device,
     method: MethodInputs | None = None,
     replica: int = 0,
+    shard: Callable[[nn.Module, str], nn.Module] | None = None,
 ) -> Peer:
     """Build peer `index` of the cohort, seeded by (run.seed, index); its random stream too
-    (by (run.seed, index, replica) for a data-parallel peer's replica `replica` > 0).
+    (by (run.seed, index, replica) for a data-parallel peer's replica `replica` > 0). `shard`:
+    what shards a student's model over its replicas (cohort.shard: fsdp; replicas.sharding),
+    applied to the whole model before its optimizer is built.
 
     A student is attached to its method's inputs (`method`: its declared features hooked, its
     teacher on `device`) and gets the extra modules the method trains next to its model (seeded
@@ -141,6 +146,8 @@ def build_peer(
     if peer_cfg.role == "student" and method is not None:
         torch.manual_seed(cfg.run.seed * 1009 + index + 7919)
         extras.update(method.attach(index, model, device))
+    if shard is not None and peer_cfg.role == "student":
+        model = shard(model, peer_cfg.model)
     params = [*model.parameters(), *extras.parameters()]
     optimizer = build_optimizer(params, cfg.optim, peer_cfg.lr or cfg.optim.lr)
     scheduler = build_scheduler(optimizer, cfg.optim.schedule, cfg.train.epochs)

@@ -170,7 +170,9 @@ class CohortConfig(Strict):
         "each replica trains on 1/D of the peer's batch, gradients averaged over them",
     )
     shard: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="how a peer's replicas share it: ddp (a whole copy each)"
+        "ddp",
+        description="how a peer's replicas share it: ddp (a whole copy each) or fsdp (FSDP2 "
+        "fully_shard: each keeps 1/D of the parameters and optimizer state)",
     )
     sync_batchnorm: bool = Field(
         False, description="BatchNorm statistics over the peer's replicas (SyncBatchNorm)"
@@ -681,14 +683,33 @@ def check_replicas(cfg: Config) -> None:
             f"shards (each replica reads batch_size / replicas samples): choose a multiple of {d}"
         )
     if cfg.cohort.shard == "fsdp":
-        raise ConfigError(
-            "config error: cohort.shard: fsdp (FSDP2 fully_shard) is not supported yet: use "
-            "cohort.shard: ddp (each replica holds the whole peer)"
-        )
+        check_fsdp(cfg)
     if d > 1 and cfg.data.name == "text":
         raise ConfigError(
             f"config error: cohort.replicas: {d} with data.name text: language-model peers are "
             "not data-parallel yet (text is read by one process per peer): use cohort.replicas 1"
+        )
+
+
+def check_fsdp(cfg: Config) -> None:
+    """cohort.shard: fsdp needs replicas to shard over, and refuses the settings FSDP2 cannot
+    combine with: channels_last (fully_shard needs contiguous parameters), and fp16, whose loss
+    scaler over sharded gradients has not run here (the CPU has no fp16 training)."""
+    if cfg.cohort.replicas == 1:
+        raise ConfigError(
+            "config error: cohort.shard: fsdp shards each peer over its replicas, and "
+            "cohort.replicas is 1: set cohort.replicas to 2 or more, or leave cohort.shard: ddp"
+        )
+    if cfg.run.channels_last:
+        raise ConfigError(
+            "config error: cohort.shard: fsdp with run.channels_last: fully_shard needs "
+            "contiguous parameters: leave run.channels_last false, or use cohort.shard: ddp"
+        )
+    if cfg.run.precision == "fp16":
+        raise ConfigError(
+            "config error: cohort.shard: fsdp with run.precision fp16 is not supported (its loss "
+            "scaler over sharded gradients is untested): use run.precision bf16, or "
+            "cohort.shard: ddp"
         )
 
 

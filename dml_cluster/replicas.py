@@ -10,6 +10,13 @@ each of their parameters, in backward order, on the same group. BatchNorm keeps 
 replica (DDP broadcasts replica 0's buffers at each forward) unless `cohort.sync_batchnorm`, which
 converts it to `SyncBatchNorm` over the replica group (CUDA only: torch's kernel).
 
+`cohort.shard: fsdp` shards the student over the replicas instead (dml_cluster.sharding: FSDP2
+`fully_shard` over the "replica" dimension of the device mesh, before its optimizer is built):
+no DDP wrapper, the sharded model's own forward and backward gather parameters and average
+gradients. Every replica then takes part in what runs the model (evaluation, the final weights,
+each checkpoint's gathering of the whole state), and BatchNorm's running statistics stay each
+replica's own (FSDP2 does not broadcast buffers): replica 0's are the ones evaluated and saved.
+
 Each replica draws dropout masks from a stream of its own (dml_cluster.streams: seeded by
 (seed, peer, replica)). A checkpoint is written by replica 0 and holds every replica's stream
 (`gather_streams`, over the control channel), so each replica resumes its own.
@@ -19,6 +26,7 @@ This module knows the replicas of one peer, nothing of the exchange between peer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dml_cluster.cohort import Peer
 from dml_cluster.control import Control, Topic
-from dml_cluster.errors import PeerError
+from dml_cluster.errors import ConfigError, PeerError
+from dml_cluster.sharding import shard_model, unshardable
 from dml_cluster.streams import PeerStream
 
 
@@ -42,6 +51,9 @@ class Replicas:
     count: int = 1
     group: Any = None  # a torch.distributed ProcessGroup
     sync_batchnorm: bool = False
+    sharded: bool = False
+    """cohort.shard: fsdp (the peer's parameters sharded over `mesh`, its replicas)."""
+    mesh: Any = None  # the 1-D DeviceMesh of the peer's replicas (sharded only)
 
     @property
     def shard(self) -> tuple[int, int]:
@@ -67,10 +79,38 @@ class Replicas:
         return count / self.count
 
 
+def sharding(replicas: Replicas) -> Callable[[nn.Module, str], nn.Module] | None:
+    """What `build_peer` applies to a student's model before building its optimizer: under
+    cohort.shard: fsdp, shard it over the replicas (SyncBatchNorm first where asked); None
+    otherwise. A model FSDP2 cannot shard is a one-line ConfigError."""
+    if not (replicas.active and replicas.sharded):
+        return None
+
+    def shard(model: nn.Module, model_name: str) -> nn.Module:
+        reason = unshardable(model)
+        if reason is not None:
+            raise ConfigError(
+                f"config error: cohort.shard: fsdp cannot shard model {model_name!r}: {reason}; "
+                "use cohort.shard: ddp"
+            )
+        if replicas.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model, replicas.group)
+        shard_model(model, replicas.mesh)
+        return model
+
+    return shard
+
+
 def replicate(peer: Peer, replicas: Replicas) -> None:
     """Make a student's training data-parallel over its replicas (nothing for one replica or a
-    teacher, which only predicts)."""
+    teacher, which only predicts): DDP, or (sharded) only its extra modules' gradient average,
+    the model being sharded already (`sharding`)."""
     if not replicas.active or peer.is_teacher:
+        return
+    for param in peer.extras.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(_averaging(replicas))
+    if replicas.sharded:
         return
     device = next(peer.model.parameters()).device
     if replicas.sync_batchnorm:
@@ -81,9 +121,6 @@ def replicate(peer: Peer, replicas: Replicas) -> None:
     peer.replicated = DistributedDataParallel(
         peer.model, device_ids=ids, process_group=replicas.group
     )
-    for param in peer.extras.parameters():
-        if param.requires_grad:
-            param.register_post_accumulate_grad_hook(_averaging(replicas))
 
 
 def _averaging(replicas: Replicas):  # noqa: ANN202 - a hook

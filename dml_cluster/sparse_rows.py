@@ -252,12 +252,14 @@ def _inverse_cdf(q: Tensor, u: Tensor, integer: bool) -> Tensor:
 
 def encode_sampled(
     log_p: Tensor, samples: int, temperature: float, key: int,
-    dtype: torch.dtype = torch.bfloat16, integer: bool | None = None,
+    dtype: torch.dtype = torch.bfloat16, integer: bool | None = None, first_row: int = 0,
 ) -> Sampled:  # fmt: skip
     """`samples` ids drawn with replacement from each row of softmax(`log_p` / `temperature`)
     ([rows, C] log-probabilities, detached) by inverse transform of the counter-based uniforms
     of `key` (`draw_key`); values in `dtype`. `integer`: how the cumulative distribution is
-    summed (`_inverse_cdf`; default: in int64 off the CPU, in float32 on it)."""
+    summed (`_inverse_cdf`; default: in int64 off the CPU, in float32 on it). `first_row`: the
+    row of the whole batch that `log_p`'s first row is (a data-parallel replica's share draws
+    each row's ids as the whole batch does)."""
     check_samples(samples)
     log_p = log_p.detach()
     rows, num_classes = log_p.shape
@@ -268,7 +270,7 @@ def encode_sampled(
     for first in range(0, rows, step):
         chunk = log_p[first : first + step].float()
         log_q = torch.log_softmax(chunk / temperature, dim=1) if temperature != 1.0 else chunk
-        u = uniforms(key, first, chunk.shape[0], samples, log_p.device)
+        u = uniforms(key, first_row + first, chunk.shape[0], samples, log_p.device)
         ids = _inverse_cdf(log_q.exp(), u, integer)
         parts.append(_group(ids, log_q))
     if not parts:

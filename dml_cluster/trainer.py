@@ -42,8 +42,9 @@ from dml_cluster.models import as_rows
 from dml_cluster.models.hf_source import write_pretrained
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
-from dml_cluster.replicas import Replicas, gather_streams, replicate
+from dml_cluster.replicas import Replicas, gather_streams, replicate, sharding
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
+from dml_cluster.sharding import whole
 from dml_cluster.sparse_rows import Sampled, TopK, densify, describe
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
 from dml_cluster.token_evaluation import TokenEvaluation, token_table
@@ -126,8 +127,11 @@ class CohortTrainer:
         # another run's final weights to start from (train.init_from), checked before building
         self.init_source = source_record(cfg, source_summary(cfg))
         replicas = placement.replicas
+        shard = sharding(replicas)  # cohort.shard: fsdp: a student sharded over its replicas
         self.peers: dict[int, Peer] = {
-            i: build_peer(cfg, i, shape, classes, placement.device_of(i), inputs, replicas.index)
+            i: build_peer(
+                cfg, i, shape, classes, placement.device_of(i), inputs, replicas.index, shard
+            )
             for i in placement.hosted
         }
         for peer in self.peers.values():  # a data-parallel student trains through DDP
@@ -393,19 +397,13 @@ class CohortTrainer:
             for peer in self.peers.values():
                 step_schedule(peer)
             last = epoch == cfg.train.epochs - 1 or step >= max_steps
-            evaluates = self.placement.replicas.first  # a peer's replica 0 evaluates it
+            replicas = self.placement.replicas
+            # a peer's replica 0 evaluates it; a sharded peer's forward needs all its replicas
+            evaluates = replicas.first or replicas.sharded
             if ((epoch + 1) % cfg.train.eval_every == 0 or last) and evaluates:
                 report = self.evaluate(step - 1)
-                history.append({"epoch": epoch + 1, "step": step, **report})
-                evaluated = EvalEvent(
-                    epoch + 1,
-                    step,
-                    report,
-                    dataclasses.replace(self.bus.stats),
-                    self.clock.elapsed(),  # the run's, resumes included
-                )
-                for observer in self.observers:
-                    observer.on_eval(evaluated)
+                if replicas.first:  # a sharded peer's other replicas report nothing
+                    self._evaluated(epoch, step, report, history)
             if self.checkpoints.enabled:
                 self._checkpoint(Position(epoch + 1, 0, step), history)
             if self.stop.stop_at is not None and step >= self.stop.stop_at and step < max_steps:
@@ -415,6 +413,21 @@ class CohortTrainer:
         for observer in self.observers:
             observer.on_end(summary)
         return summary
+
+    def _evaluated(
+        self, epoch: int, step: int, report: dict[str, Any], history: list[dict[str, Any]]
+    ) -> None:
+        """Record an evaluation after `epoch` in the history and tell the observers."""
+        history.append({"epoch": epoch + 1, "step": step, **report})
+        evaluated = EvalEvent(
+            epoch + 1,
+            step,
+            report,
+            dataclasses.replace(self.bus.stats),
+            self.clock.elapsed(),  # the run's, resumes included
+        )
+        for observer in self.observers:
+            observer.on_eval(evaluated)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -428,13 +441,19 @@ class CohortTrainer:
     def _checkpoint(self, at: Position, history: list[dict[str, Any]]) -> None:
         """Save the hosted peers; the cohort confirms over the control channel. Every process
         saves at the same steps, so a teacher running ahead waits there for the students."""
-        streams = None
-        if self.placement.replicas.active:  # every replica's stream in replica 0's file
+        streams, wholes = None, None
+        replicas = self.placement.replicas
+        if replicas.active:  # every replica's stream in replica 0's file
             streams = {
-                i: gather_streams(self.control, at.step, p.stream, i, self.placement.replicas)
+                i: gather_streams(self.control, at.step, p.stream, i, replicas)
                 for i, p in self.peers.items()
             }
-        self.checkpoints.save(at, self.peers, history, self.control, streams)
+        if replicas.sharded:  # the whole state from the shards (every replica gathers)
+            wholes = {
+                i: (self._model_state(p), whole(p.optimizer.state_dict(), replicas.first))
+                for i, p in self.peers.items()
+            }
+        self.checkpoints.save(at, self.peers, history, self.control, streams, wholes)
         self.clock.record(at.step)
 
     def _resume(self, per_epoch: int, max_steps: int) -> Restored | None:
@@ -492,14 +511,22 @@ class CohortTrainer:
         for observer in self.observers:
             observer.on_step(event)
 
+    def _model_state(self, peer: Peer) -> dict[str, Any]:
+        """The peer's model state dict, whole (a sharded peer's gathered: every replica calls
+        this, replica 0 keeps the result)."""
+        if not self.placement.replicas.sharded:
+            return peer.model.state_dict()
+        return whole(peer.model.state_dict(), self.placement.replicas.first)
+
     def _finish(self, history: list[dict[str, Any]], steps: int, wall: float) -> dict[str, Any]:
+        finals = {i: self._model_state(p) for i, p in self.peers.items()}
         if not self.placement.replicas.first:  # replica 0 writes and reports the peer
             return {"run": self.cfg.run.name, "steps": steps, "wall_seconds": round(wall, 3)}
         final_dir = self.run_dir / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
-        for peer in self.peers.values():  # an hf: peer's save_pretrained copy first: a final
+        for i, peer in self.peers.items():  # an hf: peer's save_pretrained copy first: a final
             write_pretrained(peer.model, self.run_dir, peer.name)  # .pt means both are there
-            torch.save(peer.model.state_dict(), final_dir / f"{peer.name}.pt")
+            torch.save(finals[i], final_dir / f"{peer.name}.pt")
         for log in self.peer_logs.values():
             log.close()
         last = history[-1]

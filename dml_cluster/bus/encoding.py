@@ -64,7 +64,9 @@ def from_wire(tensor: Tensor) -> Tensor:
 class Encoding:
     """`bus.encoding` with its settings: `k` (topk), `samples` (sampled), `sparse_dtype` (both);
     for sampled also the run's `seed` and, by peer index, the temperature its receivers distil
-    at (`temperatures`: the distribution its ids are drawn from; 1 for a peer not listed)."""
+    at (`temperatures`: the distribution its ids are drawn from; 1 for a peer not listed), and
+    `first_row`: the row of its peer's whole batch that this process's training rows start at
+    (a data-parallel replica's share: each row's ids are drawn as the whole batch draws them)."""
 
     name: str = "float32"
     k: int | None = None
@@ -72,6 +74,7 @@ class Encoding:
     samples: int | None = None
     seed: int = 0
     temperatures: tuple[float, ...] = ()
+    first_row: int = 0
 
     @classmethod
     def of(cls, encoding: Encoding | str) -> Encoding:
@@ -101,7 +104,10 @@ class Encoding:
         if self.name == "sampled":
             seed = draw_key(self.seed, key.step, key.round, peer)
             temperature = self.temperature(key, peer)
-            return encode_sampled(tensor, self.samples, temperature, seed, self.value_dtype)
+            first = self.first_row if key.round < EVAL_ROUND else 0  # evaluation: whole chunks
+            return encode_sampled(
+                tensor, self.samples, temperature, seed, self.value_dtype, first_row=first
+            )
         return to_wire(tensor, self.name)
 
     def receive(self, sent: Sent) -> Sent:

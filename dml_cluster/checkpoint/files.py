@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from dml_cluster.cohort import Peer
 from dml_cluster.errors import CheckpointError, first_line
 from dml_cluster.run_folder import write_atomic
+from dml_cluster.sharding import is_sharded, model_shards, optimizer_shards
 
 FORMAT = 1
 """The format of peer files and manifests. A peer file may carry `stream` (its random stream;
@@ -79,17 +80,20 @@ def peer_state(
     process_rng: dict[str, Any],
     run: RunIdentity,
     replica_streams: list[dict[str, Tensor]] | None = None,
+    gathered: tuple[dict[str, Any], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Everything of `peer` a resume needs, as tensors and plain types. `replica_streams`: a
-    data-parallel peer's every replica's random stream, in replica order."""
+    data-parallel peer's every replica's random stream, in replica order; `gathered`: a sharded
+    peer's (model, optimizer) state dicts, whole (dml_cluster.sharding.whole)."""
+    model, optimizer = gathered or (peer.model.state_dict(), peer.optimizer.state_dict())
     state: dict[str, Any] = {
         "format": FORMAT,
         "config_hash": run.config_hash,
         "cohort_size": run.size,
         "peer": peer.name,
         "position": [position.epoch, position.step_in_epoch, position.step],
-        "model": peer.model.state_dict(),
-        "optimizer": peer.optimizer.state_dict(),
+        "model": model,
+        "optimizer": optimizer,
         "scheduler": peer.scheduler.state_dict(),
         "extra": peer.extras.state_dict(),
         "stream": peer.stream.state_dict(),  # the peer's own random stream
@@ -231,7 +235,8 @@ def _device_of(model: nn.Module) -> torch.device:
 def apply_state(peer: Peer, state: dict[str, Any], folder: Path, replica: int = 0) -> None:
     """Load a verified state into `peer`. A state without a random stream (written before
     peers had their own) leaves the peer's stream as seeded; a data-parallel peer's replica
-    `replica` takes its own stream from the file's replicas' streams."""
+    `replica` takes its own stream from the file's replicas' streams; a sharded one (cohort.shard:
+    fsdp) its share of the model's and the optimizer's state."""
     device = _device_of(peer.model)
 
     def to_device(tree: Any) -> Any:
@@ -243,9 +248,13 @@ def apply_state(peer: Peer, state: dict[str, Any], folder: Path, replica: int = 
             return [to_device(v) for v in tree]
         return tree
 
+    model, optimizer = to_device(state["model"]), state["optimizer"]
     try:
-        peer.model.load_state_dict(to_device(state["model"]))
-        peer.optimizer.load_state_dict(state["optimizer"])  # moves its state to the params
+        if is_sharded(peer.model):  # each replica keeps its share of the whole state
+            model = model_shards(peer.model, model)
+            optimizer = optimizer_shards(peer.optimizer, optimizer)
+        peer.model.load_state_dict(model)
+        peer.optimizer.load_state_dict(optimizer)  # moves its state to the params
         peer.scheduler.load_state_dict(state["scheduler"])
         peer.extras.load_state_dict(to_device(state["extra"]))
         if peer.scaler is not None and "scaler" in state:

@@ -77,13 +77,16 @@ class CohortCheckpoints:
         history: list[dict[str, Any]],
         control: Control,
         replica_streams: Mapping[int, list[dict[str, Any]]] | None = None,
+        wholes: Mapping[int, tuple[dict[str, Any], dict[str, Any]]] | None = None,
     ) -> Path:
         """Write the hosted peers' files, confirm with the cohort, write the manifest, prune.
 
         A peer that cannot write (disk full) tells the others through the confirmation: every
         process removes its files of this step and raises, the complete checkpoints stay.
         A replica other than 0 writes nothing and confirms nothing (its peer's replica 0 does);
-        `replica_streams`: by hosted peer, every replica's stream (data-parallel peers).
+        `replica_streams`: by hosted peer, every replica's stream (data-parallel peers);
+        `wholes`: by hosted peer, the (model, optimizer) state dicts gathered whole from a
+        sharded peer's replicas (cohort.shard: fsdp), saved in place of its own shards.
         """
         writer = self.replica == 0
         peers = peers if writer else {}
@@ -97,7 +100,10 @@ class CohortCheckpoints:
                 folder.mkdir(exist_ok=True)
             for i, peer in peers.items():
                 streams = (replica_streams or {}).get(i)
-                state = files.peer_state(peer, position, history, rng, self.run, streams)
+                gathered = (wholes or {}).get(i)
+                state = files.peer_state(
+                    peer, position, history, rng, self.run, streams, gathered
+                )
                 data = files.serialise(state)
                 digests[i] = files.write_peer_file(folder / f"{peer.name}.pt", data)
             signal_point("checkpoint")  # files written, manifest not yet

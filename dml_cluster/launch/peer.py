@@ -150,8 +150,9 @@ def run_peer(cfg: Config) -> dict[str, Any]:
                     cfg, peer, topology.peers, wire_id, bus_device, replica, groups.exchange
                 )
                 replicas = Replicas(
-                    replica, topology.replicas, groups.replica, cfg.cohort.sync_batchnorm
-                )
+                    replica, topology.replicas, groups.replica, cfg.cohort.sync_batchnorm,
+                    cfg.cohort.shard == "fsdp", groups.replica_mesh,
+                )  # fmt: skip
                 placement = Placement((peer,), device, reporter=rank == 0, replicas=replicas)
                 stop = CohortStop(cfg, _store(), f"dml-stop/{wire_id.hex()}", stop_margin(cfg))
                 # the models are built before anything is written: a bad one is one line, once

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch.distributed as dist
 
@@ -98,6 +99,8 @@ class ProcessGroups:
 
     replica: dist.ProcessGroup | None
     exchange: dist.ProcessGroup | None
+    replica_mesh: Any = None
+    """The mesh's "replica" dimension: the 1-D mesh FSDP2 shards a peer over."""
 
 
 def make_groups(topology: Topology, device_type: str) -> ProcessGroups:
@@ -112,4 +115,4 @@ def make_groups(topology: Topology, device_type: str) -> ProcessGroups:
         (topology.peers, topology.replicas),
         mesh_dim_names=("peer", "replica"),
     )
-    return ProcessGroups(mesh.get_group("replica"), mesh.get_group("peer"))
+    return ProcessGroups(mesh.get_group("replica"), mesh.get_group("peer"), mesh["replica"])

@@ -19,13 +19,16 @@ TRANSPORTS = ("zmq", "torch")
 """The transports that cross processes (`make_bus`)."""
 
 
-def bus_encoding(cfg: Config) -> Encoding:
+def bus_encoding(cfg: Config, replica: int = 0) -> Encoding:
     """bus.encoding with its settings, as every bus applies it (the one-process one too):
-    sampled ids are drawn with run.seed at each peer's receivers' temperature."""
+    sampled ids are drawn with run.seed at each peer's receivers' temperature; a data-parallel
+    peer's replica `replica` draws its share's rows as they are numbered in the whole batch."""
     bus = cfg.bus
+    first_row = replica * (cfg.data.batch_size // cfg.cohort.replicas)
     return Encoding(
-        bus.encoding, bus.k, bus.sparse_dtype, bus.samples, cfg.run.seed, peer_temperatures(cfg)
-    )
+        bus.encoding, bus.k, bus.sparse_dtype, bus.samples, cfg.run.seed, peer_temperatures(cfg),
+        first_row,
+    )  # fmt: skip
 
 
 def make_bus(
@@ -62,7 +65,7 @@ def _zmq_bus(cfg: Config, rank: int, world: int, wire_id: bytes, replica: int) -
         rank=rank, world=world, names=names, run_id=wire_id,
         config_hash=cfg.hash(), store=dist.distributed_c10d._get_default_store(),
         address=address, timeout_s=cfg.bus.timeout_s,
-        startup_timeout_s=cfg.bus.startup_timeout_s, encoding=bus_encoding(cfg),
+        startup_timeout_s=cfg.bus.startup_timeout_s, encoding=bus_encoding(cfg, replica),
         ipc=cfg.bus.ipc, port=port, curve=curve, window=cfg.bus.window,
         scope=f"replica-{replica}" if cfg.cohort.replicas > 1 else "",
     )  # fmt: skip
@@ -103,7 +106,7 @@ def _torch_bus(
     names = [p.name for p in cfg.peers]
     scope = f"/replica-{replica}" if cfg.cohort.replicas > 1 else ""
     return TorchBus(
-        rank=rank, world=world, names=names, device=device, encoding=bus_encoding(cfg),
+        rank=rank, world=world, names=names, device=device, encoding=bus_encoding(cfg, replica),
         timeout_s=cfg.bus.timeout_s, store=dist.distributed_c10d._get_default_store(),
         prefix=f"dml-lost/{wire_id.hex()}{scope}", group=group,
     )  # fmt: skip
