@@ -36,12 +36,26 @@ from dml_cluster.errors import CheckpointError, ConfigError
 from dml_cluster.launch.topology import Topology, check_world
 
 from .cohort_runs import cli_each, sets, train_many
-from .conftest import assert_same_states, final_weights, max_weight_diff
+from .conftest import (
+    PER_PROCESS,
+    _assert_same_tree,
+    assert_same_states,
+    final_weights,
+    max_weight_diff,
+    saved_states,
+)
 
 CONFIG = "configs/digits-dml.yaml"
 SEMI = "configs/digits-semi.yaml"
-MLP = ("cohort.model=mlp", "cohort.args={}", "train.max_steps=24", "metrics.enabled=false")
-"""22 steps per epoch: the 24 steps cross an epoch boundary (its evaluation and checkpoint)."""
+MLP = (
+    "cohort.model=mlp",
+    "cohort.args={}",
+    "train.max_steps=24",
+    "metrics.enabled=false",
+    "optim.schedule.name=constant",
+)
+"""22 steps per epoch: the 24 steps cross an epoch boundary (its evaluation and checkpoint). A
+constant schedule: a run stopped at the epoch's end may carry on to 24 steps (the fsdp run)."""
 CHECKPOINTS = ("checkpoint.every_steps=8", "checkpoint.keep=10")
 SEMI_MLP = (*MLP, "method.unlabelled_mimicry=false", "cohort.update=sequential")
 """CE and mimicry on the labelled rows only: both means divide by the all-reduced count."""
@@ -53,6 +67,9 @@ BN = (
 )
 TOLERANCE = 1e-6  # float32 summation order of the gradient average (module docstring)
 D2 = ("cohort.replicas=2",)
+FSDP = (*D2, "cohort.shard=fsdp")
+SAMPLED = ("bus.encoding=sampled", "bus.samples=4", "method.name=dml_e")
+"""The sampled wire (each row's ids drawn as the whole batch draws them) with DML_e."""
 
 
 class Runs:
@@ -68,7 +85,19 @@ class Runs:
         launch = [
             run(CONFIG, "killed", *MLP, *CHECKPOINTS, *D2, "bus.transport=zmq"),
             run(CONFIG, "torch", *MLP, *CHECKPOINTS, *D2, "bus.transport=torch"),
+            # sharded: one epoch, then carried on to 24 steps from its checkpoint of step 22
+            run(
+                CONFIG,
+                "fsdp",
+                *MLP,
+                *CHECKPOINTS,
+                *FSDP,
+                "bus.transport=torch",
+                "train.max_steps=22",
+            ),
+            run(CONFIG, "fsdp", *MLP, *CHECKPOINTS, *FSDP, "bus.transport=zmq"),
             run(SEMI, "semi", *SEMI_MLP, *D2, "bus.transport=torch"),
+            run(CONFIG, "sampled", *MLP, *SAMPLED, *D2, "bus.transport=torch"),
             run(CONFIG, "bn", *BN, *D2, "bus.transport=zmq"),
         ]
         fault = "die-saving:mlp-1:16:killed"  # replica 0 of mlp-1 dies writing step 16
@@ -78,7 +107,11 @@ class Runs:
             f"{self.launch.stdout}"
         }
         self.torch_before = _contents(root / "torch")  # what the resume refusal must not change
-        references = [run(CONFIG, "d1", *MLP, *CHECKPOINTS), run(SEMI, "semi-d1", *SEMI_MLP)]
+        references = [
+            run(CONFIG, "d1", *MLP, *CHECKPOINTS),
+            run(SEMI, "semi-d1", *SEMI_MLP),
+            run(CONFIG, "sampled-d1", *MLP, *SAMPLED),
+        ]
         bad_out = sets(f"run.out_dir={root / 'bad'}")
         refused = [
             *(["train", CONFIG, *args, *bad_out] for args in BAD.values()),
@@ -104,10 +137,12 @@ BAD = {
         "--nproc", "2", *sets("cohort.replicas=2", "bus.transport=zmq"),
     ],
     "cohort.replicas: 2 runs each peer as 2 processes: --nproc 4": sets("cohort.replicas=2"),
-    "cohort.shard: fsdp": sets("cohort.replicas=2", "cohort.shard=fsdp"),
+    "cohort.shard: fsdp shards each peer over its replicas, and cohort.replicas is 1":
+        sets("cohort.shard=fsdp"),
+    "cohort.shard: fsdp with run.channels_last": sets(*FSDP, "run.channels_last=true"),
 }  # fmt: skip
 """A batch that does not divide by D, --nproc other than K x D, replicas without processes,
-fsdp: the line each says (in part)."""
+fsdp without replicas or with channels_last: the line each says (in part)."""
 REFUSED = [
     *BAD,
     "holds checkpoints of another config (cohort.replicas: 2 → 1;",
@@ -123,7 +158,8 @@ def test_two_replicas_per_peer_end_within_rounding_of_one(runs: Runs) -> None:
     """K = 2, D = 2 against K = 2, D = 1 (one process): the same weights up to the order of the
     gradient average's additions; the semi-supervised cohort too (masked means divided by the
     all-reduced labelled count)."""
-    for name, reference in (("torch", "d1"), ("semi", "semi-d1")):
+    pairs = (("torch", "d1"), ("semi", "semi-d1"), ("sampled", "sampled-d1"), ("fsdp", "d1"))
+    for name, reference in pairs:
         replicated = final_weights(runs.dir(name, "a"))
         single = final_weights(runs.dir(reference, "d1"))
         diff = max_weight_diff(replicated, single)
@@ -140,6 +176,44 @@ def test_replicated_runs_are_bitwise_equal_across_transports_and_a_kill(runs: Ru
     assert "resuming at step 8 (epoch 1, step 8 of it)" in runs.launch.stdout
     assert not list(killed.rglob("*.tmp"))
     assert_same_states(killed, runs.dir("torch", "a"))
+
+
+def test_sharded_peers_train_as_replicated_ones_bitwise_and_resume(runs: Runs) -> None:
+    """cohort.shard: fsdp (FSDP2 over each peer's 2 replicas), its first epoch over torch, then
+    carried on from its checkpoint of step 22 over zmq: every peer's saved state (model and
+    optimizer gathered whole, every replica's stream, the history) and final weights bit for bit
+    those of the DDP run. Two replicas make that exact: DDP adds g0/2 + g1/2, FSDP2 (g0 + g1)/2,
+    and halving a float32 is exact (no subnormals here); gathered shards are the values."""
+    sharded, replicated = runs.dir("fsdp", "a"), runs.dir("torch", "a")
+    assert "resuming at step 22 (epoch 2, step 0 of it)" in runs.launch.stdout
+    a, b = saved_states(sharded), saved_states(replicated)
+    assert a.keys() == b.keys() and {s["step"] for s in a.values()} == {"step-000000024"}
+    differ = {*PER_PROCESS, "config_hash"}  # the configs differ in cohort.shard only
+    for peer in a:
+        assert not any(k.startswith("module.") for k in a[peer]["model"])
+        mine = {k: v for k, v in a[peer].items() if k not in differ}
+        theirs = {k: v for k, v in b[peer].items() if k not in differ}
+        _assert_same_tree(mine, theirs, peer)
+    _assert_same_tree(final_weights(sharded), final_weights(replicated), "final")
+
+
+def test_a_model_fsdp_cannot_shard_is_refused_in_one_line() -> None:
+    """FSDP2 shards every parameter on dim 0: a scalar parameter is refused before anything is
+    sharded (the build is where a bad model is one line in every launch)."""
+    from torch import nn
+
+    from dml_cluster.replicas import Replicas, sharding
+
+    shard = sharding(Replicas(0, 2, sharded=True))
+    assert shard is not None and sharding(Replicas(0, 2)) is None
+    model = nn.Linear(3, 2)
+    model.scale = nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(ConfigError) as err:
+        shard(model, "user.models:scaled")
+    assert str(err.value) == (
+        "config error: cohort.shard: fsdp cannot shard model 'user.models:scaled': parameter "
+        "'scale' is a scalar (fully_shard splits every parameter on dim 0); use cohort.shard: ddp"
+    )
 
 
 def test_one_file_per_peer_holds_every_replica_stream(runs: Runs) -> None:

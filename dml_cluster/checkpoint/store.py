@@ -101,9 +101,7 @@ class CohortCheckpoints:
             for i, peer in peers.items():
                 streams = (replica_streams or {}).get(i)
                 gathered = (wholes or {}).get(i)
-                state = files.peer_state(
-                    peer, position, history, rng, self.run, streams, gathered
-                )
+                state = files.peer_state(peer, position, history, rng, self.run, streams, gathered)
                 data = files.serialise(state)
                 digests[i] = files.write_peer_file(folder / f"{peer.name}.pt", data)
             signal_point("checkpoint")  # files written, manifest not yet
