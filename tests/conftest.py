@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import itertools
 import multiprocessing as mp
 import os
@@ -71,6 +72,31 @@ def cli_in_process(
         code = stop.code if isinstance(stop.code, int) else 1
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def cli_here(commands: Sequence[Sequence[str]]) -> list[subprocess.CompletedProcess]:
+    """Each `dml-cluster COMMAND` in this process, one after the other, whatever the others did
+    (no process start to pay; for a module's fixture, which cannot have capsys): the exit status,
+    and what Python wrote to stdout and stderr. torch's process-wide switches are put back."""
+    from dml_cluster.cli import main
+
+    results = []
+    for command in commands:
+        out, err, code = io.StringIO(), io.StringIO(), 0
+        argv, sys.argv = sys.argv, ["dml-cluster", *command]
+        try:
+            with (
+                torch_switches_kept(),
+                contextlib.redirect_stdout(out),
+                contextlib.redirect_stderr(err),
+            ):
+                main()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        finally:
+            sys.argv = argv
+        results.append(subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue()))
+    return results
 
 
 @contextlib.contextmanager

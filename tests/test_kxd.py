@@ -35,11 +35,12 @@ from dml_cluster.config import load_config
 from dml_cluster.errors import CheckpointError, ConfigError
 from dml_cluster.launch.topology import Topology, check_world
 
-from .cohort_runs import cli_each, sets, train_many
+from .cohort_runs import sets, train_many
 from .conftest import (
     PER_PROCESS,
     _assert_same_tree,
     assert_same_states,
+    cli_here,
     final_weights,
     max_weight_diff,
     saved_states,
@@ -68,8 +69,9 @@ BN = (
 TOLERANCE = 1e-6  # float32 summation order of the gradient average (module docstring)
 D2 = ("cohort.replicas=2",)
 FSDP = (*D2, "cohort.shard=fsdp")
-SAMPLED = ("bus.encoding=sampled", "bus.samples=4", "method.name=dml_e")
-"""The sampled wire (each row's ids drawn as the whole batch draws them) with DML_e."""
+SAMPLED = (*MLP, *CHECKPOINTS, "bus.encoding=sampled", "bus.samples=4", "method.name=dml_e")
+"""The MLP cohort of the kill, the transports and fsdp: DML_e over the sampled wire (each row's
+ids drawn as the D = 1 run draws them: by its place in the peer's whole batch)."""
 
 
 class Runs:
@@ -83,21 +85,12 @@ class Runs:
             return [config, *sets(*items, f"run.out_dir={root}", f"run.name={name}")]
 
         launch = [
-            run(CONFIG, "killed", *MLP, *CHECKPOINTS, *D2, "bus.transport=zmq"),
-            run(CONFIG, "torch", *MLP, *CHECKPOINTS, *D2, "bus.transport=torch"),
+            run(CONFIG, "killed", *SAMPLED, *D2, "bus.transport=zmq"),
+            run(CONFIG, "torch", *SAMPLED, *D2, "bus.transport=torch"),
             # sharded: one epoch, then carried on to 24 steps from its checkpoint of step 22
-            run(
-                CONFIG,
-                "fsdp",
-                *MLP,
-                *CHECKPOINTS,
-                *FSDP,
-                "bus.transport=torch",
-                "train.max_steps=22",
-            ),
-            run(CONFIG, "fsdp", *MLP, *CHECKPOINTS, *FSDP, "bus.transport=zmq"),
+            run(CONFIG, "fsdp", *SAMPLED, *FSDP, "bus.transport=torch", "train.max_steps=22"),
+            run(CONFIG, "fsdp", *SAMPLED, *FSDP, "bus.transport=zmq"),
             run(SEMI, "semi", *SEMI_MLP, *D2, "bus.transport=torch"),
-            run(CONFIG, "sampled", *MLP, *SAMPLED, *D2, "bus.transport=torch"),
             run(CONFIG, "bn", *BN, *D2, "bus.transport=zmq"),
         ]
         fault = "die-saving:mlp-1:16:killed"  # replica 0 of mlp-1 dies writing step 16
@@ -107,17 +100,13 @@ class Runs:
             f"{self.launch.stdout}"
         }
         self.torch_before = _contents(root / "torch")  # what the resume refusal must not change
-        references = [
-            run(CONFIG, "d1", *MLP, *CHECKPOINTS),
-            run(SEMI, "semi-d1", *SEMI_MLP),
-            run(CONFIG, "sampled-d1", *MLP, *SAMPLED),
-        ]
+        references = [run(CONFIG, "d1", *SAMPLED), run(SEMI, "semi-d1", *SEMI_MLP)]
         bad_out = sets(f"run.out_dir={root / 'bad'}")
         refused = [
             *(["train", CONFIG, *args, *bad_out] for args in BAD.values()),
-            ["train", *run(CONFIG, "torch", *MLP, *CHECKPOINTS)],  # D = 2's folder under D = 1
+            ["train", *run(CONFIG, "torch", *SAMPLED)],  # D = 2's folder under D = 1
         ]
-        done = cli_each([["train", *r] for r in references] + refused, root / "one.json")
+        done = cli_here([["train", *r] for r in references] + refused)
         self.references, self.refused = done[: len(references)], done[len(references) :]
         self.output["d1"] = "\n".join(f"exit {d.returncode}\n{d.stderr[-2000:]}" for d in done)
 
@@ -158,7 +147,7 @@ def test_two_replicas_per_peer_end_within_rounding_of_one(runs: Runs) -> None:
     """K = 2, D = 2 against K = 2, D = 1 (one process): the same weights up to the order of the
     gradient average's additions; the semi-supervised cohort too (masked means divided by the
     all-reduced labelled count)."""
-    pairs = (("torch", "d1"), ("semi", "semi-d1"), ("sampled", "sampled-d1"), ("fsdp", "d1"))
+    pairs = (("torch", "d1"), ("semi", "semi-d1"), ("fsdp", "d1"))
     for name, reference in pairs:
         replicated = final_weights(runs.dir(name, "a"))
         single = final_weights(runs.dir(reference, "d1"))
