@@ -1,25 +1,33 @@
 """K peers x D data-parallel replicas (cohort.replicas): a K = 2, D = 2 cohort on the CPU (gloo,
 4 processes under torchrun) against the K = 2, D = 1 run with the same global batch.
 
-One torchrun launch of 4 processes and one process carry every configuration (process starts are
-the cost; tests/cohort_runs.py):
+One torchrun launch of 4 processes carries every D = 2 configuration (process starts are the
+cost; tests/cohort_runs.py), and this process the rest:
 
-- the launch (one restart allowed): first the MLP cohort over zmq whose replica 0 of peer mlp-1
-  is SIGKILLed half-way through writing its checkpoint of step 16 (tests/fault_injection.py):
-  torchrun restarts the group, which resumes it from step 8 and then runs the rest once: the same
-  MLP cohort over torch, a semi-supervised MLP cohort (labelled-only mimicry, sequential update)
-  over torch, and the small CNN with BatchNorm per replica over zmq;
-- one process, after it: the D = 1 references of the MLP and the semi-supervised cohorts, then
-  every command that must stop at start-up with one line (bad inputs, a resume with another D).
+- the launch (one restart allowed): first the MLP cohort (DML_e over the sampled wire) over zmq
+  whose replica 0 of peer mlp-1 is SIGKILLed half-way through writing its checkpoint of step 16
+  (tests/fault_injection.py): torchrun restarts the group, which resumes it from step 8 and then
+  runs the rest once: the same cohort over torch; the same cohort sharded (cohort.shard: fsdp)
+  for one epoch over torch, then carried on from its checkpoint of step 22 to step 24 over zmq;
+  a semi-supervised MLP cohort (dense wire, labelled-only mimicry, sequential update) over
+  torch; and the small CNN with BatchNorm per replica over zmq;
+- this process (conftest.cli_here), after it: the D = 1 references of the MLP and the
+  semi-supervised cohorts, then every command that must stop at start-up with one line (bad
+  inputs, a resume with another D).
 
 Why a tolerance against D = 1 and which: the replicas' mean gradient is DDP's average of two
 half-batch gradients, the D = 1 gradient is one sum over the whole batch: the same terms, added in
 another order, so float32 rounding differs by a few ulps per step (measured on this machine: max
-|dw| 7.5e-8 for the MLP cohort and 9.7e-8 for the semi-supervised one after their 24 steps).
-Rounding differences of this kind grow with the steps but stay orders of magnitude below the
-weights' own step (lr 0.05 x gradients ~1e-2); 1e-6 leaves 10x the measured difference and is
-still 1000x below one SGD step, so a wrong shard, a wrong normalisation or a missing gradient
-average (each a change of order 1e-3 and more after one step) cannot pass.
+|dw| 7.5e-8 for the sampled-wire MLP cohort, DDP and FSDP alike, and 9.7e-8 for the
+semi-supervised one after their 24 steps). Rounding differences of this kind grow with the steps
+but stay orders of magnitude below the weights' own step (lr 0.05 x gradients ~1e-2); 1e-6 leaves
+10x the measured difference and is still 1000x below one SGD step, so a wrong shard, a wrong
+normalisation or a missing gradient average (each a change of order 1e-3 and more after one step)
+cannot pass. The sampled wire keeps this: a replica draws each row's ids with the uniforms of the
+row's place in the peer's whole batch, so both runs draw the same ids from distributions ~1e-7
+apart (an id could differ only where a uniform falls within that of a class boundary: about one
+draw in 10^7, and the test's draws are fixed); rows drawn with their place in the replica's share
+instead (replica 1's rows as rows 0..31) give other ids, losses apart by ~1e-2, and fail.
 """
 
 from __future__ import annotations
@@ -136,6 +144,8 @@ REFUSED = [
     *BAD,
     "holds checkpoints of another config (cohort.replicas: 2 → 1;",
 ]
+RESUMES_WITH = "each replica's random stream is in them, so only the same cohort.replicas"
+"""What the resume refusal says besides (why another D is refused)."""
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +245,7 @@ def test_refusals_are_one_line_each_and_write_nothing(runs: Runs) -> None:
         lines = done.stderr.strip().splitlines()
         assert done.returncode == 2 and len(lines) == 1, done.stdout + done.stderr
         assert line in lines[0], lines[0]
+    assert RESUMES_WITH in runs.refused[-1].stderr
     assert not (runs.root / "bad").exists()
     resumed = runs.dir("torch", "a")
     assert _contents(resumed) == runs.torch_before

@@ -168,9 +168,16 @@ def _continuable(
             f"weights (a fresh optimizer and schedule): --init-from {run_dir} --set "
             "run.name=NEW"
         )
+    # a data-parallel checkpoint holds each replica's random stream: it resumes with as many
+    why = (
+        "; each replica's random stream is in them, so only the same cohort.replicas resumes them"
+        if any(line.startswith("cohort.replicas:") for line in diff)
+        else ""
+    )
     raise CheckpointError(
         f"{run_dir} holds checkpoints of another config ({shown}; hash {recorded_hash}, this "
-        f"config {this}): resume it with the config that wrote them ({run_dir / CONFIG_FILE}), "
+        f"config {this}): resume it with the config that wrote them ({run_dir / CONFIG_FILE}"
+        f"{why}), "
         f"choose another run.name for a new run, or start one from its final weights with "
         f"--init-from {run_dir}"
     )
