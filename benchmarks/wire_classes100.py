@@ -1,0 +1,209 @@
+"""What the sparse wire encodings cost in learning on a 100-class image task (issue 25).
+
+The task: Fashion-MNIST pairs (benchmarks/fashion_pairs.py): two Fashion-MNIST images side by
+side, label 10 * left + right, 100 classes; 20,000 train pairs from training images only,
+5,000 test pairs from test images only, the pairing drawn once from a fixed seed.
+
+The cohort: DML, K = 2 MLPs (1,568 -> 256 -> 128 -> 100; small_cnn's global average pool would
+lose which item is left), batch 128, SGD (lr 0.05, momentum 0.9, Nesterov, weight decay 5e-4,
+cosine: the recipe of configs/fmnist3k-dml.yaml, not tuned here), `EPOCHS` epochs, evaluated on
+the test pairs once, at the end. Nothing is tuned on the test set: the recipe, the budget, the
+encodings and the seeds are fixed here before any run.
+
+Rows: the wire dense float32 vs top-5, top-16 (bf16 values, uint8 ids), sampled-12, sampled-32
+(n ids drawn at the receivers' temperature, 1 for DML). Seeds 0, 1, 2 for every row: peer k of
+seed s starts from the same weights and sees the same batches in every row (the paired design
+of benchmarks/accuracy.py), so each row is compared with dense seed by seed. A run's figure is
+the mean of its two students' final test accuracies; the table gives its mean +- std over
+seeds and the paired difference to dense with its 95% t-interval (n = 3, t = 4.303).
+
+Bytes per step: what one peer sends per exchange on the zmq transport (its 56-byte header
+included) for a batch of 128 rows at C = 100, from the encoding itself (the one-process engine
+counts no bytes; the processes' bus sends exactly these messages, benchmarks/wire_sparse.py).
+
+Every run is `python -m dml_cluster train CONFIG --set run.seed=S [--set bus....]` on the
+one-process engine (the same numbers as one process per peer: tests/test_multiprocess.py),
+niced, one thread, `--workers` at a time. Results are saved after every run into the JSON; a
+re-run skips the runs already there.
+
+Run from the repository root:
+    nice -n 10 .venv/bin/python benchmarks/wire_classes100.py [--workers 2] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+from bench_common import machine, markdown_table, provenance  # noqa: E402
+
+from dml_cluster.bus.base import StepKey  # noqa: E402
+from dml_cluster.bus.encoding import Encoding, payload_bytes  # noqa: E402
+from dml_cluster.bus.wire import HEADER  # noqa: E402
+
+EPOCHS = 10
+SEEDS = (0, 1, 2)
+BATCH = 128
+T_975 = {2: 4.303}  # Student's t, 97.5% quantile, by degrees of freedom
+ROWS: dict[str, tuple[tuple[str, ...], Encoding]] = {
+    "dense float32": ((), Encoding("float32")),
+    "top-5": (("bus.encoding=topk", "bus.k=5"), Encoding("topk", 5)),
+    "top-16": (("bus.encoding=topk", "bus.k=16"), Encoding("topk", 16)),
+    "sampled-12": (("bus.encoding=sampled", "bus.samples=12"), Encoding("sampled", samples=12)),
+    "sampled-32": (("bus.encoding=sampled", "bus.samples=32"), Encoding("sampled", samples=32)),
+}
+CONFIG = f"""\
+# benchmarks/wire_classes100.py: DML, K = 2, on Fashion-MNIST pairs (100 classes)
+run:
+  name: pairs
+data:
+  name: python
+  factory: "benchmarks.fashion_pairs:build"
+  options: {{train_pairs: 20000, test_pairs: 5000}}
+  normalize: {{mean: [0.2860], std: [0.3530]}}
+  batch_size: {BATCH}
+  eval_batch_size: 1000
+cohort:
+  size: 2
+  model: mlp
+method:
+  name: dml
+optim:
+  lr: 0.05
+  momentum: 0.9
+  nesterov: true
+  weight_decay: 5.0e-4
+  schedule: {{name: cosine}}
+train:
+  epochs: {EPOCHS}
+  eval_every: {EPOCHS}
+"""
+
+
+def bytes_per_step(encoding: Encoding) -> int:
+    """One peer's message per exchange on zmq (header + payload) for BATCH rows at C = 100."""
+    g = torch.Generator().manual_seed(0)
+    log_p = (torch.randn(BATCH, 100, generator=g) * 3).log_softmax(dim=1)
+    return HEADER.size + payload_bytes(encoding.send(log_p, StepKey(0, 0, 1), 0)).numel()
+
+
+def run_one(config: Path, out: Path, row: str, seed: int) -> dict:
+    """One training run; its students' final test accuracies and what its encoding kept (peer
+    0's rows, mean over the logged steps)."""
+    name = f"{row.replace(' ', '_')}-s{seed}"
+    sets = [f"run.seed={seed}", f"run.name={name}", f"run.out_dir={out}",
+            "metrics.enabled=false", "run.progress_every_s=0", *ROWS[row][0]]  # fmt: skip
+    cmd = [sys.executable, "-m", "dml_cluster", "train", str(config)]
+    for s in sets:
+        cmd += ["--set", s]
+    started = time.perf_counter()
+    done = subprocess.run(
+        ["nice", "-n", "10", *cmd], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}")
+    summary = json.loads((out / name / "summary.json").read_text())
+    peers = summary["peers"]
+    log = (out / name / "peers" / "mlp-0.jsonl").read_text().splitlines()
+    steps = [r for r in map(json.loads, log) if r.get("event") == "train"]
+
+    def mean_of(key: str) -> float | None:  # over the logged steps (run.log_every)
+        values = [r[key] for r in steps if key in r]
+        return statistics.mean(values) if values else None
+
+    return {
+        "row": row, "seed": seed,
+        "accuracy": [peers[p]["final_accuracy"] for p in sorted(peers)],
+        "ensemble": summary["ensemble"]["final_accuracy"],
+        "kept_mass": mean_of("kept_mass"), "distinct_ids": mean_of("distinct_ids"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences."""
+    m = statistics.mean(diffs)
+    half = T_975[len(diffs) - 1] * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return m, m - half, m + half
+
+
+def table(results: list[dict]) -> str:
+    by = {(r["row"], r["seed"]): r for r in results}
+    acc = {k: 100 * statistics.mean(r["accuracy"]) for k, r in by.items()}
+    rows = []
+    for row, (_, encoding) in ROWS.items():
+        if not all((row, s) in by for s in SEEDS):
+            continue
+        a = [acc[row, s] for s in SEEDS]
+        ens = [100 * by[row, s]["ensemble"] for s in SEEDS]
+        b = bytes_per_step(encoding)
+        cell = ["-", "-"]
+        if row != "dense float32" and all(("dense float32", s) in by for s in SEEDS):
+            m, lo, hi = t_interval([acc[row, s] - acc["dense float32", s] for s in SEEDS])
+            cell = [f"{m:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]"]
+        kept = by[row, SEEDS[0]]["kept_mass"]
+        distinct = by[row, SEEDS[0]]["distinct_ids"]
+        rows.append([
+            row, f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}", *cell,
+            f"{statistics.mean(ens):.2f}", f"{b:,}",
+            f"{bytes_per_step(ROWS['dense float32'][1]) / b:.1f}x",
+            "-" if kept is None else f"{kept:.3f}", "-" if distinct is None else f"{distinct:.1f}",
+        ])  # fmt: skip
+    header = ["wire", "accuracy % (mean ± std, 3 seeds)", "vs dense (pp)", "95% t-interval",
+              "ensemble %", "bytes/step/peer (zmq)", "fewer bytes", "kept mass",
+              "distinct ids/row"]  # fmt: skip
+    return markdown_table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "wire_classes100.json")
+    parser.add_argument("--out", type=Path, default=None, help="run folders (default: a tmp dir)")
+    parser.add_argument("--render-only", action="store_true")
+    args = parser.parse_args()
+    saved = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
+    results: list[dict] = saved["runs"]
+    if not args.render_only:
+        out = args.out or Path(tempfile.mkdtemp(prefix="wire100-"))
+        config = out / "pairs.yaml"
+        out.mkdir(parents=True, exist_ok=True)
+        config.write_text(CONFIG)
+        done = {(r["row"], r["seed"]) for r in results}
+        todo = [(row, s) for s in SEEDS for row in ROWS if (row, s) not in done]
+        header = {**provenance(), "machine": machine(), "epochs": EPOCHS, "seeds": list(SEEDS)}
+
+        def one(job: tuple[str, int]) -> None:
+            r = run_one(config, out, *job)
+            results.append(r)
+            print(f"{r['row']} seed {r['seed']}: {r['accuracy']} ({r['wall_seconds']} s)",
+                  flush=True)  # fmt: skip
+            args.json.write_text(json.dumps({**header, "runs": results}, indent=1) + "\n")
+
+        with ThreadPoolExecutor(args.workers) as pool:
+            list(pool.map(one, todo))
+        saved = {**header, "runs": results}
+    print(f"command: {saved.get('command')}\ncommit: {saved.get('commit')}")
+    print(f"package: {saved.get('package')}\nmachine: {saved.get('machine')}\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
