@@ -303,6 +303,27 @@ def densify(rows: Rows) -> Tensor:
     return dense.scatter_(1, indices, rows.values)[:, :c].contiguous()
 
 
+def log_prob_at(rows: Rows, classes: Tensor) -> Tensor:
+    """[rows] float32: each row's log-probability at its class `classes[r]` ([rows] ints in
+    0..C-1), exactly the value `densify(rows)` holds there, read from the sparse support
+    without making the [rows, C] tensor (what the running cross-entropy of the progress line
+    reads every step)."""
+    rows = rows.widened()
+    cls = classes.to(rows.device, torch.int64)[:, None]
+    if isinstance(rows, TopK):
+        listed = torch.full((rows.values.shape[0],), rows.k, device=rows.device)
+        match = rows.indices == cls
+    else:
+        listed = rows.distinct()
+        match = (rows.indices == cls) & rows.drawn()
+    # the same float32 arithmetic as densify's, row by row
+    rest = (rows.num_classes - listed).float()
+    tiny = torch.finfo(torch.float32).tiny
+    spread = ((1.0 - rows.kept_mass()).clamp(min=0.0) / rest.clamp(min=1)).clamp(min=tiny)
+    kept = torch.where(match, rows.values, 0.0).sum(dim=1)  # at most one slot matches
+    return torch.where(match.any(dim=1), kept, spread.log())
+
+
 def describe(rows: Rows) -> dict[str, Tensor]:
     """What an encoding kept of its rows, as device scalars (means over rows): `kept_mass`, the
     probability mass of the kept (top-k) or distinct drawn (sampled) classes; for sampled rows

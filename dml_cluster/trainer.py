@@ -53,7 +53,9 @@ from dml_cluster.token_evaluation import TokenEvaluation, token_table
 def readable(received: Tensor | TopK | Sampled) -> Tensor:
     """Dense log-probabilities of what the bus delivered (sparse rows: the kept or drawn
     classes' own, the rest spread evenly; sampled training rows are at the draws' temperature),
-    for the evaluation and batch statistics; the losses read sparse rows sparsely."""
+    for the evaluation; the losses and the training steps' bookkeeping read sparse rows
+    sparsely (the batch statistics densify them on the steps they are asked for:
+    metrics/events.py)."""
     return received if isinstance(received, Tensor) else densify(received)
 
 
@@ -64,7 +66,7 @@ class StepResult:
     zmq: teachers receive nothing during training)."""
 
     parts: dict[int, LossParts]
-    log_ps: dict[int, Tensor]
+    log_ps: dict[int, Tensor | TopK | Sampled]  # as the bus delivered them (sparse: not dense)
     times: StepTimes  # the step's and its phases' (read on reporting steps: a device's wait)
     encoded: dict[int, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
     """Sparse encodings: by peer, what its rows kept (sparse_rows.describe: device scalars)."""
@@ -253,7 +255,7 @@ class CohortTrainer:
         local = {i: self._log_probs(z) for i, z in logits.items()}
         self.timer.mark(FORWARD)
         log_ps = self._exchange(StepKey(step, 0, fp), local, range(self.size))
-        batch_log_ps = {j: readable(p) for j, p in log_ps.items()}  # sparse rows: densified
+        received = dict(log_ps)  # the batch's (round 0's): sparse rows stay sparse (no B x C)
         encoded = {j: describe(p) for j, p in log_ps.items() if not isinstance(p, Tensor)}
         learners = [i for i in self.students if i in self.peers]
         given = self.method_inputs.gather(
@@ -285,7 +287,7 @@ class CohortTrainer:
                     with self.peers[i].stream:
                         parts[i] = self._update(i, logits[i], y, log_ps, step, given[i], labelled)
                 self.timer.mark(UPDATE)
-        return StepResult(parts, batch_log_ps, self.timer.stop(self._wait_seconds), encoded)
+        return StepResult(parts, received, self.timer.stop(self._wait_seconds), encoded)
 
     def _labelled(self, y: Tensor, learners: Sequence[int]) -> Tensor | None:
         """A data-parallel student's count for masked means: the labelled rows of its peer's

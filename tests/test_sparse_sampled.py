@@ -18,6 +18,7 @@ One process vs processes, bitwise, with sampled rows: tests/test_multiprocess.py
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -37,14 +38,17 @@ from dml_cluster.determinism import set_determinism
 from dml_cluster.errors import ConfigError
 from dml_cluster.evaluation import evaluate_cohort, predict
 from dml_cluster.launch.transports import bus_encoding
+from dml_cluster.metrics import events
 from dml_cluster.metrics.events import PeerStep, StepEvent
 from dml_cluster.metrics.exporter import PrometheusExporter
+from dml_cluster.metrics.progress import ProgressDisplay, RunningCrossEntropy
 from dml_cluster.sparse_rows import (
     Sampled,
     densify,
     draw_key,
     encode_sampled,
     encode_topk,
+    log_prob_at,
 )
 from dml_cluster.trainer import CohortTrainer, Placement, readable
 
@@ -300,6 +304,31 @@ def test_samples_decide_the_trained_numbers_so_they_are_hashed() -> None:
 # -- the engine: chunked evaluation, logs and metrics --------------------------------------
 
 
+def test_the_running_cross_entropy_reads_sparse_rows_as_their_densified_rows_bitwise() -> None:
+    """The progress line's cross-entropy from sparse rows (each row's log-probability at its
+    label, read from the support) is, bit for bit, the one of the densified rows; unlabelled
+    rows (-1) count for neither."""
+    log_p = _log_p(200, 30, seed=3)
+    y = torch.randint(-1, 30, (200,), generator=torch.Generator().manual_seed(4))
+    labels = y.clamp(min=0)
+    for rows in (
+        encode_topk(log_p, 4), encode_topk(log_p, 30), encode_sampled(log_p, 12, 1.0, 9),
+        encode_sampled(log_p, 6, 2.0, 10),
+    ):  # fmt: skip
+        assert torch.equal(
+            log_prob_at(rows, labels), densify(rows).gather(1, labels[:, None])[:, 0]
+        )
+        sparse, dense = RunningCrossEntropy(), RunningCrossEntropy()
+        for half in (slice(0, 100), slice(100, 200)):
+            tensors = {f.name: getattr(rows, f.name) for f in dataclasses.fields(rows)}
+            part = dataclasses.replace(
+                rows, **{k: t[half] for k, t in tensors.items() if k != "num_classes"}
+            )
+            sparse.add({0: part}, y[half])
+            dense.add({0: densify(part)}, y[half])
+        assert sparse.means() == dense.means()
+
+
 def test_evaluation_in_chunks_scores_what_one_message_scored(
     tmp_path: Path, restore_torch: None
 ) -> None:
@@ -324,17 +353,29 @@ def test_evaluation_in_chunks_scores_what_one_message_scored(
 
 
 def test_bytes_per_exchange_and_kept_mass_are_logged_and_served(
-    tmp_path: Path, restore_torch: None
+    tmp_path: Path, restore_torch: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A short one-process run with sampled rows logs each peer's kept mass and distinct ids;
-    the exporter serves them and the bytes per exchange on its real /metrics endpoint."""
-    cfg = load_config(CONFIG, ["bus.encoding=sampled", "bus.samples=12", "train.max_steps=2",
-                               "run.log_every=1", "metrics.enabled=false",
-                               f"run.out_dir={tmp_path}"])  # fmt: skip
+    the exporter serves them and the bytes per exchange on its real /metrics endpoint. Its
+    steps densify the received rows only where the run log reports (steps 0 and 2 of 3, for
+    the batch statistics), though the progress line reads every step's cross-entropy."""
+    cfg = load_config(CONFIG, ["bus.encoding=sampled", "bus.samples=12", "train.max_steps=3",
+                               "run.log_every=2", "run.progress_every_s=3600",
+                               "metrics.enabled=false", f"run.out_dir={tmp_path}"])  # fmt: skip
     set_determinism(cfg)
-    CohortTrainer(
+    densified: list[int] = []
+
+    def counted(rows: Sampled) -> torch.Tensor:
+        densified.append(rows.values.shape[0])
+        return densify(rows)
+
+    monkeypatch.setattr(events, "densify", counted)  # what a training step's event densifies
+    trainer = CohortTrainer(
         cfg, LocalBus(bus_encoding(cfg)), Placement((0, 1), torch.device("cpu"), True)
-    ).run()
+    )
+    assert any(isinstance(o, ProgressDisplay) for o in trainer.observers)
+    trainer.run()
+    assert densified == [cfg.data.batch_size] * 4  # 2 reporting steps x 2 peers
     records = [
         json.loads(line)
         for line in (cfg.run.dir / "peers" / "small_cnn-0.jsonl").read_text().splitlines()

@@ -11,6 +11,12 @@ tensors until `peers` (or `losses`) is read, then come over in one transfer for 
 step's times are device events until a `*_seconds` field is read (`dml_cluster.timing`). An
 observer reads them on its reporting steps only, so a step that reports nothing never waits for
 the device (on the CPU, where nothing waits, reading is merely cheap).
+
+Predictions stay as the bus delivered them (`received`): under a sparse `bus.encoding` (top-k,
+sampled rows) a step makes no dense [rows, C] tensor of them unless something reads `log_ps`,
+the densified view: the batch statistics do, on the steps some observer asks for them (the run
+log's `run.log_every` steps, the exporter's `metrics.stats_every` ones); the progress line's
+running cross-entropy reads each row's log-probability at its label from the sparse support.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from torch import Tensor
 from dml_cluster.bus.base import BusStats
 from dml_cluster.devices import all_on
 from dml_cluster.metrics.batch import PeerBatchStats, cohort_batch_stats
+from dml_cluster.sparse_rows import Rows, densify
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, KnownTimes, StepTimes
 
 if TYPE_CHECKING:
@@ -60,7 +67,7 @@ class StepEvent:
         step: int,
         epoch: int,
         target: Tensor,
-        log_ps: dict[int, Tensor],
+        log_ps: Mapping[int, Tensor | Rows],
         lrs: Mapping[int, float],
         parts: Mapping[int, LossParts],
         times: StepTimes,
@@ -71,7 +78,9 @@ class StepEvent:
         self.step, self.epoch = step, epoch
         self.batch_size = target.shape[0]
         self.target = target  # the batch's labels, -1 where unlabelled (not copied)
-        self.log_ps = log_ps  # every prediction received on the batch, by peer (not copied)
+        # every prediction received on the batch, by peer, as the bus delivered it (not copied):
+        # [B, C] log-probabilities, or a sparse encoding's rows (`log_ps` densifies them)
+        self.received = log_ps
         self.lrs = lrs  # by hosted peer: its optimizer's learning rate during the step
         self.parts = parts  # the hosted students' losses, device tensors (teachers: none)
         self.times = times
@@ -109,6 +118,13 @@ class StepEvent:
         event.__dict__["peers"] = peers  # the cached properties, given
         event.__dict__["losses"] = {i: p.losses for i, p in peers.items() if p.losses}
         return event
+
+    @cached_property
+    def log_ps(self) -> dict[int, Tensor]:
+        """Every prediction received on the batch as [B, C] log-probabilities: sparse rows
+        densified (sparse_rows.densify: the rest of the mass spread evenly), on first read only:
+        at a large C the very tensor a sparse encoding avoids, so read on reporting steps."""
+        return {i: p if isinstance(p, Tensor) else densify(p) for i, p in self.received.items()}
 
     @property
     def has_batch_stats(self) -> bool:
@@ -191,7 +207,7 @@ def build_step_event(
     epoch: int,
     target: Tensor,
     parts: Mapping[int, LossParts],
-    log_ps: dict[int, Tensor],
+    log_ps: Mapping[int, Tensor | Rows],
     lrs: Mapping[int, float],
     times: StepTimes,
     bus: BusStats,
@@ -199,14 +215,17 @@ def build_step_event(
     encoded: Mapping[int, Mapping[str, Tensor]] | None = None,
 ) -> StepEvent:
     """The step's event for the peers in `lrs` (the hosted ones). `parts` are the hosted
-    students' losses. Statistics of the batch are computed for every hosted peer when
-    `with_batch_stats` (one copy of the predictions to the host), else left out. `encoded`:
-    what each peer's sparse rows kept (`StepEvent.encoding`)."""
-    stats = cohort_batch_stats(log_ps, target, list(lrs)) if with_batch_stats else None
-    return StepEvent(
+    students' losses; `log_ps` the predictions as the bus delivered them (dense, or sparse
+    rows). Statistics of the batch are computed for every hosted peer when `with_batch_stats`
+    (sparse rows densified, then one copy of the predictions to the host), else left out.
+    `encoded`: what each peer's sparse rows kept (`StepEvent.encoding`)."""
+    event = StepEvent(
         step=step, epoch=epoch, target=target, log_ps=log_ps, lrs=lrs, parts=parts,
-        times=times, bus=bus.copy(), stats=stats, encoded=encoded,
+        times=times, bus=bus.copy(), encoded=encoded,
     )  # fmt: skip
+    if with_batch_stats:
+        event.stats = cohort_batch_stats(event.log_ps, target, list(lrs))
+    return event
 
 
 def losses_as_floats(steps: Sequence[Mapping[int, LossParts]]) -> list[dict[int, Losses]]:

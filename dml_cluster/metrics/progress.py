@@ -9,7 +9,10 @@ The running cross-entropy of a peer is its mean over the epoch so far, computed 
 predictions every process receives on the bus (so the reporting process shows every peer's, not
 only its own). A step only puts its predictions aside; at a drawing, or once `RunningCrossEntropy`
 holds `KEEP_STEPS` steps or `KEEP_VALUES` values of them, they are summed on the device in one
-batch per peer, and the sums are read back once per drawing, never per step.
+batch per peer, and the sums are read back once per drawing, never per step. Sparse rows (a
+top-k or sampled `bus.encoding`) are never densified for it: a step puts aside each row's
+log-probability at its label, read from the sparse support (`sparse_rows.log_prob_at`: the
+value the densified row holds there), and they are summed as one column would be.
 
 The elapsed time is the run's, across resumes: `RunClock` keeps it in <run dir>/clock.json (the
 reporting process writes it at every progress report, checkpoint and evaluation) and a resumed
@@ -21,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -33,6 +36,7 @@ from torch import Tensor
 from dml_cluster.console import is_terminal, say
 from dml_cluster.metrics.events import EvalEvent, StepEvent
 from dml_cluster.run_folder import write_json_atomic
+from dml_cluster.sparse_rows import Rows, log_prob_at
 
 CLOCK_FILE = "clock.json"
 BAR_REFRESH_S = 0.5  # how often the live bar's figures are recomputed
@@ -103,10 +107,19 @@ class RunningCrossEntropy:
     def reset(self) -> None:
         self.sums: dict[int, Tensor] = {}
         self.counts: dict[int, Tensor] = {}
-        self.kept: list[tuple[dict[int, Tensor], Tensor]] = []
+        self.kept: list[tuple[Mapping[int, Tensor], Tensor]] = []
         self.kept_values = 0
 
-    def add(self, log_ps: dict[int, Tensor], target: Tensor) -> None:
+    def add(self, log_ps: Mapping[int, Tensor | Rows], target: Tensor) -> None:
+        """Put a step's predictions aside: [B, C] log-probabilities, or sparse rows, of which
+        only each row's log-probability at its label is kept ([B, 1]: a one-column row whose
+        label is column 0)."""
+        if not all(isinstance(p, Tensor) for p in log_ps.values()):
+            at = target.clamp(min=0)  # unlabelled rows (-1) are ignored when summed
+            log_ps = {
+                i: p if isinstance(p, Tensor) else log_prob_at(p, at)[:, None]
+                for i, p in log_ps.items()
+            }
         self.kept.append((log_ps, target))
         if not self.kept_values:  # the first step kept: every step holds as many values
             self.step_values = sum(t.numel() for t in log_ps.values())
@@ -123,6 +136,8 @@ class RunningCrossEntropy:
             for i in kept[0][0]:
                 log_p = torch.cat([log_ps[i] for log_ps, _ in kept])
                 y = targets.to(log_p.device)
+                if log_p.shape[1] == 1:  # each row's log-probability at its label (`add`)
+                    y = y.clamp(max=0)  # the label's column, or -1 (unlabelled): ignored
                 # deterministic: [B, C] log-probabilities: nll_loss's 1-D-target kernel
                 loss = F.nll_loss(log_p.float(), y, ignore_index=-1, reduction="sum")
                 labelled = (y >= 0).sum()
@@ -181,7 +196,7 @@ class ProgressDisplay:
         else:
             self.steps_since_first += 1
         self.window_samples += event.batch_size * self.plan.replicas
-        self.losses.add(event.log_ps, event.target)
+        self.losses.add(event.received, event.target)
         if now >= self.next_record:
             self.clock.record(event.step + 1)
             self.next_record = now + self.every_s
