@@ -12,7 +12,8 @@ holds `KEEP_STEPS` steps or `KEEP_VALUES` values of them, they are summed on the
 batch per peer, and the sums are read back once per drawing, never per step. Sparse rows (a
 top-k or sampled `bus.encoding`) are never densified for it: a step puts aside each row's
 log-probability at its label, read from the sparse support (`sparse_rows.log_prob_at`: the
-value the densified row holds there), and they are summed as one column would be.
+value the densified row holds there), summed as one column would be, in the same batches of
+steps as the densified rows would be (the same float).
 
 The elapsed time is the run's, across resumes: `RunClock` keeps it in <run dir>/clock.json (the
 reporting process writes it at every progress report, checkpoint and evaluation) and a resumed
@@ -113,7 +114,13 @@ class RunningCrossEntropy:
     def add(self, log_ps: Mapping[int, Tensor | Rows], target: Tensor) -> None:
         """Put a step's predictions aside: [B, C] log-probabilities, or sparse rows, of which
         only each row's log-probability at its label is kept ([B, 1]: a one-column row whose
-        label is column 0)."""
+        label is column 0). Sparse rows count as the [B, C] values they stand for, so the
+        steps are summed in the same batches (and the figure is the same float) as dense."""
+        if not self.kept_values:  # the first step kept: every step holds as many values
+            self.step_values = sum(
+                p.numel() if isinstance(p, Tensor) else p.values.shape[0] * p.num_classes
+                for p in log_ps.values()
+            )
         if not all(isinstance(p, Tensor) for p in log_ps.values()):
             at = target.clamp(min=0)  # unlabelled rows (-1) are ignored when summed
             log_ps = {
@@ -121,8 +128,6 @@ class RunningCrossEntropy:
                 for i, p in log_ps.items()
             }
         self.kept.append((log_ps, target))
-        if not self.kept_values:  # the first step kept: every step holds as many values
-            self.step_values = sum(t.numel() for t in log_ps.values())
         self.kept_values += self.step_values
         if len(self.kept) >= self.KEEP_STEPS or self.kept_values >= self.KEEP_VALUES:
             self._sum_kept()
