@@ -11,7 +11,9 @@ the test pairs once, at the end. Nothing is tuned on the test set: the recipe, t
 encodings and the seeds are fixed here before any run.
 
 Rows: the wire dense float32 vs top-5, top-16 (bf16 values, uint8 ids), sampled-12, sampled-32
-(n ids drawn at the receivers' temperature, 1 for DML). Seeds 0, 1, 2 for every row: peer k of
+(n ids drawn at the receivers' temperature, 1 for DML); for context, the same students trained
+alone (`independent`: what DML itself buys on this task, the most an encoding could lose; added
+after the encodings' runs). Seeds 0, 1, 2 for every row: peer k of
 seed s starts from the same weights and sees the same batches in every row (the paired design
 of benchmarks/accuracy.py), so each row is compared with dense seed by seed. A run's figure is
 the mean of its two students' final test accuracies; the table gives its mean +- std over
@@ -61,12 +63,14 @@ EPOCHS = 10
 SEEDS = (0, 1, 2)
 BATCH = 128
 T_975 = {2: 4.303}  # Student's t, 97.5% quantile, by degrees of freedom
-ROWS: dict[str, tuple[tuple[str, ...], Encoding]] = {
+ROWS: dict[str, tuple[tuple[str, ...], Encoding | None]] = {
     "dense float32": ((), Encoding("float32")),
     "top-5": (("bus.encoding=topk", "bus.k=5"), Encoding("topk", 5)),
     "top-16": (("bus.encoding=topk", "bus.k=16"), Encoding("topk", 16)),
     "sampled-12": (("bus.encoding=sampled", "bus.samples=12"), Encoding("sampled", samples=12)),
     "sampled-32": (("bus.encoding=sampled", "bus.samples=32"), Encoding("sampled", samples=32)),
+    # context: what DML itself buys here (no mimicry term: the students learn alone)
+    "independent": (("method.name=independent",), None),
 }
 CONFIG = f"""\
 # benchmarks/wire_classes100.py: DML, K = 2, on Fashion-MNIST pairs (100 classes)
@@ -133,7 +137,7 @@ def run_one(config: Path, out: Path, row: str, seed: int) -> dict:
         "accuracy": [peers[p]["final_accuracy"] for p in sorted(peers)],
         "ensemble": summary["ensemble"]["final_accuracy"],
         "kept_mass": mean_of("kept_mass"), "distinct_ids": mean_of("distinct_ids"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1), "commit": provenance()["commit"],
     }  # fmt: skip
 
 
@@ -153,7 +157,8 @@ def table(results: list[dict]) -> str:
             continue
         a = [acc[row, s] for s in SEEDS]
         ens = [100 * by[row, s]["ensemble"] for s in SEEDS]
-        b = bytes_per_step(encoding)
+        dense_bytes = bytes_per_step(ROWS["dense float32"][1])
+        b = None if encoding is None else bytes_per_step(encoding)
         cell = ["-", "-"]
         if row != "dense float32" and all(("dense float32", s) in by for s in SEEDS):
             m, lo, hi = t_interval([acc[row, s] - acc["dense float32", s] for s in SEEDS])
@@ -162,8 +167,8 @@ def table(results: list[dict]) -> str:
         distinct = by[row, SEEDS[0]]["distinct_ids"]
         rows.append([
             row, f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}", *cell,
-            f"{statistics.mean(ens):.2f}", f"{b:,}",
-            f"{bytes_per_step(ROWS['dense float32'][1]) / b:.1f}x",
+            f"{statistics.mean(ens):.2f}", "-" if b is None else f"{b:,}",
+            "-" if b is None else f"{dense_bytes / b:.1f}x",
             "-" if kept is None else f"{kept:.3f}", "-" if distinct is None else f"{distinct:.1f}",
         ])  # fmt: skip
     header = ["wire", "accuracy % (mean ± std, 3 seeds)", "vs dense (pp)", "95% t-interval",
