@@ -12,12 +12,14 @@ encodings and the seeds are fixed here before any run.
 
 Rows: the wire dense float32 vs top-5, top-16 (bf16 values, uint8 ids), sampled-12, sampled-32
 (n ids drawn at the receivers' temperature, 1 for DML); for context, the same students trained
-alone (`independent`: what DML itself buys on this task, the most an encoding could lose; added
-after the encodings' runs). Seeds 0, 1, 2 for every row: peer k of
+alone (`independent`: what DML itself buys on this task; added after the encodings' runs), and
+sampled-128, a probe added after them too (n beyond the bytes of dense at C = 100: does
+sampled's cost fall as its variance, 1 / n, does?). Seeds 0, 1, 2 for every row: peer k of
 seed s starts from the same weights and sees the same batches in every row (the paired design
 of benchmarks/accuracy.py), so each row is compared with dense seed by seed. A run's figure is
-the mean of its two students' final test accuracies; the table gives its mean +- std over
-seeds and the paired difference to dense with its 95% t-interval (n = 3, t = 4.303).
+the mean of its two students' final test accuracies (and test NLL, ECE: what soft labels act on
+most, and where top-k's bias is said to show: calibration); the tables give its mean +- std
+over seeds and the paired difference to dense with its 95% t-interval (n = 3, t = 4.303).
 
 Bytes per step: what one peer sends per exchange on the zmq transport (its 56-byte header
 included) for a batch of 128 rows at C = 100, from the encoding itself (the one-process engine
@@ -71,6 +73,8 @@ ROWS: dict[str, tuple[tuple[str, ...], Encoding | None]] = {
     "sampled-32": (("bus.encoding=sampled", "bus.samples=32"), Encoding("sampled", samples=32)),
     # context: what DML itself buys here (no mimicry term: the students learn alone)
     "independent": (("method.name=independent",), None),
+    # a probe added after the first results: does sampled's cost fall with n (variance)?
+    "sampled-128": (("bus.encoding=sampled", "bus.samples=128"), Encoding("sampled", samples=128)),
 }
 CONFIG = f"""\
 # benchmarks/wire_classes100.py: DML, K = 2, on Fashion-MNIST pairs (100 classes)
@@ -107,10 +111,31 @@ def bytes_per_step(encoding: Encoding) -> int:
     return HEADER.size + payload_bytes(encoding.send(log_p, StepKey(0, 0, 1), 0)).numel()
 
 
+def read_run(folder: Path) -> dict:
+    """A finished run's figures: each student's final test accuracy, NLL and ECE (from the
+    last evaluation), the ensemble's, and what its encoding kept (peer 0's rows, mean over
+    the logged steps)."""
+    evals = [json.loads(line) for line in (folder / "cohort.jsonl").read_text().splitlines()]
+    last = [r for r in evals if r.get("event") == "eval"][-1]
+    peers = [last["peers"][p] for p in sorted(last["peers"])]
+    log = (folder / "peers" / "mlp-0.jsonl").read_text().splitlines()
+    steps = [r for r in map(json.loads, log) if r.get("event") == "train"]
+
+    def mean_of(key: str) -> float | None:  # over the logged steps (run.log_every)
+        values = [r[key] for r in steps if key in r]
+        return statistics.mean(values) if values else None
+
+    return {
+        "accuracy": [p["accuracy"] for p in peers], "nll": [p["nll"] for p in peers],
+        "ece": [p["ece"] for p in peers], "entropy": [p["entropy"] for p in peers],
+        "ensemble": last["ensemble"]["accuracy"], "ensemble_nll": last["ensemble"]["nll"],
+        "kept_mass": mean_of("kept_mass"), "distinct_ids": mean_of("distinct_ids"),
+    }  # fmt: skip
+
+
 def run_one(config: Path, out: Path, row: str, seed: int) -> dict:
-    """One training run; its students' final test accuracies and what its encoding kept (peer
-    0's rows, mean over the logged steps)."""
-    name = f"{row.replace(' ', '_')}-s{seed}"
+    """One training run and its figures (`read_run`)."""
+    name = run_name(row, seed)
     sets = [f"run.seed={seed}", f"run.name={name}", f"run.out_dir={out}",
             "metrics.enabled=false", "run.progress_every_s=0", *ROWS[row][0]]  # fmt: skip
     cmd = [sys.executable, "-m", "dml_cluster", "train", str(config)]
@@ -123,22 +148,14 @@ def run_one(config: Path, out: Path, row: str, seed: int) -> dict:
     )  # fmt: skip
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}")
-    summary = json.loads((out / name / "summary.json").read_text())
-    peers = summary["peers"]
-    log = (out / name / "peers" / "mlp-0.jsonl").read_text().splitlines()
-    steps = [r for r in map(json.loads, log) if r.get("event") == "train"]
-
-    def mean_of(key: str) -> float | None:  # over the logged steps (run.log_every)
-        values = [r[key] for r in steps if key in r]
-        return statistics.mean(values) if values else None
-
     return {
-        "row": row, "seed": seed,
-        "accuracy": [peers[p]["final_accuracy"] for p in sorted(peers)],
-        "ensemble": summary["ensemble"]["final_accuracy"],
-        "kept_mass": mean_of("kept_mass"), "distinct_ids": mean_of("distinct_ids"),
+        "row": row, "seed": seed, **read_run(out / name),
         "wall_seconds": round(time.perf_counter() - started, 1), "commit": provenance()["commit"],
     }  # fmt: skip
+
+
+def run_name(row: str, seed: int) -> str:
+    return f"{row.replace(' ', '_')}-s{seed}"
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -148,33 +165,55 @@ def t_interval(diffs: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
-def table(results: list[dict]) -> str:
+def paired(by: dict, row: str, figure: dict) -> list[str]:
+    """`row`'s paired difference to dense on `figure` ((row, seed) -> value): mean, interval."""
+    if row == "dense float32":
+        return ["-", "-"]
+    m, lo, hi = t_interval([figure[row, s] - figure["dense float32", s] for s in SEEDS])
+    return [f"{m:+.3f}", f"[{lo:+.3f}, {hi:+.3f}]"]
+
+
+def tables(results: list[dict]) -> str:
+    """The accuracy and bytes table, then the calibration table (test NLL and ECE)."""
     by = {(r["row"], r["seed"]): r for r in results}
-    acc = {k: 100 * statistics.mean(r["accuracy"]) for k, r in by.items()}
-    rows = []
-    for row, (_, encoding) in ROWS.items():
-        if not all((row, s) in by for s in SEEDS):
-            continue
-        a = [acc[row, s] for s in SEEDS]
-        ens = [100 * by[row, s]["ensemble"] for s in SEEDS]
-        dense_bytes = bytes_per_step(ROWS["dense float32"][1])
+    complete = [row for row in ROWS if all((row, s) in by for s in SEEDS)]
+    if "dense float32" not in complete:
+        return "(dense float32 not run yet)"
+    per_run = {
+        name: {k: scale * statistics.mean(r[name]) for k, r in by.items()}
+        for name, scale in (("accuracy", 100.0), ("nll", 1.0), ("ece", 100.0))
+    }
+    dense_bytes = bytes_per_step(ROWS["dense float32"][1])
+    first, second = [], []
+    for row in complete:
+        encoding = ROWS[row][1]
+
+        def spread(name: str, digits: int, row: str = row) -> str:
+            values = [per_run[name][row, s] for s in SEEDS]
+            return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+        def mean(key: str, row: str = row) -> float | None:
+            values = [by[row, s][key] for s in SEEDS]
+            return None if values[0] is None else statistics.mean(values)
+
         b = None if encoding is None else bytes_per_step(encoding)
-        cell = ["-", "-"]
-        if row != "dense float32" and all(("dense float32", s) in by for s in SEEDS):
-            m, lo, hi = t_interval([acc[row, s] - acc["dense float32", s] for s in SEEDS])
-            cell = [f"{m:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]"]
-        kept = by[row, SEEDS[0]]["kept_mass"]
-        distinct = by[row, SEEDS[0]]["distinct_ids"]
-        rows.append([
-            row, f"{statistics.mean(a):.2f} ± {statistics.stdev(a):.2f}", *cell,
-            f"{statistics.mean(ens):.2f}", "-" if b is None else f"{b:,}",
+        kept, distinct = mean("kept_mass"), mean("distinct_ids")
+        first.append([
+            row, spread("accuracy", 2), *paired(by, row, per_run["accuracy"]),
+            f"{100 * mean('ensemble'):.2f}", "-" if b is None else f"{b:,}",
             "-" if b is None else f"{dense_bytes / b:.1f}x",
             "-" if kept is None else f"{kept:.3f}", "-" if distinct is None else f"{distinct:.1f}",
+        ])  # fmt: skip
+        second.append([
+            row, spread("nll", 3), *paired(by, row, per_run["nll"]),
+            spread("ece", 2), *paired(by, row, per_run["ece"]), f"{mean('ensemble_nll'):.3f}",
         ])  # fmt: skip
     header = ["wire", "accuracy % (mean ± std, 3 seeds)", "vs dense (pp)", "95% t-interval",
               "ensemble %", "bytes/step/peer (zmq)", "fewer bytes", "kept mass",
               "distinct ids/row"]  # fmt: skip
-    return markdown_table(header, rows)
+    header2 = ["wire", "test NLL (mean ± std)", "vs dense", "95% t-interval", "ECE %",
+               "vs dense (pp)", "95% t-interval", "ensemble NLL"]  # fmt: skip
+    return markdown_table(header, first) + "\n\n" + markdown_table(header2, second)
 
 
 def main() -> None:
@@ -183,10 +222,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "wire_classes100.json")
     parser.add_argument("--out", type=Path, default=None, help="run folders (default: a tmp dir)")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument(
+        "--reread", action="store_true",
+        help="re-read the figures of the stored runs from their folders under --out (no run)",
+    )  # fmt: skip
     args = parser.parse_args()
     saved = json.loads(args.json.read_text()) if args.json.exists() else {"runs": []}
     results: list[dict] = saved["runs"]
-    if not args.render_only:
+    if args.reread:
+        for r in results:
+            r.update(read_run(args.out / run_name(r["row"], r["seed"])))
+        args.json.write_text(json.dumps(saved, indent=1) + "\n")
+    elif not args.render_only:
         out = args.out or Path(tempfile.mkdtemp(prefix="wire100-"))
         config = out / "pairs.yaml"
         out.mkdir(parents=True, exist_ok=True)
@@ -207,7 +254,7 @@ def main() -> None:
         saved = {**header, "runs": results}
     print(f"command: {saved.get('command')}\ncommit: {saved.get('commit')}")
     print(f"package: {saved.get('package')}\nmachine: {saved.get('machine')}\n")
-    print(table(results))
+    print(tables(results))
 
 
 if __name__ == "__main__":
