@@ -64,6 +64,7 @@ from dml_cluster.bus.wire import HEADER  # noqa: E402
 EPOCHS = 10
 SEEDS = (0, 1, 2)
 BATCH = 128
+CPU = torch.device("cpu")
 T_975 = {2: 4.303}  # Student's t, 97.5% quantile, by degrees of freedom
 ROWS: dict[str, tuple[tuple[str, ...], Encoding | None]] = {
     "dense float32": ((), Encoding("float32")),
@@ -133,6 +134,34 @@ def read_run(folder: Path) -> dict:
     }  # fmt: skip
 
 
+def evaluate_own(config: Path, folder: Path, seed: int) -> dict:
+    """The final weights' own predictions on the test pairs, scored by the product's evaluation
+    (`CohortTrainer.evaluate`) over the dense float32 wire: what the students learnt, apart
+    from how the run's encoding would carry their predictions (a run's own evaluation scores
+    them as they travelled: top-k's or sampled rows densified)."""
+    from dml_cluster.bus.local import LocalBus
+    from dml_cluster.config import load_config
+    from dml_cluster.determinism import set_determinism
+    from dml_cluster.launch.transports import bus_encoding
+    from dml_cluster.trainer import CohortTrainer, Placement
+
+    with tempfile.TemporaryDirectory() as scratch:
+        cfg = load_config(config, [f"run.seed={seed}", f"run.out_dir={scratch}",
+                                   "metrics.enabled=false", "run.progress_every_s=0"])  # fmt: skip
+        set_determinism(cfg)
+        trainer = CohortTrainer(cfg, LocalBus(bus_encoding(cfg)), Placement((0, 1), CPU, True))
+        for peer in trainer.peers.values():
+            peer.model.load_state_dict(torch.load(folder / "final" / f"{peer.name}.pt"))
+        report = trainer.evaluate(after_step=0)
+        trainer.batches.close()
+    peers = [report["peers"][p] for p in sorted(report["peers"])]
+    return {
+        "accuracy": [p["accuracy"] for p in peers], "nll": [p["nll"] for p in peers],
+        "ece": [p["ece"] for p in peers], "entropy": [p["entropy"] for p in peers],
+        "ensemble": report["ensemble"]["accuracy"], "ensemble_nll": report["ensemble"]["nll"],
+    }  # fmt: skip
+
+
 def run_one(config: Path, out: Path, row: str, seed: int) -> dict:
     """One training run and its figures (`read_run`)."""
     name = run_name(row, seed)
@@ -150,6 +179,7 @@ def run_one(config: Path, out: Path, row: str, seed: int) -> dict:
         raise RuntimeError(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}")
     return {
         "row": row, "seed": seed, **read_run(out / name),
+        "own": evaluate_own(config, out / name, seed),
         "wall_seconds": round(time.perf_counter() - started, 1), "commit": provenance()["commit"],
     }  # fmt: skip
 
@@ -174,23 +204,26 @@ def paired(by: dict, row: str, figure: dict) -> list[str]:
 
 
 def tables(results: list[dict]) -> str:
-    """The accuracy and bytes table, then the calibration table (test NLL and ECE)."""
+    """Accuracy and bytes, then calibration: of the students' own predictions (`evaluate_own`),
+    and the test NLL as the run's own evaluation scored them (as they travelled)."""
     by = {(r["row"], r["seed"]): r for r in results}
     complete = [row for row in ROWS if all((row, s) in by for s in SEEDS)]
     if "dense float32" not in complete:
         return "(dense float32 not run yet)"
-    per_run = {
-        name: {k: scale * statistics.mean(r[name]) for k, r in by.items()}
-        for name, scale in (("accuracy", 100.0), ("nll", 1.0), ("ece", 100.0))
-    }
+
+    def figure(key: str, scale: float, own: bool = True) -> dict:
+        return {k: scale * statistics.mean((r["own"] if own else r)[key]) for k, r in by.items()}
+
+    acc, nll, ece = figure("accuracy", 100.0), figure("nll", 1.0), figure("ece", 100.0)
+    entropy, travelled = figure("entropy", 1.0), figure("nll", 1.0, own=False)
     dense_bytes = bytes_per_step(ROWS["dense float32"][1])
     first, second = [], []
     for row in complete:
         encoding = ROWS[row][1]
 
-        def spread(name: str, digits: int, row: str = row) -> str:
-            values = [per_run[name][row, s] for s in SEEDS]
-            return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        def spread(values: dict, digits: int, row: str = row) -> str:
+            v = [values[row, s] for s in SEEDS]
+            return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
 
         def mean(key: str, row: str = row) -> float | None:
             values = [by[row, s][key] for s in SEEDS]
@@ -198,21 +231,22 @@ def tables(results: list[dict]) -> str:
 
         b = None if encoding is None else bytes_per_step(encoding)
         kept, distinct = mean("kept_mass"), mean("distinct_ids")
+        ensemble = statistics.mean(100 * by[row, s]["own"]["ensemble"] for s in SEEDS)
         first.append([
-            row, spread("accuracy", 2), *paired(by, row, per_run["accuracy"]),
-            f"{100 * mean('ensemble'):.2f}", "-" if b is None else f"{b:,}",
-            "-" if b is None else f"{dense_bytes / b:.1f}x",
+            row, spread(acc, 2), *paired(by, row, acc), f"{ensemble:.2f}",
+            "-" if b is None else f"{b:,}", "-" if b is None else f"{dense_bytes / b:.1f}x",
             "-" if kept is None else f"{kept:.3f}", "-" if distinct is None else f"{distinct:.1f}",
         ])  # fmt: skip
         second.append([
-            row, spread("nll", 3), *paired(by, row, per_run["nll"]),
-            spread("ece", 2), *paired(by, row, per_run["ece"]), f"{mean('ensemble_nll'):.3f}",
+            row, spread(nll, 3), *paired(by, row, nll), spread(ece, 2), *paired(by, row, ece),
+            spread(entropy, 3), spread(travelled, 3), *paired(by, row, travelled),
         ])  # fmt: skip
     header = ["wire", "accuracy % (mean ± std, 3 seeds)", "vs dense (pp)", "95% t-interval",
               "ensemble %", "bytes/step/peer (zmq)", "fewer bytes", "kept mass",
               "distinct ids/row"]  # fmt: skip
-    header2 = ["wire", "test NLL (mean ± std)", "vs dense", "95% t-interval", "ECE %",
-               "vs dense (pp)", "95% t-interval", "ensemble NLL"]  # fmt: skip
+    header2 = ["wire", "test NLL", "vs dense", "95% t-interval", "ECE %", "vs dense (pp)",
+               "95% t-interval", "entropy (nats)", "NLL as travelled", "vs dense",
+               "95% t-interval"]  # fmt: skip
     return markdown_table(header, first) + "\n\n" + markdown_table(header2, second)
 
 
@@ -231,7 +265,8 @@ def main() -> None:
     results: list[dict] = saved["runs"]
     if args.reread:
         for r in results:
-            r.update(read_run(args.out / run_name(r["row"], r["seed"])))
+            folder = args.out / run_name(r["row"], r["seed"])
+            r.update(read_run(folder), own=evaluate_own(args.out / "pairs.yaml", folder, r["seed"]))
         args.json.write_text(json.dumps(saved, indent=1) + "\n")
     elif not args.render_only:
         out = args.out or Path(tempfile.mkdtemp(prefix="wire100-"))
