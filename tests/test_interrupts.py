@@ -13,8 +13,9 @@ which passes it on to the peers and their workers) when it gets there (`signals.
 
 The one-process engine meets each phase in a child forked from one interpreter that has already
 imported everything (one interpreter start for four runs, each in a process group of its own,
-as a shell runs a job); `--nproc 2` meets the epoch boundary, where the tracebacks were seen,
-through torch's launcher."""
+as a shell runs a job). `--nproc 2` meets the epoch boundary, where the tracebacks were seen,
+through torch's launcher in tests/test_launcher.py's Ctrl-C test (one launch for both: its
+peers run with loader workers and are interrupted there)."""
 
 from __future__ import annotations
 
@@ -112,35 +113,3 @@ def test_ctrl_c_in_each_phase_of_a_one_process_run_is_one_line(tmp_path: Path) -
         p: list((tmp_path / p).glob("runs/stopped/checkpoints/*/manifest.json")) for p in PHASES
     }
     assert [len(saved[p]) for p in PHASES] == [0, 0, 0, 1], saved
-
-
-def test_ctrl_c_at_an_epoch_boundary_under_nproc_is_one_line(tmp_path: Path) -> None:
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    env = cli_env() | {"DML_CLUSTER_TEST_SIGINT_AT": "epoch-boundary"}
-    launcher = subprocess.Popen(
-        [*CLI, "train", "config.yaml", "--nproc", "2", "--set", "bus.transport=zmq"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,  # its own process group, as a shell's foreground job
-    )  # fmt: skip
-    try:
-        stdout, stderr = launcher.communicate(timeout=240)
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
-            launcher.communicate()
-    _quiet_stop(launcher.returncode, stderr, stdout)
-    others = [
-        line for line in stderr.splitlines() if "stopped" not in line and "bus inbox" not in line
-    ]
-    assert others == [], stderr
-    assert "epoch 1/3" in stdout, stdout  # it was at the boundary
-    started = [p for p in psutil.process_iter() if _started_here(p, tmp_path)]
-    _, left = psutil.wait_procs(started, timeout=10)  # loader workers see their peer go
-    assert not left, f"processes outlived the launcher: {left}"
-
-
-def _started_here(process: psutil.Process, folder: Path) -> bool:
-    try:
-        return process.cwd() == str(folder) and process.status() != psutil.STATUS_ZOMBIE
-    except (psutil.Error, OSError):
-        return False
