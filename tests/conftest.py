@@ -9,6 +9,7 @@ import io
 import itertools
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -290,6 +291,26 @@ _batches = itertools.count()
 @pytest.fixture(scope="session")
 def references(tmp_path_factory: pytest.TempPathFactory) -> References:
     return References(shared_dir(tmp_path_factory, "references"))
+
+
+@pytest.fixture(scope="session")
+def forked_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of tests/forked_runs.py's jobs (the runs interrupted in each phase, the cohort
+    with a factory importing torchvision), forked from one fresh interpreter once per session
+    (by whichever worker asks first)."""
+    shared = shared_dir(tmp_path_factory, "forked-runs")
+    root = shared / "jobs"
+    with exclusive(shared):
+        if not (root / "codes.json").exists():
+            shutil.rmtree(root, ignore_errors=True)  # what a failed attempt left
+            root.mkdir()
+            code = f"from tests.forked_runs import drive; drive({str(root)!r})"
+            proc = subprocess.run(
+                [sys.executable, "-c", code], cwd=REPO, env=cli_env(),
+                capture_output=True, text=True, timeout=240,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+    return root
 
 
 CHECKPOINTED_EPOCHS = 4  # 22 steps per epoch: checkpoints at 10, 20, 22, 30, 40, 44, ... 88

@@ -2,69 +2,37 @@
 package's `dml_cluster_torchvision.pth` (setup.py) installs dml_cluster/vision.py's import hook
 at every interpreter start-up, so that every `import torchvision` loads, also where PyPI's
 torchvision cannot load its compiled operators beside the CPU build of torch; the project
-installs it too before it imports a user's module (importing.py)."""
+installs it too before it imports a user's module (importing.py).
+
+Both checks read one fresh interpreter of tests/forked_runs.py (shared with the Ctrl-C phases of
+tests/test_interrupts.py): what its start-up installed before it imported anything, and a
+cohort, run in a child it forked before anything imported torchvision, whose factory module
+begins with `import torchvision`."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
-import yaml
-
-from .conftest import CLI, cli_env
-
 PTH = "dml_cluster_torchvision.pth"
 
-# a user's factory module, imported from the current directory: torchvision at its top, the
-# first import of torchvision in its interpreter (models are checked when the config is loaded)
-FACTORY = """
-import torchvision
-from torch import nn
 
-
-def make(num_classes, input_shape):
-    channels, height, width = input_shape
-    mlp = torchvision.ops.MLP(channels * height * width, [16, num_classes])
-    return nn.Sequential(nn.Flatten(), mlp)
-"""
-
-
-def test_the_environment_installs_the_hook_at_start_up() -> None:
-    """`python -c "import torchvision"` in the environment: the hook is there before any line
-    runs (the hook's loading itself is what the factory below goes through)."""
+def test_the_environment_installs_the_hook_at_start_up(forked_runs: Path) -> None:
+    """A fresh interpreter of the environment: the hook is there before any line runs, torch
+    not imported yet (the hook's loading itself is what the factory below goes through)."""
     installed = Path(sysconfig.get_paths()["purelib"], PTH)
     assert installed.exists(), (
         f"{installed} is missing: install the package again (pip install -e .; "
         "scripts/setup.sh does) so that setup.py writes it"
     )
-    code = (
-        "import sys; print([type(f).__name__ for f in sys.meta_path].count('_TorchvisionFinder'),"
-        " 'torch' in sys.modules)"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
-    )
-    assert (proc.returncode, proc.stdout.strip()) == (0, "1 False"), proc.stderr
+    startup = json.loads((forked_runs / "startup.json").read_text())
+    assert startup == {"hooks": 1, "torch": False}, startup
 
 
-def test_a_factory_importing_torchvision_trains(tmp_path: Path) -> None:
-    (tmp_path / "userfactory.py").write_text(FACTORY)
-    raw = {
-        "run": {"name": "tvf", "out_dir": str(tmp_path / "runs")},
-        "data": {"name": "digits"},
-        "cohort": {"peers": [{"name": "mine", "model": "userfactory:make"},
-                             {"name": "cnn", "model": "small_cnn"}]},
-        "train": {"epochs": 1, "max_steps": 2},
-        "metrics": {"enabled": False},
-    }  # fmt: skip
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
-    proc = subprocess.run(
-        [*CLI, "train", "c.yaml"], cwd=tmp_path, env=cli_env(),
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((tmp_path / "runs" / "tvf" / "summary.json").read_text())
+def test_a_factory_importing_torchvision_trains(forked_runs: Path) -> None:
+    folder = forked_runs / "torchvision"
+    code = json.loads((forked_runs / "codes.json").read_text())["torchvision"]
+    assert code == 0, (folder / "stderr").read_text()
+    summary = json.loads((folder / "runs" / "tvf" / "summary.json").read_text())
     assert set(summary["peers"]) == {"mine", "cnn"}, summary
