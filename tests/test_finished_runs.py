@@ -26,7 +26,7 @@ from dml_cluster.config import config_diff, config_hash, hashed_view, load_confi
 from dml_cluster.errors import CheckpointError, ConfigError
 from dml_cluster.init_from import source_summary
 
-from .cohort_runs import sets, train_many
+from .cohort_runs import sets
 from .conftest import REPO, final_weights
 from .faults_helpers import snapshot
 
@@ -83,14 +83,32 @@ def train_local(*items: str) -> dict[str, Any]:
         torch.use_deterministic_algorithms(strict)
 
 
+ZMQ = "bus.transport=zmq"
+
+
+def launch_entries(folder: Path) -> list[list[str]]:
+    """Finished two-epoch runs, one process each (in this process): `cosine` (the config's
+    schedule) and `step` (a length-free schedule); a record of `cosine`'s files; then the entries
+    of the session's two-peer launch (conftest's `two_peer_launch`; the test below): `cosine`
+    started again, `step` given a third epoch, `step3` planned three epochs from the start, and
+    `warm` from `cosine`'s final weights."""
+    train_local(*settings(folder, "cosine"))
+    train_local(*settings(folder, "step", *STEP))
+    (folder / "cosine.before.json").write_text(json.dumps(snapshot(folder / "cosine")))
+    return [
+        [CONFIG, *sets(*settings(folder, "cosine", ZMQ))],
+        [CONFIG, *sets(*settings(folder, "step", *STEP, "train.epochs=3", ZMQ))],
+        [CONFIG, *sets(*settings(folder, "step3", *STEP, "train.epochs=3", ZMQ))],
+        [CONFIG, *sets(*settings(folder, "warm", "train.epochs=1", ZMQ)), "--init-from",
+         str(folder / "cosine")],
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Finished two-epoch runs, one process each: `cosine` (the config's schedule) and `step` (a
-    length-free schedule)."""
-    out = tmp_path_factory.mktemp("finished")
-    train_local(*settings(out, "cosine"))
-    train_local(*settings(out, "step", *STEP))
-    return out
+def runs(two_peer_launch: Path) -> Path:
+    """The folder of `launch_entries`' runs, its launch done (`cosine` finished in two epochs;
+    `step` carried on to three under the launch)."""
+    return two_peer_launch / "test_finished_runs"
 
 
 def test_finished_run_started_again_changes_nothing(
@@ -142,32 +160,21 @@ def test_config_mismatch_names_the_keys_and_what_to_do(
     ]  # fmt: skip
 
 
-def test_torchrun_peers_finish_extend_and_init_from(runs: Path, tmp_path: Path) -> None:
+def test_torchrun_peers_finish_extend_and_init_from(runs: Path) -> None:
     """One real two-process cohort (each process a peer, as torchrun or Kubernetes start them)
-    for four runs: the finished run changes nothing and says so once; the `step` run given a
-    third epoch carries on and ends bitwise as `step3`, the run planned three epochs from the
-    start; `warm` starts from `cosine`'s final weights and records it."""
+    for four runs (`launch_entries`): the finished run changes nothing and says so once; the
+    `step` run given a third epoch carries on and ends bitwise as `step3`, the run planned three
+    epochs from the start; `warm` starts from `cosine`'s final weights and records it."""
+    launch = runs.parent
+    code, stdout = (launch / "launch.code").read_text(), (launch / "launch.out").read_text()
+    assert code == "0", (launch / "launch.err").read_text()[-3000:]
     finished = runs / "cosine"
-    before = snapshot(finished)
-    zmq = "bus.transport=zmq"
-    proc = train_many(
-        [
-            [CONFIG, *sets(*settings(runs, "cosine", zmq))],
-            [CONFIG, *sets(*settings(runs, "step", *STEP, "train.epochs=3", zmq))],
-            [CONFIG, *sets(*settings(runs, "step3", *STEP, "train.epochs=3", zmq))],
-            [CONFIG, *sets(*settings(runs, "warm", "train.epochs=1", zmq)), "--init-from",
-             str(finished)],
-        ],
-        tmp_path / "spec.json",
-        nproc=2,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert snapshot(finished) == before
-    assert proc.stdout.count(f"{finished} is a finished run") == 1, proc.stdout
-    assert proc.stdout.count("continuing") == 1 and "train.epochs: 2 → 3" in proc.stdout
-    assert f"resuming at step 6 (epoch 3, step 0 of it) from {runs / 'step'}" in proc.stdout
+    assert snapshot(finished) == json.loads((runs / "cosine.before.json").read_text())
+    assert stdout.count(f"{finished} is a finished run") == 1, stdout
+    assert stdout.count("continuing") == 1 and "train.epochs: 2 → 3" in stdout
+    assert f"resuming at step 6 (epoch 3, step 0 of it) from {runs / 'step'}" in stdout
     starting = f"starting from the final weights of {finished} (step 6, epoch 2, config "
-    assert proc.stdout.count(starting) == 1, proc.stdout
+    assert stdout.count(starting) == 1, stdout
     record = json.loads((runs / "warm" / "summary.json").read_text())["init_from"]
     source_hash = load_config(CONFIG, settings(runs, "cosine")).hash()
     assert record == {

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .cohort_runs import cli_each, sets, train_many
+from .cohort_runs import cli_each, sets
 from .conftest import References, assert_same_states
 from .faults_helpers import (
     cut_back_to,
@@ -31,8 +31,8 @@ SMALL = ("data.image_size=8", "data.batch_size=32", "data.workers=2", "data.augm
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_imagefolder(tmp_path_factory.mktemp("images"))
+def images(two_peer_launch: Path) -> Path:
+    return two_peer_launch / "test_imagefolder" / "images"
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +51,23 @@ def test_a_two_peer_cohort_matches_the_one_process_engine(
     assert record["class_names"] == list(CLASSES) and record["num_train"] == 192
 
 
-@pytest.fixture(scope="module")
-def cohorts(images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The zmq and the torch cohort, one after the other under one torchrun launch."""
-    out = tmp_path_factory.mktemp("cohorts")
-    runs = [
-        [CONFIG, *sets(f"data.root={images}", *SMALL, f"run.out_dir={out}", f"run.name={t}",
+def launch_entries(folder: Path) -> list[list[str]]:
+    """The images, and the zmq and the torch cohort of the session's two-peer launch (conftest's
+    `two_peer_launch`), one after the other; their run folders in `folder`."""
+    images = write_imagefolder(folder / "images")
+    return [
+        [CONFIG, *sets(f"data.root={images}", *SMALL, f"run.out_dir={folder}", f"run.name={t}",
                        f"bus.transport={t}")]
         for t in ("zmq", "torch")
     ]  # fmt: skip
-    proc = train_many(runs, out / "batch.json", nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def cohorts(two_peer_launch: Path) -> Path:
+    """The zmq and the torch cohort's run folders (`launch_entries`)."""
+    out = two_peer_launch / "test_imagefolder"
+    for t in ("zmq", "torch"):
+        assert (out / t / "summary.json").exists(), (two_peer_launch / "launch.err").read_text()
     return out
 
 
