@@ -109,7 +109,8 @@ def test_ctrl_c_under_nproc_stops_everything_in_one_line_and_the_next_run_resume
     name = "interrupted"
     args = sets(
         f"run.out_dir={tmp_path}", f"run.name={name}", "train.epochs=2", "data.workers=2",
-        "metrics.enabled=false", "checkpoint.every_steps=5", "checkpoint.keep=100",
+        "data.train_subset.per_class=40",  # 6 steps an epoch: the boundary comes soon
+        "metrics.enabled=false", "checkpoint.every_steps=2", "checkpoint.keep=100",
     )  # fmt: skip
     launcher = subprocess.Popen(
         [sys.executable, "-m", "dml_cluster", "train", CONFIG, *args, "--nproc", str(SIZE)],
@@ -118,7 +119,7 @@ def test_ctrl_c_under_nproc_stops_everything_in_one_line_and_the_next_run_resume
         start_new_session=True,  # its own process group, as a shell's foreground job
     )  # fmt: skip
     try:
-        wait_for(tmp_path / name / "checkpoints" / "step-000000005" / "manifest.json", launcher)
+        wait_for(tmp_path / name / "checkpoints" / "step-000000002" / "manifest.json", launcher)
         started = psutil.Process(launcher.pid).children(recursive=True)
         assert len(started) >= SIZE * 3, started  # the peers and their loader workers
         stdout, stderr = launcher.communicate(timeout=120)
@@ -145,5 +146,5 @@ def test_ctrl_c_under_nproc_stops_everything_in_one_line_and_the_next_run_resume
 
     resumed = train(*args, timeout=120)  # all peers in one process: checkpoints fit any layout
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming at step 22 (epoch 2, step 0 of it)" in resumed.stdout, resumed.stdout
+    assert "resuming at step 6 (epoch 2, step 0 of it)" in resumed.stdout, resumed.stdout
     assert (tmp_path / name / "summary.json").exists()
