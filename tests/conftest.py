@@ -317,25 +317,23 @@ def forked_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def two_peer_launch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One torchrun launch of two peer processes for the modules whose cohorts need one
     (tests/test_imagefolder.py's zmq and torch cohorts; tests/test_finished_runs.py's finished,
-    longer and --init-from runs; tests/test_bad_input_table.py's metrics port in use, last: it
-    ends the launch), their entries one after the other (tests/cohort_runs.py): the launch's
-    start-up (torchrun's launcher, two interpreters) is paid once a session, by whichever worker
-    asks first. Each module makes its entries in the subfolder of its name (its
-    `launch_entries(folder, held)`; `held`: what must stay open while the launch runs); the
-    launch's stdout, stderr and exit status are in launch.out, launch.err and launch.code."""
-    from . import test_bad_input_table, test_finished_runs, test_imagefolder
+    longer and --init-from runs), their entries one after the other (tests/cohort_runs.py): the
+    launch's start-up (torchrun's launcher, two interpreters) is paid once a session, by
+    whichever worker asks first. Each module makes its entries in the subfolder of its name
+    (its `launch_entries(folder)`); the launch's stdout, stderr and exit status are in
+    launch.out, launch.err and launch.code."""
+    from . import test_finished_runs, test_imagefolder
 
     root = shared_dir(tmp_path_factory, "two-peer-launch")
     with exclusive(root):
         if not (root / "launch.code").exists():
-            with contextlib.ExitStack() as held:
-                entries = []
-                for module in (test_imagefolder, test_finished_runs, test_bad_input_table):
-                    folder = root / module.__name__.rsplit(".", 1)[-1]
-                    shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
-                    folder.mkdir()
-                    entries += module.launch_entries(folder, held)
-                proc = train_many(entries, root / "launch.json", nproc=2)
+            entries = []
+            for module in (test_imagefolder, test_finished_runs):
+                folder = root / module.__name__.rsplit(".", 1)[-1]
+                shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+                folder.mkdir()
+                entries += module.launch_entries(folder)
+            proc = train_many(entries, root / "launch.json", nproc=2)
             (root / "launch.out").write_text(proc.stdout)
             (root / "launch.err").write_text(proc.stderr)
             (root / "launch.code").write_text(str(proc.returncode))

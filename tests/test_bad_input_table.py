@@ -3,14 +3,13 @@ traceback, and the folder it ran in left as it was (every file's digest before a
 
 Each row runs `dml_cluster.cli.main` in this process (what `dml-cluster ARGS` runs) with the
 working directory in a fresh folder of inputs; the one failure only a cohort of processes meets
-(a metrics port in use under `--nproc 2`) is a real two-process cohort, the last entry of the
-session's torchrun launch (conftest's `two_peer_launch`)."""
+(a metrics port in use under `--nproc 2`) is a real launch."""
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import yaml
 
 from dml_cluster import cli
 
-from .cohort_runs import sets
+from .conftest import CLI, cli_env
 from .faults_helpers import snapshot
 
 GOOD = {
@@ -198,41 +197,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert (snapshot(here), sorted(p.name for p in here.rglob("*"))) == before
 
 
-def launch_entries(folder: Path, held: contextlib.ExitStack) -> list[list[str]]:
-    """The last entry of the session's two-peer launch (conftest's `two_peer_launch`): GOOD
-    with peer 0's metrics port taken (a socket held while the launch runs; its number in
-    folder/port), run folder folder/runs. It ends the launch."""
-    taken = held.enter_context(socket.socket())
-    taken.bind(("0.0.0.0", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
-    (folder / "port").write_text(str(port))
-    (folder / "good.yaml").write_text(yaml.safe_dump(GOOD))
-    items = (f"run.out_dir={folder / 'runs'}", "metrics.enabled=true", f"metrics.port={port}",
-             "bus.transport=zmq")  # fmt: skip
-    return [[str(folder / "good.yaml"), *sets(*items)]]
-
-
 def test_a_metrics_port_in_use_under_nproc_is_one_line_and_leaves_no_run_folder(
-    two_peer_launch: Path,
+    inputs: Path, tmp_path: Path
 ) -> None:
-    """Peer 0's port is taken, in a real two-process cohort under torchrun (`launch_entries`):
-    the cohort agrees to stop before anything is written (peer 1 served its endpoint and takes
-    its file back), with no launcher to clean up after it; one line, from peer 0, exit 2 (the
-    cause torchrun names; peer 1 it stops). What `dml-cluster train --nproc 2` makes of a peer's
-    exit 2 (that line alone, no line of torch's, the claim's empty run folder removed):
-    tests/test_launcher.py's peer that cannot build its model."""
-    folder = two_peer_launch / "test_bad_input_table"
-    port = int((folder / "port").read_text())
-    stdout = (two_peer_launch / "launch.out").read_text()
-    stderr = (two_peer_launch / "launch.err").read_text()
-    said = [line for line in (stdout + stderr).splitlines() if "dml-cluster:" in line]
-    about = [line for line in said if "metrics" in line or f"{port}" in line]
-    expected = f"config error: metrics: cannot serve on 0.0.0.0:{port}: Address already in use"
-    assert about == [f"dml-cluster: {expected}"], said  # once: peer 1 stops quietly
-    assert "exitcode  : 2" in stderr.split("Root Cause")[-1], stderr  # peer 0's status
-    assert not [row for row in stderr.splitlines() if "dml_cluster/" in row], stderr  # no traceback
-    # nothing written: at most the empty folder of the run's claim, which peer 1, stopped by
-    # torchrun, may not have taken back (`dml-cluster train --nproc` removes it: test_launcher)
-    written = [p for p in (folder / "runs").rglob("*") if not p.is_dir()]
-    assert written == [], written
+    """Peer 0's port is taken: the cohort agrees to stop before anything is written (peer 1
+    served its endpoint and takes its file back); one line, from peer 0, exit 2."""
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*CLI, "train", str(inputs / "good.yaml"), "--nproc", "2",
+             "--set", f"run.out_dir={tmp_path / 'runs'}", "--set", "metrics.enabled=true",
+             "--set", f"metrics.port={port}", "--set", "bus.transport=zmq"],
+            cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+    line = _one_line_exit_2(proc.returncode, proc.stderr)
+    assert "cannot serve on" in line and f":{port}:" in line, line
+    assert not (tmp_path / "runs").exists()

@@ -5,7 +5,6 @@ input is one line, exit 2, nothing written."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -52,7 +51,7 @@ def test_a_two_peer_cohort_matches_the_one_process_engine(
     assert record["class_names"] == list(CLASSES) and record["num_train"] == 192
 
 
-def launch_entries(folder: Path, held: contextlib.ExitStack) -> list[list[str]]:
+def launch_entries(folder: Path) -> list[list[str]]:
     """The images, and the zmq and the torch cohort of the session's two-peer launch (conftest's
     `two_peer_launch`), one after the other; their run folders in `folder`."""
     images = write_imagefolder(folder / "images")
