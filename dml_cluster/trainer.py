@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dml_cluster.bus import EVAL_ROUND, Bus, StepKey
+from dml_cluster.bus.encoding import FLOAT32
 from dml_cluster.checkpoint import CohortCheckpoints, Position, Restored
 from dml_cluster.cohort import Peer, build_peer, refresh_predictions, step_schedule, warm_up
 from dml_cluster.config import Config
@@ -45,18 +46,9 @@ from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.replicas import Replicas, gather_streams, replicate, sharding
 from dml_cluster.run_folder import JsonlLog, record_config, write_json_atomic
 from dml_cluster.sharding import whole
-from dml_cluster.sparse_rows import Sampled, TopK, densify, describe
+from dml_cluster.sparse_rows import Sampled, TopK, describe
 from dml_cluster.timing import EXCHANGE, FORWARD, UPDATE, StepTimes, step_timer
 from dml_cluster.token_evaluation import TokenEvaluation, token_table
-
-
-def readable(received: Tensor | TopK | Sampled) -> Tensor:
-    """Dense log-probabilities of what the bus delivered (sparse rows: the kept or drawn
-    classes' own, the rest spread evenly; sampled training rows are at the draws' temperature),
-    for the evaluation; the losses and the training steps' bookkeeping read sparse rows
-    sparsely (the batch statistics densify them on the steps they are asked for:
-    metrics/events.py)."""
-    return received if isinstance(received, Tensor) else densify(received)
 
 
 @dataclass(frozen=True)
@@ -315,32 +307,35 @@ class CohortTrainer:
         if self.tokens:  # per position, each chunk measured as it arrives (no per-class table)
             tokens = TokenEvaluation(self.names, ensemble_of=students)
             for c, got in enumerate(self.exchange_evaluation(after_step, chunks())):
-                tokens.add({self.names[i]: readable(got[i]) for i in range(self.size)}, labels[c])
+                tokens.add({self.names[i]: got[i] for i in range(self.size)}, labels[c])
             return tokens.result()
         received: dict[int, list[Tensor]] = {i: [] for i in range(self.size)}
         for got in self.exchange_evaluation(after_step, chunks()):
-            for i in range(self.size):  # sparse rows are scored as they travelled: densified
-                received[i].append(readable(got[i]))
+            for i in range(self.size):
+                received[i].append(got[i])
         named = {self.names[i]: torch.cat(received[i]) for i in range(self.size)}
         test_y = torch.cat(labels)
         return evaluate_cohort(named, test_y, self.data.num_classes, ensemble_of=students)
 
     def exchange_evaluation(
         self, after_step: int, chunks: Iterable[Mapping[int, Tensor]]
-    ) -> Iterator[dict[int, Tensor | TopK | Sampled]]:
+    ) -> Iterator[dict[int, Tensor]]:
         """The cohort's predictions on evaluation rows, one chunk at a time: each of `chunks`
         holds the hosted peers' log-probabilities [rows, C] on the same rows in every process
         (a chunk of the test set, or of a text's token positions); for each, every peer's
-        predictions as the bus delivers them. Chunk c travels as round EVAL_ROUND + c of
-        `after_step`, so no message holds more than a chunk (a large C or a long validation
-        text fits in memory); the start-up timeout is the patience throughout (peers evaluate
-        at their own pace: a compiled model compiles its eval graph the first time)."""
+        [rows, C] float32 log-probabilities, bit for bit as that peer computed them: the
+        evaluation measures the models, so its exchange travels dense float32 (`FLOAT32`)
+        whatever bus.encoding is (training exchanges keep bus.encoding). Chunk c travels as
+        round EVAL_ROUND + c of `after_step`, so no message holds more than a chunk (a large C
+        or a long validation text fits in memory); the start-up timeout is the patience
+        throughout (peers evaluate at their own pace: a compiled model compiles its eval graph
+        the first time)."""
         patience = self.bus.patience_s
         self.bus.set_patience(self.cfg.bus.startup_timeout_s)
         try:
             for c, local in enumerate(chunks):
                 key = StepKey(after_step, EVAL_ROUND + c, self.test_fingerprint)
-                yield self.bus.exchange(key, local, range(self.size))
+                yield self.bus.exchange(key, local, range(self.size), encoding=FLOAT32)
         finally:
             self.bus.set_patience(patience)
 

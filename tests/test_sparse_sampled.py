@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from dml_cluster import losses, losses_sparse
 from dml_cluster.bus import EVAL_ROUND, BusStats, StepKey
-from dml_cluster.bus.encoding import payload_bytes, rows_from_bytes
+from dml_cluster.bus.encoding import FLOAT32, payload_bytes, rows_from_bytes
 from dml_cluster.bus.local import LocalBus
 from dml_cluster.bus.wire import SAMPLED, Header, Kind, WireError, decode, encode_sent
 from dml_cluster.bus.wire import unpack_header as unpack
@@ -50,7 +50,7 @@ from dml_cluster.sparse_rows import (
     encode_topk,
     log_prob_at,
 )
-from dml_cluster.trainer import CohortTrainer, Placement, readable
+from dml_cluster.trainer import CohortTrainer, Placement
 
 from .cohort_runs import REPO
 from .metrics_helpers import parse, scrape, value
@@ -336,7 +336,8 @@ def test_evaluation_in_chunks_scores_what_one_message_scored(
     tmp_path: Path, restore_torch: None
 ) -> None:
     """The evaluation exchanges eval_batch_size rows at a time (4 chunks of the 360 test
-    digits here) and reports, bit for bit, what exchanging the whole [N, C] at once gave."""
+    digits here), dense float32 under a top-k bus, and reports, bit for bit, what exchanging the
+    whole [N, C] at once gave."""
     cfg = load_config(CONFIG, ["bus.encoding=topk", "bus.k=3", "data.eval_batch_size=100",
                                f"run.out_dir={tmp_path}"])  # fmt: skip
     set_determinism(cfg)
@@ -350,9 +351,50 @@ def test_evaluation_in_chunks_scores_what_one_message_scored(
             parts[i].append(predict(p.model, x, 100))
         ys.append(y)
     whole = {i: torch.cat(c) for i, c in parts.items()}
-    once = bus.exchange(StepKey(0, EVAL_ROUND, trainer.test_fingerprint), whole, [0, 1])
-    named = {trainer.names[i]: readable(once[i]) for i in (0, 1)}
+    key = StepKey(0, EVAL_ROUND, trainer.test_fingerprint)
+    once = bus.exchange(key, whole, [0, 1], encoding=FLOAT32)
+    named = {trainer.names[i]: once[i] for i in (0, 1)}
     assert got == evaluate_cohort(named, torch.cat(ys), 10, ensemble_of=trainer.names)
+
+
+def test_a_sampled_wire_run_evaluates_the_models_own_predictions(
+    tmp_path: Path, restore_torch: None
+) -> None:
+    """A one-process run over a sampled wire (2 draws a row) logs, bit for bit, the evaluation
+    its final weights get over a dense float32 bus: the models' own predictions, not the rows
+    the sampled wire would have carried (those score another NLL: checked below)."""
+    cfg = load_config(CONFIG, ["bus.encoding=sampled", "bus.samples=2", "train.max_steps=2",
+                               "data.eval_batch_size=100", "run.progress_every_s=3600",
+                               "metrics.enabled=false", f"run.out_dir={tmp_path}"])  # fmt: skip
+    set_determinism(cfg)
+    run = CohortTrainer(
+        cfg, LocalBus(bus_encoding(cfg)), Placement((0, 1), torch.device("cpu"), True)
+    )
+    run.run()
+    logged = [json.loads(line) for line in (cfg.run.dir / "cohort.jsonl").read_text().splitlines()]
+    final = [r for r in logged if r["event"] == "eval"][-1]
+    again = CohortTrainer(cfg, LocalBus(FLOAT32), Placement((0, 1), torch.device("cpu"), True))
+    try:
+        for peer in again.peers.values():
+            peer.model.load_state_dict(torch.load(cfg.run.dir / "final" / f"{peer.name}.pt"))
+        own = again.evaluate(after_step=0)
+        travelled = {i: [] for i in (0, 1)}  # what the sampled wire makes of the same rows
+        for c, (x, _) in enumerate(again.batches.test_batches()):
+            key = StepKey(0, EVAL_ROUND + c, again.test_fingerprint)
+            for i, p in again.peers.items():
+                rows = bus_encoding(cfg).as_received(predict(p.model, x, 100), key, i)
+                travelled[i].append(densify(rows))
+    finally:
+        again.batches.close()
+    for name in again.names:
+        assert final["peers"][name]["nll"] == own["peers"][name]["nll"]
+        assert final["peers"][name]["accuracy"] == own["peers"][name]["accuracy"]
+    assert final["ensemble"]["nll"] == own["ensemble"]["nll"]
+    as_travelled = evaluate_cohort(
+        {again.names[i]: torch.cat(t) for i, t in travelled.items()},
+        torch.cat([y for _, y in again.batches.test_batches()]), 10, ensemble_of=again.names,
+    )  # fmt: skip
+    assert all(as_travelled["peers"][n]["nll"] != own["peers"][n]["nll"] for n in again.names)
 
 
 def test_bytes_per_exchange_and_kept_mass_are_logged_and_served(

@@ -5,8 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
+
+if TYPE_CHECKING:  # bus/encoding.py imports this module
+    from dml_cluster.bus.encoding import Encoding
 
 EVAL_ROUND = 0xFFFF
 """The round number of an evaluation exchange (test-set predictions)."""
@@ -67,9 +71,13 @@ class Bus(ABC):
     receivers (`bus.window` steps); one built on collectives involves every process anyway
     (torch's all_gather does).
 
-    What comes back is what a receiver reads under the bus's encoding (bus/encoding.py), own
-    predictions included: float32 [B, C] tensors for a dense encoding, `TopK` rows (int64
-    indices, float32 values) for topk.
+    What comes back is what a receiver reads under the exchange's encoding (bus/encoding.py),
+    own predictions included: float32 [B, C] tensors for a dense encoding, `TopK` / `Sampled`
+    rows (int64 indices and counts, float32 values) for topk / sampled. The exchange's encoding
+    is `encoding` when given, else the bus's own (`bus.encoding`); every process of an exchange
+    must be told the same one. A receiver takes a message only in the encoding it expects for
+    that exchange (its kind and sizes): any other is malformed, dropped and counted (zmq) or an
+    error (torch, whose collectives cannot skip a message).
     """
 
     stats: BusStats
@@ -90,6 +98,7 @@ class Bus(ABC):
         local: Mapping[int, Tensor],
         senders: Sequence[int],
         receivers: Sequence[int] | None = None,
+        encoding: Encoding | None = None,
     ) -> dict[int, Tensor]: ...
 
     def close(self) -> None:  # noqa: B027 - optional for transports holding nothing

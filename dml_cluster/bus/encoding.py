@@ -8,8 +8,12 @@ dml_cluster/sparse_rows.py: `topk` each row's k most likely classes (`bus.k`), `
 evaluation), seeded by (run.seed, step, round, peer) and the row; indices in the smallest
 integer dtype that holds C, counts in the smallest that holds n, values in `bus.sparse_dtype`; a
 receiver reads them widened (int64, float32). Every peer reads every exchanged prediction as it
-travels (`Encoding.as_received`), its own included: the predictions a method learns from and
-those the evaluation scores are the same in one process and in a process per peer.
+travels (`Encoding.as_received`), its own included: the predictions a method learns from are the
+same in one process and in a process per peer.
+
+An exchange may be told an encoding of its own (`Bus.exchange(..., encoding=...)`; default: the
+bus's): the trainer's evaluation travels as `FLOAT32` whatever `bus.encoding` is, so that it
+scores the models' own predictions, not what a lossy wire would have made of them.
 
 A message's payload is its tensors' bytes one after the other (`payload_parts`), read back by
 `rows_from_bytes`: the zmq wire and the torch transport frame it with headers of their own.
@@ -89,9 +93,23 @@ class Encoding:
         """The dtype of the values on the wire (sparse: of the sent log-probabilities)."""
         return wire_dtype(self.sparse_dtype if self.sparse else self.name)
 
+    def columns(self, classes: int) -> int:
+        """The columns of a message carrying `classes`-class predictions: k (topk), n (sampled),
+        C (dense)."""
+        if self.name == "topk":
+            return self.k
+        if self.name == "sampled":
+            return self.samples
+        return classes
+
+    def payload_size(self, rows: int, classes: int) -> int:
+        """The payload bytes of `rows` rows of `classes`-class predictions under this encoding."""
+        cols = self.columns(classes)
+        return expected_bytes(self.name, rows, cols, classes, self.value_dtype)
+
     def temperature(self, key: StepKey, peer: int) -> float:
         """The temperature `peer`'s ids are drawn at for `key` (sampled): its receivers'; 1 for
-        an evaluation's rows (scored as they are)."""
+        an evaluation round (which the trainer sends as `FLOAT32`: nothing is drawn there)."""
         if key.round >= EVAL_ROUND or peer >= len(self.temperatures):
             return 1.0
         return self.temperatures[peer]
@@ -122,6 +140,10 @@ class Encoding:
         if self.name == "float32":
             return tensor
         return self.receive(self.send(tensor, key, peer))
+
+
+FLOAT32 = Encoding("float32")
+"""Dense float32 rows, bit for bit what a peer computed: the evaluation's encoding."""
 
 
 def as_received(tensor: Tensor, encoding: Encoding | str, key: StepKey, peer: int) -> Sent:

@@ -1,5 +1,6 @@
 """The in-process bus of the one-process engine: every peer is local, nothing moves; what each
-peer reads is encoded and decoded as a transport between processes would (bus/encoding.py)."""
+peer reads is encoded and decoded as a transport between processes would (bus/encoding.py), in
+the exchange's encoding (the bus's own unless told another)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class LocalBus(Bus):
         local: Mapping[int, Tensor],
         senders: Sequence[int],
         receivers: Sequence[int] | None = None,
+        encoding: Encoding | None = None,
     ) -> dict[int, Tensor]:
         self.stats.exchanges += 1
         missing = [s for s in senders if s not in local]
@@ -32,5 +34,6 @@ class LocalBus(Bus):
             raise ValueError(f"LocalBus hosts every peer, but peers {missing} were not given")
         # every receiver gets the others' on one device: the first sender's (the trainer hands
         # in predictions already on its exchange device; peers on other GPUs move here)
-        sent = {s: self.encoding.as_received(local[s], key, s) for s in senders}
+        applied = self.encoding if encoding is None else encoding
+        sent = {s: applied.as_received(local[s], key, s) for s in senders}
         return on_one_device(sent, local[senders[0]].device)

@@ -53,7 +53,6 @@ class TorchBus(Bus):
         self.rank, self.world, self.names, self.device = rank, world, list(names), device
         self.group = group
         self.encoding = Encoding.of(encoding)
-        self.dtype = self.encoding.value_dtype
         self.stats = BusStats()
         self.timeout_s, self.store, self.prefix = timeout_s, store, prefix
         self.last_step = -1  # the last step whose exchange completed
@@ -65,14 +64,17 @@ class TorchBus(Bus):
         body = payload_bytes(sent).to(self.device)
         return torch.cat([head.to(self.device).view(torch.uint8), body])
 
-    def _send(self, key: StepKey, tensor: Tensor) -> tuple[Sent, Tensor]:
-        """This process's peer's encoded predictions (sparse rows drawn once, on the device the
-        predictions are on, as the other transports draw them) and its message."""
-        sent = self.encoding.send(tensor, key, self.rank)
+    def _send(self, key: StepKey, tensor: Tensor, encoding: Encoding) -> tuple[Sent, Tensor]:
+        """This process's peer's predictions in `encoding` (sparse rows drawn once, on the
+        device the predictions are on, as the other transports draw them) and its message."""
+        sent = encoding.send(tensor, key, self.rank)
         return sent, self._pack(key, sent, tensor.shape[1])
 
-    def _unpack(self, key: StepKey, sender: int, buf: Tensor, header: list[int]) -> Sent:
-        """The payload of `buf`, whose header (read on the host) is `header`."""
+    def _unpack(
+        self, key: StepKey, sender: int, buf: Tensor, header: list[int], encoding: Encoding
+    ) -> Sent:
+        """The payload of `buf`, whose header (read on the host) is `header`, in `encoding`:
+        its columns (k, n or C) and its length must be that encoding's."""
         step, rnd, fp, rows, cols, classes = header
         if (step, rnd) != (key.step, key.round) or fp != _signed(key.fingerprint):
             raise PeerError(
@@ -81,10 +83,18 @@ class TorchBus(Bus):
                 f"batch {key.fingerprint:016x}"
             )
         body = buf[_HEADER_BYTES:]
-        if not self.encoding.sparse:
-            return from_wire(body.view(self.dtype).view(rows, cols))
-        name = self.encoding.name
-        return rows_from_bytes(name, body, rows, cols, classes, self.dtype).widened()
+        size = encoding.payload_size(rows, classes)
+        if cols != encoding.columns(classes) or body.numel() != size:
+            self.stats.messages_rejected += 1
+            raise PeerError(
+                f"peers out of sync at step {key.step} round {key.round}: peer {sender} "
+                f"({self.names[sender]}) sent {rows} x {cols} columns of {classes} classes in "
+                f"{body.numel()} bytes, not a {encoding.name} message"
+            )
+        dtype = encoding.value_dtype
+        if not encoding.sparse:
+            return from_wire(body.view(dtype).view(rows, cols))
+        return rows_from_bytes(encoding.name, body, rows, cols, classes, dtype).widened()
 
     def _timeout(self) -> float:
         return self.patience_s if self.patience_s is not None else self.timeout_s
@@ -139,17 +149,19 @@ class TorchBus(Bus):
         local: Mapping[int, Tensor],
         senders: Sequence[int],
         receivers: Sequence[int] | None = None,
+        encoding: Encoding | None = None,
     ) -> dict[int, Tensor]:
         self.stats.exchanges += 1
         senders = list(senders)
+        applied = self.encoding if encoding is None else encoding
         try:
             own = None  # this peer's encoded predictions, when it sends
             if len(senders) == self.world:
-                own, buf = self._send(key, local[self.rank])
+                own, buf = self._send(key, local[self.rank], applied)
                 bufs = [torch.empty_like(buf) for _ in range(self.world)]
                 self._wait(dist.all_gather(bufs, buf, group=self.group, async_op=True))
             elif len(senders) == 1:
-                own, buf = self._broadcast(key, local, senders[0])
+                own, buf = self._broadcast(key, local, senders[0], applied)
                 bufs = {senders[0]: buf}
             else:
                 raise ValueError("the torch transport exchanges with everyone or one sender")
@@ -164,23 +176,24 @@ class TorchBus(Bus):
             headers = dict(zip(others, heads.view(torch.int64).tolist(), strict=True))
         for s in senders:
             if s == self.rank:  # read as the others read it (bus/encoding.py)
-                out[s] = self.encoding.receive(own).to(local[s].device)
+                out[s] = applied.receive(own).to(local[s].device)
                 continue
             # on the peer's own device (a GPU shared over gloo: the messages are on the CPU)
-            out[s] = self._unpack(key, s, bufs[s], headers[s]).to(home)
+            out[s] = self._unpack(key, s, bufs[s], headers[s], applied).to(home)
             self.stats.bytes_received += bufs[s].numel()
         self.stats.bytes_sent += (len(senders) - 1) * bufs[senders[0]].numel() if (
             self.rank in senders) else 0  # fmt: skip
         return out
 
     def _broadcast(
-        self, key: StepKey, local: Mapping[int, Tensor], peer: int
+        self, key: StepKey, local: Mapping[int, Tensor], peer: int, encoding: Encoding
     ) -> tuple[Sent | None, Tensor]:
-        """`peer`'s message to every process (and, in `peer`'s, its encoded predictions)."""
+        """`peer`'s message in `encoding` to every process (and, in `peer`'s, its encoded
+        predictions)."""
         src = peer if self.group is None else dist.get_global_rank(self.group, peer)
         own = None
         if peer == self.rank:
-            own, buf = self._send(key, local[peer])
+            own, buf = self._send(key, local[peer], encoding)
             size = torch.tensor([buf.numel()], device=self.device)
         else:
             size = torch.zeros(1, dtype=torch.int64, device=self.device)

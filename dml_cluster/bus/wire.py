@@ -14,6 +14,10 @@ counts (the smallest integer dtype that holds n) and the [rows, n] values. A spa
 k outside 1..C, an index outside 0..C-1, a negative count or a row whose counts do not add up
 to n is refused like any other malformed message.
 
+A receiver knows which encoding each exchange travels in (the bus's, or the one the exchange
+was told: bus/base.py) and takes a DATA message only in that form (`check_form`: its encoding
+id, values' dtype, k or n, classes and rows); any other is refused like a malformed one.
+
 Kinds: HELLO (the handshake: the config hash in `fingerprint`), DATA (predictions [rows, cols]
 for a step and round) and CREDIT (flow control: the receiver has consumed every message of steps
 up to `step`; no payload). Every field is checked before the payload is used; anything wrong
@@ -32,6 +36,7 @@ import torch
 from torch import Tensor
 
 from dml_cluster.bus.encoding import (
+    Encoding,
     Sent,
     expected_bytes,
     from_wire,
@@ -131,6 +136,41 @@ def unpack_header(raw: bytes | memoryview) -> Header:
         raise WireError(f"a dense message with sparse fields (values {values}, classes {classes})")
     return Header(Kind(kind), encoding, run_id, step, rnd, rank, peer, fp, rows, cols, values,
                   classes)  # fmt: skip
+
+
+def _form(encoding: int, values: int, cols: int, classes: int, rows: int | None) -> str:
+    """A message's form in words: its encoding, values' dtype, columns, classes and rows."""
+    ids = {v: k for k, v in ENCODING_IDS.items()}
+    if encoding in SPARSE_IDS:
+        what = f"{SPARSE_IDS[encoding]} ({cols} per row, {ids.get(values, values)} values"
+        what += f", {classes} classes)"
+    else:
+        what = f"{ids.get(encoding, encoding)} ({cols} classes)"
+    return what if rows is None else f"{what} x {rows} rows"
+
+
+def check_form(
+    header: Header, encoding: Encoding, rows: int | None = None, classes: int | None = None
+) -> None:
+    """Raise `WireError` unless the DATA message `header` is what `encoding` sends: its encoding
+    id, values' dtype and columns (k, n or C) and, where the receiver knows them (it sends in
+    the same exchange), its `rows` and `classes`."""
+    ids = {v: k for k, v in ENCODINGS.items()}
+    got_classes = header.classes if header.sparse else header.cols
+    want_classes = got_classes if classes is None else classes
+    if encoding.sparse:
+        kind = TOPK if encoding.name == "topk" else SAMPLED
+        want = (kind, ids[encoding.value_dtype], encoding.columns(want_classes), want_classes)
+        got = (header.encoding, header.values, header.cols, header.classes)
+    else:
+        want = (ENCODING_IDS[encoding.name], 0, want_classes, 0)
+        got = (header.encoding, header.values, header.cols, header.classes)
+    want_rows = header.rows if rows is None else rows
+    if got != want or header.rows != want_rows:
+        raise WireError(
+            f"a message of {_form(*got, header.rows)} for step {header.step} round "
+            f"{header.round}, where this peer expects {_form(*want, want_rows)}"
+        )
 
 
 def wire_dtype(encoding: str) -> torch.dtype:

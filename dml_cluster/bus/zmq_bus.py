@@ -38,7 +38,15 @@ from dml_cluster.bus.base import Bus, BusStats, StepKey
 from dml_cluster.bus.curve import CurveGuard, CurveKeys
 from dml_cluster.bus.encoding import Encoding, Sent
 from dml_cluster.bus.staging import to_device, to_host
-from dml_cluster.bus.wire import Header, Kind, WireError, decode, encode_sent, unpack_header
+from dml_cluster.bus.wire import (
+    Header,
+    Kind,
+    WireError,
+    check_form,
+    decode,
+    encode_sent,
+    unpack_header,
+)
 from dml_cluster.errors import ConfigError, PeerError
 
 MESSAGES_PER_STEP = 4
@@ -98,7 +106,7 @@ class ZmqBus(Bus):
         self.stats = BusStats()
         # with CUDA a message is decoded straight into page-locked memory (the one host copy)
         self._pinned = torch.cuda.is_available()
-        self._pending: dict[tuple[int, int, int], tuple[int, Tensor]] = {}
+        self._pending: dict[tuple[int, int, int], tuple[Header, Sent]] = {}
         self._current: tuple[int, int] | None = None  # (step, round) of the latest exchange
         self._last_step = {r: -1 for r in range(world)}
         self._consumed: dict[int, int] = {}  # receiver -> the last step it has consumed
@@ -208,26 +216,30 @@ class ZmqBus(Bus):
         local: Mapping[int, Tensor],
         senders: Sequence[int],
         receivers: Sequence[int] | None = None,
+        encoding: Encoding | None = None,
     ) -> dict[int, Tensor]:
         # only receivers are sent to (a teacher's inbox would otherwise fill with messages it
         # never reads) and only a receiver waits (a teacher publishes and moves on)
         self.stats.exchanges += 1
+        applied = self.encoding if encoding is None else encoding
         listeners = range(self.world) if receivers is None else receivers
         self._current = (key.step, key.round)
         listening = self.rank in listeners
         wanted = [s for s in senders if s != self.rank] if listening else []
         out: dict[int, Tensor] = {}
+        rows = classes = None  # what the others' messages must hold, when this peer sends too
         if self.rank in senders:
             own = local[self.rank]
+            rows, classes = own.shape
             # sparse rows are chosen (drawn) once, on the device: read as the others read them
-            sent = self.encoding.send(own, key, self.rank) if self.encoding.sparse else None
+            sent = applied.send(own, key, self.rank) if applied.sparse else None
             # read as the others read it (bus/encoding.py)
             out[self.rank] = (
-                self.encoding.as_received(own, key, self.rank) if sent is None
-                else self.encoding.receive(sent)
+                applied.as_received(own, key, self.rank) if sent is None
+                else applied.receive(sent)
             )  # fmt: skip
             to = [r for r in listeners if r != self.rank]
-            self._publish(key, own if sent is None else sent, to, wanted)
+            self._publish(key, own if sent is None else sent, to, wanted, applied)
         if not listening:
             return out
         self._credit(key.step - 1, wanted)
@@ -235,32 +247,58 @@ class ZmqBus(Bus):
         t0 = time.perf_counter()
 
         def missing() -> list[int]:
+            self._refuse_unexpected(key, wanted, applied, rows, classes)
             return [s for s in wanted if (key.step, key.round, s) not in self._pending]
 
         while missing():
             self._receive_one(deadline, missing)
         self.stats.wait_seconds += time.perf_counter() - t0
         for s in wanted:
-            fp, tensor = self._pending.pop((key.step, key.round, s))
-            if fp != key.fingerprint:
+            header, tensor = self._pending.pop((key.step, key.round, s))
+            if header.fingerprint != key.fingerprint:
                 raise PeerError(
                     f"peers out of sync at step {key.step}: {self._who(s)} computed on batch "
-                    f"{fp:016x}, this peer on {key.fingerprint:016x}"
+                    f"{header.fingerprint:016x}, this peer on {key.fingerprint:016x}"
                 )
             home = local[self.rank].device if self.rank in local else torch.device("cpu")
             out[s] = to_device(tensor, home)
         return out
 
-    def _publish(
-        self, key: StepKey, tensor: Sent, to: Sequence[int], wanted: Sequence[int] = ()
+    def _refuse_unexpected(
+        self,
+        key: StepKey,
+        senders: Sequence[int],
+        encoding: Encoding,
+        rows: int | None,
+        classes: int | None,
     ) -> None:
-        """Send `tensor` (dense log-probabilities, or the sparse rows `Encoding.send` made) to
-        `to`, once the window allows; `wanted`: the peers this one receives from in the same
-        exchange (told of its progress before it waits, so two senders never wait on each
-        other)."""
+        """Drop and count the messages held for `key` that are not in the exchange's encoding
+        (or not `rows` x `classes` where known): the exchange waits on for the right ones."""
+        for s in senders:
+            slot = (key.step, key.round, s)
+            if slot not in self._pending:
+                continue
+            try:
+                check_form(self._pending[slot][0], encoding, rows, classes)
+            except WireError as err:
+                del self._pending[slot]
+                self._reject(err)
+
+    def _publish(
+        self,
+        key: StepKey,
+        tensor: Sent,
+        to: Sequence[int],
+        wanted: Sequence[int],
+        encoding: Encoding,
+    ) -> None:
+        """Send `tensor` (dense log-probabilities, or the sparse rows `Encoding.send` made) in
+        `encoding` to `to`, once the window allows; `wanted`: the peers this one receives from
+        in the same exchange (told of its progress before it waits, so two senders never wait
+        on each other)."""
         self._await_credit(key, to, wanted)
         if isinstance(tensor, Tensor):  # one device -> host copy per step
-            tensor = to_host(tensor, self.encoding.value_dtype)
+            tensor = to_host(tensor, encoding.value_dtype)
         fields, payload = encode_sent(tensor)
         header = Header(
             Kind.DATA, fields["encoding"], self.run_id, key.step, key.round, self.rank, self.rank,
@@ -349,19 +387,23 @@ class ZmqBus(Bus):
         try:
             self._accept(frames)
         except WireError as err:
-            self.stats.messages_rejected += 1
-            reason = str(err)
-            # one line per kind of problem, whatever its step or sender: a flood of forged or
-            # stray messages is counted (messages_rejected), not printed line by line
-            kind = re.sub(r"\d+", "#", reason)
-            if kind not in self._warned:
-                self._warned.add(kind)
-                print(
-                    f"dml-cluster: {self._who(self.rank)} dropped a message: {reason} (further "
-                    "messages like it are only counted)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            self._reject(err)
+
+    def _reject(self, err: WireError) -> None:
+        """Count a dropped message (warning once per reason)."""
+        self.stats.messages_rejected += 1
+        reason = str(err)
+        # one line per kind of problem, whatever its step or sender: a flood of forged or
+        # stray messages is counted (messages_rejected), not printed line by line
+        kind = re.sub(r"\d+", "#", reason)
+        if kind not in self._warned:
+            self._warned.add(kind)
+            print(
+                f"dml-cluster: {self._who(self.rank)} dropped a message: {reason} (further "
+                "messages like it are only counted)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _accept(self, frames: list[zmq.Frame]) -> None:
         if len(frames) != 2:
@@ -391,7 +433,7 @@ class ZmqBus(Bus):
         slot = (header.step, header.round, sender)
         if slot in self._pending:
             raise WireError(f"duplicate message for step {header.step} from rank {sender}")
-        self._pending[slot] = (header.fingerprint, tensor)
+        self._pending[slot] = (header, tensor)
         self._last_step[sender] = max(self._last_step[sender], header.step)
         self._note_consumed(sender, header.step - 1)  # it sends step t once done with t - 1
         held = len({t for (t, _, s) in self._pending if s == sender})
