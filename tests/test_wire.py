@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from dml_cluster.bus import StepKey
+from dml_cluster.bus import EVAL_ROUND, StepKey
+from dml_cluster.bus.encoding import FLOAT32, Encoding
 from dml_cluster.bus.wire import (
     HEADER,
     TOPK,
@@ -30,7 +31,7 @@ from dml_cluster.bus.wire import (
 )  # fmt: skip
 from dml_cluster.bus.zmq_bus import ZmqBus
 from dml_cluster.errors import ConfigError, PeerError
-from dml_cluster.sparse_rows import encode_topk
+from dml_cluster.sparse_rows import TopK, encode_topk
 
 RUN = b"run-0001"
 HASH = "0123456789abcdef"
@@ -294,3 +295,62 @@ def test_early_messages_from_the_next_step_are_kept(pair: list[ZmqBus]) -> None:
     for step in (0, 1):
         got = pair[0].exchange(StepKey(step, 0, 42), {0: torch.zeros(4, 3)}, [0, 1])
         assert torch.equal(got[1], torch.full((4, 3), float(step)))
+
+
+def _exchange_told(
+    buses: list[ZmqBus], key: StepKey, tensors: list[torch.Tensor], told: list[Encoding | None]
+) -> tuple[list, list]:
+    """Both peers exchange `key`, each told its encoding in `told` (None: the bus's own)."""
+    out: list = [None, None]
+    errors: list = [None, None]
+
+    def go(rank: int) -> None:
+        try:
+            out[rank] = buses[rank].exchange(
+                key, {rank: tensors[rank]}, [0, 1], encoding=told[rank]
+            )
+        except PeerError as err:
+            errors[rank] = err
+
+    threads = [threading.Thread(target=go, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    return out, errors
+
+
+def test_an_exchange_told_float32_travels_dense_on_a_topk_bus(pair: list[ZmqBus]) -> None:
+    """On a top-k bus (k = 2 of 3 classes) a training round carries top-k rows; an exchange
+    told FLOAT32 (the evaluation's) carries every peer's float32 rows bit for bit, as a dense
+    float32 message (header + rows x C x 4 bytes, counted in the same counters)."""
+    for bus in pair:
+        bus.encoding = Encoding("topk", k=2)
+    tensors = [torch.randn(4, 3).log_softmax(1) for _ in range(2)]
+    out, errors = _exchange_told(pair, StepKey(0, 0, 42), tensors, [None, None])
+    assert errors == [None, None] and isinstance(out[0][1], TopK)
+    sent = pair[0].stats.bytes_sent
+    out, errors = _exchange_told(pair, StepKey(0, EVAL_ROUND, 42), tensors, [FLOAT32, FLOAT32])
+    assert errors == [None, None]
+    for rank in range(2):
+        assert torch.equal(out[rank][0], tensors[0]) and torch.equal(out[rank][1], tensors[1])
+    assert pair[0].stats.bytes_sent - sent == HEADER.size + 4 * 3 * 4
+    assert pair[0].stats.messages_rejected == pair[1].stats.messages_rejected == 0
+
+
+def test_a_message_not_in_the_exchanges_encoding_is_dropped_and_counted(
+    pair: list[ZmqBus], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Peers told different encodings for one exchange: each drops the other's message as not
+    the form it expects (counted, one stderr line) and gives up waiting, naming the other."""
+    for bus in pair:
+        bus.timeout_s = 0.5
+    tensors = [torch.zeros(4, 3), torch.ones(4, 3)]
+    _, errors = _exchange_told(pair, StepKey(0, 0, 42), tensors, [FLOAT32, Encoding("bfloat16")])
+    assert all(isinstance(e, PeerError) and "no answer" in str(e) for e in errors), errors
+    assert pair[0].stats.messages_rejected == pair[1].stats.messages_rejected == 1
+    err = capfd.readouterr().err
+    assert (
+        "a message of bfloat16 (3 classes) x 4 rows for step 0 round 0, where this peer "
+        "expects float32 (3 classes) x 4 rows" in err
+    ), err

@@ -289,16 +289,16 @@ class ZmqBus(Bus):
         key: StepKey,
         tensor: Sent,
         to: Sequence[int],
-        wanted: Sequence[int],
-        encoding: Encoding,
+        wanted: Sequence[int] = (),
+        encoding: Encoding | None = None,
     ) -> None:
         """Send `tensor` (dense log-probabilities, or the sparse rows `Encoding.send` made) in
-        `encoding` to `to`, once the window allows; `wanted`: the peers this one receives from
-        in the same exchange (told of its progress before it waits, so two senders never wait
-        on each other)."""
+        `encoding` (default: the bus's) to `to`, once the window allows; `wanted`: the peers
+        this one receives from in the same exchange (told of its progress before it waits, so
+        two senders never wait on each other)."""
         self._await_credit(key, to, wanted)
         if isinstance(tensor, Tensor):  # one device -> host copy per step
-            tensor = to_host(tensor, encoding.value_dtype)
+            tensor = to_host(tensor, (encoding or self.encoding).value_dtype)
         fields, payload = encode_sent(tensor)
         header = Header(
             Kind.DATA, fields["encoding"], self.run_id, key.step, key.round, self.rank, self.rank,
