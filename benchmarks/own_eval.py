@@ -1,9 +1,13 @@
 """Re-evaluate finished runs' final weights over the dense float32 wire: the students' own
 predictions, apart from how the run's `bus.encoding` carried them.
 
-A run's own evaluation scores every peer's predictions as they travelled (top-k or sampled rows
-densified, the rest of the mass spread evenly), so its NLL / perplexity under a sparse encoding
-mixes what the students learnt with what the encoding drops. This reads each run folder's
+Since the evaluation-wire fix a run's own evaluation already reports these figures (its
+evaluation exchange travels dense float32 whatever `bus.encoding` is), so for a run trained
+since then this script prints the same numbers twice; it stays for the runs trained before it,
+whose numbers BENCHMARKS.md and LM.md quote. Those runs' evaluation scored every peer's
+predictions as they travelled (top-k or sampled rows densified, the rest of the mass spread
+evenly), so their NLL / perplexity under a sparse encoding mixes what the students learnt with
+what the encoding drops ("as_travelled" below). This reads each run folder's
 config.yaml, sets the wire to dense float32 (dropping bus.k / bus.samples), loads
 final/<peer>.pt into the one-process engine and runs its evaluation (`CohortTrainer.evaluate`,
 the same code the run used), writing nothing into the run folder.
