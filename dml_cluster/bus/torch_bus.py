@@ -11,7 +11,9 @@ rows' indices then values, or sampled rows' ids, counts, values), so an exchange
 all_gather (or, for a sequential
 round with one sender, a broadcast of the header then of the payload). Collectives involve every
 rank, so `receivers` changes nothing here: a teacher's process takes part in every exchange (and
-so stays in lockstep with the students), it just does not use what it receives.
+so stays in lockstep with the students), it just does not use what it receives. Each exchange
+travels in its encoding (the bus's, or the one it is told: bus/base.py); a received message
+whose columns or length are not that encoding's is a `PeerError` (a collective cannot skip it).
 """
 
 from __future__ import annotations
