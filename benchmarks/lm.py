@@ -378,6 +378,27 @@ def write_page(path: Path, saved: dict[str, Any]) -> None:
     path.write_text(f"{head}{BEGIN}\n{render(saved)}\n{END}{tail}")
 
 
+def reevaluate(saved: dict[str, Any], rows: set[str], out: Path, json_path: Path) -> None:
+    """Score the final weights of `rows`' recorded runs again with this tree's evaluation
+    (benchmarks/own_eval.py; since `ec3824b` it travels dense float32 whatever the wire, so it
+    scores the models' own predictions). The figures recorded before are kept as
+    `as_recorded`; `evaluated_at` names the commit of the new ones."""
+    from own_eval import own_report
+
+    for result in saved["results"]:
+        if result["row"] not in rows or "as_recorded" in result:
+            continue
+        run = out / "runs" / Job(result["tokenizer"], result["row"], result["seed"]).name
+        report = own_report(run)
+        result["as_recorded"] = {n: dict(p) for n, p in result["peers"].items()}
+        for name, peer in result["peers"].items():
+            own = report["peers"][name]
+            peer.update(nll=own["nll"], perplexity=own["perplexity"], accuracy=own["accuracy"])
+        result["evaluated_at"] = commit()
+        json_path.write_text(json.dumps(saved, indent=1))
+        print(f"{run.name}: {result['as_recorded']} -> {result['peers']}", flush=True)
+
+
 # -- the driver ------------------------------------------------------------------------------
 
 
@@ -421,13 +442,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="default: beside this script")
     parser.add_argument("--md", type=Path, default=None, help="default: benchmarks/LM.md")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument(
+        "--reevaluate", default="", metavar="ROWS",
+        help="re-evaluate these rows' finished runs (final weights) with this tree's evaluation",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     here = Path(__file__).resolve().parent
     out = args.out.resolve()
     json_path = args.json or (out / "lm_smoke.json" if args.smoke else here / "lm_results.json")
     md_path = args.md or (None if args.smoke else here / "LM.md")  # a smoke run: printed only
     saved = json.loads(json_path.read_text()) if json_path.exists() else {"results": []}
-    if args.render_only:
+    if args.reevaluate:
+        reevaluate(saved, set(args.reevaluate.split(",")), out, json_path)
+    if args.render_only or args.reevaluate:
         if md_path is not None:
             write_page(md_path, saved)
         return
