@@ -61,7 +61,7 @@ def _soak(tmp_path: Path, epochs: int) -> None:
                 break  # a peer is exiting: the run is over
             if len(peers) == 3:
                 samples.append(Sample(_newest_step(run_dir), rss, fds))
-            time.sleep(0.2)
+            time.sleep(0.05)  # more samples where a loaded machine slows this loop
         output, _ = launcher.communicate(timeout=600)
     finally:
         if launcher.poll() is None:
