@@ -39,6 +39,10 @@ _held = 0  # depth of `held_stop` blocks: a stop signal waits for the block's en
 _pending: int | None = None  # a stop signal that came inside one, or the one being stopped on
 _signalled: set[str] = set()  # the test phases this process has signalled at
 _terminal_group = 0  # tests: the process group a terminal's Ctrl-C would reach (0: our own)
+_signal_seen = threading.Event()  # a stop signal reached this process (set by the watcher)
+
+LOST_WORKER_WAIT_S = 1.0
+"""How long a helper thread's lost connection waits to learn whether a stop signal caused it."""
 
 
 class Interrupted(BaseException):
@@ -83,6 +87,7 @@ def stop_on_signals() -> None:
     for stop in STOP_SIGNALS:
         signal.signal(stop, _interrupted)
     sys.unraisablehook = _stop_again_if_swallowed(sys.unraisablehook)
+    sys.excepthook = _quiet_about_stopped_workers(sys.excepthook)
     _watch_for_a_stuck_stop()
 
 
@@ -171,6 +176,25 @@ def undefer_sigterm() -> None:
         signal.signal(signal.SIGTERM, _interrupted)
 
 
+def _quiet_about_stopped_workers(
+    previous: Callable[..., object],
+) -> Callable[..., object]:
+    """multiprocessing's resource sharer (the thread that hands a DataLoader worker's tensors
+    over) reports a worker's connection lost half-way through `sys.excepthook`, from its own
+    thread. A Ctrl-C reaches the loader workers with the process group, so such a loss is the
+    same signal's doing: dropped once the stop signal is seen here (waiting briefly for it, as
+    the two arrive together); any other error, and this one without a signal, goes on."""
+
+    def hook(kind: type[BaseException], value: BaseException, tb: object) -> object:
+        lost = isinstance(value, (ConnectionError, EOFError))
+        helper = threading.current_thread() is not threading.main_thread()
+        if lost and helper and _signal_seen.wait(LOST_WORKER_WAIT_S):
+            return None
+        return previous(kind, value, tb)
+
+    return hook
+
+
 def _watch_for_a_stuck_stop() -> None:
     """The C-level signal handler writes the signal's number to the wakeup pipe at once, even
     while the main thread is held in C++ (joining a process group, a gloo collective); a thread
@@ -188,6 +212,7 @@ def _watch_for_a_stuck_stop() -> None:
         signum = os.read(wake_read, 1)[0]
         while signum not in STOP_SIGNALS:
             signum = os.read(wake_read, 1)[0]
+        _signal_seen.set()
         time.sleep(_hard_stop_after.get(signum, HARD_STOP_S))
         if reports_signals():
             os.write(2, f"dml-cluster: stopped by {signal_name(signum)}\n".encode())
