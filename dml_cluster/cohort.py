@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dml_cluster.config import Config, OptimConfig, PeerConfig, ScheduleConfig
+from dml_cluster.config import Config, PeerConfig
 from dml_cluster.errors import ConfigError, first_line
 from dml_cluster.init_from import KEY as INIT_FROM
 from dml_cluster.init_from import initial_weights
 from dml_cluster.models import build_model
+from dml_cluster.optimizer import build_optimizer, build_scheduler
 from dml_cluster.precision import make_scaler, prepare_model
 from dml_cluster.streams import PeerStream
 
@@ -59,54 +60,6 @@ class Peer:
     @property
     def is_teacher(self) -> bool:
         return self.config.role == "teacher"
-
-
-def build_optimizer(
-    params: list[nn.Parameter], cfg: OptimConfig, lr: float
-) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        params,
-        lr=lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov and cfg.momentum > 0,
-        weight_decay=cfg.weight_decay,
-    )
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int
-) -> torch.optim.lr_scheduler.LRScheduler:
-    """An LR schedule stepped once per epoch."""
-    schedules = {
-        "constant": lambda: torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
-        "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_epochs, cfg.gamma),
-        "multistep": lambda: torch.optim.lr_scheduler.MultiStepLR(
-            optimizer, cfg.milestones, cfg.gamma
-        ),
-        "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs),
-    }
-    return schedules[cfg.name]()
-
-
-def warm_up(peer: Peer, step: int, steps: int) -> None:
-    """Linear warm-up (`optim.schedule.warmup_steps`): during the first `steps` steps the
-    peer's learning rate at step s (from 0) is the schedule's times (s + 1) / steps; from step
-    `steps - 1` on, the schedule's own. A function of the step alone, so a resumed run warms up
-    exactly as an uninterrupted one."""
-    if step >= steps:
-        return
-    for group, lr in zip(peer.optimizer.param_groups, peer.scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr * (step + 1) / steps
-
-
-def step_schedule(peer: Peer) -> None:
-    """The epoch's step of the peer's LR schedule, from the schedule's own rate (a warm-up
-    still under way scaled the optimizer's; the schedules that chain read it)."""
-    for group, lr in zip(peer.optimizer.param_groups, peer.scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr
-    peer.scheduler.step()
 
 
 def build_peer(

@@ -220,12 +220,23 @@ class CohortConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    name: Literal["constant", "step", "multistep", "cosine"] = "constant"
+    name: Literal["constant", "step", "multistep", "cosine", "linear"] = "constant"
+    unit: Literal["epoch", "step"] = Field(
+        "epoch",
+        description="what the schedule counts: epochs (it steps at each epoch's end) or "
+        "optimizer steps (milestones are steps; cosine and linear span the run's steps after "
+        "the warm-up)",
+    )
     step_epochs: int = Field(60, ge=1)
     milestones: list[int] = Field(
-        default_factory=list, description="multistep: the epochs after which lr *= gamma"
+        default_factory=list,
+        description="multistep: the epochs (unit: step: the steps) after which lr *= gamma",
     )
     gamma: float = Field(0.1, gt=0.0)
+    min_lr_ratio: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="cosine and linear: the learning rate they end at, as a fraction of lr",
+    )  # fmt: skip
     warmup_steps: int = Field(
         0, ge=0,
         description="linear warm-up: over the first N steps the learning rate rises from 1/N of "
@@ -238,16 +249,42 @@ class ScheduleConfig(Strict):
             raise ValueError("the multistep schedule needs milestones (epochs, e.g. [150, 180])")
         if self.milestones != sorted(set(self.milestones)) or min(self.milestones, default=1) < 1:
             raise ValueError("milestones must be increasing epochs >= 1")
+        if self.name == "step" and self.unit == "step":
+            raise ValueError(
+                "the step schedule counts epochs (step_epochs); with unit: step use multistep "
+                "with milestones in steps"
+            )
         return self
 
 
 class OptimConfig(Strict):
-    name: Literal["sgd", "adam"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"] = Field(
+        "sgd", description="adam: L2 weight decay; adamw: decoupled weight decay"
+    )
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = True
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="adam and adamw: the moving averages' coefficients"
+    )
     weight_decay: float = Field(5e-4, ge=0.0)
+    decay_1d_params: bool = Field(
+        True,
+        description="weight decay on 1-D parameters (biases, norm scales) too; false: on "
+        "matrices and embeddings only",
+    )
+    grad_clip: float | None = Field(
+        None, gt=0.0,
+        description="the largest L2 norm of a peer's gradients together, clipped before each "
+        "update (null: not clipped)",
+    )  # fmt: skip
     schedule: ScheduleConfig = ScheduleConfig()
+
+    @model_validator(mode="after")
+    def _betas(self) -> OptimConfig:
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {list(self.betas)}")
+        return self
 
 
 class TrainConfig(Strict):
@@ -513,8 +550,12 @@ def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
     for key in _TEXT_KEYS:  # unset text settings: image configs hash as they always did
         if d["data"].get(key) is None:
             d["data"].pop(key, None)
-    if not d.get("optim", {}).get("schedule", {}).get("warmup_steps"):  # none: as before
-        d.get("optim", {}).get("schedule", {}).pop("warmup_steps", None)
+    optim = d.get("optim", {})
+    for section, defaults in ((optim, _OPTIM_DEFAULTS),
+                              (optim.get("schedule", {}), _SCHEDULE_DEFAULTS)):  # fmt: skip
+        for key, default in defaults.items():
+            if key in section and section[key] == default:
+                section.pop(key)
     for section in ("metrics", "checkpoint"):
         d.pop(section, None)
     if d.get("train", {}).get("init_from") is None:  # unset: configs hash as before the key
@@ -569,6 +610,9 @@ _REPLICA_DEFAULTS = {"replicas": 1, "shard": "ddp", "sync_batchnorm": False}
 one process per peer hash as they did before replicas existed)."""
 _NOT_HASHED_RUN = ("name", "out_dir", "log_every", "progress_every_s")
 _TEXT_KEYS = ("train", "val", "tokenizer", "block_size", "val_tokens")
+_OPTIM_DEFAULTS = {"betas": [0.9, 0.999], "decay_1d_params": True, "grad_clip": None}
+_SCHEDULE_DEFAULTS = {"warmup_steps": 0, "unit": "epoch", "min_lr_ratio": 0.0}
+"""Settings added after configs were first hashed: at these values, hashed as before them."""
 
 
 def validation_error_line(err: ValidationError) -> str:

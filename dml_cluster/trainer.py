@@ -22,7 +22,7 @@ from torch import Tensor
 from dml_cluster.bus import EVAL_ROUND, Bus, StepKey
 from dml_cluster.bus.encoding import FLOAT32
 from dml_cluster.checkpoint import CohortCheckpoints, Position, Restored
-from dml_cluster.cohort import Peer, build_peer, refresh_predictions, step_schedule, warm_up
+from dml_cluster.cohort import Peer, build_peer, refresh_predictions
 from dml_cluster.config import Config
 from dml_cluster.control import Control, LocalControl
 from dml_cluster.data.prepare import RunData, data_path, prepare_data
@@ -41,6 +41,7 @@ from dml_cluster.metrics.progress import CLOCK_FILE, ProgressDisplay, RunClock, 
 from dml_cluster.metrics.run_log import RunLog
 from dml_cluster.models import as_rows
 from dml_cluster.models.hf_source import write_pretrained
+from dml_cluster.optimizer import clip_gradients, set_learning_rate, step_schedule
 from dml_cluster.precision import autocast, to_layout
 from dml_cluster.preemption import CohortStop, Preempted
 from dml_cluster.replicas import Replicas, gather_streams, replicate, sharding
@@ -135,6 +136,9 @@ class CohortTrainer:
         self.students = [i for i, p in enumerate(cfg.peers) if p.role == "student"]
         self.teachers = [i for i, p in enumerate(cfg.peers) if p.role == "teacher"]
         self.per_epoch = max(steps_per_epoch(self.batches.num_train, cfg.data.batch_size), 1)
+        # the steps the run trains in all: what a per-step schedule spans
+        self.total_steps = min(cfg.train.max_steps or self.per_epoch * cfg.train.epochs,
+                               self.per_epoch * cfg.train.epochs)  # fmt: skip
         self.run_dir = cfg.run.dir
         self.checkpoints = CohortCheckpoints(cfg, self.run_dir, replicas.index)
         # a data-parallel peer's log is its first replica's (the others write nothing)
@@ -188,13 +192,19 @@ class CohortTrainer:
         )  # fmt: skip
         with autocast(self.cfg.run.precision, on):  # a method's own modules (hints) too
             parts = self.method(logits.float(), y.to(on), view)  # losses in float32
-        warm_up(peer, step, self.cfg.optim.schedule.warmup_steps)
+        optim = self.cfg.optim
+        set_learning_rate(peer.optimizer, peer.scheduler, optim.schedule, step, self.total_steps)
         peer.optimizer.zero_grad(set_to_none=True)
         if peer.scaler is None:
             parts.total.backward()
+            if optim.grad_clip is not None:
+                clip_gradients(peer.optimizer, optim.grad_clip)
             peer.optimizer.step()
         else:  # fp16: scaled loss, unscaled step skipped on inf/nan, scale adapted
             peer.scaler.scale(parts.total).backward()
+            if optim.grad_clip is not None:  # the true gradients' norm
+                peer.scaler.unscale_(peer.optimizer)
+                clip_gradients(peer.optimizer, optim.grad_clip)
             peer.scaler.step(peer.optimizer)
             peer.scaler.update()
         return parts
@@ -392,7 +402,7 @@ class CohortTrainer:
                     if stopping:
                         raise self._preempted(step)
             for peer in self.peers.values():
-                step_schedule(peer)
+                step_schedule(peer.optimizer, peer.scheduler)
             last = epoch == cfg.train.epochs - 1 or step >= max_steps
             replicas = self.placement.replicas
             # a peer's replica 0 evaluates it; a sharded peer's forward needs all its replicas

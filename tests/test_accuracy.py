@@ -188,7 +188,7 @@ def test_cifar100_recipes_validate(path: str) -> None:
 
 
 def test_multistep_schedule_divides_at_the_milestones() -> None:
-    from dml_cluster.cohort import build_scheduler
+    from dml_cluster.optimizer import build_scheduler
 
     cfg = load_config(REPO / "configs/cifar100-resnet8x4.yaml").optim.schedule
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)

@@ -43,11 +43,14 @@ cohort:
     - {name: gpt-a, model: gpt, args: {n_layer: 1, n_head: 2, n_embd: 32}}
     - {name: gpt-b, model: gpt, args: {n_layer: 2, n_head: 2, n_embd: 32, dropout: 0.1}}
 method: {name: dml}
-optim:
-  name: adam
+optim:  # nanoGPT's recipe: AdamW, no decay of 1-D parameters, clipping, per-step cosine
+  name: adamw
   lr: 0.003
-  weight_decay: 0.0
-  schedule: {name: cosine, warmup_steps: 5}
+  betas: [0.9, 0.95]
+  weight_decay: 0.1
+  decay_1d_params: false
+  grad_clip: 0.5  # half the tiny GPTs' gradient norm at the start (about 1): it clips
+  schedule: {name: cosine, unit: step, warmup_steps: 5, min_lr_ratio: 0.1}
 train: {epochs: 2, max_steps: 16}
 checkpoint: {every_steps: 4, keep: 10}
 metrics: {enabled: false}
@@ -221,8 +224,9 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def test_warm_up_rises_linearly_and_leaves_the_schedule_alone() -> None:
-    from dml_cluster.cohort import build_peer, step_schedule, warm_up
+    from dml_cluster.cohort import build_peer
     from dml_cluster.config import parse_config
+    from dml_cluster.optimizer import set_learning_rate, step_schedule
 
     cfg = parse_config({
         "cohort": {"size": 1, "model": "gpt", "args": {"n_layer": 1, "n_head": 2, "n_embd": 8}},
@@ -234,10 +238,10 @@ def test_warm_up_rises_linearly_and_leaves_the_schedule_alone() -> None:
     peer.optimizer.step()  # no gradients: changes nothing (the schedule steps after it)
     seen = []
     for step in range(6):
-        warm_up(peer, step, 4)
+        set_learning_rate(peer.optimizer, peer.scheduler, cfg.optim.schedule, step, 100)
         seen.append(peer.optimizer.param_groups[0]["lr"])
         if step == 1:  # an epoch ends during the warm-up: the schedule steps from its own rate
-            step_schedule(peer)
+            step_schedule(peer.optimizer, peer.scheduler)
     assert seen == [0.1, 0.2, 0.2 * 3 / 4, 0.2, 0.2, 0.2]
     plain = parse_config({"cohort": {"size": 1, "model": "mlp"}})
     warmed = parse_config({"cohort": {"size": 1, "model": "mlp"},
