@@ -41,9 +41,10 @@ for precision in (None, torch.bfloat16):
     loss.backward()
     print("gpt strict", precision or "fp32", "forward+backward ok, loss", round(loss.item(), 4))
 PY
-    echo "== fp16 cohort (GradScaler) on CUDA, one process, 30 steps"
+    echo "== fp16 cohort (GradScaler, unscaled before clipping) on CUDA, one process, 30 steps"
     timeout 90 python3 -m dml_cluster train configs/digits-dml.yaml --set run.out_dir=/tmp/fp16 \
-        --set run.precision=fp16 --set train.max_steps=30 --set metrics.enabled=false \
+        --set run.precision=fp16 --set optim.grad_clip=1.0 --set train.max_steps=30 \
+        --set metrics.enabled=false \
         --set checkpoint.enabled=false 2>&1 | grep -v "^|" | tail -4
 } >"$out/extra.txt" 2>&1
 cat "$out/extra.txt"
