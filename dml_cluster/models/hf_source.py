@@ -192,7 +192,7 @@ def write_pretrained(model: nn.Module, run_dir: Path, peer: str) -> Path | None:
     tmp = target.with_name(f".{peer}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    # transformers writes on torch.distributed's rank 0 only (its models sharded over ranks);
+    # transformers (5.15 on) writes on torch.distributed's rank 0 only (its models sharded);
     # a peer's model is whole in the process that hosts it, whichever rank that is
     model.should_save_on_this_rank = _whole_here
     try:
