@@ -728,11 +728,6 @@ def check_replicas(cfg: Config) -> None:
         )
     if cfg.cohort.shard == "fsdp":
         check_fsdp(cfg)
-    if d > 1 and cfg.data.name == "text":
-        raise ConfigError(
-            f"config error: cohort.replicas: {d} with data.name text: language-model peers are "
-            "not data-parallel yet (text is read by one process per peer): use cohort.replicas 1"
-        )
 
 
 def check_fsdp(cfg: Config) -> None:

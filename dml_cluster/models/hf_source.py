@@ -182,8 +182,11 @@ def _whole_here(is_main_process: bool = True) -> bool:
     return True
 
 
-def write_pretrained(model: nn.Module, run_dir: Path, peer: str) -> Path | None:
-    """For an `hf:` model: its weights and config written with `save_pretrained` into
+def write_pretrained(
+    model: nn.Module, state: dict[str, Any], run_dir: Path, peer: str
+) -> Path | None:
+    """For an `hf:` model: `state` (its whole state dict, as `final/<peer>.pt` holds it: a
+    sharded model's gathered) and its config written with `save_pretrained` into
     RUN/hf/<peer>/ (replacing what was there, through a temporary folder beside it); the
     folder, or None for another model."""
     if not is_hf_model(model):
@@ -196,7 +199,8 @@ def write_pretrained(model: nn.Module, run_dir: Path, peer: str) -> Path | None:
     # a peer's model is whole in the process that hosts it, whichever rank that is
     model.should_save_on_this_rank = _whole_here
     try:
-        model.save_pretrained(tmp)  # type: ignore[operator]
+        # a copy: save_pretrained empties the dict it is given as it writes it
+        model.save_pretrained(tmp, state_dict=dict(state))  # type: ignore[operator]
     finally:
         del model.should_save_on_this_rank
     if not (tmp / "config.json").is_file():
