@@ -5,7 +5,8 @@ PATH is a folder holding a `config.json` (what `save_pretrained` writes): with w
 (`model.safetensors`, `pytorch_model.bin` or their sharded index) the model is
 `AutoModelForCausalLM.from_pretrained(PATH, local_files_only=True)`, else
 `AutoModelForCausalLM.from_config` of that config, initialised by the model's own rule from the
-peer's seed. A peer's `args` override settings of the config (`{resid_pdrop: 0.0}`); a setting
+peer's seed; a teacher peer of a folder with weights needs no `checkpoint` (it predicts with
+them). A peer's `args` override settings of the config (`{resid_pdrop: 0.0}`); a setting
 the config does not have is refused. The weights are float32 (precision is the run's autocast).
 
 The model's vocabulary (its config's `vocab_size`) must be the run's tokenizer's, so that every
@@ -95,6 +96,11 @@ def _folder(path: str) -> Path:
 def has_weights(folder: Path) -> bool:
     """Does `folder` hold weights beside its config (from_pretrained), or only the config?"""
     return any((folder / name).is_file() for name in WEIGHT_FILES)
+
+
+def _trained(path: str) -> bool:
+    """The folder holds weights (a teacher of them needs no checkpoint)."""
+    return has_weights(_folder(path))
 
 
 def check(path: str) -> None:
@@ -212,5 +218,7 @@ def write_pretrained(
 
 register_source(
     SCHEME,
-    ModelSource(form="hf:PATH", check=check, build=build, tokens=True, separator=":"),
+    ModelSource(
+        form="hf:PATH", check=check, build=build, tokens=True, separator=":", trained=_trained
+    ),
 )
