@@ -74,14 +74,20 @@ def _units(module: nn.Module, prefix: str, owners: dict[int, list[str]]) -> list
     return units
 
 
+def units(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that `shard_model` shards on their own, before the root: its
+    children that hold parameters, the members of a ModuleList and of a child with a tied
+    weight in their place, embeddings left out (`_units`)."""
+    return _units(model, "", _owners(model))
+
+
 def shard_model(model: nn.Module, mesh: Any) -> None:
-    """`fully_shard` each unit of `model` (`_units`: its children that hold parameters, the
-    members of a ModuleList and of a child with a tied weight in its place), then `model`
-    itself (what is left, tied weights included), over the 1-D device mesh `mesh` (a peer's
-    replicas); in place."""
+    """`fully_shard` each unit of `model` (`units`), then `model` itself (what is left:
+    embeddings and tied weights), over the 1-D device mesh `mesh` (a peer's replicas); in
+    place."""
     from torch.distributed.fsdp import fully_shard
 
-    for unit in _units(model, "", _owners(model)):
+    for unit in units(model):
         fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
 

@@ -26,7 +26,13 @@ import pytest
 import torch
 
 from .cohort_runs import _cli, sets, train_many
-from .conftest import assert_same_states, cli_in_process, final_weights, torch_switches_kept
+from .conftest import (
+    assert_same_states,
+    cli_in_process,
+    final_weights,
+    run_cli,
+    torch_switches_kept,
+)
 
 WORDS = ("the", "cohort", "of", "small", "models", "learns", "each", "token", "from", "every")
 TINY = {  # transformers' GPT-2 config, as save_pretrained writes it (only what differs)
@@ -222,6 +228,62 @@ def test_an_hf_teacher_from_its_checkpoint_or_its_folder(
             assert torch.equal(value, trained["tiny"][name]), (method, name)
         moved = [not torch.equal(v, trained["gpt"][k]) for k, v in final["student"].items()]
         assert any(moved), method
+
+
+def test_fsdp_shards_the_blocks_and_keeps_tied_weights_in_the_root_group(corpus: Path) -> None:
+    """cohort.shard: fsdp's units (what fully_shard groups on its own): a transformer's blocks
+    (the members of a ModuleList, which fully_shard refuses as a unit) and its final norm; the
+    token embedding tied to the output layer (GPT-2's `lm_head` is its `wte`; the built-in GPT
+    reads its embedding's weight in its own forward) and the position table stay in the root's
+    group. The runs: tests/test_lm_kxd.py (slow)."""
+    from dml_cluster.models import build_model
+    from dml_cluster.sharding import units
+
+    hf = build_model(f"hf:{corpus / 'tiny'}", (32,), 257)
+    assert hf.lm_head.weight is hf.transformer.wte.weight
+    assert units(hf) == [*hf.transformer.h, hf.transformer.ln_f]
+    gpt = build_model("gpt", (32,), 257, n_layer=2, n_head=2, n_embd=32)
+    assert [type(u).__name__ for u in units(gpt)] == ["Block", "Block", "LayerNorm"]
+
+
+@pytest.mark.slow
+def test_a_compiled_hf_peer_trains_and_keeps_its_names(corpus: Path, tmp_path: Path) -> None:
+    """run.compile with an hf peer (torch.compile, CPU inductor: a C++ compiler): it trains,
+    its checkpoints, final weights and save_pretrained copy keep transformers' parameter names
+    (no `_orig_mod.`), the copy loads, and `generate` samples from the trained peer. Slow:
+    compiling both peers' forward and backward took about 100 s on the 2-core machine (in a
+    process of its own: compilation leaves caches and settings in the process)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from dml_cluster.generate import generate_from_run
+    from dml_cluster.models import build_model
+    from dml_cluster.precision import cannot_compile
+
+    if (reason := cannot_compile(torch.device("cpu"))) is not None:
+        pytest.skip(reason)
+    items = (f"run.out_dir={tmp_path}", "run.name=compiled", "run.compile=true",
+             "train.max_steps=2", "checkpoint.every_steps=1")  # fmt: skip
+    done = run_cli("train", str(corpus / "lm-hf.yaml"), *sets(*items), timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "running eagerly" not in done.stderr
+    run = tmp_path / "compiled"
+    final = final_weights(run)["tiny"]
+    first, saved = (
+        torch.load(run / "checkpoints" / f"step-00000000{s}" / "tiny.pt", weights_only=True)
+        for s in (1, 2)
+    )
+    written = load_file(run / "hf" / "tiny" / "model.safetensors")
+    built = build_model(f"hf:{corpus / 'tiny'}", (32,), 257).state_dict()
+    assert final.keys() == saved["model"].keys() == built.keys() >= written.keys()
+    assert "transformer.h.0.attn.c_attn.weight" in written
+    assert not any("_orig_mod" in k for k in (*final, *written))
+    assert any(not torch.equal(v, first["model"][k]) for k, v in saved["model"].items())
+    loaded = AutoModelForCausalLM.from_pretrained(run / "hf" / "tiny", local_files_only=True)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, final[name]), name
+    text = generate_from_run(run, "tiny", "the cohort", tokens=6)
+    assert text.startswith("the cohort") and len(text.encode()) > len("the cohort")
 
 
 def test_bad_hf_input_is_one_line_and_writes_nothing(
