@@ -251,7 +251,7 @@ def test_a_compiled_hf_peer_trains_and_keeps_its_names(corpus: Path, tmp_path: P
     """run.compile with an hf peer (torch.compile, CPU inductor: a C++ compiler): it trains,
     its checkpoints, final weights and save_pretrained copy keep transformers' parameter names
     (no `_orig_mod.`), the copy loads, and `generate` samples from the trained peer. Slow:
-    compiling both peers' forward and backward took about 100 s on the 2-core machine (in a
+    compiling both peers' forward and backward took 50 to 110 s on the 2-core machine (in a
     process of its own: compilation leaves caches and settings in the process)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
