@@ -193,5 +193,8 @@ def load_weights(
 
 
 def load_teacher(model: nn.Module, peer_cfg: PeerConfig) -> nn.Module:
-    """Load a teacher's weights into `model` (strictly) and freeze it."""
-    return freeze(load_weights(model, peer_cfg))
+    """Load a teacher's weights into `model` (strictly; none without a checkpoint: a model that
+    came with its trained weights, `config.check_names`) and freeze it."""
+    if peer_cfg.checkpoint:
+        load_weights(model, peer_cfg)
+    return freeze(model)

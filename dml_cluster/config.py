@@ -728,11 +728,6 @@ def check_replicas(cfg: Config) -> None:
         )
     if cfg.cohort.shard == "fsdp":
         check_fsdp(cfg)
-    if d > 1 and cfg.data.name == "text":
-        raise ConfigError(
-            f"config error: cohort.replicas: {d} with data.name text: language-model peers are "
-            "not data-parallel yet (text is read by one process per peer): use cohort.replicas 1"
-        )
 
 
 def check_fsdp(cfg: Config) -> None:
@@ -856,19 +851,26 @@ def peer_temperatures(cfg: Config) -> tuple[float, ...]:
 def check_names(cfg: Config) -> None:
     """Check model and dataset names against their registries."""
     from dml_cluster.data import dataset_names
-    from dml_cluster.models import check_model_name
+    from dml_cluster.models import check_model_name, comes_trained
 
-    keyed = {
-        f"cohort.peers.{i}.model" if cfg.cohort.peers else "cohort.model": peer.model
+    keyed: dict[str, PeerConfig] = {
+        f"cohort.peers.{i}" if cfg.cohort.peers else "cohort": peer
         for i, peer in enumerate(cfg.peers)
     }
-    keyed |= {f"method.{k}.model": v.model for k, v in cfg.method if isinstance(v, PeerConfig)}
-    for key, model in keyed.items():  # building nothing: torchvision/timm names, factory imports
+    keyed |= {f"method.{k}": v for k, v in cfg.method if isinstance(v, PeerConfig)}
+    for where, peer in keyed.items():  # building nothing: torchvision/timm names, factory imports
+        key, model = f"{where}.model", peer.model
         try:
             check_model_name(model)
         except ConfigError as err:
             raise ConfigError(f"config error: {key}: {err}") from None
         check_model_kind(key, model, text=cfg.data.name == "text")
+        if peer.role == "teacher" and not peer.checkpoint and not comes_trained(model):
+            raise ConfigError(
+                f"config error: {where}: a teacher needs a checkpoint (the trained weights to "
+                f"load); {model!r} does not come with weights (an hf: folder with weights beside "
+                "its config.json would)"
+            )
     if cfg.data.name == "text":
         check_text_settings(cfg)
         return

@@ -4,10 +4,10 @@ Tearing down an interpreter that imported torch (every optimizer brings torch._d
 frees its modules one by one and garbage-collects hundreds of thousands of objects: one to
 several seconds of CPU per process, after the last file was written. Every peer process and
 launcher paid it, and a lost peer's survivor paid it before the launcher could restart the
-cohort. `end_process` keeps what an orderly exit does that matters (non-daemon threads joined,
-atexit handlers run: loggers finish, multiprocessing stops its children; stdout and stderr
-flushed) and skips the rest. Files are closed where they are written (with-blocks, line-buffered
-logs), never by the teardown.
+cohort. `end_process` keeps what an orderly exit does that matters (threading's exit hooks run
+and non-daemon threads joined, atexit handlers run: loggers finish, multiprocessing stops its
+children; stdout and stderr flushed) and skips the rest. Files are closed where they are
+written (with-blocks, line-buffered logs), never by the teardown.
 """
 
 from __future__ import annotations
@@ -21,12 +21,24 @@ from collections.abc import Callable
 from typing import NoReturn
 
 
-def end_process(code: int) -> NoReturn:
-    """Exit with `code` now: join non-daemon threads, run atexit handlers, flush stdout and
-    stderr, then `os._exit` (no module teardown)."""
-    for thread in threading.enumerate():
+def _join_threads() -> None:
+    """What an exiting interpreter does first (`threading._shutdown`): threading's own exit
+    hooks, then every non-daemon thread joined. The hooks matter: a `concurrent.futures` pool's
+    workers (torch.compile's inductor compiles in one) wait for work until its hook tells them
+    to end, so joining them without it waits for ever."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        return
+    for thread in threading.enumerate():  # an interpreter without it: the threads alone
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
+
+
+def end_process(code: int) -> NoReturn:
+    """Exit with `code` now: end threads as the interpreter does (`_join_threads`), run atexit
+    handlers, flush stdout and stderr, then `os._exit` (no module teardown)."""
+    _join_threads()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -33,13 +33,12 @@ class PeerConfig(Strict):
     checkpoint: str | None = Field(
         None,
         description="teachers: the weights to load (a final/<peer>.pt, a checkpoint's "
-        "step-N/<peer>.pt, or a checkpoint's step-N folder)",
+        "step-N/<peer>.pt, or a checkpoint's step-N folder); none for a model that comes with "
+        "its trained weights (an hf: folder with weights)",
     )
 
     @model_validator(mode="after")
     def _teacher_weights(self) -> PeerConfig:
-        if self.role == "teacher" and not self.checkpoint:
-            raise ValueError("a teacher needs a checkpoint (the trained weights to load)")
         if self.role == "student" and self.checkpoint:
             raise ValueError(
                 "checkpoint is for teachers (role: teacher); a student's initial weights are "

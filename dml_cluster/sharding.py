@@ -4,7 +4,11 @@
 Each replica keeps 1/D of every parameter along dim 0 (and the optimizer keeps the state of that
 share only); a forward all-gathers a unit's parameters just before it runs and frees them after,
 and the backward reduce-scatters the gradients, averaged over the replicas as DDP averages them.
-The units are the model's direct children that hold parameters, then the root (what is left).
+The units are the model's direct children that hold parameters (a ModuleList's or ModuleDict's
+members in its place: a transformer's blocks; and the units inside a child that holds a weight
+tied to one outside it, as GPT-2's token embedding is to its output layer), then the root: what
+is left, embeddings and tied weights included (fully_shard keeps a tied weight in one group; a
+tied output layer may read an embedding's weight outside the embedding's forward).
 
 Checkpoints keep the format they have under DDP: the peer's whole state with the plain model's
 names, gathered tensor by tensor (`whole`: a collective every replica calls; only the writer
@@ -35,14 +39,56 @@ def unshardable(model: nn.Module) -> str | None:
     return None
 
 
+def _owners(model: nn.Module) -> dict[int, list[str]]:
+    """Every parameter's names in `model` (a tied one, GPT-2's token embedding and output
+    layer, has several), by the parameter's identity."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def _units(module: nn.Module, prefix: str, owners: dict[int, list[str]]) -> list[nn.Module]:
+    """The units that `shard_model` shards on their own under `module` (named `prefix`): its
+    direct children that hold parameters, except that a container without a forward of its own
+    (`ModuleList`, `ModuleDict`: fully_shard refuses them) is replaced by its units, and so is
+    a child holding a parameter tied to one outside it (fully_shard needs tied parameters in
+    one group): what cannot be split further is left to the root's group. So is an embedding:
+    a tied output layer may read its weight outside its forward (`F.linear(x, embed.weight)`,
+    the built-in GPT's), where a unit's weight is already resharded."""
+    units = []
+    for name, child in module.named_children():
+        if next(child.parameters(), None) is None or isinstance(child, nn.Embedding):
+            continue
+        inside = f"{prefix}{name}."
+        container = type(child).forward is nn.Module.forward
+        tied_out = any(
+            not other.startswith(inside)
+            for param in child.parameters()
+            for other in owners[id(param)]
+        )
+        if container or tied_out:  # its members run, or share a weight with the outside
+            units.extend(_units(child, inside, owners))
+        else:
+            units.append(child)
+    return units
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The modules of `model` that `shard_model` shards on their own, before the root: its
+    children that hold parameters, the members of a ModuleList and of a child with a tied
+    weight in their place, embeddings left out (`_units`)."""
+    return _units(model, "", _owners(model))
+
+
 def shard_model(model: nn.Module, mesh: Any) -> None:
-    """`fully_shard` each direct child of `model` that holds parameters, then `model` itself,
-    over the 1-D device mesh `mesh` (a peer's replicas); in place."""
+    """`fully_shard` each unit of `model` (`units`), then `model` itself (what is left:
+    embeddings and tied weights), over the 1-D device mesh `mesh` (a peer's replicas); in
+    place."""
     from torch.distributed.fsdp import fully_shard
 
-    for child in model.children():
-        if next(child.parameters(), None) is not None:
-            fully_shard(child, mesh=mesh)
+    for unit in units(model):
+        fully_shard(unit, mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 

@@ -532,7 +532,7 @@ class CohortTrainer:
         final_dir = self.run_dir / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
         for i, peer in self.peers.items():  # an hf: peer's save_pretrained copy first: a final
-            write_pretrained(peer.model, self.run_dir, peer.name)  # .pt means both are there
+            write_pretrained(peer.model, finals[i], self.run_dir, peer.name)  # .pt: both there
             torch.save(finals[i], final_dir / f"{peer.name}.pt")
         for log in self.peer_logs.values():
             log.close()

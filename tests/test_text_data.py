@@ -129,6 +129,21 @@ def test_windows_are_a_function_of_seed_epoch_step(corpus: Path, tmp_path: Path)
     assert torch.equal(copy.read([5])[0], text.train.read([5])[0])
 
 
+def test_replicas_read_the_windows_in_shares_and_number_rows_by_position() -> None:
+    """cohort.replicas D: replica r reads the r-th of D equal slices of each step's windows (all
+    of them together the one-process batch), and the sampled wire numbers its rows as the whole
+    batch's positions (block_size rows a window)."""
+    from dml_cluster.launch.transports import bus_encoding
+
+    whole = list(WindowSampler(4000, 16, 8, seed=3, epoch=1, first=0, stop=5))
+    shares = [list(WindowSampler(4000, 16, 8, 3, 1, 0, 5, (r, 4))) for r in range(4)]
+    assert [sum((s[step] for s in shares), []) for step in range(5)] == whole
+    text = {"name": "text", "train": "a", "val": "b", "block_size": 16, "batch_size": 8}
+    cfg = parse_config({"data": text, "cohort": {"size": 2, "model": "gpt", "replicas": 4},
+                        "bus": {"encoding": "sampled", "samples": 4}})  # fmt: skip
+    assert [bus_encoding(cfg, r).first_row for r in range(4)] == [0, 32, 64, 96]
+
+
 def test_validation_reads_consecutive_windows_up_to_val_tokens(
     corpus: Path, tmp_path: Path
 ) -> None:

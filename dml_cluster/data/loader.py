@@ -29,7 +29,7 @@ from torch.utils.data import Dataset as TorchDataset
 from dml_cluster.data.augment import augment_batch
 from dml_cluster.data.dataset import Dataset, Normalisation
 from dml_cluster.data.images import UnreadableImage
-from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint
+from dml_cluster.data.sampler import batch_indices, epoch_order, fingerprint, shard_rows
 from dml_cluster.data.seeding import seeded_generator
 from dml_cluster.errors import DataError, typed_first_line
 from dml_cluster.signals import held_stop, signal_point
@@ -93,15 +93,6 @@ class StepSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return max(0, self.stop - self.first)
-
-
-def shard_rows(batch_size: int, shard: tuple[int, int]) -> slice:
-    """The rows of a step's batch that replica r of D reads: the r-th of D equal slices."""
-    r, d = shard
-    if not 0 <= r < d or batch_size % d:
-        raise ValueError(f"replica {r} of {d} cannot read an equal share of {batch_size} samples")
-    per = batch_size // d
-    return slice(r * per, (r + 1) * per)
 
 
 class InOrder(Sampler[list[int]]):

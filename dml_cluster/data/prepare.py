@@ -95,11 +95,10 @@ def data_path(
     each batch a data-parallel replica reads (dml_cluster.replicas)."""
     data = prepared.dataset
     if isinstance(data, TextData):
-        assert shard[1] == 1, "config.check_replicas refuses text data with replicas"
         return TextPath(
             data, device, batch_size=cfg.data.batch_size,
             eval_batch_size=cfg.data.eval_batch_size, seed=cfg.run.seed,
-            workers=prepared.workers, prefetch=cfg.data.prefetch,
+            workers=prepared.workers, prefetch=cfg.data.prefetch, shard=shard,
         )  # fmt: skip
     assert prepared.normalisation is not None
     return DataPath(

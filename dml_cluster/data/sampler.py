@@ -37,6 +37,15 @@ def batch_indices(order: Tensor, step: int, batch_size: int) -> Tensor:
     return order[start : start + batch_size]
 
 
+def shard_rows(batch_size: int, shard: tuple[int, int]) -> slice:
+    """The rows of a step's batch that replica r of D reads: the r-th of D equal slices."""
+    r, d = shard
+    if not 0 <= r < d or batch_size % d:
+        raise ValueError(f"replica {r} of {d} cannot read an equal share of {batch_size} samples")
+    per = batch_size // d
+    return slice(r * per, (r + 1) * per)
+
+
 def fingerprint(indices: Tensor) -> int:
     """Unsigned 64-bit blake2b fingerprint of an index sequence (int64 little-endian bytes)."""
     data = indices.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False)

@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 
-from dml_cluster.data.sampler import batch_indices, epoch_order
+from dml_cluster.data.sampler import batch_indices, epoch_order, shard_rows
 from dml_cluster.data.seeding import derive_seed
 from dml_cluster.data.tokenizers import Tokenizer, check_text_file, load_tokenizer
 from dml_cluster.errors import ConfigError, DataError
@@ -259,20 +259,22 @@ def window_starts(
 class WindowSampler(Sampler[list[int]]):
     """The window starts of steps `first`..`stop - 1` of `epoch`, one list per step: what the
     loader's `StepSampler` is for image batches (same order, same resume rule), for
-    `TokenWindows.__getitems__`."""
+    `TokenWindows.__getitems__`. `shard` (r, D): replica r of a peer of D replicas reads the
+    r-th of D equal slices of each step's windows (`StepSampler`'s rule)."""
 
     def __init__(
         self, num_tokens: int, block_size: int, batch_size: int, seed: int, epoch: int,
-        first: int, stop: int,
+        first: int, stop: int, shard: tuple[int, int] = (0, 1),
     ) -> None:  # fmt: skip
         self.num_tokens, self.block_size, self.batch_size = num_tokens, block_size, batch_size
         self.seed, self.epoch, self.first, self.stop = seed, epoch, first, stop
+        self.rows = shard_rows(batch_size, shard)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = epoch_order(num_windows(self.num_tokens, self.block_size), self.seed, self.epoch)
         offset = epoch_offset(self.seed, self.epoch, self.block_size)
         for step in range(self.first, self.stop):
-            idx = batch_indices(order, step, self.batch_size)
+            idx = batch_indices(order, step, self.batch_size)[self.rows]
             yield (offset + idx * self.block_size).tolist()
 
     def __len__(self) -> int:

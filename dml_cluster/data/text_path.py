@@ -60,7 +60,12 @@ def _content_key(content: str) -> Tensor:
 
 
 class TextPath:
-    """A peer process's token windows: training steps from (seed, epoch), validation in order."""
+    """A peer process's token windows: training steps from (seed, epoch), validation in order.
+    `shard` (r, D): this process is replica r of a peer of D replicas and reads the r-th slice
+    of each step's windows (the whole batch's windows, in D equal shares)."""
+
+    labels: Tensor | None = None
+    """Every position's target is its next token: none is unlabelled (as `DataPath.labels`)."""
 
     def __init__(
         self,
@@ -72,6 +77,7 @@ class TextPath:
         seed: int,
         workers: int,
         prefetch: int,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.text, self.device = text, device
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
@@ -79,7 +85,7 @@ class TextPath:
         self.block_size = text.block_size
         self.train, self.val = _reader(text.train), _reader(text.val)
         n = text.train.tokens.num_tokens
-        self._steps = WindowSampler(n, self.block_size, batch_size, seed, 0, 0, 0)
+        self._steps = WindowSampler(n, self.block_size, batch_size, seed, 0, 0, 0, shard)
         self._val_starts = val_starts(text.val.tokens.num_tokens, self.block_size, text.val_tokens)
         self._in_order = _InOrder(self._val_starts, eval_batch_size)
         self._train_key = _content_key(text.train.tokens.content)
@@ -95,10 +101,6 @@ class TextPath:
     def num_test(self) -> int:
         """Validation windows."""
         return int(self._val_starts.shape[0])
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.block_size
 
     def fingerprint(self, starts: Tensor) -> int:
         """A training batch's fingerprint: its windows' starts and the training text's hash."""

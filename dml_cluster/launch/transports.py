@@ -22,9 +22,11 @@ TRANSPORTS = ("zmq", "torch")
 def bus_encoding(cfg: Config, replica: int = 0) -> Encoding:
     """bus.encoding with its settings, as every bus applies it (the one-process one too):
     sampled ids are drawn with run.seed at each peer's receivers' temperature; a data-parallel
-    peer's replica `replica` draws its share's rows as they are numbered in the whole batch."""
+    peer's replica `replica` draws its share's rows as they are numbered in the whole batch (a
+    language model's rows are its windows' positions: block_size rows per window)."""
     bus = cfg.bus
-    first_row = replica * (cfg.data.batch_size // cfg.cohort.replicas)
+    per_window = cfg.data.block_size if cfg.data.name == "text" and cfg.data.block_size else 1
+    first_row = replica * (cfg.data.batch_size // cfg.cohort.replicas) * per_window
     return Encoding(
         bus.encoding, bus.k, bus.sparse_dtype, bus.samples, cfg.run.seed, peer_temperatures(cfg),
         first_row,

@@ -5,7 +5,8 @@ PATH is a folder holding a `config.json` (what `save_pretrained` writes): with w
 (`model.safetensors`, `pytorch_model.bin` or their sharded index) the model is
 `AutoModelForCausalLM.from_pretrained(PATH, local_files_only=True)`, else
 `AutoModelForCausalLM.from_config` of that config, initialised by the model's own rule from the
-peer's seed. A peer's `args` override settings of the config (`{resid_pdrop: 0.0}`); a setting
+peer's seed; a teacher peer of a folder with weights needs no `checkpoint` (it predicts with
+them). A peer's `args` override settings of the config (`{resid_pdrop: 0.0}`); a setting
 the config does not have is refused. The weights are float32 (precision is the run's autocast).
 
 The model's vocabulary (its config's `vocab_size`) must be the run's tokenizer's, so that every
@@ -97,6 +98,11 @@ def has_weights(folder: Path) -> bool:
     return any((folder / name).is_file() for name in WEIGHT_FILES)
 
 
+def _trained(path: str) -> bool:
+    """The folder holds weights (a teacher of them needs no checkpoint)."""
+    return has_weights(_folder(path))
+
+
 def check(path: str) -> None:
     """The folder and its config.json exist, transformers is installed (found, not imported)."""
     _folder(path)
@@ -182,8 +188,11 @@ def _whole_here(is_main_process: bool = True) -> bool:
     return True
 
 
-def write_pretrained(model: nn.Module, run_dir: Path, peer: str) -> Path | None:
-    """For an `hf:` model: its weights and config written with `save_pretrained` into
+def write_pretrained(
+    model: nn.Module, state: dict[str, Any], run_dir: Path, peer: str
+) -> Path | None:
+    """For an `hf:` model: `state` (its whole state dict, as `final/<peer>.pt` holds it: a
+    sharded model's gathered) and its config written with `save_pretrained` into
     RUN/hf/<peer>/ (replacing what was there, through a temporary folder beside it); the
     folder, or None for another model."""
     if not is_hf_model(model):
@@ -196,7 +205,8 @@ def write_pretrained(model: nn.Module, run_dir: Path, peer: str) -> Path | None:
     # a peer's model is whole in the process that hosts it, whichever rank that is
     model.should_save_on_this_rank = _whole_here
     try:
-        model.save_pretrained(tmp)  # type: ignore[operator]
+        # a copy: save_pretrained empties the dict it is given as it writes it
+        model.save_pretrained(tmp, state_dict=dict(state))  # type: ignore[operator]
     finally:
         del model.should_save_on_this_rank
     if not (tmp / "config.json").is_file():
@@ -208,5 +218,7 @@ def write_pretrained(model: nn.Module, run_dir: Path, peer: str) -> Path | None:
 
 register_source(
     SCHEME,
-    ModelSource(form="hf:PATH", check=check, build=build, tokens=True, separator=":"),
+    ModelSource(
+        form="hf:PATH", check=check, build=build, tokens=True, separator=":", trained=_trained
+    ),
 )

@@ -49,6 +49,9 @@ class ModelSource:
     """Language models: token ids [B, T] in, logits [B, T, vocabulary] out (see `register`)."""
     separator: str = "."
     """What joins the scheme and the name: "." (``timm.resnet18``) or ":" (``hf:PATH``)."""
+    trained: Callable[[str], bool] | None = None
+    """Does the named model come with trained weights of its own (an ``hf:`` folder with
+    weights beside its config), which a teacher may use without a checkpoint? None: never."""
 
 
 _SOURCES: dict[str, ModelSource] = {}
@@ -163,6 +166,16 @@ def check_model_name(name: str) -> None:
         return
     source, rest = found
     source.check(rest)
+
+
+def comes_trained(name: str) -> bool:
+    """Does model `name` come with trained weights of its own (`ModelSource.trained`; checked
+    cheaply, nothing built)? Built-in models never do."""
+    found = _source(name)
+    if found is None:
+        return False
+    source, rest = found
+    return source.trained is not None and source.trained(rest)
 
 
 def _lookup(name: str) -> Builder:
