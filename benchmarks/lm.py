@@ -1,7 +1,7 @@
 """The language-model benchmark of benchmarks/LM.md (issue 26): what token-level mutual learning
 and distillation buy small GPTs, with paired seeds, on a corpus nobody here wrote.
 
-    .venv/bin/python benchmarks/lm.py                 # the protocol (~90 min on 2 idle cores)
+    .venv/bin/python benchmarks/lm.py --workers 2     # the protocol (~80 min on 2 idle cores)
     .venv/bin/python benchmarks/lm.py --smoke         # a tiny run of every row (a minute)
     .venv/bin/python benchmarks/lm.py --render-only   # rewrite LM.md from lm_results.json
 
@@ -18,8 +18,10 @@ the same numbers as one process per peer, tests/test_lm_cohort.py), seeds 0, 1, 
 - dml: the same pair with DML (peer k starts from the weights of (seed, k) in every row, and
   every row reads the same windows of (seed, epoch, step), so row R's peer k at seed s is
   compared with ind's peer k at seed s);
-- kd: small GPT 0 distilled (KD) from a larger GPT trained first (once per tokenizer, seed 0,
-  on 1.5 times the small peers' token budget), compared with ind's peer 0;
+- kd1: small GPT 0 distilled (KD at T = 1, weight 0.5: language-model distillation's usual
+  setting) from a larger GPT trained first (once per tokenizer, seed 0, on 1.5 times the small
+  peers' token budget), compared with ind's peer 0; `kd` (named with --rows, not run by
+  default): the same with the method's defaults T = 4 and weight 0.9 (the image recipe);
 - topk / sampled: DML with the wire carrying each position's top-k log-probabilities, or
   draws from each position's distribution (`sampled`, where that encoding exists), compared
   with dense DML; the bytes one peer sends per step (from the real encoder, zmq framing) side
@@ -131,6 +133,10 @@ ROWS = {
     "sampled": Row("sampled", "DML, wire sampled", "dml", base="dml", encoding="sampled"),
 }
 TOKENIZERS = ("bytes", "bpe")
+PROTOCOL = ("ind", "dml", "kd1", "topk", "sampled")
+"""The rows run by default (about 160 CPU minutes: about 80 minutes on 2 idle cores with
+--workers 2). `kd`, the image recipe's KD, is recorded in LM.md and runs when named
+(`--rows kd`): with it the protocol is about 185 CPU minutes, over 90 minutes on 2 cores."""
 
 
 def sampled_exists() -> bool:
@@ -347,10 +353,16 @@ def render(saved: dict[str, Any]) -> str:
     meta = saved.get("meta", {})
     results = saved.get("results", [])
     cpu = sum(r.get("cpu_seconds", 0.0) for r in results) / 60
+    runs: dict[tuple[str, str], int] = {}  # (commit, command) -> runs, in order of first run
+    for r in results:
+        key = (r.get("commit", meta.get("commit", "?")), r.get("command", meta.get("command", "?")))
+        runs[key] = runs.get(key, 0) + 1
     out = [
-        f"Measured at commit `{meta.get('commit', '?')}` on {meta.get('machine', '?')}; "
-        f"{meta.get('minutes', 0):.0f} minutes ({cpu:.0f} CPU minutes over {len(results)} "
-        f"runs); command: `{meta.get('command', '?')}`.",
+        f"Measured on {meta.get('machine', '?')}: {cpu:.0f} CPU minutes over {len(results)} runs "
+        f"(each one process, one thread; {meta.get('minutes', 0):.0f} wall minutes in all on a "
+        "machine shared with other work). The runs, by commit and command:",
+        "",
+        *(f"- {n} at commit `{c}`: `{cmd}`" for (c, cmd), n in runs.items()),
         "",
         f"Corpus: `{json.dumps(meta.get('corpus', {}))}`.",
         "",
@@ -433,7 +445,7 @@ def plan(rows: Sequence[str], tokenizers: Sequence[str], seeds: Sequence[int]) -
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few files")
-    parser.add_argument("--rows", default=",".join(ROWS), help="of: " + ",".join(ROWS))
+    parser.add_argument("--rows", default=",".join(PROTOCOL), help="of: " + ",".join(ROWS))
     parser.add_argument("--tokenizers", default=",".join(TOKENIZERS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens per peer")
@@ -482,12 +494,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{size.samples} samples per position."
     )
 
+    command = " ".join(["python", "benchmarks/lm.py", *(argv or sys.argv[1:])])
+
     def record(result: dict[str, Any]) -> None:
-        saved["results"].append(result)
+        saved["results"].append({**result, "commit": commit(), "command": command})
         saved["meta"] = {
             "commit": commit(), "machine": machine(), "corpus": corpus, "protocol": protocol,
-            "minutes": before + (time.perf_counter() - started) / 60,
-            "command": " ".join(["python", "benchmarks/lm.py", *(argv or sys.argv[1:])]),
+            "minutes": before + (time.perf_counter() - started) / 60, "command": command,
         }  # fmt: skip
         json_path.write_text(json.dumps(saved, indent=1))
         print(f"{result['tokenizer']} {result['row']} seed {result['seed']}: "
