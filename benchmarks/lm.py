@@ -76,6 +76,7 @@ class Size:
     topk: int
     samples: int
     warmup: int
+    grad_clip: float | None = None  # the protocol clips nothing (LM.md's post-hoc variant does)
 
 
 FULL = Size(
@@ -163,6 +164,14 @@ class Job:
 def base_config(size: Size, tokenizer: str, tok_file: Path | None, lists: Path) -> dict[str, Any]:
     """The config every run of `tokenizer` starts from."""
     steps = max(size.tokens // (size.batch * size.block), 1)
+    optim: dict[str, Any] = {
+        "name": "adam",
+        "lr": 3.0e-3,
+        "weight_decay": 0.0,
+        "schedule": {"name": "constant", "warmup_steps": size.warmup},
+    }
+    if size.grad_clip:
+        optim["grad_clip"] = size.grad_clip
     return {
         "run": {"name": "lm", "seed": 0, "progress_every_s": 0},
         "data": {
@@ -182,12 +191,7 @@ def base_config(size: Size, tokenizer: str, tok_file: Path | None, lists: Path) 
             ]
         },  # fmt: skip
         "method": {"name": "independent"},
-        "optim": {
-            "name": "adam",
-            "lr": 3.0e-3,
-            "weight_decay": 0.0,
-            "schedule": {"name": "constant", "warmup_steps": size.warmup},
-        },
+        "optim": optim,
         "train": {"epochs": 1, "max_steps": steps},
         "checkpoint": {"enabled": False},
         "metrics": {"enabled": False},
@@ -449,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tokenizers", default=",".join(TOKENIZERS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tokens", type=int, default=None, help="training tokens per peer")
+    parser.add_argument(
+        "--grad-clip", type=float, default=None, help="optim.grad_clip of every run (a variant)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="runs at a time")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "lm-bench")
     parser.add_argument("--json", type=Path, default=None, help="default: beside this script")
@@ -473,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     size = SMOKE if args.smoke else FULL
     if args.tokens:
         size = Size(**{**size.__dict__, "tokens": args.tokens})
+    if args.grad_clip:
+        size = Size(**{**size.__dict__, "grad_clip": args.grad_clip})
     rows = [r for r in args.rows.split(",") if r]
     if "sampled" in rows and not sampled_exists():
         print("lm.py: bus.encoding sampled has not landed: the sampled row is left out")
@@ -486,10 +495,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     jobs = [j for j in plan(rows, list(bases), seeds) if (j.tokenizer, j.row, j.seed) not in done]
     started = time.perf_counter()
     before = saved.get("meta", {}).get("minutes", 0.0)  # an interrupted benchmark's time
+    clipped = f", gradients clipped to norm {size.grad_clip}" if size.grad_clip else ""
     protocol = (
         f"small GPT {size.small}, teacher GPT {size.large} (1.5 times the budget), windows of "
         f"{size.block} tokens, batch {size.batch}, {size.tokens:,} training tokens per small "
-        f"peer, Adam lr 3e-3 constant after {size.warmup} warm-up steps, validation on "
+        f"peer, Adam lr 3e-3 constant after {size.warmup} warm-up steps"
+        f"{clipped}, validation on "
         f"{size.val_tokens} positions, BPE of {size.bpe_vocab} ids, top-{size.topk}, "
         f"{size.samples} samples per position."
     )
