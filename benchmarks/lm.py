@@ -386,7 +386,8 @@ def render(saved: dict[str, Any]) -> str:
 
 
 def write_page(path: Path, saved: dict[str, Any]) -> None:
-    text = path.read_text()
+    """Put the rendered block between the page's markers (a new page: the block alone)."""
+    text = path.read_text() if path.exists() else f"{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{path}: no {BEGIN} ... {END} block")
     head, rest = text.split(BEGIN, 1)
