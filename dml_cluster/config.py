@@ -148,6 +148,11 @@ class DataConfig(Strict):
         None, description="text: where token files are cached; default <run.out_dir>/.cache/tokens"
     )
 
+    @property
+    def rows_per_sample(self) -> int:
+        """Prediction rows per sample: a text window's positions (block_size), else one."""
+        return self.block_size if self.name == "text" and self.block_size else 1
+
 
 class CohortConfig(Strict):
     """The K peers: either `size` copies of `model`, or an explicit `peers` list."""

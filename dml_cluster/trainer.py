@@ -137,8 +137,8 @@ class CohortTrainer:
         self.teachers = [i for i, p in enumerate(cfg.peers) if p.role == "teacher"]
         self.per_epoch = max(steps_per_epoch(self.batches.num_train, cfg.data.batch_size), 1)
         # the steps the run trains in all: what a per-step schedule spans
-        self.total_steps = min(cfg.train.max_steps or self.per_epoch * cfg.train.epochs,
-                               self.per_epoch * cfg.train.epochs)  # fmt: skip
+        every_epoch = self.per_epoch * cfg.train.epochs
+        self.total_steps = min(cfg.train.max_steps or every_epoch, every_epoch)
         self.run_dir = cfg.run.dir
         self.checkpoints = CohortCheckpoints(cfg, self.run_dir, replicas.index)
         # a data-parallel peer's log is its first replica's (the others write nothing)
@@ -155,8 +155,7 @@ class CohortTrainer:
         self.observers.insert(0, run_log)
         # a peer good on its training batches and at chance in evaluation: one warning line
         models = {i: p.model for i, p in self.peers.items()}
-        per_window = cfg.data.block_size if self.tokens and cfg.data.block_size else 1
-        rows = self.batches.num_test * per_window  # evaluated rows: a text's positions
+        rows = self.batches.num_test * cfg.data.rows_per_sample  # a text's positions
         watch = ChanceWatch(self.names, models, self.peer_logs, classes, rows, cfg.run.log_every)
         self.observers.insert(1, watch)
         self.clock = RunClock(self.run_dir / CLOCK_FILE if placement.reporter else None)

@@ -41,11 +41,12 @@ def test_per_step_schedules_decay_after_the_warm_up() -> None:
     linear = _schedule(name="linear", unit="step", warmup_steps=4, min_lr_ratio=0.1)
     factors = [step_factor(cosine, s, 24) for s in range(24)]
     assert factors[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    # approx: cos and the fractions of float64 round in another order than the literals
     assert factors[14] == pytest.approx(0.55)  # halfway through the decay
     assert factors[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 19 / 20)))
     assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
-    assert step_factor(linear, 14, 24) == pytest.approx(0.55)
-    assert step_factor(linear, 23, 24) == pytest.approx(0.1 + 0.9 / 20)
+    assert step_factor(linear, 14, 24) == pytest.approx(0.55)  # float64 rounding, as above
+    assert step_factor(linear, 23, 24) == pytest.approx(0.1 + 0.9 / 20)  # float64 rounding
     multistep = _schedule(name="multistep", unit="step", milestones=[5, 10], gamma=0.5)
     assert [step_factor(multistep, s, 24) for s in (4, 5, 9, 10, 23)] == [1, 0.5, 0.5, 0.25, 0.25]
     by_epoch = _schedule(name="cosine", warmup_steps=4)
@@ -61,6 +62,7 @@ def test_set_learning_rate_scales_every_group_and_epoch_schedules_end_at_the_flo
     optimizer = build_optimizer(params, cfg, 0.5)
     scheduler = build_scheduler(optimizer, cfg.schedule, epochs=3)
     set_learning_rate(optimizer, scheduler, cfg.schedule, 5, 10)
+    # approx: 0.5 x 0.6 is 0.30000000000000004 in float64, the factor 0.2 + 0.8 x 0.5 not
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5 * 0.6] * 2)
     for name in ("cosine", "linear"):  # unit: epoch, stepped at each epoch's end
         schedule = _schedule(name=name, min_lr_ratio=0.2)
@@ -69,6 +71,7 @@ def test_set_learning_rate_scales_every_group_and_epoch_schedules_end_at_the_flo
         for _ in range(3):
             optimizer.step()
             scheduler.step()
+        # approx: torch's recursive cosine and linear formulas round each epoch's rate
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1), name
 
 
@@ -136,5 +139,6 @@ def test_clip_gradients_of_a_model_sharded_over_two_processes(tmp_path: Path) ->
     assert result["sharded"] and result["norm"] > 0.05  # it clipped
     # the shards' squares are summed in another order than the whole tensors': float rounding
     assert result["norm"] == pytest.approx(result["reference_norm"], rel=1e-6)
-    assert result["max_grad_diff"] < 1e-7
+    assert result["max_grad_diff"] < 1e-7  # the two norms' last-bit difference, scaled in
+    # float32: a gradient norm scaled to 0.05 and recomputed lands within float32 rounding
     assert result["clipped_norm"] == pytest.approx(0.05, rel=1e-5)

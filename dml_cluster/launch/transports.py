@@ -25,8 +25,7 @@ def bus_encoding(cfg: Config, replica: int = 0) -> Encoding:
     peer's replica `replica` draws its share's rows as they are numbered in the whole batch (a
     language model's rows are its windows' positions: block_size rows per window)."""
     bus = cfg.bus
-    per_window = cfg.data.block_size if cfg.data.name == "text" and cfg.data.block_size else 1
-    first_row = replica * (cfg.data.batch_size // cfg.cohort.replicas) * per_window
+    first_row = replica * (cfg.data.batch_size // cfg.cohort.replicas) * cfg.data.rows_per_sample
     return Encoding(
         bus.encoding, bus.k, bus.sparse_dtype, bus.samples, cfg.run.seed, peer_temperatures(cfg),
         first_row,
